@@ -1,0 +1,542 @@
+//! Handlers: [`Outcome`], [`HandlerError`], the [`Handler`] service alias,
+//! and [`handler_fn`] with axum-style extractors.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use switchyard_core::handler::{handler_fn, CorrelationId, Json, HandlerError};
+//!
+//! #[derive(Deserialize)]
+//! struct ExtractionRequest { session_id: String }
+//! #[derive(Serialize)]
+//! struct ExtractionResult { session_id: String, memories: u32 }
+//!
+//! let handler = handler_fn(|Json(req): Json<ExtractionRequest>, CorrelationId(cid): CorrelationId| async move {
+//!     if req.session_id.is_empty() {
+//!         return Err(HandlerError::reject("empty session id"));
+//!     }
+//!     let _ = cid;
+//!     Ok(Json(ExtractionResult { session_id: req.session_id, memories: 3 }))
+//! });
+//! let _service = switchyard_core::handler::boxed(handler);
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tower::Service;
+
+use crate::codec::JsonCodec;
+use crate::envelope::Envelope;
+use crate::error::Error;
+use crate::message::{Headers, Message};
+use crate::transport::DeliveryInfo;
+
+/// What a handler did with a message. Every outcome acknowledges the
+/// delivery; they differ in what the Worker does first and in what metrics
+/// and traces record.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Done: acknowledge.
+    Ack,
+    /// Done with a reply: if the message has `reply_to`, the Worker
+    /// publishes this message there with the request's correlation id, then
+    /// acknowledges. Without `reply_to` the reply is dropped (and logged).
+    Reply(Message),
+    /// The retry layer republished the message for a delayed retry;
+    /// acknowledge the original.
+    Retried,
+    /// The dead-letter layer published the message to the dead-letter
+    /// exchange with its reason; acknowledge the original.
+    DeadLettered,
+}
+
+impl Outcome {
+    /// A short label for metrics and logs (`ack`, `reply`, `retry`, `dead_letter`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ack => "ack",
+            Outcome::Reply(_) => "reply",
+            Outcome::Retried => "retry",
+            Outcome::DeadLettered => "dead_letter",
+        }
+    }
+}
+
+/// Why a handler failed; decides what happens to the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// May succeed later: requeued (or retried by the retry layer).
+    Transient,
+    /// Will never succeed: rejected without requeue, so it dead-letters.
+    Permanent,
+    /// The body could not be decoded: rejected without requeue.
+    Decode,
+    /// The handler panicked. Without a retry layer the Worker requeues it
+    /// once and rejects it (dead-letters) if it panics again on redelivery.
+    Panic,
+    /// The handler exceeded its time limit: treated as transient.
+    Timeout,
+}
+
+impl FailureKind {
+    /// The `x-error-kind` value (`transient`, `permanent`, `decode`, `panic`, `timeout`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureKind::Transient => "transient",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Decode => "decode",
+            FailureKind::Panic => "panic",
+            FailureKind::Timeout => "timeout",
+        }
+    }
+
+    /// True for failures worth retrying (transient, timeout, panic).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, FailureKind::Transient | FailureKind::Timeout | FailureKind::Panic)
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A handler failure: its [`FailureKind`] and a message.
+#[derive(Clone)]
+pub struct HandlerError {
+    kind: FailureKind,
+    message: Cow<'static, str>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failure: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl HandlerError {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<Cow<'static, str>>) -> Self {
+        HandlerError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+    /// A transient failure: requeue / retry.
+    pub fn retry(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(FailureKind::Transient, message)
+    }
+    /// A permanent failure: reject without requeue (dead-letter).
+    pub fn reject(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(FailureKind::Permanent, message)
+    }
+    /// A decode failure: reject without requeue (dead-letter).
+    pub fn decode(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(FailureKind::Decode, message)
+    }
+    /// A panic, caught.
+    pub fn panic(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(FailureKind::Panic, message)
+    }
+    /// A timeout.
+    pub fn timeout(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(FailureKind::Timeout, message)
+    }
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+    /// The kind.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<Error> for HandlerError {
+    fn from(e: Error) -> Self {
+        let kind = match &e {
+            Error::DecodeFailed { .. } => FailureKind::Decode,
+            Error::Timeout { .. } | Error::RpcTimeout { .. } => FailureKind::Timeout,
+            e if e.is_transient() => FailureKind::Transient,
+            _ => FailureKind::Permanent,
+        };
+        HandlerError::new(kind, e.to_string()).with_source(e)
+    }
+}
+
+/// Converts handler return values into outcomes.
+pub trait IntoOutcome {
+    /// The outcome, or the failure.
+    fn into_outcome(self) -> Result<Outcome, HandlerError>;
+}
+
+impl IntoOutcome for () {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        Ok(Outcome::Ack)
+    }
+}
+
+impl IntoOutcome for Outcome {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        Ok(self)
+    }
+}
+
+impl IntoOutcome for Message {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        Ok(Outcome::Reply(self))
+    }
+}
+
+impl IntoOutcome for HandlerError {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        Err(self)
+    }
+}
+
+impl<T: Serialize> IntoOutcome for Json<T> {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        JsonCodec
+            .to_message(&self.0)
+            .map(Outcome::Reply)
+            .map_err(|e| HandlerError::reject(format!("reply could not be encoded: {e}")))
+    }
+}
+
+impl<T: IntoOutcome, E: Into<HandlerError>> IntoOutcome for Result<T, E> {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        match self {
+            Ok(v) => v.into_outcome(),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Extracts a handler argument from an [`Envelope`].
+pub trait FromEnvelope: Sized {
+    /// Extracts the value; an error fails the delivery with that error
+    /// (decode failures dead-letter).
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError>;
+}
+
+/// A JSON body (extractor) or a JSON reply (return value).
+///
+/// As an extractor it checks the content type (absent or JSON) and decodes;
+/// a malformed body is a [`FailureKind::Decode`] failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned> FromEnvelope for Json<T> {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        JsonCodec
+            .from_message(env.message())
+            .map(Json)
+            .map_err(HandlerError::from)
+    }
+}
+
+impl FromEnvelope for Envelope {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(env.clone())
+    }
+}
+
+impl FromEnvelope for Message {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(env.message().clone())
+    }
+}
+
+impl FromEnvelope for Headers {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(env.headers().clone())
+    }
+}
+
+impl FromEnvelope for DeliveryInfo {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(env.info().clone())
+    }
+}
+
+impl<T: FromEnvelope> FromEnvelope for Option<T> {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(T::from_envelope(env).ok())
+    }
+}
+
+/// The raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body(pub Bytes);
+
+impl FromEnvelope for Body {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(Body(env.body().clone()))
+    }
+}
+
+/// The body as UTF-8 text; not UTF-8 is a decode failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl FromEnvelope for Text {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        std::str::from_utf8(env.body())
+            .map(|s| Text(s.to_owned()))
+            .map_err(|e| HandlerError::decode(format!("body is not UTF-8: {e}")))
+    }
+}
+
+/// The correlation id, if the message has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorrelationId(pub Option<String>);
+
+impl FromEnvelope for CorrelationId {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(CorrelationId(env.correlation_id().map(str::to_owned)))
+    }
+}
+
+/// The message id, if the message has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageId(pub Option<String>);
+
+impl FromEnvelope for MessageId {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(MessageId(env.message_id().map(str::to_owned)))
+    }
+}
+
+/// The reply-to address, if the message has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo(pub Option<String>);
+
+impl FromEnvelope for ReplyTo {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(ReplyTo(env.reply_to().map(str::to_owned)))
+    }
+}
+
+/// The in-process attempt number (1 on the first call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt(pub u32);
+
+impl FromEnvelope for Attempt {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(Attempt(env.attempt()))
+    }
+}
+
+/// The boxed future of a handler.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Outcome, HandlerError>> + Send + 'static>>;
+
+/// A message handler: a cloneable `tower::Service<Envelope>` that answers
+/// with an [`Outcome`] or fails with a [`HandlerError`].
+///
+/// Implemented for every such service; build one with [`handler_fn`] or
+/// write the `Service` by hand, and wrap it in tower layers.
+pub trait Handler:
+    Service<Envelope, Response = Outcome, Error = HandlerError, Future: Send + 'static> + Clone + Send + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: Service<Envelope, Response = Outcome, Error = HandlerError, Future: Send + 'static> + Clone + Send + 'static
+{
+}
+
+/// A type-erased handler.
+pub type BoxHandler = tower::util::BoxCloneService<Envelope, Outcome, HandlerError>;
+
+/// Boxes any handler.
+pub fn boxed<H: Handler>(h: H) -> BoxHandler {
+    BoxHandler::new(h)
+}
+
+/// A handler built from an async function; see [`handler_fn`].
+pub struct HandlerFn<F, Args> {
+    f: F,
+    _args: PhantomData<fn() -> Args>,
+}
+
+impl<F: Clone, Args> Clone for HandlerFn<F, Args> {
+    fn clone(&self) -> Self {
+        HandlerFn {
+            f: self.f.clone(),
+            _args: PhantomData,
+        }
+    }
+}
+
+impl<F, Args> fmt::Debug for HandlerFn<F, Args> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFn")
+    }
+}
+
+/// Builds a handler from an async function whose arguments are extractors
+/// ([`FromEnvelope`]) and whose result converts [`IntoOutcome`].
+///
+/// Up to eight arguments. Return `()` or `Result<(), E>` to acknowledge,
+/// `Json<T>` or a [`Message`] to reply, `Err(HandlerError::retry(..))` to
+/// requeue, `Err(HandlerError::reject(..))` to dead-letter.
+pub fn handler_fn<F, Args>(f: F) -> HandlerFn<F, Args> {
+    HandlerFn { f, _args: PhantomData }
+}
+
+macro_rules! impl_handler_fn {
+    ($($a:ident),*) => {
+        impl<F, Fut, R, $($a,)*> Service<Envelope> for HandlerFn<F, ($($a,)*)>
+        where
+            F: Fn($($a),*) -> Fut + Clone + Send + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoOutcome + 'static,
+            $($a: FromEnvelope + Send + 'static,)*
+        {
+            type Response = Outcome;
+            type Error = HandlerError;
+            type Future = HandlerFuture;
+
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+                Poll::Ready(Ok(()))
+            }
+
+            #[allow(non_snake_case, unused_variables)]
+            fn call(&mut self, env: Envelope) -> HandlerFuture {
+                $(
+                    let $a = match $a::from_envelope(&env) {
+                        Ok(v) => v,
+                        Err(e) => return Box::pin(std::future::ready(Err(e))),
+                    };
+                )*
+                let fut = (self.f)($($a),*);
+                Box::pin(async move { fut.await.into_outcome() })
+            }
+        }
+    };
+}
+
+impl_handler_fn!();
+impl_handler_fn!(A1);
+impl_handler_fn!(A1, A2);
+impl_handler_fn!(A1, A2, A3);
+impl_handler_fn!(A1, A2, A3, A4);
+impl_handler_fn!(A1, A2, A3, A4, A5);
+impl_handler_fn!(A1, A2, A3, A4, A5, A6);
+impl_handler_fn!(A1, A2, A3, A4, A5, A6, A7);
+impl_handler_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use tower::ServiceExt;
+
+    #[derive(Deserialize, Serialize, Debug, PartialEq)]
+    struct Req {
+        id: u32,
+    }
+
+    fn env(body: &str, ct: Option<&str>) -> Envelope {
+        let mut m = Message::new(body.to_owned()).with_correlation_id("c-1");
+        m.properties.content_type = ct.map(str::to_owned);
+        Envelope::for_test(m, "q")
+    }
+
+    fn assert_handler<H: Handler>(_: &H) {}
+
+    #[tokio::test]
+    async fn extractors_decode_and_reply() {
+        let h = handler_fn(
+            |Json(r): Json<Req>, CorrelationId(c): CorrelationId, Attempt(a): Attempt| async move {
+                assert_eq!(c.as_deref(), Some("c-1"));
+                assert_eq!(a, 1);
+                Json(Req { id: r.id + 1 })
+            },
+        );
+        assert_handler(&h);
+        let out = h.oneshot(env(r#"{"id":1}"#, Some("application/json"))).await.unwrap();
+        match out {
+            Outcome::Reply(m) => assert_eq!(&m.body[..], br#"{"id":2}"#),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_json_and_wrong_content_type_are_decode_failures() {
+        let h = handler_fn(|Json(_r): Json<Req>| async {});
+        let e = h.clone().oneshot(env("{oops", None)).await.unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Decode);
+        let e = h.oneshot(env(r#"{"id":1}"#, Some("text/plain"))).await.unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Decode);
+        assert!(e.message().contains("text/plain"));
+    }
+
+    #[tokio::test]
+    async fn results_map_to_outcomes_and_errors() {
+        let ok = handler_fn(|| async { Ok::<_, HandlerError>(()) });
+        assert_eq!(ok.oneshot(env("", None)).await.unwrap(), Outcome::Ack);
+        let bad = handler_fn(|Body(b): Body| async move {
+            if b.is_empty() {
+                Err(HandlerError::reject("empty"))
+            } else {
+                Ok(Outcome::Ack)
+            }
+        });
+        let e = bad.oneshot(env("", None)).await.unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Permanent);
+        let text = handler_fn(
+            |Text(t): Text, h: Headers, info: DeliveryInfo, e: Envelope| async move {
+                assert_eq!(t, "hi");
+                assert!(h.is_empty());
+                assert_eq!(&*info.queue, "q");
+                assert_eq!(e.queue(), "q");
+            },
+        );
+        assert_eq!(text.oneshot(env("hi", None)).await.unwrap(), Outcome::Ack);
+    }
+
+    #[test]
+    fn errors_convert_with_kinds() {
+        let e: HandlerError = Error::decode("x").into();
+        assert_eq!(e.kind(), FailureKind::Decode);
+        let e: HandlerError = Error::QueueNotFound { queue: "q".into() }.into();
+        assert_eq!(e.kind(), FailureKind::Permanent);
+        let e: HandlerError = Error::transport("down").into();
+        assert_eq!(e.kind(), FailureKind::Transient);
+        assert!(FailureKind::Panic.is_retryable());
+    }
+}

@@ -1,0 +1,1 @@
+//! Settings from `RABBITMQ_*` environment variables.

@@ -1,0 +1,514 @@
+//! Destinations and topology specifications: exchanges, queues, bindings.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::message::Headers;
+
+/// Where a message is published: an exchange (empty = the default
+/// exchange) and a routing key. Cheap to clone.
+///
+/// ```
+/// use switchyard_core::Destination;
+/// let d = Destination::new("contextiq.events", "session.created");
+/// assert_eq!(d.exchange(), "contextiq.events");
+/// let q = Destination::queue("orders"); // default exchange, routed by queue name
+/// assert_eq!((q.exchange(), q.routing_key()), ("", "orders"));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Destination {
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
+}
+
+impl Destination {
+    /// A destination on `exchange` with `routing_key`.
+    pub fn new(exchange: impl Into<Arc<str>>, routing_key: impl Into<Arc<str>>) -> Self {
+        Destination {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        }
+    }
+
+    /// The queue `name` through the default exchange.
+    pub fn queue(name: impl Into<Arc<str>>) -> Self {
+        Destination::new("", name)
+    }
+
+    /// The exchange's name (empty for the default exchange).
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// The exchange name as a shared string.
+    pub fn exchange_arc(&self) -> &Arc<str> {
+        &self.exchange
+    }
+
+    /// The routing key as a shared string.
+    pub fn routing_key_arc(&self) -> &Arc<str> {
+        &self.routing_key
+    }
+}
+
+impl fmt::Debug for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Destination({self})")
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ex = if self.exchange.is_empty() {
+            "(default)"
+        } else {
+            &self.exchange
+        };
+        write!(f, "{ex}/{}", self.routing_key)
+    }
+}
+
+/// The routing algorithm of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExchangeKind {
+    /// Routes on exact routing-key equality.
+    Direct,
+    /// Routes on dotted patterns: `*` one word, `#` zero or more words.
+    Topic,
+    /// Routes to every bound queue.
+    Fanout,
+    /// Routes on header values (`x-match` = `all` or `any`).
+    Headers,
+}
+
+impl ExchangeKind {
+    /// The AMQP name (`direct`, `topic`, `fanout`, `headers`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+impl std::str::FromStr for ExchangeKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "direct" => Ok(ExchangeKind::Direct),
+            "topic" => Ok(ExchangeKind::Topic),
+            "fanout" => Ok(ExchangeKind::Fanout),
+            "headers" => Ok(ExchangeKind::Headers),
+            _ => Err(crate::Error::InvalidConfig {
+                variable: "exchange type".into(),
+                value: s.into(),
+                reason: "must be one of direct, topic, fanout, headers".into(),
+            }),
+        }
+    }
+}
+
+/// An exchange to declare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeSpec {
+    /// Exchange name.
+    pub name: String,
+    /// Routing algorithm.
+    pub kind: ExchangeKind,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding is removed.
+    pub auto_delete: bool,
+    /// Internal exchanges accept no publishes from clients, only from
+    /// exchange-to-exchange bindings.
+    pub internal: bool,
+    /// Extra arguments (e.g. `alternate-exchange`).
+    pub arguments: Headers,
+}
+
+impl ExchangeSpec {
+    /// A durable, non-auto-delete exchange of `kind`.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        ExchangeSpec {
+            name: name.into(),
+            kind,
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: Headers::new(),
+        }
+    }
+    /// A durable topic exchange.
+    pub fn topic(name: impl Into<String>) -> Self {
+        Self::new(name, ExchangeKind::Topic)
+    }
+    /// A durable direct exchange.
+    pub fn direct(name: impl Into<String>) -> Self {
+        Self::new(name, ExchangeKind::Direct)
+    }
+    /// A durable fanout exchange.
+    pub fn fanout(name: impl Into<String>) -> Self {
+        Self::new(name, ExchangeKind::Fanout)
+    }
+    /// A durable headers exchange.
+    pub fn headers(name: impl Into<String>) -> Self {
+        Self::new(name, ExchangeKind::Headers)
+    }
+    /// Sets durability.
+    pub fn durable(mut self, yes: bool) -> Self {
+        self.durable = yes;
+        self
+    }
+    /// Sets auto-delete.
+    pub fn auto_delete(mut self, yes: bool) -> Self {
+        self.auto_delete = yes;
+        self
+    }
+}
+
+/// What a queue does when it reaches `max_length` / `max_length_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Overflow {
+    /// Drop (dead-letter) the oldest message at the head (RabbitMQ's default).
+    #[default]
+    DropHead,
+    /// Refuse the new message (publisher confirm nack).
+    RejectPublish,
+    /// Refuse the new message and dead-letter it.
+    RejectPublishDlx,
+}
+
+impl Overflow {
+    /// The RabbitMQ argument value (`drop-head`, `reject-publish`, `reject-publish-dlx`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
+}
+
+/// The queue implementation RabbitMQ should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QueueType {
+    /// Classic queue.
+    #[default]
+    Classic,
+    /// Replicated Raft-based queue (durable only; supports `delivery_limit`).
+    Quorum,
+    /// Append-only log queue.
+    Stream,
+}
+
+impl QueueType {
+    /// The `x-queue-type` value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
+        }
+    }
+}
+
+/// The `x-*` arguments of a queue, typed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueArguments {
+    /// `x-dead-letter-exchange`: where rejected, expired and overflowing messages go.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`: replaces the routing key when dead-lettering.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-message-ttl`: how long a message may stay in the queue.
+    pub message_ttl: Option<Duration>,
+    /// `x-expires`: delete the queue after it is unused this long.
+    pub expires: Option<Duration>,
+    /// `x-max-length`: most ready messages the queue keeps.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: most body bytes of ready messages the queue keeps.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`: what to do past the max length.
+    pub overflow: Option<Overflow>,
+    /// `x-max-priority`: enables priorities 0..=n (1–255; 1–10 recommended).
+    pub max_priority: Option<u8>,
+    /// `x-queue-type`.
+    pub queue_type: Option<QueueType>,
+    /// `x-delivery-limit` (quorum queues): dead-letter after this many redeliveries.
+    pub delivery_limit: Option<u32>,
+    /// `x-single-active-consumer`.
+    pub single_active_consumer: bool,
+    /// Any other arguments, passed through unchanged.
+    pub extra: Headers,
+}
+
+impl QueueArguments {
+    /// The arguments as an AMQP field table, with RabbitMQ's names and types
+    /// (durations in milliseconds as `long`).
+    pub fn to_headers(&self) -> Headers {
+        use crate::message::HeaderValue as V;
+        let mut h = self.extra.clone();
+        if let Some(v) = &self.dead_letter_exchange {
+            h.insert("x-dead-letter-exchange", v.as_str());
+        }
+        if let Some(v) = &self.dead_letter_routing_key {
+            h.insert("x-dead-letter-routing-key", v.as_str());
+        }
+        if let Some(v) = self.message_ttl {
+            h.insert("x-message-ttl", V::I64(v.as_millis() as i64));
+        }
+        if let Some(v) = self.expires {
+            h.insert("x-expires", V::I64(v.as_millis() as i64));
+        }
+        if let Some(v) = self.max_length {
+            h.insert("x-max-length", V::I64(v as i64));
+        }
+        if let Some(v) = self.max_length_bytes {
+            h.insert("x-max-length-bytes", V::I64(v as i64));
+        }
+        if let Some(v) = self.overflow {
+            h.insert("x-overflow", v.as_str());
+        }
+        if let Some(v) = self.max_priority {
+            h.insert("x-max-priority", V::I64(v as i64));
+        }
+        if let Some(v) = self.queue_type {
+            h.insert("x-queue-type", v.as_str());
+        }
+        if let Some(v) = self.delivery_limit {
+            h.insert("x-delivery-limit", V::I64(v as i64));
+        }
+        if self.single_active_consumer {
+            h.insert("x-single-active-consumer", true);
+        }
+        h
+    }
+}
+
+/// A queue to declare.
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_core::QueueSpec;
+/// let q = QueueSpec::new("extraction.requests")
+///     .dead_letter("contextiq.dlx", Some("dead_letter"))
+///     .max_priority(10)
+///     .message_ttl(Duration::from_secs(86_400));
+/// assert_eq!(q.arguments.max_priority, Some(10));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    /// Queue name; empty asks the broker to generate one.
+    pub name: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Used by one connection only and deleted when it closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer is cancelled (after it had one).
+    pub auto_delete: bool,
+    /// Queue arguments.
+    pub arguments: QueueArguments,
+}
+
+impl QueueSpec {
+    /// A durable, non-exclusive, non-auto-delete classic queue.
+    pub fn new(name: impl Into<String>) -> Self {
+        QueueSpec {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: QueueArguments::default(),
+        }
+    }
+    /// A server-named, exclusive, auto-delete, non-durable queue.
+    pub fn temporary() -> Self {
+        QueueSpec {
+            name: String::new(),
+            durable: false,
+            exclusive: true,
+            auto_delete: true,
+            arguments: QueueArguments::default(),
+        }
+    }
+    /// Sets durability.
+    pub fn durable(mut self, yes: bool) -> Self {
+        self.durable = yes;
+        self
+    }
+    /// Sets exclusivity.
+    pub fn exclusive(mut self, yes: bool) -> Self {
+        self.exclusive = yes;
+        self
+    }
+    /// Sets auto-delete.
+    pub fn auto_delete(mut self, yes: bool) -> Self {
+        self.auto_delete = yes;
+        self
+    }
+    /// Dead-letters to `exchange`, optionally replacing the routing key.
+    pub fn dead_letter(mut self, exchange: impl Into<String>, routing_key: Option<&str>) -> Self {
+        self.arguments.dead_letter_exchange = Some(exchange.into());
+        self.arguments.dead_letter_routing_key = routing_key.map(str::to_owned);
+        self
+    }
+    /// Sets the queue-wide message TTL.
+    pub fn message_ttl(mut self, ttl: Duration) -> Self {
+        self.arguments.message_ttl = Some(ttl);
+        self
+    }
+    /// Sets the max length and overflow behaviour.
+    pub fn max_length(mut self, n: u64, overflow: Overflow) -> Self {
+        self.arguments.max_length = Some(n);
+        self.arguments.overflow = Some(overflow);
+        self
+    }
+    /// Enables priorities up to `n`.
+    pub fn max_priority(mut self, n: u8) -> Self {
+        self.arguments.max_priority = Some(n);
+        self
+    }
+    /// Sets the queue type.
+    pub fn queue_type(mut self, t: QueueType) -> Self {
+        self.arguments.queue_type = Some(t);
+        self
+    }
+    /// Sets the quorum-queue delivery limit.
+    pub fn delivery_limit(mut self, n: u32) -> Self {
+        self.arguments.delivery_limit = Some(n);
+        self
+    }
+}
+
+/// A binding of a queue (or exchange) to a source exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// The exchange messages come from.
+    pub source: String,
+    /// The queue (or exchange, when `destination_is_exchange`) they go to.
+    pub destination: String,
+    /// True for an exchange-to-exchange binding.
+    pub destination_is_exchange: bool,
+    /// Binding key / pattern.
+    pub routing_key: String,
+    /// Binding arguments (headers exchanges: the match table and `x-match`).
+    pub arguments: Headers,
+}
+
+impl Binding {
+    /// Binds `queue` to `exchange` with `routing_key`.
+    pub fn queue(queue: impl Into<String>, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        Binding {
+            source: exchange.into(),
+            destination: queue.into(),
+            destination_is_exchange: false,
+            routing_key: routing_key.into(),
+            arguments: Headers::new(),
+        }
+    }
+    /// Binds exchange `destination` to exchange `source`.
+    pub fn exchange(destination: impl Into<String>, source: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        Binding {
+            source: source.into(),
+            destination: destination.into(),
+            destination_is_exchange: true,
+            routing_key: routing_key.into(),
+            arguments: Headers::new(),
+        }
+    }
+    /// Sets binding arguments.
+    pub fn with_arguments(mut self, args: Headers) -> Self {
+        self.arguments = args;
+        self
+    }
+}
+
+/// A whole topology, declared in order (exchanges, queues, bindings) and
+/// re-declarable after a reconnect.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Topology {
+    /// Exchanges to declare.
+    pub exchanges: Vec<ExchangeSpec>,
+    /// Queues to declare.
+    pub queues: Vec<QueueSpec>,
+    /// Bindings to create.
+    pub bindings: Vec<Binding>,
+}
+
+impl Topology {
+    /// An empty topology.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds an exchange.
+    pub fn exchange(mut self, e: ExchangeSpec) -> Self {
+        self.exchanges.push(e);
+        self
+    }
+    /// Adds a queue.
+    pub fn queue(mut self, q: QueueSpec) -> Self {
+        self.queues.push(q);
+        self
+    }
+    /// Adds a binding.
+    pub fn binding(mut self, b: Binding) -> Self {
+        self.bindings.push(b);
+        self
+    }
+    /// Adds a queue and binds it to `exchange` with `routing_key`.
+    pub fn bound_queue(self, q: QueueSpec, exchange: &str, routing_key: &str) -> Self {
+        let b = Binding::queue(q.name.clone(), exchange, routing_key);
+        self.queue(q).binding(b)
+    }
+}
+
+/// Facts about a declared queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue name (generated by the broker for server-named queues).
+    pub name: String,
+    /// Messages ready for delivery (not counting unacknowledged ones), as
+    /// RabbitMQ's `queue.declare-ok` reports it.
+    pub message_count: u32,
+    /// Active consumers.
+    pub consumer_count: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::HeaderValue;
+
+    #[test]
+    fn queue_arguments_use_rabbitmq_names() {
+        let q = QueueSpec::new("q")
+            .dead_letter("dlx", Some("dead"))
+            .message_ttl(Duration::from_secs(2))
+            .max_length(10, Overflow::RejectPublish)
+            .max_priority(9)
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(3);
+        let h = q.arguments.to_headers();
+        assert_eq!(h.get_str("x-dead-letter-exchange"), Some("dlx"));
+        assert_eq!(h.get_str("x-dead-letter-routing-key"), Some("dead"));
+        assert_eq!(h.get("x-message-ttl"), Some(&HeaderValue::I64(2000)));
+        assert_eq!(h.get_str("x-overflow"), Some("reject-publish"));
+        assert_eq!(h.get_i64("x-max-priority"), Some(9));
+        assert_eq!(h.get_str("x-queue-type"), Some("quorum"));
+        assert_eq!(h.get_i64("x-delivery-limit"), Some(3));
+    }
+
+    #[test]
+    fn exchange_kind_parses_and_rejects_unknown() {
+        assert_eq!("Topic".parse::<ExchangeKind>().unwrap(), ExchangeKind::Topic);
+        let e = "fan".parse::<ExchangeKind>().unwrap_err();
+        assert_eq!(e.code(), "invalid_config");
+    }
+}

@@ -1,0 +1,556 @@
+//! The transport contract: [`Publisher`], [`Consumer`], [`Admin`] and the
+//! [`Transport`] that bundles them, plus [`Delivery`] and its settlement.
+//!
+//! Every trait here is object-safe: applications hold `Arc<dyn Transport>`
+//! (or `Arc<dyn Publisher>`) and pick the concrete transport with a cargo
+//! feature.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures_core::Stream;
+
+use crate::codec::{Codec, JsonCodec};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::topology::{Binding, Destination, ExchangeSpec, QueueInfo, QueueSpec, Topology};
+
+/// Per-publish options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Ask the broker to return the message if no queue is bound for it;
+    /// the publish then fails with [`Error::Unroutable`].
+    pub mandatory: bool,
+}
+
+impl PublishOptions {
+    /// Options with `mandatory` set.
+    pub fn mandatory() -> Self {
+        PublishOptions { mandatory: true }
+    }
+}
+
+/// Publishes messages.
+///
+/// With publisher confirms enabled (the default of every transport),
+/// `publish` returns only once the broker has taken responsibility for the
+/// message; a nack is [`Error::PublishUnconfirmed`] and a returned mandatory
+/// message is [`Error::Unroutable`]. Publishing to a missing exchange is
+/// [`Error::ExchangeNotFound`].
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes `message` to `dest` with `options`.
+    async fn publish_with(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<()>;
+
+    /// Publishes `message` to `dest` with default options.
+    async fn publish(&self, dest: &Destination, message: Message) -> Result<()> {
+        self.publish_with(dest, message, PublishOptions::default()).await
+    }
+
+    /// Publishes several messages to `dest`, pipelined where the transport
+    /// can, and returns once all are confirmed. On failure the error names
+    /// the first message that failed; earlier ones may have been delivered.
+    async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
+        for m in messages {
+            self.publish(dest, m).await?;
+        }
+        Ok(())
+    }
+
+    /// Encodes `payload` with `codec` and publishes it. Works on
+    /// `dyn Publisher`: any `Serialize` value goes through erased-serde.
+    async fn publish_payload(
+        &self,
+        dest: &Destination,
+        payload: &(dyn erased_serde::Serialize + Sync),
+        codec: &dyn Codec,
+    ) -> Result<()> {
+        let message = codec.encode_message(payload)?;
+        self.publish(dest, message).await
+    }
+}
+
+/// Typed conveniences for any publisher, `dyn Publisher` included.
+#[async_trait]
+pub trait PublisherExt: Publisher {
+    /// Serializes `payload` as JSON (`content_type: application/json`) and publishes it.
+    async fn publish_json<T: serde::Serialize + Sync + ?Sized>(&self, dest: &Destination, payload: &T) -> Result<()> {
+        let message = JsonCodec.to_message(payload)?;
+        self.publish(dest, message).await
+    }
+}
+
+impl<P: Publisher + ?Sized> PublisherExt for P {}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    async fn publish_with(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<()> {
+        (**self).publish_with(dest, message, options).await
+    }
+    async fn publish(&self, dest: &Destination, message: Message) -> Result<()> {
+        (**self).publish(dest, message).await
+    }
+    async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
+        (**self).publish_batch(dest, messages).await
+    }
+}
+
+/// Options of a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// Most unacknowledged deliveries the broker sends this consumer (QoS
+    /// prefetch). `0` means unlimited; transports that can only work with a
+    /// bound (amqprs) treat 0 as their default.
+    pub prefetch: u16,
+    /// The broker considers each delivery acknowledged when sent.
+    pub auto_ack: bool,
+    /// Only this consumer may read the queue.
+    pub exclusive: bool,
+    /// Consumer tag; generated when empty.
+    pub consumer_tag: String,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            prefetch: 10,
+            auto_ack: false,
+            exclusive: false,
+            consumer_tag: String::new(),
+        }
+    }
+}
+
+impl ConsumeOptions {
+    /// Sets the prefetch.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n;
+        self
+    }
+    /// Sets auto-ack.
+    pub fn auto_ack(mut self, yes: bool) -> Self {
+        self.auto_ack = yes;
+        self
+    }
+    /// Sets exclusivity.
+    pub fn exclusive(mut self, yes: bool) -> Self {
+        self.exclusive = yes;
+        self
+    }
+    /// Sets the consumer tag.
+    pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
+        self.consumer_tag = tag.into();
+        self
+    }
+}
+
+/// Facts about how a message was delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// Channel-scoped delivery tag.
+    pub delivery_tag: u64,
+    /// True if the message was delivered before and not acknowledged.
+    pub redelivered: bool,
+    /// The exchange it was published to.
+    pub exchange: Arc<str>,
+    /// The routing key it was published with.
+    pub routing_key: Arc<str>,
+    /// The queue it was consumed from.
+    pub queue: Arc<str>,
+    /// The consumer that received it.
+    pub consumer_tag: Arc<str>,
+}
+
+/// Settles deliveries of one consumer (or channel).
+///
+/// Implemented by transports; applications settle through [`Delivery`] or,
+/// far more often, let the `Worker` do it.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Acknowledges `tag`.
+    async fn ack(&self, tag: u64) -> Result<()>;
+    /// Negatively acknowledges `tag`; requeued when `requeue`, else
+    /// dead-lettered (or dropped if the queue has no dead-letter exchange).
+    async fn nack(&self, tag: u64, requeue: bool) -> Result<()>;
+    /// Rejects `tag` (same effect as a single `nack`).
+    async fn reject(&self, tag: u64, requeue: bool) -> Result<()> {
+        self.nack(tag, requeue).await
+    }
+}
+
+/// A message received by a consumer, with the means to settle it.
+///
+/// A delivery from a manual-ack consumer must be settled exactly once with
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
+/// [`reject`](Delivery::reject); those consume the delivery, so settling
+/// twice does not compile.
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// How it was delivered.
+    pub info: DeliveryInfo,
+    acker: Option<Arc<dyn Acker>>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("info", &self.info)
+            .field("message", &self.message)
+            .field("needs_settlement", &self.acker.is_some())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// A delivery from a manual-ack consumer, settled through `acker`.
+    pub fn new(message: Message, info: DeliveryInfo, acker: Arc<dyn Acker>) -> Self {
+        Delivery {
+            message,
+            info,
+            acker: Some(acker),
+        }
+    }
+
+    /// A delivery from an auto-ack consumer: nothing to settle.
+    pub fn auto_acked(message: Message, info: DeliveryInfo) -> Self {
+        Delivery {
+            message,
+            info,
+            acker: None,
+        }
+    }
+
+    /// True if this delivery must be settled (manual-ack consumer).
+    pub fn needs_settlement(&self) -> bool {
+        self.acker.is_some()
+    }
+
+    /// Acknowledges the delivery (no-op for auto-ack deliveries).
+    pub async fn ack(self) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.ack(self.info.delivery_tag).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Negatively acknowledges the delivery (no-op for auto-ack deliveries).
+    pub async fn nack(self, requeue: bool) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.nack(self.info.delivery_tag, requeue).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Rejects the delivery (no-op for auto-ack deliveries).
+    pub async fn reject(self, requeue: bool) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.reject(self.info.delivery_tag, requeue).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Splits the delivery into its message, its facts and a [`Settler`].
+    pub fn into_parts(self) -> (Message, DeliveryInfo, Settler) {
+        let settler = Settler {
+            tag: self.info.delivery_tag,
+            acker: self.acker,
+        };
+        (self.message, self.info, settler)
+    }
+}
+
+/// The settlement half of a [`Delivery`], kept by the runtime while the
+/// handler works on the message.
+pub struct Settler {
+    tag: u64,
+    acker: Option<Arc<dyn Acker>>,
+}
+
+impl fmt::Debug for Settler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settler").field("tag", &self.tag).finish()
+    }
+}
+
+impl Settler {
+    /// The delivery tag this settler settles.
+    pub fn delivery_tag(&self) -> u64 {
+        self.tag
+    }
+    /// True if there is something to settle.
+    pub fn needs_settlement(&self) -> bool {
+        self.acker.is_some()
+    }
+    /// Acknowledges.
+    pub async fn ack(self) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.ack(self.tag).await,
+            None => Ok(()),
+        }
+    }
+    /// Negatively acknowledges.
+    pub async fn nack(self, requeue: bool) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.nack(self.tag, requeue).await,
+            None => Ok(()),
+        }
+    }
+    /// Rejects.
+    pub async fn reject(self, requeue: bool) -> Result<()> {
+        match &self.acker {
+            Some(a) => a.reject(self.tag, requeue).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Cancels a consumer.
+#[async_trait]
+pub trait Cancel: Send + Sync {
+    /// Cancels the consumer: the broker sends no more deliveries; those
+    /// already received stay unsettled until settled (or until the
+    /// transport requeues them when the subscription is dropped).
+    async fn cancel(&self) -> Result<()>;
+}
+
+/// A handle that cancels a [`Subscription`] from elsewhere.
+#[derive(Clone)]
+pub struct CancelHandle(Arc<dyn Cancel>);
+
+impl fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CancelHandle")
+    }
+}
+
+impl CancelHandle {
+    /// Wraps a transport's canceller.
+    pub fn new(c: Arc<dyn Cancel>) -> Self {
+        CancelHandle(c)
+    }
+    /// Cancels the consumer.
+    pub async fn cancel(&self) -> Result<()> {
+        self.0.cancel().await
+    }
+}
+
+/// The boxed stream type inside a [`Subscription`].
+pub type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>;
+
+/// A running consumer: a stream of deliveries plus its cancel handle.
+///
+/// The stream ends (`None`) after the consumer is cancelled by the client;
+/// a cancellation by the broker (queue deleted) yields
+/// `Err(Error::ConsumerCancelled)` and then ends.
+pub struct Subscription {
+    queue: Arc<str>,
+    consumer_tag: Arc<str>,
+    stream: DeliveryStream,
+    cancel: CancelHandle,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("queue", &self.queue)
+            .field("consumer_tag", &self.consumer_tag)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// Assembles a subscription (used by transports).
+    pub fn new(queue: Arc<str>, consumer_tag: Arc<str>, stream: DeliveryStream, cancel: CancelHandle) -> Self {
+        Subscription {
+            queue,
+            consumer_tag,
+            stream,
+            cancel,
+        }
+    }
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// The consumer tag.
+    pub fn consumer_tag(&self) -> &str {
+        &self.consumer_tag
+    }
+    /// A handle to cancel this consumer from another task.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+    /// Cancels the consumer.
+    pub async fn cancel(&self) -> Result<()> {
+        self.cancel.cancel().await
+    }
+    /// The next delivery; `None` once the consumer has ended.
+    pub async fn next(&mut self) -> Option<Result<Delivery>> {
+        std::future::poll_fn(|cx| self.stream.as_mut().poll_next(cx)).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+/// Starts consumers.
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Starts consuming `queue`. Fails with [`Error::QueueNotFound`] if the
+    /// queue does not exist and [`Error::ResourceLocked`] if an exclusive
+    /// consumer holds it.
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription>;
+}
+
+/// Declares, inspects and deletes topology.
+#[async_trait]
+pub trait Admin: Send + Sync {
+    /// Declares an exchange (idempotent when the spec matches; a conflicting
+    /// redeclaration is [`Error::PreconditionFailed`]).
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<()>;
+    /// Declares a queue and returns its facts (its generated name, for a
+    /// server-named queue).
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo>;
+    /// Creates a binding.
+    async fn bind(&self, binding: &Binding) -> Result<()>;
+    /// Removes a binding.
+    async fn unbind(&self, binding: &Binding) -> Result<()>;
+    /// Deletes an exchange (no error if it does not exist).
+    async fn delete_exchange(&self, name: &str) -> Result<()>;
+    /// Deletes a queue, returning how many messages it held (0 if it did not exist).
+    async fn delete_queue(&self, name: &str) -> Result<u32>;
+    /// Removes all ready messages from a queue, returning how many.
+    async fn purge_queue(&self, name: &str) -> Result<u32>;
+    /// Facts about an existing queue (passive declare); [`Error::QueueNotFound`] if absent.
+    async fn queue_info(&self, name: &str) -> Result<QueueInfo>;
+    /// Checks that an exchange exists (passive declare).
+    async fn exchange_exists(&self, name: &str) -> Result<bool>;
+
+    /// Declares a whole topology: exchanges, then queues, then bindings.
+    async fn declare(&self, topology: &Topology) -> Result<()> {
+        for e in &topology.exchanges {
+            self.declare_exchange(e).await?;
+        }
+        for q in &topology.queues {
+            self.declare_queue(q).await?;
+        }
+        for b in &topology.bindings {
+            self.bind(b).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a transport supports beyond the common core.
+///
+/// The conformance suite reads these flags: a test of a capability the
+/// transport lacks reports "skipped: transport lacks X".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Priority queues (`x-max-priority`).
+    pub priorities: bool,
+    /// Per-message and per-queue TTL.
+    pub message_ttl: bool,
+    /// Dead-letter exchanges.
+    pub dead_lettering: bool,
+    /// `x-max-length` with overflow policies.
+    pub max_length: bool,
+    /// RabbitMQ direct reply-to (`amq.rabbitmq.reply-to`).
+    pub direct_reply_to: bool,
+    /// Publisher confirms.
+    pub publisher_confirms: bool,
+    /// Headers exchanges.
+    pub headers_exchange: bool,
+    /// Quorum queues.
+    pub quorum_queues: bool,
+    /// Exclusive queues and consumers.
+    pub exclusive: bool,
+    /// Mandatory publishes reported as unroutable.
+    pub mandatory_returns: bool,
+}
+
+impl Capabilities {
+    /// Everything RabbitMQ offers.
+    pub const ALL: Capabilities = Capabilities {
+        priorities: true,
+        message_ttl: true,
+        dead_lettering: true,
+        max_length: true,
+        direct_reply_to: true,
+        publisher_confirms: true,
+        headers_exchange: true,
+        quorum_queues: true,
+        exclusive: true,
+        mandatory_returns: true,
+    };
+}
+
+/// Where RPC replies arrive for one [`RpcClient`](crate::rpc::RpcClient).
+pub struct ReplyChannel {
+    /// The `reply_to` address to put on requests.
+    pub reply_to: String,
+    /// The auto-ack stream of replies.
+    pub replies: Subscription,
+    /// The publisher requests must go through when it is not the transport
+    /// itself (for direct reply-to it must be the channel that consumes the
+    /// replies). `None`: publish through the transport.
+    pub publisher: Option<Arc<dyn Publisher>>,
+}
+
+impl fmt::Debug for ReplyChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyChannel")
+            .field("reply_to", &self.reply_to)
+            .finish()
+    }
+}
+
+/// A complete transport: publisher, consumer and admin in one, as each
+/// `switchyard-*` transport crate provides.
+#[async_trait]
+pub trait Transport: Publisher + Consumer + Admin {
+    /// A short name (`memory`, `lapin`, `amqprs`).
+    fn name(&self) -> &'static str;
+
+    /// What this transport supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Checks that the transport can reach its broker.
+    async fn health_check(&self) -> Result<()>;
+
+    /// Closes the transport; later operations fail with [`Error::Shutdown`].
+    async fn close(&self) -> Result<()>;
+
+    /// Opens the reply channel for an RPC client. The default declares an
+    /// exclusive, auto-delete, server-named queue and consumes it with
+    /// auto-ack; transports with direct reply-to override this.
+    async fn open_reply_channel(&self) -> Result<ReplyChannel> {
+        let info = self.declare_queue(&QueueSpec::temporary()).await?;
+        let replies = self
+            .consume(
+                &info.name,
+                ConsumeOptions::default().auto_ack(true).exclusive(true).prefetch(0),
+            )
+            .await?;
+        Ok(ReplyChannel {
+            reply_to: info.name,
+            replies,
+            publisher: None,
+        })
+    }
+}
+
+/// Fails with [`Error::Unsupported`]; for transports lacking a feature.
+pub fn unsupported<T>(feature: &str) -> Result<T> {
+    Err(Error::Unsupported {
+        feature: feature.to_owned(),
+    })
+}

@@ -1,0 +1,1 @@
+//! The handler runtime: binds handlers to queues and settles deliveries.

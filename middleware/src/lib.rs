@@ -1,0 +1,1 @@
+//! switchyard middleware: under construction.

@@ -1,0 +1,1 @@
+//! switchyard transport (amqprs): under construction.

@@ -1,0 +1,1 @@
+//! switchyard transport (lapin): under construction.

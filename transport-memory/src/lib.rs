@@ -1,0 +1,1 @@
+//! switchyard transport (memory): under construction.
