@@ -1,0 +1,2 @@
+//! Placeholder until the memory transport lands.
+fn main() {}

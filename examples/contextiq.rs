@@ -1,0 +1,2 @@
+//! Placeholder: the seed's pipeline on the memory transport.
+fn main() {}
