@@ -14,11 +14,13 @@
 //! No broker code and no I/O of its own live here.
 #![warn(missing_docs)]
 
+pub mod coalesce;
 pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod handler;
 pub mod message;
+pub mod recovery;
 pub mod rpc;
 pub mod settings;
 #[cfg(feature = "testkit")]
