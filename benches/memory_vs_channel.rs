@@ -1,2 +1,168 @@
-//! Placeholder until the memory transport lands.
-fn main() {}
+//! Throughput of the memory transport against a bare `tokio::sync::mpsc`
+//! channel carrying the same messages.
+//!
+//! Memory: 1,000,000 messages with 256-byte bodies through the Transport API
+//! (`Publisher::publish` → `Subscription::next` → `Delivery::ack`), one
+//! producer task, one consumer task, prefetch 100, manual ack.
+//! Channel: the same 1,000,000 `Message`s (same 256-byte `Bytes` body)
+//! through a bounded `mpsc` channel of capacity 100, producer and consumer
+//! tasks.
+//!
+//! Run: `cargo bench --bench memory_vs_channel` (set `SWITCHYARD_BENCH_N` for
+//! another message count). Prints both rates, the ratio and the machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec};
+use switchyard_memory::MemoryBroker;
+
+const PREFETCH: u16 = 100;
+const CAPACITY: usize = 100;
+const BODY: usize = 256;
+
+fn count() -> u64 {
+    std::env::var("SWITCHYARD_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+async fn memory(n: u64, body: Bytes) -> Duration {
+    let broker = MemoryBroker::new();
+    let producer = broker.connect();
+    let consumer = broker.connect();
+    producer
+        .declare_queue(&QueueSpec::new("bench"))
+        .await
+        .expect("declare bench queue");
+    let mut sub = consumer
+        .consume("bench", ConsumeOptions::default().prefetch(PREFETCH))
+        .await
+        .expect("consume bench queue");
+    let dest = Destination::queue("bench");
+    let start = Instant::now();
+    let recv = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut bytes = 0usize;
+        while got < n {
+            let d = sub.next().await.expect("stream open").expect("delivery");
+            bytes += d.message.body.len();
+            d.ack().await.expect("ack");
+            got += 1;
+        }
+        assert_eq!(bytes, n as usize * BODY);
+        got
+    });
+    let send = tokio::spawn(async move {
+        for _ in 0..n {
+            producer
+                .publish(&dest, Message::new(body.clone()))
+                .await
+                .expect("publish");
+        }
+        producer
+    });
+    let producer = send.await.expect("producer task");
+    assert_eq!(recv.await.expect("consumer task"), n);
+    let elapsed = start.elapsed();
+    let left = producer.queue_info("bench").await.expect("queue info").message_count;
+    assert_eq!(left, 0, "every message consumed");
+    drop(consumer);
+    elapsed
+}
+
+async fn channel(n: u64, body: Bytes) -> Duration {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(CAPACITY);
+    let start = Instant::now();
+    let recv = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut bytes = 0usize;
+        while let Some(m) = rx.recv().await {
+            bytes += m.body.len();
+            got += 1;
+        }
+        assert_eq!(bytes, n as usize * BODY);
+        got
+    });
+    let send = tokio::spawn(async move {
+        for _ in 0..n {
+            tx.send(Message::new(body.clone())).await.expect("send");
+        }
+    });
+    send.await.expect("producer task");
+    assert_eq!(recv.await.expect("consumer task"), n);
+    start.elapsed()
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let n = count();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let body = Bytes::from(vec![0x5au8; BODY]);
+    let body = Arc::new(body);
+
+    // Warm-up (allocator, thread pool), then the best of three runs each.
+    rt.block_on(memory(n.min(50_000), (*body).clone()));
+    rt.block_on(channel(n.min(50_000), (*body).clone()));
+    let mut mem = Vec::new();
+    let mut chan = Vec::new();
+    for _ in 0..3 {
+        mem.push(rt.block_on(memory(n, (*body).clone())));
+        chan.push(rt.block_on(channel(n, (*body).clone())));
+    }
+    let best = |v: &[Duration]| *v.iter().min().expect("three runs");
+    let (m, c) = (best(&mem), best(&chan));
+    let (mr, cr) = (rate(n, m), rate(n, c));
+    println!("memory_vs_channel: {n} messages, {BODY}-byte bodies, 1 producer task, 1 consumer task");
+    println!(
+        "  memory transport (publish -> next -> ack, prefetch {PREFETCH}, manual ack): {:>12.0} msg/s  ({:.3} s, best of 3; runs {:?})",
+        mr,
+        m.as_secs_f64(),
+        mem.iter().map(|d| format!("{:.3}s", d.as_secs_f64())).collect::<Vec<_>>()
+    );
+    println!(
+        "  tokio mpsc bounded({CAPACITY}):                                      {:>12.0} msg/s  ({:.3} s, best of 3; runs {:?})",
+        cr,
+        c.as_secs_f64(),
+        chan.iter().map(|d| format!("{:.3}s", d.as_secs_f64())).collect::<Vec<_>>()
+    );
+    println!("  ratio memory/channel: {:.2} (target >= 0.50)", mr / cr);
+    println!(
+        "  machine: nproc={} tokio worker threads={} date={} kernel={}",
+        sh("nproc", &[]),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        sh("uname", &["-sr"])
+    );
+    println!("  cpu: {}", cpu_model());
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,1 +1,436 @@
 //! RPC over a broker: one reply queue per client, a correlation-id map.
+//!
+//! [`RpcClient::new`] opens **one** reply channel for the client's whole life
+//! ([`Transport::open_reply_channel`]: an exclusive, auto-delete,
+//! server-named queue, or RabbitMQ direct reply-to where the transport has
+//! it). Each [`call`](RpcClient::call) puts that address in `reply_to`, a
+//! fresh correlation id on the request, registers a waiter under that id
+//! and publishes; one background task reads the replies and hands each to
+//! its waiter. Concurrent calls share the reply queue — unlike the seed,
+//! which declared a queue per call.
+//!
+//! A call that times out fails with [`Error::RpcTimeout`] (`rpc_timeout`)
+//! and removes its waiter; a reply that arrives later, or carries an unknown
+//! correlation id, is dropped and counted ([`RpcClient::late_replies`]).
+//! If the reply stream ends (connection lost, queue deleted), pending and
+//! later calls fail with `connection_closed`.
+//!
+//! ```no_run
+//! # async fn demo(transport: std::sync::Arc<dyn switchyard_core::Transport>) -> switchyard_core::Result<()> {
+//! use std::time::Duration;
+//! use switchyard_core::{rpc::RpcClient, Destination, Message};
+//! let client = RpcClient::new(transport).await?;
+//! let reply = client
+//!     .call(&Destination::queue("extraction.requests"), Message::new("ping"), Duration::from_secs(5))
+//!     .await?;
+//! # let _ = reply; Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::codec::JsonCodec;
+use crate::error::{Error, Result};
+use crate::message::{new_id, Message};
+use crate::topology::Destination;
+use crate::transport::{CancelHandle, Publisher, Transport};
+
+struct Shared {
+    pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    /// Why the reply stream ended, once it has.
+    closed: Mutex<Option<String>>,
+    late: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Shared {
+    fn closed_error(&self) -> Option<Error> {
+        self.closed.lock().as_ref().map(|why| Error::ConnectionClosed {
+            message: format!("rpc reply channel closed: {why}"),
+        })
+    }
+}
+
+/// Removes a call's waiter when the call ends in any way (reply, timeout,
+/// publish error, or the call's future being dropped).
+struct WaiterGuard<'a> {
+    shared: &'a Shared,
+    id: String,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.id);
+    }
+}
+
+/// An RPC client; see the [module docs](self). Share it (`Arc<RpcClient>`)
+/// rather than creating one per call.
+pub struct RpcClient {
+    /// Held so that the connection lives as long as the client (a transport
+    /// may close its connection when its last handle is dropped).
+    _transport: Arc<dyn Transport>,
+    shared: Arc<Shared>,
+    publisher: Arc<dyn Publisher>,
+    reply_to: String,
+    cancel: CancelHandle,
+    reader: JoinHandle<()>,
+}
+
+impl fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("reply_to", &self.reply_to)
+            .field("pending", &self.pending_calls())
+            .field("late_replies", &self.late_replies())
+            .finish()
+    }
+}
+
+impl RpcClient {
+    /// Opens the client's reply channel and starts reading replies.
+    pub async fn new(transport: Arc<dyn Transport>) -> Result<Self> {
+        let channel = transport.open_reply_channel().await?;
+        let publisher: Arc<dyn Publisher> = match channel.publisher {
+            Some(p) => p,
+            None => Arc::new(TransportPublisher(transport.clone())),
+        };
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            late: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        let mut replies = channel.replies;
+        let cancel = replies.cancel_handle();
+        let reader_shared = shared.clone();
+        let reply_to = channel.reply_to;
+        let queue = reply_to.clone();
+        let reader = tokio::spawn(async move {
+            let shared = reader_shared;
+            let why = loop {
+                match replies.next().await {
+                    Some(Ok(d)) => {
+                        if d.needs_settlement() {
+                            // Reply channels are auto-ack; settle anyway if a transport did not.
+                            let (m, _, settler) = d.into_parts();
+                            let _ = settler.ack().await;
+                            deliver(&shared, m);
+                        } else {
+                            deliver(&shared, d.message);
+                        }
+                    }
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the reply stream ended".to_owned(),
+                }
+            };
+            tracing::warn!(reply_to = %queue, reason = %why, "rpc reply channel closed");
+            *shared.closed.lock() = Some(why);
+            // Dropping the senders wakes every pending call with an error.
+            shared.pending.lock().clear();
+        });
+        Ok(RpcClient {
+            _transport: transport,
+            shared,
+            publisher,
+            reply_to,
+            cancel,
+            reader,
+        })
+    }
+
+    /// The address replies come back to (the `reply_to` of every request).
+    pub fn reply_to(&self) -> &str {
+        &self.reply_to
+    }
+
+    /// Calls waiting for a reply right now.
+    pub fn pending_calls(&self) -> usize {
+        self.shared.pending.lock().len()
+    }
+
+    /// Replies dropped because no call was waiting for their correlation id
+    /// (late after a timeout, or unknown).
+    pub fn late_replies(&self) -> u64 {
+        self.shared.late.load(Ordering::Relaxed)
+    }
+
+    /// Replies received in total (matched or not).
+    pub fn replies_received(&self) -> u64 {
+        self.shared.received.load(Ordering::Relaxed)
+    }
+
+    /// Sends `message` to `dest` and waits up to `timeout` (publish
+    /// included) for the reply. Sets `reply_to` and a fresh correlation id
+    /// on the request (replacing any the message had).
+    ///
+    /// Errors: [`Error::RpcTimeout`] when no reply came in time (the waiter
+    /// is removed; a later reply is counted in
+    /// [`late_replies`](RpcClient::late_replies)), the publish error if the
+    /// request could not be published, [`Error::ConnectionClosed`] if the
+    /// reply channel is gone.
+    pub async fn call(&self, dest: &Destination, mut message: Message, timeout: Duration) -> Result<Message> {
+        if let Some(e) = self.shared.closed_error() {
+            return Err(e);
+        }
+        let id = new_id();
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending.lock().insert(id.clone(), tx);
+        let _guard = WaiterGuard {
+            shared: &self.shared,
+            id: id.clone(),
+        };
+        // The reader may have closed between the check and the insert.
+        if let Some(e) = self.shared.closed_error() {
+            return Err(e);
+        }
+        message.properties.reply_to = Some(self.reply_to.clone());
+        message.properties.correlation_id = Some(id);
+        let exchange_call = async {
+            self.publisher.publish(dest, message).await?;
+            rx.await.map_err(|_| {
+                self.shared.closed_error().unwrap_or_else(|| Error::ConnectionClosed {
+                    message: "rpc reply channel closed".into(),
+                })
+            })
+        };
+        match tokio::time::timeout(timeout, exchange_call).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!(destination = %dest, ?timeout, "rpc call timed out");
+                Err(Error::RpcTimeout {
+                    destination: dest.to_string(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// Calls with a JSON request and decodes a JSON reply. A reply that does
+    /// not decode is [`Error::DecodeFailed`].
+    pub async fn call_json<Req, Resp>(&self, dest: &Destination, request: &Req, timeout: Duration) -> Result<Resp>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let message = JsonCodec.to_message(request)?;
+        let reply = self.call(dest, message, timeout).await?;
+        JsonCodec.from_message(&reply)
+    }
+
+    /// Cancels the reply consumer; pending and later calls fail with
+    /// `connection_closed`.
+    pub async fn close(&self) -> Result<()> {
+        self.cancel.cancel().await
+    }
+}
+
+impl Drop for RpcClient {
+    fn drop(&mut self) {
+        // Dropping the reader drops the subscription, which ends the consumer.
+        self.reader.abort();
+    }
+}
+
+fn deliver(shared: &Shared, reply: Message) {
+    shared.received.fetch_add(1, Ordering::Relaxed);
+    let waiter = reply
+        .properties
+        .correlation_id
+        .as_deref()
+        .and_then(|cid| shared.pending.lock().remove(cid));
+    match waiter {
+        Some(tx) => {
+            if tx.send(reply).is_err() {
+                // The call ended between our lookup and the send.
+                shared.late.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None => {
+            shared.late.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(correlation_id = ?reply.properties.correlation_id, "rpc reply without a waiting call dropped");
+        }
+    }
+}
+
+/// Publishes through the transport when the reply channel names no publisher.
+struct TransportPublisher(Arc<dyn Transport>);
+
+#[async_trait::async_trait]
+impl Publisher for TransportPublisher {
+    async fn publish_with(
+        &self,
+        dest: &Destination,
+        message: Message,
+        options: crate::transport::PublishOptions,
+    ) -> Result<()> {
+        self.0.publish_with(dest, message, options).await
+    }
+    async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
+        self.0.publish_batch(dest, messages).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{handler_fn, Json, Text};
+    use crate::transport::Admin;
+    use crate::worker::fake::Fake;
+    use crate::worker::Worker;
+
+    fn transport(fake: &Arc<Fake>) -> Arc<dyn Transport> {
+        fake.clone()
+    }
+
+    #[tokio::test]
+    async fn round_trip_concurrent_calls_share_one_reply_queue() {
+        let fake = Fake::new();
+        fake.add_queue("double");
+        let h = Worker::new(transport(&fake))
+            .route(
+                "double",
+                handler_fn(|Json(n): Json<u64>| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Json(n * 2)
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
+        let client = Arc::new(RpcClient::new(transport(&fake)).await.unwrap());
+        assert!(client.reply_to().starts_with("amq.gen-"));
+        let dest = Destination::queue("double");
+        let calls = (0..20u64).map(|i| {
+            let c = client.clone();
+            let d = dest.clone();
+            tokio::spawn(async move { c.call_json::<_, u64>(&d, &i, Duration::from_secs(5)).await })
+        });
+        for (i, call) in calls.enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), 2 * i as u64);
+        }
+        let reply = client
+            .call(
+                &dest,
+                Message::new("21").with_correlation_id("mine"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&reply.body[..], b"42");
+        let cid = reply.properties.correlation_id.unwrap();
+        assert_ne!(cid, "mine", "the client sets a fresh correlation id");
+        assert_eq!(cid.len(), 32);
+        assert_eq!(client.pending_calls(), 0);
+        assert_eq!(client.late_replies(), 0);
+        assert_eq!(client.replies_received(), 21);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn timeout_removes_the_waiter_and_a_late_reply_is_counted() {
+        let fake = Fake::new();
+        fake.add_queue("slow");
+        let h = Worker::new(transport(&fake))
+            .route(
+                "slow",
+                handler_fn(|Text(t): Text| async move {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Message::new(t)
+                }),
+            )
+            .start()
+            .await
+            .unwrap();
+        let client = RpcClient::new(transport(&fake)).await.unwrap();
+        let e = client
+            .call(
+                &Destination::queue("slow"),
+                Message::new("x"),
+                Duration::from_millis(30),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "rpc_timeout");
+        assert!(e.to_string().contains("(default)/slow"), "{e}");
+        assert_eq!(client.pending_calls(), 0, "no waiter left behind");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.late_replies() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "late reply never counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(client.late_replies(), 1);
+        // A call dropped before its reply also leaves nothing behind.
+        let slow = Destination::queue("slow");
+        let fut = client.call(&slow, Message::new("y"), Duration::from_secs(5));
+        let _ = tokio::time::timeout(Duration::from_millis(10), fut).await;
+        assert_eq!(client.pending_calls(), 0);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn closed_reply_channel_fails_pending_and_later_calls() {
+        let fake = Fake::new();
+        fake.add_queue("void"); // nobody answers
+        let client = Arc::new(RpcClient::new(transport(&fake)).await.unwrap());
+        let c2 = client.clone();
+        let pending = tokio::spawn(async move {
+            c2.call(&Destination::queue("void"), Message::new("x"), Duration::from_secs(10))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(client.pending_calls(), 1);
+        fake.delete_queue(client.reply_to()).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), pending)
+            .await
+            .expect("pending call woken")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code(), "connection_closed");
+        assert!(e.to_string().contains("rpc reply channel closed"), "{e}");
+        let e = client
+            .call(&Destination::queue("void"), Message::new("x"), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "connection_closed");
+        assert_eq!(client.pending_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn publish_errors_surface_and_leave_no_waiter() {
+        let fake = Fake::new();
+        let client = RpcClient::new(transport(&fake)).await.unwrap();
+        let e = client
+            .call(
+                &Destination::new("no-such-exchange", "k"),
+                Message::new("x"),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "exchange_not_found");
+        assert_eq!(client.pending_calls(), 0);
+        // A reply that does not decode is a decode error for call_json.
+        fake.add_queue("text");
+        let h = Worker::new(transport(&fake))
+            .route("text", handler_fn(|| async { Message::new("not json") }))
+            .start()
+            .await
+            .unwrap();
+        let e = client
+            .call_json::<_, u32>(&Destination::queue("text"), &1u32, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "decode_failed");
+        h.shutdown().await.unwrap();
+    }
+}

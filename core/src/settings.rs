@@ -1,1 +1,1143 @@
 //! Settings from `RABBITMQ_*` environment variables.
+//!
+//! [`Settings`] covers every variable of the system switchyard replaces, with
+//! the same defaults, the same ranges and the same URL-precedence rule, plus
+//! a few additions (TLS, connection and confirm deadlines):
+//!
+//! | variable | default | allowed |
+//! |---|---|---|
+//! | `RABBITMQ_URL` | `amqp://guest:guest@localhost:5672/` | `amqp://` or `amqps://` URL |
+//! | `RABBITMQ_HOST` | `localhost` | non-empty |
+//! | `RABBITMQ_PORT` | `5672` | 1–65535 |
+//! | `RABBITMQ_USER` | `guest` | any |
+//! | `RABBITMQ_PASSWORD` | `guest` | any (never printed) |
+//! | `RABBITMQ_VHOST` | `/` | any |
+//! | `RABBITMQ_HEARTBEAT` | `60` (seconds) | 10–300 |
+//! | `RABBITMQ_CONNECTION_ATTEMPTS` | `3` | 1–10 |
+//! | `RABBITMQ_RETRY_DELAY` | `2.0` (seconds) | 0.1–60.0 |
+//! | `RABBITMQ_DEFAULT_PREFETCH_COUNT` | `10` | 1–100 |
+//! | `RABBITMQ_DEFAULT_MESSAGE_TTL` | `86400000` (ms; 0 = none) | 0–4294967295 |
+//! | `RABBITMQ_DEFAULT_EXCHANGE_TYPE` | `topic` | direct, topic, fanout, headers |
+//! | `RABBITMQ_ENABLE_DEAD_LETTER` | `true` | boolean |
+//! | `RABBITMQ_DEAD_LETTER_EXCHANGE` | `contextiq.dlx` | non-empty when dead-lettering |
+//! | `RABBITMQ_ENABLE_PUBLISHER_CONFIRMS` | `true` | boolean |
+//! | `RABBITMQ_ENABLE_CONSUMER_PREFETCH` | `true` | boolean |
+//! | `RABBITMQ_USE_TLS` | `false` | boolean; `amqps` when the URL is built from parts |
+//! | `RABBITMQ_CA_FILE` | unset | path of a PEM CA bundle for TLS |
+//! | `RABBITMQ_CONNECTION_TIMEOUT` | `30.0` (seconds) | 0.1–300.0 |
+//! | `RABBITMQ_CONFIRM_TIMEOUT` | `30.0` (seconds) | 0.1–600.0 |
+//!
+//! Booleans accept `true`/`false`/`1`/`0`/`yes`/`no` in any case; an empty
+//! variable counts as unset, except for the user and password. Every error is
+//! [`Error::InvalidConfig`] naming the variable, the value and what is
+//! allowed, e.g. `RABBITMQ_HEARTBEAT=5: must be between 10 and 300`.
+//!
+//! **URL precedence.** If `RABBITMQ_URL` is set to a value other than the
+//! default it wins; otherwise the URL is built from the parts, with the user,
+//! password and vhost percent-encoded (vhost `/` becomes `%2F`).
+//!
+//! **Passwords.** The password (field and inside URLs) is a [`Secret`]: it
+//! never appears in `Debug`, `Display`, logs or errors.
+//! [`Settings::effective_url`] returns the real URL for transports;
+//! [`Settings::effective_url_redacted`] is the one to print.
+//!
+//! ```
+//! use switchyard_core::settings::Settings;
+//! let env = [("RABBITMQ_HOST", "rabbit"), ("RABBITMQ_PASSWORD", "s3cret"), ("RABBITMQ_VHOST", "/")];
+//! let s = Settings::from_lookup(|k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap();
+//! assert_eq!(s.effective_url_redacted(), "amqp://guest:***@rabbit:5672/%2F");
+//! assert!(!format!("{s:?}").contains("s3cret"));
+//!
+//! let err = Settings::from_lookup(|k| (k == "RABBITMQ_HEARTBEAT").then(|| "5".to_string())).unwrap_err();
+//! assert_eq!(err.to_string(), "invalid configuration: RABBITMQ_HEARTBEAT=5: must be between 10 and 300");
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::topology::ExchangeKind;
+
+/// The default `RABBITMQ_URL`.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/";
+/// The default prefetch count (`RABBITMQ_DEFAULT_PREFETCH_COUNT`).
+pub const DEFAULT_PREFETCH: u16 = 10;
+
+/// A string that never prints: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The real value, for the code that needs it (a transport's login).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}
+
+/// Connection and messaging settings; see the [module docs](self) for the
+/// variables, defaults and ranges.
+///
+/// Fields are public for reading; set them with the builder-style setters
+/// (or directly) and call [`validate`](Settings::validate) if you did not go
+/// through [`from_env`](Settings::from_env) / [`from_lookup`](Settings::from_lookup).
+#[derive(Clone, PartialEq)]
+pub struct Settings {
+    /// `RABBITMQ_URL` (may hold a password, hence a [`Secret`]).
+    pub url: Secret,
+    /// `RABBITMQ_HOST`.
+    pub host: String,
+    /// `RABBITMQ_PORT`.
+    pub port: u16,
+    /// `RABBITMQ_USER`.
+    pub user: String,
+    /// `RABBITMQ_PASSWORD`.
+    pub password: Secret,
+    /// `RABBITMQ_VHOST`.
+    pub vhost: String,
+    /// `RABBITMQ_HEARTBEAT`: AMQP heartbeat interval (10–300 s).
+    pub heartbeat: Duration,
+    /// `RABBITMQ_CONNECTION_ATTEMPTS`: connection attempts before giving up (1–10).
+    pub connection_attempts: u32,
+    /// `RABBITMQ_RETRY_DELAY`: delay between connection attempts (0.1–60 s).
+    pub retry_delay: Duration,
+    /// `RABBITMQ_DEFAULT_PREFETCH_COUNT`: consumer prefetch (1–100).
+    pub default_prefetch_count: u16,
+    /// `RABBITMQ_DEFAULT_MESSAGE_TTL`: default queue message TTL; zero means none.
+    pub default_message_ttl: Duration,
+    /// `RABBITMQ_DEFAULT_EXCHANGE_TYPE`.
+    pub default_exchange_type: ExchangeKind,
+    /// `RABBITMQ_ENABLE_DEAD_LETTER`.
+    pub enable_dead_letter: bool,
+    /// `RABBITMQ_DEAD_LETTER_EXCHANGE`.
+    pub dead_letter_exchange: String,
+    /// `RABBITMQ_ENABLE_PUBLISHER_CONFIRMS`.
+    pub enable_publisher_confirms: bool,
+    /// `RABBITMQ_ENABLE_CONSUMER_PREFETCH`: when false consumers get no
+    /// prefetch limit (prefetch 0).
+    pub enable_consumer_prefetch: bool,
+    /// `RABBITMQ_USE_TLS`: use `amqps` when the URL is built from the parts
+    /// (a `RABBITMQ_URL` decides by its own scheme).
+    pub use_tls: bool,
+    /// `RABBITMQ_CA_FILE`: PEM file of CA certificates trusted for TLS
+    /// (the system roots when unset).
+    pub ca_file: Option<PathBuf>,
+    /// `RABBITMQ_CONNECTION_TIMEOUT`: limit of one connection attempt
+    /// (default 30 s, 0.1–300 s).
+    pub connection_timeout: Duration,
+    /// `RABBITMQ_CONFIRM_TIMEOUT`: how long a publish waits for its broker
+    /// confirm before failing with `publish_unconfirmed` (default 30 s, 0.1–600 s).
+    pub confirm_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            url: Secret::new(DEFAULT_URL),
+            host: "localhost".into(),
+            port: 5672,
+            user: "guest".into(),
+            password: Secret::new("guest"),
+            vhost: "/".into(),
+            heartbeat: Duration::from_secs(60),
+            connection_attempts: 3,
+            retry_delay: Duration::from_secs(2),
+            default_prefetch_count: DEFAULT_PREFETCH,
+            default_message_ttl: Duration::from_millis(86_400_000),
+            default_exchange_type: ExchangeKind::Topic,
+            enable_dead_letter: true,
+            dead_letter_exchange: "contextiq.dlx".into(),
+            enable_publisher_confirms: true,
+            enable_consumer_prefetch: true,
+            use_tls: false,
+            ca_file: None,
+            connection_timeout: Duration::from_secs(30),
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("effective_url", &self.effective_url_redacted())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("vhost", &self.vhost)
+            .field("heartbeat", &self.heartbeat)
+            .field("connection_attempts", &self.connection_attempts)
+            .field("retry_delay", &self.retry_delay)
+            .field("default_prefetch_count", &self.default_prefetch_count)
+            .field("default_message_ttl", &self.default_message_ttl)
+            .field("default_exchange_type", &self.default_exchange_type)
+            .field("enable_dead_letter", &self.enable_dead_letter)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("enable_publisher_confirms", &self.enable_publisher_confirms)
+            .field("enable_consumer_prefetch", &self.enable_consumer_prefetch)
+            .field("use_tls", &self.use_tls)
+            .field("ca_file", &self.ca_file)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .finish()
+    }
+}
+
+impl fmt::Display for Settings {
+    /// A one-line summary without secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (heartbeat {}s, prefetch {}, confirms {}, dead-letter {})",
+            self.effective_url_redacted(),
+            self.heartbeat.as_secs(),
+            self.default_prefetch_count,
+            if self.enable_publisher_confirms { "on" } else { "off" },
+            if self.enable_dead_letter {
+                self.dead_letter_exchange.as_str()
+            } else {
+                "off"
+            }
+        )
+    }
+}
+
+fn invalid(variable: &str, value: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        variable: variable.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_range<T: PartialOrd + fmt::Display>(variable: &str, v: T, lo: T, hi: T) -> Result<T> {
+    if v < lo || v > hi {
+        Err(invalid(
+            variable,
+            v.to_string(),
+            format!("must be between {lo} and {hi}"),
+        ))
+    } else {
+        Ok(v)
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.1}")
+    } else {
+        format!("{s}")
+    }
+}
+
+fn check_secs(variable: &str, d: Duration, lo: f64, hi: f64) -> Result<Duration> {
+    let s = d.as_secs_f64();
+    // Durations built from text keep the text's float; compare with a
+    // tolerance of one nanosecond so that 0.1 is inside 0.1–60.0.
+    if s + 1e-9 < lo || s - 1e-9 > hi {
+        return Err(invalid(
+            variable,
+            fmt_secs(d),
+            format!("must be between {lo:?} and {hi:?}"),
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses an integer variable and checks its range.
+fn parse_int<T>(variable: &str, raw: &str, lo: T, hi: T) -> Result<T>
+where
+    T: TryFrom<i128> + Into<i128> + fmt::Display + Copy,
+{
+    let t = raw.trim();
+    let wide: i128 = t
+        .parse()
+        .map_err(|_| invalid(variable, raw, format!("must be an integer between {lo} and {hi}")))?;
+    if wide < lo.into() || wide > hi.into() {
+        return Err(invalid(variable, t, format!("must be between {lo} and {hi}")));
+    }
+    T::try_from(wide).map_err(|_| invalid(variable, t, format!("must be between {lo} and {hi}")))
+}
+
+/// Parses a float number of seconds and checks its range.
+fn parse_secs(variable: &str, raw: &str, lo: f64, hi: f64) -> Result<Duration> {
+    let t = raw.trim();
+    let v: f64 = t.parse().map_err(|_| {
+        invalid(
+            variable,
+            raw,
+            format!("must be a number of seconds between {lo:?} and {hi:?}"),
+        )
+    })?;
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(invalid(variable, t, format!("must be between {lo:?} and {hi:?}")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Parses a boolean: `true`/`false`/`1`/`0`/`yes`/`no`, any case.
+pub fn parse_bool(variable: &str, raw: &str) -> Result<bool> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(variable, raw, "must be one of true, false, 1, 0, yes, no")),
+    }
+}
+
+/// The parts of an `amqp://` / `amqps://` URL, decoded.
+///
+/// Its `Debug` hides the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// True for `amqps`.
+    pub tls: bool,
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// Port (5672 for amqp, 5671 for amqps when the URL names none).
+    pub port: u16,
+    /// User name (`guest` when the URL names none).
+    pub user: String,
+    /// Password (`guest` when the URL names none).
+    pub password: Secret,
+    /// Virtual host, decoded (`/` when the URL has no path or an empty one).
+    pub vhost: String,
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Replaces the password of a URL (if any) with `***`. Text that is not a
+/// URL but contains `@` has everything before its last `@` hidden.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        // Not a URL: if it might hold credentials, hide all before the '@'.
+        return match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_owned(),
+        };
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = match userinfo.find(':') {
+        Some(c) => format!("{}:***", &userinfo[..c]),
+        None => userinfo.to_owned(),
+    };
+    format!("{}://{}{}", &url[..scheme_end], user, &rest[at..])
+}
+
+/// Parses an AMQP URL (`amqp[s]://[user[:password]@]host[:port][/vhost][?query]`).
+///
+/// Errors name `variable` and show the URL with its password redacted.
+pub fn parse_amqp_url(variable: &str, url: &str) -> Result<Endpoint> {
+    let bad = |reason: &str| invalid(variable, redact_url(url), reason.to_owned());
+    let url = url.trim();
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("must be an amqp:// or amqps:// URL"))?;
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "amqp" => false,
+        "amqps" => true,
+        _ => return Err(bad("scheme must be amqp or amqps")),
+    };
+    let rest = rest.split('#').next().unwrap_or("");
+    let (before_query, _query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => (&before_query[..i], Some(&before_query[i + 1..])),
+        None => (before_query, None),
+    };
+    let (userinfo, hostport) = match authority.rfind('@') {
+        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        None => ("guest".to_owned(), "guest".to_owned()),
+        Some(ui) => {
+            let (u, p) = ui.split_once(':').unwrap_or((ui, ""));
+            let u = percent_decode(u).ok_or_else(|| bad("user is not valid percent-encoded UTF-8"))?;
+            let p = percent_decode(p).ok_or_else(|| bad("password is not valid percent-encoded UTF-8"))?;
+            (u, p)
+        }
+    };
+    let (host, port_text) = if let Some(h) = hostport.strip_prefix('[') {
+        let end = h.find(']').ok_or_else(|| bad("unclosed '[' in IPv6 host"))?;
+        let after = &h[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(bad("unexpected text after IPv6 host")),
+        };
+        (h[..end].to_owned(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (hostport.to_owned(), None),
+        }
+    };
+    let host = percent_decode(&host).ok_or_else(|| bad("host is not valid percent-encoded UTF-8"))?;
+    if host.is_empty() {
+        return Err(bad("host is missing"));
+    }
+    let port = match port_text {
+        None | Some("") => {
+            if tls {
+                5671
+            } else {
+                5672
+            }
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(bad("port must be between 1 and 65535")),
+        },
+    };
+    let vhost = match path {
+        None | Some("") => "/".to_owned(),
+        Some(p) => {
+            if p.contains('/') {
+                return Err(bad("vhost must be percent-encoded ('/' is %2F)"));
+            }
+            percent_decode(p).ok_or_else(|| bad("vhost is not valid percent-encoded UTF-8"))?
+        }
+    };
+    Ok(Endpoint {
+        tls,
+        host,
+        port,
+        user,
+        password: Secret(password),
+        vhost,
+    })
+}
+
+impl Settings {
+    /// Reads the process environment (`RABBITMQ_*`) and validates.
+    pub fn from_env() -> Result<Settings> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup` (name → value) and validates. Tests
+    /// use this instead of mutating the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings> {
+        let mut s = Settings::default();
+        // Strings that count even when empty (an empty password is a password).
+        let get_raw = |name: &str| lookup(name);
+        // Everything else: empty means unset.
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        if let Some(v) = get("RABBITMQ_URL") {
+            s.url = Secret(v.trim().to_owned());
+        }
+        if let Some(v) = get("RABBITMQ_HOST") {
+            s.host = v.trim().to_owned();
+        }
+        if let Some(v) = get("RABBITMQ_PORT") {
+            s.port = parse_int("RABBITMQ_PORT", &v, 1u16, 65535)?;
+        }
+        if let Some(v) = get_raw("RABBITMQ_USER") {
+            s.user = v;
+        }
+        if let Some(v) = get_raw("RABBITMQ_PASSWORD") {
+            s.password = Secret(v);
+        }
+        if let Some(v) = get_raw("RABBITMQ_VHOST") {
+            s.vhost = v;
+        }
+        if let Some(v) = get("RABBITMQ_HEARTBEAT") {
+            s.heartbeat = Duration::from_secs(parse_int("RABBITMQ_HEARTBEAT", &v, 10u64, 300)?);
+        }
+        if let Some(v) = get("RABBITMQ_CONNECTION_ATTEMPTS") {
+            s.connection_attempts = parse_int("RABBITMQ_CONNECTION_ATTEMPTS", &v, 1u32, 10)?;
+        }
+        if let Some(v) = get("RABBITMQ_RETRY_DELAY") {
+            s.retry_delay = parse_secs("RABBITMQ_RETRY_DELAY", &v, 0.1, 60.0)?;
+        }
+        if let Some(v) = get("RABBITMQ_DEFAULT_PREFETCH_COUNT") {
+            s.default_prefetch_count = parse_int("RABBITMQ_DEFAULT_PREFETCH_COUNT", &v, 1u16, 100)?;
+        }
+        if let Some(v) = get("RABBITMQ_DEFAULT_MESSAGE_TTL") {
+            let ms = parse_int("RABBITMQ_DEFAULT_MESSAGE_TTL", &v, 0u64, u32::MAX as u64)?;
+            s.default_message_ttl = Duration::from_millis(ms);
+        }
+        if let Some(v) = get("RABBITMQ_DEFAULT_EXCHANGE_TYPE") {
+            s.default_exchange_type = v.parse::<ExchangeKind>().map_err(|_| {
+                invalid(
+                    "RABBITMQ_DEFAULT_EXCHANGE_TYPE",
+                    v.as_str(),
+                    "must be one of direct, topic, fanout, headers",
+                )
+            })?;
+        }
+        if let Some(v) = get("RABBITMQ_ENABLE_DEAD_LETTER") {
+            s.enable_dead_letter = parse_bool("RABBITMQ_ENABLE_DEAD_LETTER", &v)?;
+        }
+        if let Some(v) = get("RABBITMQ_DEAD_LETTER_EXCHANGE") {
+            s.dead_letter_exchange = v.trim().to_owned();
+        }
+        if let Some(v) = get("RABBITMQ_ENABLE_PUBLISHER_CONFIRMS") {
+            s.enable_publisher_confirms = parse_bool("RABBITMQ_ENABLE_PUBLISHER_CONFIRMS", &v)?;
+        }
+        if let Some(v) = get("RABBITMQ_ENABLE_CONSUMER_PREFETCH") {
+            s.enable_consumer_prefetch = parse_bool("RABBITMQ_ENABLE_CONSUMER_PREFETCH", &v)?;
+        }
+        if let Some(v) = get("RABBITMQ_USE_TLS") {
+            s.use_tls = parse_bool("RABBITMQ_USE_TLS", &v)?;
+        }
+        if let Some(v) = get("RABBITMQ_CA_FILE") {
+            s.ca_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("RABBITMQ_CONNECTION_TIMEOUT") {
+            s.connection_timeout = parse_secs("RABBITMQ_CONNECTION_TIMEOUT", &v, 0.1, 300.0)?;
+        }
+        if let Some(v) = get("RABBITMQ_CONFIRM_TIMEOUT") {
+            s.confirm_timeout = parse_secs("RABBITMQ_CONFIRM_TIMEOUT", &v, 0.1, 600.0)?;
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every range and the effective URL; the error names the
+    /// variable that configures the offending field.
+    pub fn validate(&self) -> Result<()> {
+        if self.host.trim().is_empty() {
+            return Err(invalid("RABBITMQ_HOST", "", "must not be empty"));
+        }
+        check_range("RABBITMQ_PORT", self.port, 1, 65535)?;
+        check_range("RABBITMQ_HEARTBEAT", self.heartbeat.as_secs_f64(), 10.0, 300.0).map_err(|_| {
+            invalid(
+                "RABBITMQ_HEARTBEAT",
+                fmt_secs(self.heartbeat).trim_end_matches(".0"),
+                "must be between 10 and 300",
+            )
+        })?;
+        check_range("RABBITMQ_CONNECTION_ATTEMPTS", self.connection_attempts, 1, 10)?;
+        check_secs("RABBITMQ_RETRY_DELAY", self.retry_delay, 0.1, 60.0)?;
+        check_range("RABBITMQ_DEFAULT_PREFETCH_COUNT", self.default_prefetch_count, 1, 100)?;
+        if self.default_message_ttl.as_millis() > u32::MAX as u128 {
+            return Err(invalid(
+                "RABBITMQ_DEFAULT_MESSAGE_TTL",
+                self.default_message_ttl.as_millis().to_string(),
+                format!("must be between 0 and {}", u32::MAX),
+            ));
+        }
+        if self.enable_dead_letter && self.dead_letter_exchange.trim().is_empty() {
+            return Err(invalid(
+                "RABBITMQ_DEAD_LETTER_EXCHANGE",
+                "",
+                "must not be empty when RABBITMQ_ENABLE_DEAD_LETTER is true",
+            ));
+        }
+        check_secs("RABBITMQ_CONNECTION_TIMEOUT", self.connection_timeout, 0.1, 300.0)?;
+        check_secs("RABBITMQ_CONFIRM_TIMEOUT", self.confirm_timeout, 0.1, 600.0)?;
+        self.endpoint()?;
+        Ok(())
+    }
+
+    /// True when `RABBITMQ_URL` decides the connection (it is set to a value
+    /// other than the default).
+    pub fn url_takes_precedence(&self) -> bool {
+        let u = self.url.expose().trim();
+        !u.is_empty() && u != DEFAULT_URL
+    }
+
+    /// The URL transports connect to, password included: `RABBITMQ_URL` if
+    /// it is not the default, else built from the parts. Never log it; use
+    /// [`effective_url_redacted`](Settings::effective_url_redacted).
+    pub fn effective_url(&self) -> String {
+        if self.url_takes_precedence() {
+            return self.url.expose().trim().to_owned();
+        }
+        self.url_from_parts(self.password.expose())
+    }
+
+    /// The effective URL with the password replaced by `***`.
+    pub fn effective_url_redacted(&self) -> String {
+        if self.url_takes_precedence() {
+            return redact_url(self.url.expose().trim());
+        }
+        self.url_from_parts("***")
+    }
+
+    fn url_from_parts(&self, password: &str) -> String {
+        let scheme = if self.use_tls { "amqps" } else { "amqp" };
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let password = if password == "***" {
+            password.to_owned()
+        } else {
+            percent_encode(password)
+        };
+        format!(
+            "{scheme}://{}:{password}@{host}:{}/{}",
+            percent_encode(&self.user),
+            self.port,
+            percent_encode(&self.vhost)
+        )
+    }
+
+    /// The effective URL's parts, decoded (for transports whose client
+    /// takes host, port, user, password and vhost separately).
+    pub fn endpoint(&self) -> Result<Endpoint> {
+        let variable = if self.url_takes_precedence() {
+            "RABBITMQ_URL"
+        } else {
+            "RABBITMQ_HOST"
+        };
+        parse_amqp_url(variable, &self.effective_url())
+    }
+
+    /// True if the connection uses TLS (`amqps`).
+    pub fn tls(&self) -> bool {
+        if self.url_takes_precedence() {
+            self.url.expose().trim().to_ascii_lowercase().starts_with("amqps://")
+        } else {
+            self.use_tls
+        }
+    }
+
+    /// The default message TTL, `None` when it is zero (no expiration).
+    pub fn message_ttl(&self) -> Option<Duration> {
+        (!self.default_message_ttl.is_zero()).then_some(self.default_message_ttl)
+    }
+
+    /// The prefetch consumers should use: the default prefetch count, or 0
+    /// (unlimited) when consumer prefetch is disabled.
+    pub fn consumer_prefetch(&self) -> u16 {
+        if self.enable_consumer_prefetch {
+            self.default_prefetch_count
+        } else {
+            0
+        }
+    }
+
+    /// Sets `RABBITMQ_URL`.
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Secret(url.into());
+        self
+    }
+    /// Sets the host.
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+    /// Sets the port.
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    /// Sets the user and password.
+    pub fn with_credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = user.into();
+        self.password = Secret(password.into());
+        self
+    }
+    /// Sets the virtual host.
+    pub fn with_vhost(mut self, vhost: impl Into<String>) -> Self {
+        self.vhost = vhost.into();
+        self
+    }
+    /// Sets the heartbeat interval.
+    pub fn with_heartbeat(mut self, d: Duration) -> Self {
+        self.heartbeat = d;
+        self
+    }
+    /// Sets the number of connection attempts.
+    pub fn with_connection_attempts(mut self, n: u32) -> Self {
+        self.connection_attempts = n;
+        self
+    }
+    /// Sets the delay between connection attempts.
+    pub fn with_retry_delay(mut self, d: Duration) -> Self {
+        self.retry_delay = d;
+        self
+    }
+    /// Sets the default prefetch count.
+    pub fn with_prefetch(mut self, n: u16) -> Self {
+        self.default_prefetch_count = n;
+        self
+    }
+    /// Sets the default message TTL (zero: none).
+    pub fn with_message_ttl(mut self, d: Duration) -> Self {
+        self.default_message_ttl = d;
+        self
+    }
+    /// Sets the default exchange type.
+    pub fn with_exchange_type(mut self, kind: ExchangeKind) -> Self {
+        self.default_exchange_type = kind;
+        self
+    }
+    /// Enables dead-lettering to `exchange`, or disables it with `None`.
+    pub fn with_dead_letter(mut self, exchange: Option<&str>) -> Self {
+        match exchange {
+            Some(e) => {
+                self.enable_dead_letter = true;
+                self.dead_letter_exchange = e.to_owned();
+            }
+            None => self.enable_dead_letter = false,
+        }
+        self
+    }
+    /// Enables or disables publisher confirms.
+    pub fn with_publisher_confirms(mut self, yes: bool) -> Self {
+        self.enable_publisher_confirms = yes;
+        self
+    }
+    /// Enables or disables consumer prefetch.
+    pub fn with_consumer_prefetch(mut self, yes: bool) -> Self {
+        self.enable_consumer_prefetch = yes;
+        self
+    }
+    /// Uses TLS when the URL is built from the parts.
+    pub fn with_tls(mut self, yes: bool) -> Self {
+        self.use_tls = yes;
+        self
+    }
+    /// Sets the CA file for TLS.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+    /// Sets the connection timeout.
+    pub fn with_connection_timeout(mut self, d: Duration) -> Self {
+        self.connection_timeout = d;
+        self
+    }
+    /// Sets the publisher-confirm timeout.
+    pub fn with_confirm_timeout(mut self, d: Duration) -> Self {
+        self.confirm_timeout = d;
+        self
+    }
+}
+
+static GLOBAL: OnceLock<std::result::Result<Settings, (String, String, String)>> = OnceLock::new();
+
+/// The process-wide settings, read from the environment on the first call
+/// and cached (like the seed's `lru_cache`d getter).
+///
+/// The outcome is cached too: if the environment is invalid, every call
+/// returns the same [`Error::InvalidConfig`] (fix the variable and restart;
+/// tests should use [`Settings::from_lookup`] instead).
+pub fn get() -> Result<&'static Settings> {
+    let cached = GLOBAL.get_or_init(|| {
+        Settings::from_env().map_err(|e| match e {
+            Error::InvalidConfig {
+                variable,
+                value,
+                reason,
+            } => (variable, value, reason),
+            other => ("RABBITMQ_*".to_owned(), String::new(), other.to_string()),
+        })
+    });
+    match cached {
+        Ok(s) => Ok(s),
+        Err((variable, value, reason)) => Err(invalid(variable, value.as_str(), reason.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> Result<Settings> {
+        let owned: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::from_lookup(move |name| owned.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    fn one(name: &str, value: &str) -> Result<Settings> {
+        lookup(&[(name, value)])
+    }
+
+    fn err_text(r: Result<Settings>) -> String {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), "invalid_config");
+        e.to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let s = lookup(&[]).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.host, "localhost");
+        assert_eq!(s.port, 5672);
+        assert_eq!(s.user, "guest");
+        assert_eq!(s.password.expose(), "guest");
+        assert_eq!(s.vhost, "/");
+        assert_eq!(s.heartbeat, Duration::from_secs(60));
+        assert_eq!(s.connection_attempts, 3);
+        assert_eq!(s.retry_delay, Duration::from_secs(2));
+        assert_eq!(s.default_prefetch_count, 10);
+        assert_eq!(s.default_message_ttl, Duration::from_millis(86_400_000));
+        assert_eq!(s.message_ttl(), Some(Duration::from_secs(86_400)));
+        assert_eq!(s.default_exchange_type, ExchangeKind::Topic);
+        assert!(s.enable_dead_letter);
+        assert_eq!(s.dead_letter_exchange, "contextiq.dlx");
+        assert!(s.enable_publisher_confirms);
+        assert!(s.enable_consumer_prefetch);
+        assert!(!s.tls());
+        assert_eq!(s.ca_file, None);
+        assert_eq!(s.effective_url(), "amqp://guest:guest@localhost:5672/%2F");
+        assert!(!s.url_takes_precedence());
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn integer_ranges_at_both_edges_and_just_outside() {
+        let cases: &[(&str, &str, &str, &str, &str, &str)] = &[
+            // variable, low, high, below, above, range text
+            ("RABBITMQ_HEARTBEAT", "10", "300", "9", "301", "between 10 and 300"),
+            ("RABBITMQ_CONNECTION_ATTEMPTS", "1", "10", "0", "11", "between 1 and 10"),
+            (
+                "RABBITMQ_DEFAULT_PREFETCH_COUNT",
+                "1",
+                "100",
+                "0",
+                "101",
+                "between 1 and 100",
+            ),
+            ("RABBITMQ_PORT", "1", "65535", "0", "65536", "between 1 and 65535"),
+        ];
+        for (var, lo, hi, below, above, range) in cases {
+            one(var, lo).unwrap_or_else(|e| panic!("{var}={lo}: {e}"));
+            one(var, hi).unwrap_or_else(|e| panic!("{var}={hi}: {e}"));
+            for bad in [below, above] {
+                let t = err_text(one(var, bad));
+                assert_eq!(t, format!("invalid configuration: {var}={bad}: must be {range}"));
+            }
+        }
+        let s = lookup(&[
+            ("RABBITMQ_HEARTBEAT", "10"),
+            ("RABBITMQ_CONNECTION_ATTEMPTS", "10"),
+            ("RABBITMQ_DEFAULT_PREFETCH_COUNT", "100"),
+            ("RABBITMQ_PORT", "65535"),
+        ])
+        .unwrap();
+        assert_eq!(s.heartbeat, Duration::from_secs(10));
+        assert_eq!(s.connection_attempts, 10);
+        assert_eq!(s.default_prefetch_count, 100);
+        assert_eq!(s.port, 65535);
+        assert_eq!(
+            err_text(one("RABBITMQ_HEARTBEAT", "5")),
+            "invalid configuration: RABBITMQ_HEARTBEAT=5: must be between 10 and 300"
+        );
+        assert!(err_text(one("RABBITMQ_PORT", "-1")).contains("must be between 1 and 65535"));
+    }
+
+    #[test]
+    fn retry_delay_is_a_float_range() {
+        assert_eq!(
+            one("RABBITMQ_RETRY_DELAY", "0.1").unwrap().retry_delay,
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            one("RABBITMQ_RETRY_DELAY", "60.0").unwrap().retry_delay,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            one("RABBITMQ_RETRY_DELAY", "60").unwrap().retry_delay,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            err_text(one("RABBITMQ_RETRY_DELAY", "0.09")),
+            "invalid configuration: RABBITMQ_RETRY_DELAY=0.09: must be between 0.1 and 60.0"
+        );
+        assert_eq!(
+            err_text(one("RABBITMQ_RETRY_DELAY", "60.01")),
+            "invalid configuration: RABBITMQ_RETRY_DELAY=60.01: must be between 0.1 and 60.0"
+        );
+        assert!(err_text(one("RABBITMQ_RETRY_DELAY", "NaN")).contains("RABBITMQ_RETRY_DELAY=NaN"));
+        assert!(err_text(one("RABBITMQ_RETRY_DELAY", "soon")).contains("must be a number of seconds"));
+        // Built by hand, validate() holds the same range.
+        let e = Settings::default()
+            .with_retry_delay(Duration::from_millis(50))
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("RABBITMQ_RETRY_DELAY=0.05"), "{e}");
+        Settings::default()
+            .with_retry_delay(Duration::from_millis(100))
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_port_text_and_non_numbers() {
+        assert_eq!(
+            err_text(one("RABBITMQ_PORT", "http")),
+            "invalid configuration: RABBITMQ_PORT=http: must be an integer between 1 and 65535"
+        );
+        assert!(err_text(one("RABBITMQ_PORT", "56 72")).contains("RABBITMQ_PORT=56 72"));
+        assert!(err_text(one("RABBITMQ_HEARTBEAT", "1.5")).contains("must be an integer between 10 and 300"));
+        assert!(err_text(one("RABBITMQ_DEFAULT_MESSAGE_TTL", "-1")).contains("RABBITMQ_DEFAULT_MESSAGE_TTL=-1"));
+        assert_eq!(one("RABBITMQ_DEFAULT_MESSAGE_TTL", "0").unwrap().message_ttl(), None);
+        // Empty numeric values count as unset.
+        assert_eq!(one("RABBITMQ_PORT", "").unwrap().port, 5672);
+    }
+
+    #[test]
+    fn booleans_accept_six_spellings_and_nothing_else() {
+        for (v, want) in [
+            ("true", true),
+            ("TRUE", true),
+            ("1", true),
+            ("Yes", true),
+            ("false", false),
+            ("False", false),
+            ("0", false),
+            ("NO", false),
+        ] {
+            assert_eq!(
+                one("RABBITMQ_ENABLE_DEAD_LETTER", v).unwrap().enable_dead_letter,
+                want,
+                "{v}"
+            );
+            assert_eq!(
+                one("RABBITMQ_ENABLE_PUBLISHER_CONFIRMS", v)
+                    .unwrap()
+                    .enable_publisher_confirms,
+                want
+            );
+        }
+        for bad in ["on", "off", "2", "ture", "y"] {
+            assert_eq!(
+                err_text(one("RABBITMQ_ENABLE_CONSUMER_PREFETCH", bad)),
+                format!(
+                    "invalid configuration: RABBITMQ_ENABLE_CONSUMER_PREFETCH={bad}: must be one of true, false, 1, 0, yes, no"
+                )
+            );
+        }
+        let s = one("RABBITMQ_ENABLE_CONSUMER_PREFETCH", "false").unwrap();
+        assert_eq!(s.consumer_prefetch(), 0);
+        assert_eq!(Settings::default().consumer_prefetch(), 10);
+    }
+
+    #[test]
+    fn exchange_type_and_dead_letter_exchange() {
+        assert_eq!(
+            one("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "Direct")
+                .unwrap()
+                .default_exchange_type,
+            ExchangeKind::Direct
+        );
+        assert_eq!(
+            err_text(one("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "fan")),
+            "invalid configuration: RABBITMQ_DEFAULT_EXCHANGE_TYPE=fan: must be one of direct, topic, fanout, headers"
+        );
+        assert_eq!(
+            one("RABBITMQ_DEAD_LETTER_EXCHANGE", "my.dlx")
+                .unwrap()
+                .dead_letter_exchange,
+            "my.dlx"
+        );
+        let e = Settings::default().with_dead_letter(Some("")).validate().unwrap_err();
+        assert!(e.to_string().contains("RABBITMQ_DEAD_LETTER_EXCHANGE"));
+        Settings::default().with_dead_letter(None).validate().unwrap();
+    }
+
+    #[test]
+    fn url_precedence_rule() {
+        // A non-default URL wins over the parts.
+        let s = lookup(&[
+            ("RABBITMQ_URL", "amqp://app:pw@rabbit.internal:5673/prod"),
+            ("RABBITMQ_HOST", "ignored"),
+            ("RABBITMQ_PORT", "1234"),
+        ])
+        .unwrap();
+        assert!(s.url_takes_precedence());
+        assert_eq!(s.effective_url(), "amqp://app:pw@rabbit.internal:5673/prod");
+        let ep = s.endpoint().unwrap();
+        assert_eq!(
+            (ep.host.as_str(), ep.port, ep.user.as_str(), ep.vhost.as_str()),
+            ("rabbit.internal", 5673, "app", "prod")
+        );
+        assert_eq!(ep.password.expose(), "pw");
+        // The default URL (set explicitly) does not: the parts decide.
+        let s = lookup(&[
+            ("RABBITMQ_URL", DEFAULT_URL),
+            ("RABBITMQ_HOST", "rabbitmq"),
+            ("RABBITMQ_USER", "contextiq"),
+            ("RABBITMQ_PASSWORD", "contextiq_dev_password"),
+        ])
+        .unwrap();
+        assert!(!s.url_takes_precedence());
+        assert_eq!(
+            s.effective_url(),
+            "amqp://contextiq:contextiq_dev_password@rabbitmq:5672/%2F"
+        );
+        // Unset URL: parts.
+        let s = one("RABBITMQ_PORT", "5673").unwrap();
+        assert_eq!(s.effective_url(), "amqp://guest:guest@localhost:5673/%2F");
+        assert_eq!(s.endpoint().unwrap().vhost, "/");
+    }
+
+    #[test]
+    fn vhost_user_and_password_are_percent_encoded() {
+        let s = lookup(&[
+            ("RABBITMQ_VHOST", "team/a b"),
+            ("RABBITMQ_USER", "us@r"),
+            ("RABBITMQ_PASSWORD", "p:w/d@%"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.effective_url(),
+            "amqp://us%40r:p%3Aw%2Fd%40%25@localhost:5672/team%2Fa%20b"
+        );
+        let ep = s.endpoint().unwrap();
+        assert_eq!(ep.vhost, "team/a b");
+        assert_eq!(ep.user, "us@r");
+        assert_eq!(ep.password.expose(), "p:w/d@%");
+        assert_eq!(
+            Settings::default().with_vhost("/").effective_url_redacted(),
+            "amqp://guest:***@localhost:5672/%2F"
+        );
+    }
+
+    #[test]
+    fn amqps_tls_and_ca_file() {
+        let s = lookup(&[
+            (
+                "RABBITMQ_URL",
+                "amqps://contextiq:pw@rabbitmq.production.internal/contextiq",
+            ),
+            ("RABBITMQ_CA_FILE", "/etc/ssl/ca.pem"),
+        ])
+        .unwrap();
+        assert!(s.tls());
+        let ep = s.endpoint().unwrap();
+        assert!(ep.tls);
+        assert_eq!(ep.port, 5671);
+        assert_eq!(s.ca_file.as_deref(), Some(std::path::Path::new("/etc/ssl/ca.pem")));
+        let s = lookup(&[("RABBITMQ_USE_TLS", "yes"), ("RABBITMQ_PORT", "5671")]).unwrap();
+        assert!(s.tls());
+        assert_eq!(s.effective_url(), "amqps://guest:guest@localhost:5671/%2F");
+        let ep = parse_amqp_url("X", "amqp://[::1]:5673").unwrap();
+        assert_eq!((ep.host.as_str(), ep.port, ep.vhost.as_str()), ("::1", 5673, "/"));
+        assert_eq!(
+            Settings::default().with_host("::1").effective_url_redacted(),
+            "amqp://guest:***@[::1]:5672/%2F"
+        );
+    }
+
+    #[test]
+    fn malformed_urls_are_errors_without_the_password() {
+        for bad in [
+            "http://u:hunter2@host/",
+            "amqp://u:hunter2@host:notaport/",
+            "amqp://u:hunter2@:5672/",
+            "amqp://u:hunter2@host:0/",
+            "amqp://u:hunter2@host/a/b",
+            "u:hunter2@host",
+        ] {
+            let t = err_text(one("RABBITMQ_URL", bad));
+            assert!(t.contains("RABBITMQ_URL="), "{t}");
+            assert!(!t.contains("hunter2"), "password leaked: {t}");
+            if bad.contains("://") {
+                assert!(t.contains("u:***@"), "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn password_never_printed() {
+        let s = lookup(&[("RABBITMQ_PASSWORD", "hunter2"), ("RABBITMQ_USER", "bob")]).unwrap();
+        let dbg = format!("{s:?}");
+        let disp = s.to_string();
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!disp.contains("hunter2"), "{disp}");
+        assert!(disp.contains("amqp://bob:***@localhost:5672/%2F"), "{disp}");
+        assert_eq!(s.effective_url_redacted(), "amqp://bob:***@localhost:5672/%2F");
+        assert!(s.effective_url().contains("hunter2"));
+        let s = one("RABBITMQ_URL", "amqp://bob:hunter2@h/").unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!s.to_string().contains("hunter2"));
+        assert!(!format!("{:?}", s.endpoint().unwrap()).contains("hunter2"));
+        assert_eq!(format!("{}", Secret::new("hunter2")), "***");
+        assert_eq!(redact_url("amqp://h/"), "amqp://h/");
+        // An out-of-range value next to a password: the error names only the variable.
+        let e = lookup(&[("RABBITMQ_PASSWORD", "hunter2"), ("RABBITMQ_HEARTBEAT", "400")]).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn empty_password_is_kept_and_host_must_not_be_empty() {
+        let s = one("RABBITMQ_PASSWORD", "").unwrap();
+        assert_eq!(s.password.expose(), "");
+        assert_eq!(s.effective_url(), "amqp://guest:@localhost:5672/%2F");
+        let e = Settings::default().with_host(" ").validate().unwrap_err();
+        assert!(e.to_string().contains("RABBITMQ_HOST"));
+    }
+
+    #[test]
+    fn global_getter_is_cached() {
+        let a = get().map(|s| s as *const Settings);
+        let b = get().map(|s| s as *const Settings);
+        match (a, b) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            _ => panic!("cached getter changed its answer"),
+        }
+    }
+}

@@ -1,13 +1,49 @@
 //! The transport conformance suite (cargo feature `testkit`).
 //!
 //! One set of behavioural scenarios that every transport must pass. A
-//! transport crate's test provides a [`TransportFactory`] and runs
-//! [`run_suite`]; each scenario reports passed, failed, or "skipped:
-//! transport lacks X" when it needs a [`Cap`]ability the transport does not
-//! declare — never a silent pass.
+//! transport crate's test provides a [`TransportFactory`]; each scenario
+//! reports passed, failed, or "skipped: transport lacks X" when it needs a
+//! [`Cap`]ability the transport does not declare — never a silent pass.
+//!
+//! The scenarios encode what RabbitMQ 3.10 actually does (probed with
+//! `scripts/probe-rabbitmq-semantics.py`, recorded in
+//! `docs/rabbitmq-semantics.md`), so the memory broker and both AMQP
+//! transports are held to one answer. Areas: [`routing`](self#areas),
+//! `admin` (declarations, durability flags, counts), `delivery`
+//! (settlement, prefetch, cancel), `dead_letter`, `features` (priorities,
+//! confirms, mandatory, missing entities, properties and header types) and
+//! `runtime` (Worker, RPC, shutdown).
 //!
 //! Scenarios use unique names (see [`Ctx::name`]) so that they can run
-//! against a shared RabbitMQ, and delete what they declare.
+//! against a shared RabbitMQ in parallel, and delete what they declare.
+//!
+//! # Running the suite
+//!
+//! The recommended way is [`conformance_tests!`](crate::conformance_tests):
+//! it expands to one `#[tokio::test]` per scenario (`routing::topic_hash_...`,
+//! `delivery::prefetch_...`), so `cargo test` lists each scenario, runs them
+//! in parallel and a failure names its scenario. The factory function
+//! returns `None` when the broker is unreachable and the test should be
+//! skipped (it prints why):
+//!
+//! ```ignore
+//! use std::sync::Arc;
+//! use switchyard_core::testkit::TransportFactory;
+//!
+//! async fn factory() -> Option<impl TransportFactory> {
+//!     Some(MyFactory::new())
+//! }
+//!
+//! switchyard_core::conformance_tests!(factory);
+//! ```
+//!
+//! Scenarios added to [`all_cases`] but not yet listed in the macro (the
+//! `runtime` ones, owned by the worker code) run in one extra test,
+//! `other_scenarios`, so nothing is left out; the macro also checks that
+//! every name it lists still exists.
+//!
+//! Alternatively one test can run everything with [`run_suite`], which
+//! prints one line per scenario:
 //!
 //! ```no_run
 //! # async fn demo(factory: impl switchyard_core::testkit::TransportFactory) {
@@ -15,6 +51,17 @@
 //! report.assert_ok();
 //! # }
 //! ```
+//!
+//! # Areas
+//!
+//! | module | what it pins |
+//! |---|---|
+//! | `routing` | default/direct/topic/fanout/headers exchanges, topic corners, headers value classes, e2e bindings, unbind |
+//! | `admin` | idempotent and conflicting declarations, exclusive, auto-delete, server-named, depth/purge/delete counts |
+//! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, cancel, queue deleted under a consumer, auto-ack |
+//! | `dead_letter` | reject, per-message TTL (head only), queue TTL, max-length, reject-publish, `x-death` |
+//! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
+//! | `runtime` | Worker, RPC, graceful shutdown |
 
 use std::fmt;
 use std::future::Future;
@@ -26,6 +73,11 @@ use async_trait::async_trait;
 
 use crate::transport::{Capabilities, Delivery, Subscription, Transport};
 
+mod admin;
+mod dead_letter;
+mod delivery;
+mod features;
+mod routing;
 mod runtime;
 mod support;
 
@@ -40,6 +92,44 @@ pub trait TransportFactory: Send + Sync {
     /// A new, independent connection (a second `connect` is a second client,
     /// used for exclusivity and competing-consumer scenarios).
     async fn connect(&self) -> Arc<dyn Transport>;
+}
+
+/// A [`TransportFactory`] made from a closure; see [`factory_fn`].
+pub struct FactoryFn<F>(F);
+
+impl<F> fmt::Debug for FactoryFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FactoryFn")
+    }
+}
+
+/// A [`TransportFactory`] that calls `f` for every connection, so a test
+/// file needs no `async_trait` impl of its own:
+///
+/// ```ignore
+/// let broker = MemoryBroker::new();
+/// let factory = factory_fn(move || {
+///     let broker = broker.clone();
+///     async move { broker.connect() as Arc<dyn Transport> }
+/// });
+/// ```
+pub fn factory_fn<F, Fut>(f: F) -> FactoryFn<F>
+where
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = Arc<dyn Transport>> + Send,
+{
+    FactoryFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> TransportFactory for FactoryFn<F>
+where
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = Arc<dyn Transport>> + Send,
+{
+    async fn connect(&self) -> Arc<dyn Transport> {
+        (self.0)().await
+    }
 }
 
 /// A capability a scenario may need.
@@ -120,9 +210,28 @@ impl fmt::Debug for Case {
 /// Every scenario of the suite, in a stable order.
 pub fn all_cases() -> Vec<Case> {
     let mut v = Vec::new();
+    v.extend(routing::cases());
+    v.extend(admin::cases());
+    v.extend(delivery::cases());
+    v.extend(dead_letter::cases());
+    v.extend(features::cases());
     v.extend(runtime::cases());
     v
 }
+
+/// Builds a [`Case`] from `area`, an `async fn name(ctx: &Ctx<'_>) ->
+/// Result<(), String>` and the capabilities it needs; the case is named
+/// `area::name`.
+macro_rules! case {
+    ($area:ident :: $f:ident $(, $cap:ident)* $(,)?) => {
+        $crate::testkit::Case {
+            name: concat!(stringify!($area), "::", stringify!($f)),
+            requires: &[$($crate::testkit::Cap::$cap),*],
+            run: |ctx| Box::pin($f(ctx)),
+        }
+    };
+}
+pub(crate) use case;
 
 /// The result of one scenario.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,14 +305,58 @@ pub async fn run_suite(factory: &dyn TransportFactory, filter: Option<&str>) -> 
             }
         }
         let result = run_case(factory, &case).await;
-        match &result {
-            CaseResult::Passed => eprintln!("conformance {} ... ok", case.name),
-            CaseResult::Skipped(why) => eprintln!("conformance {} ... skipped: {why}", case.name),
-            CaseResult::Failed(why) => eprintln!("conformance {} ... FAILED: {why}", case.name),
-        }
+        print_result(case.name, &result);
         report.results.push((case.name, result));
     }
     report
+}
+
+/// Runs the scenario named exactly `name`, printing its line; the report
+/// holds a failure if no scenario has that name.
+pub async fn run_named(factory: &dyn TransportFactory, name: &str) -> Report {
+    let mut report = Report::default();
+    match all_cases().into_iter().find(|c| c.name == name) {
+        Some(case) => {
+            let result = run_case(factory, &case).await;
+            print_result(case.name, &result);
+            report.results.push((case.name, result));
+        }
+        None => report.results.push((
+            "(unknown scenario)",
+            CaseResult::Failed(format!("no conformance scenario is named '{name}'")),
+        )),
+    }
+    report
+}
+
+/// Runs every scenario whose name is not in `listed` (used by
+/// [`conformance_tests!`](crate::conformance_tests) for scenarios it does
+/// not list), and fails for each name in `listed` that no scenario has.
+pub async fn run_unlisted(factory: &dyn TransportFactory, listed: &[&str]) -> Report {
+    let cases = all_cases();
+    let mut report = Report::default();
+    for name in listed {
+        if !cases.iter().any(|c| c.name == *name) {
+            report.results.push((
+                "(stale list)",
+                CaseResult::Failed(format!("conformance_tests! lists '{name}' but no scenario has that name")),
+            ));
+        }
+    }
+    for case in cases.iter().filter(|c| !listed.contains(&c.name)) {
+        let result = run_case(factory, case).await;
+        print_result(case.name, &result);
+        report.results.push((case.name, result));
+    }
+    report
+}
+
+fn print_result(name: &str, result: &CaseResult) {
+    match result {
+        CaseResult::Passed => eprintln!("conformance {name} ... ok"),
+        CaseResult::Skipped(why) => eprintln!("conformance {name} ... skipped: {why}"),
+        CaseResult::Failed(why) => eprintln!("conformance {name} ... FAILED: {why}"),
+    }
 }
 
 /// Runs one scenario with a fresh context, a 60-second limit and cleanup.
@@ -211,6 +364,7 @@ pub async fn run_case(factory: &dyn TransportFactory, case: &Case) -> CaseResult
     let transport = factory.connect().await;
     let caps = transport.capabilities();
     if let Some(missing) = case.requires.iter().find(|c| !c.present_in(&caps)) {
+        let _ = transport.close().await;
         return CaseResult::Skipped(format!("transport lacks {}", missing.name()));
     }
     let ctx = Ctx::new(factory, transport, case.name);
@@ -244,5 +398,161 @@ pub async fn expect_nothing(sub: &mut Subscription, within: Duration) -> Result<
             String::from_utf8_lossy(&d.message.body)
         )),
         Ok(Some(Err(e))) => Err(format!("consumer on '{}' failed: {e}", sub.queue())),
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance scenario, grouped in one
+/// module per area (`routing::topic_star_matches_exactly_one_word`, …), plus
+/// `other_scenarios`, which runs every scenario of [`all_cases`] the list
+/// does not name (the `runtime` ones) and fails if a listed name no longer
+/// exists.
+///
+/// The argument is the path of an `async fn() -> Option<F>` (with `F:`
+/// [`TransportFactory`]) visible from the invoking module; it returns
+/// `None` after printing why when the broker is unreachable (the test then
+/// passes as skipped, which is how tests needing RabbitMQ behave when
+/// `SWITCHYARD_REQUIRE_RABBITMQ` is not set). The test crate needs `tokio`
+/// with the `macros` and `rt-multi-thread` features.
+///
+/// ```ignore
+/// async fn factory() -> Option<MemoryFactory> {
+///     Some(MemoryFactory::default())
+/// }
+/// switchyard_core::conformance_tests!(factory);
+/// ```
+///
+/// `conformance_tests!(@names)` evaluates to the listed scenario names
+/// (`&[&str]`).
+#[macro_export]
+macro_rules! conformance_tests {
+    (@with $mode:ident [$($arg:tt)*]) => {
+        $crate::conformance_tests! { @$mode [$($arg)*]
+            routing: [
+                default_exchange_routes_by_queue_name,
+                direct_routes_on_exact_key,
+                topic_hash_matches_zero_or_more_words,
+                topic_star_matches_exactly_one_word,
+                fanout_ignores_routing_key,
+                queue_bound_twice_gets_one_copy,
+                headers_all_and_any,
+                headers_x_keys_are_ignored,
+                headers_numbers_compare_by_value,
+                headers_value_classes,
+                exchange_to_exchange_binding,
+                unbind_stops_routing,
+            ],
+            admin: [
+                identical_redeclare_is_idempotent,
+                conflicting_queue_redeclare_is_precondition_failed,
+                conflicting_exchange_redeclare_is_precondition_failed,
+                exclusive_queue_is_locked_for_other_connections,
+                exclusive_consumer_locks_the_queue,
+                auto_delete_queue_goes_with_its_last_consumer,
+                server_named_queue,
+                missing_queue_and_exchange_operations,
+                depth_counts_ready_messages_only,
+                purge_and_delete_return_ready_counts,
+                consumer_count,
+                declare_topology,
+            ],
+            delivery: [
+                ack_removes_the_message,
+                nack_requeue_returns_to_original_position,
+                reject_requeue_redelivers,
+                reject_without_requeue_and_no_dlx_drops,
+                prefetch_bounds_in_flight,
+                competing_consumers_share_round_robin,
+                cancel_ends_the_stream,
+                unacked_stay_settleable_after_cancel,
+                queue_deleted_under_consumer,
+                auto_ack_consumer,
+                closing_a_connection_requeues_its_unacked,
+            ],
+            dead_letter: [
+                rejected_message_gets_x_death,
+                original_routing_key_kept_without_override,
+                per_message_ttl_applies_only_at_head,
+                per_message_ttl_expires_at_head,
+                queue_ttl_dead_letters_expired,
+                max_length_drops_head,
+                max_length_counts_ready_only,
+                reject_publish_nacks,
+                reject_publish_dlx_nacks_and_dead_letters,
+                x_death_count_increments_per_queue_and_reason,
+            ],
+            features: [
+                priorities_highest_first_fifo_within_equal,
+                queue_without_max_priority_is_fifo,
+                publish_returns_once_enqueued,
+                publish_batch_delivers_in_order,
+                mandatory_unroutable_is_reported,
+                publish_to_missing_exchange_fails,
+                consume_missing_queue_fails,
+                properties_round_trip,
+                header_types_round_trip,
+                header_types_survive_dead_lettering,
+                empty_and_large_bodies_round_trip,
+            ],
+        }
+    };
+    (@tests [$factory:path] $($area:ident: [$($case:ident),* $(,)?]),* $(,)?) => {
+        $(
+            mod $area {
+                #[allow(unused_imports)]
+                use super::*;
+                $(
+                    #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let Some(factory) = $factory().await else {
+                            return;
+                        };
+                        $crate::testkit::run_named(&factory, concat!(stringify!($area), "::", stringify!($case)))
+                            .await
+                            .assert_ok();
+                    }
+                )*
+            }
+        )*
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn other_scenarios() {
+            let Some(factory) = $factory().await else {
+                return;
+            };
+            let listed: &[&str] = &[$($(concat!(stringify!($area), "::", stringify!($case))),*),*];
+            $crate::testkit::run_unlisted(&factory, listed).await.assert_ok();
+        }
+    };
+    (@names [] $($area:ident: [$($case:ident),* $(,)?]),* $(,)?) => {
+        &[$($(concat!(stringify!($area), "::", stringify!($case))),*),*]
+    };
+    (@names) => {
+        $crate::conformance_tests!(@with names [])
+    };
+    ($factory:path) => {
+        $crate::conformance_tests!(@with tests [$factory]);
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn case_names_are_unique_and_listed_by_the_macro() {
+        let cases = all_cases();
+        let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate scenario names");
+        let listed: &[&str] = crate::conformance_tests!(@names);
+        for c in &cases {
+            if !c.name.starts_with("runtime::") {
+                assert!(listed.contains(&c.name), "{} is not listed in conformance_tests!", c.name);
+            }
+        }
+        for l in listed {
+            assert!(names.contains(l), "conformance_tests! lists {l}, which does not exist");
+        }
     }
 }

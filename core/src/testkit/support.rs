@@ -1,11 +1,24 @@
 //! Scenario context and assertion helpers.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::TransportFactory;
-use crate::transport::Transport;
+use crate::error::Error;
+use crate::message::Message;
+use crate::topology::{Binding, Destination, ExchangeKind, ExchangeSpec, QueueSpec};
+use crate::transport::{ConsumeOptions, Delivery, Subscription, Transport};
+
+/// How long a scenario waits for something that should happen (a delivery,
+/// a depth reached). Generous: a shared RabbitMQ on a busy machine is slow.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// How long a scenario waits to be confident that something does *not*
+/// happen (no further delivery).
+pub const QUIET: Duration = Duration::from_millis(400);
 
 /// What a scenario gets: the transport under test, a way to open more
 /// connections, unique names, and cleanup of what it declared.
@@ -15,6 +28,7 @@ pub struct Ctx<'f> {
     prefix: String,
     queues: Mutex<Vec<String>>,
     exchanges: Mutex<Vec<String>>,
+    connections: Mutex<Vec<Arc<dyn Transport>>>,
 }
 
 impl<'f> Ctx<'f> {
@@ -29,6 +43,7 @@ impl<'f> Ctx<'f> {
             prefix: format!("sy-conf.{short}.{}", &crate::message::new_id()[..8]),
             queues: Mutex::new(Vec::new()),
             exchanges: Mutex::new(Vec::new()),
+            connections: Mutex::new(Vec::new()),
         }
     }
 
@@ -37,9 +52,12 @@ impl<'f> Ctx<'f> {
         &self.transport
     }
 
-    /// A second, independent connection to the same broker.
+    /// A second, independent connection to the same broker (closed after
+    /// the scenario).
     pub async fn connect(&self) -> Arc<dyn Transport> {
-        self.factory.connect().await
+        let t = self.factory.connect().await;
+        self.connections.lock().push(t.clone());
+        t
     }
 
     /// A name unique to this run of this scenario, for a queue or exchange.
@@ -61,15 +79,185 @@ impl<'f> Ctx<'f> {
         n
     }
 
+    /// Declares `spec` on the transport under test and registers the
+    /// queue (its generated name, for a server-named queue) for deletion.
+    /// Returns the queue's name.
+    pub async fn declare_queue(&self, spec: QueueSpec) -> Result<String, String> {
+        let what = format!("declare queue '{}'", spec.name);
+        let info = self.transport.declare_queue(&spec).await.ctx(&what)?;
+        let mut queues = self.queues.lock();
+        if !queues.contains(&info.name) {
+            queues.push(info.name.clone());
+        }
+        Ok(info.name)
+    }
+
+    /// Declares a plain queue named after `suffix` (durable, no arguments).
+    pub async fn queue(&self, suffix: &str) -> Result<String, String> {
+        self.declare_queue(QueueSpec::new(self.queue_name(suffix))).await
+    }
+
+    /// Declares an exchange of `kind` named after `suffix`.
+    pub async fn exchange(&self, suffix: &str, kind: ExchangeKind) -> Result<String, String> {
+        let name = self.exchange_name(suffix);
+        self.transport
+            .declare_exchange(&ExchangeSpec::new(name.clone(), kind))
+            .await
+            .ctx(&format!("declare {} exchange '{name}'", kind.as_str()))?;
+        Ok(name)
+    }
+
+    /// Binds `queue` to `exchange` with `key`.
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) -> Result<(), String> {
+        self.transport
+            .bind(&Binding::queue(queue, exchange, key))
+            .await
+            .ctx(&format!("bind '{queue}' to '{exchange}' with '{key}'"))
+    }
+
+    /// Publishes a message with `body` to `dest`.
+    pub async fn publish(&self, dest: &Destination, body: &str) -> Result<(), String> {
+        self.publish_message(dest, Message::new(body.to_owned())).await
+    }
+
+    /// Publishes `message` to `dest`.
+    pub async fn publish_message(&self, dest: &Destination, message: Message) -> Result<(), String> {
+        self.transport.publish(dest, message).await.ctx(&format!("publish to {dest}"))
+    }
+
+    /// Publishes one message per body, in order.
+    pub async fn publish_all(&self, dest: &Destination, bodies: &[&str]) -> Result<(), String> {
+        for b in bodies {
+            self.publish(dest, b).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a consumer on `queue` through the transport under test.
+    pub async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription, String> {
+        self.transport
+            .consume(queue, options)
+            .await
+            .ctx(&format!("consume '{queue}'"))
+    }
+
+    /// The ready-message count of `queue`.
+    pub async fn depth(&self, queue: &str) -> Result<u32, String> {
+        Ok(self
+            .transport
+            .queue_info(queue)
+            .await
+            .ctx(&format!("queue_info '{queue}'"))?
+            .message_count)
+    }
+
+    /// Waits (up to [`WAIT`]) until `queue` holds exactly `n` ready messages.
+    pub async fn wait_depth(&self, queue: &str, n: u32) -> Result<(), String> {
+        let reached = eventually(WAIT, || async { matches!(self.depth(queue).await, Ok(d) if d == n) }).await;
+        if reached {
+            return Ok(());
+        }
+        let now = self.depth(queue).await?;
+        Err(format!("queue '{queue}' should reach depth {n}, still {now} after {WAIT:?}"))
+    }
+
+    /// Reads the whole content of `queue` with a fresh auto-ack consumer:
+    /// bodies in delivery order, until nothing arrives for [`QUIET`]. The
+    /// consumer is cancelled afterwards.
+    pub async fn drain(&self, queue: &str) -> Result<Vec<String>, String> {
+        let mut sub = self
+            .consume(queue, ConsumeOptions::default().auto_ack(true).prefetch(0))
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(QUIET, sub.next()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Ok(d))) => out.push(body(&d)),
+                Ok(Some(Err(e))) => return Err(format!("draining '{queue}': {e}")),
+            }
+        }
+        cancel(&sub).await.ctx(&format!("cancel drain consumer on '{queue}'"))?;
+        Ok(out)
+    }
+
     pub(crate) async fn cleanup(&self) {
         let queues = std::mem::take(&mut *self.queues.lock());
         let exchanges = std::mem::take(&mut *self.exchanges.lock());
+        let connections = std::mem::take(&mut *self.connections.lock());
         for q in queues {
             let _ = self.transport.delete_queue(&q).await;
         }
         for e in exchanges {
             let _ = self.transport.delete_exchange(&e).await;
         }
+        for c in connections {
+            let _ = c.close().await;
+        }
+        let _ = self.transport.close().await;
+    }
+}
+
+/// Cancels `sub` through its [`CancelHandle`](crate::transport::CancelHandle)
+/// (usable in `Send` futures, unlike awaiting `Subscription::cancel`, whose
+/// future borrows the non-`Sync` subscription).
+pub fn cancel(sub: &Subscription) -> impl Future<Output = crate::Result<()>> + Send + 'static {
+    let handle = sub.cancel_handle();
+    async move { handle.cancel().await }
+}
+
+/// The body of a delivery as (lossy) UTF-8.
+pub fn body(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.message.body).into_owned()
+}
+
+/// Receives exactly `n` deliveries (each within [`WAIT`]) and returns them
+/// unsettled.
+pub async fn take(sub: &mut Subscription, n: usize) -> Result<Vec<Delivery>, String> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let d = super::recv(sub, WAIT)
+            .await
+            .map_err(|e| format!("{e} (had {i} of {n} expected deliveries)"))?;
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Receives `n` deliveries, acknowledges each, and returns their bodies.
+pub async fn take_bodies(sub: &mut Subscription, n: usize) -> Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(n);
+    for d in take(sub, n).await? {
+        out.push(body(&d));
+        d.ack().await.ctx("ack")?;
+    }
+    Ok(out)
+}
+
+/// Fails unless `result` is an error with the stable `code`.
+pub fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, Error>, code: &str) -> Result<Error, String> {
+    match result {
+        Err(e) if e.code() == code => Ok(e),
+        Err(e) => Err(format!("{what}: expected error '{code}', got '{}' ({e})", e.code())),
+        Ok(v) => Err(format!("{what}: expected error '{code}', got Ok({v:?})")),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true or `within` elapses;
+/// returns whether it did.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,0 +1,323 @@
+//! Dead-lettering scenarios: on reject, on per-message TTL (only at the
+//! head of the queue), on queue TTL, on max-length overflow (drop-head,
+//! reject-publish, reject-publish-dlx), with the `x-death` and
+//! `x-first-death-*` headers RabbitMQ 3.10 writes.
+//!
+//! What RabbitMQ writes (observed, see `docs/rabbitmq-semantics.md`):
+//! `x-death` is an array holding one table per (queue, reason) with
+//! `count` (long → [`HeaderValue::I64`]), `reason` (`rejected`, `expired`,
+//! `maxlen`), `queue`, `time` (timestamp → [`HeaderValue::Timestamp`]),
+//! `exchange` (where the message was first published, "" for the default
+//! exchange), `routing-keys` (array of the original routing keys, not the
+//! dead-letter override) and `original-expiration` (only if the message
+//! had an expiration, which is removed from its properties); plus
+//! `x-first-death-reason`, `x-first-death-queue`, `x-first-death-exchange`.
+
+use std::time::Duration;
+
+use super::support::*;
+use super::{case, expect_nothing, Case};
+use crate::message::{unix_now, HeaderValue, Headers, Message};
+use crate::topology::{Destination, ExchangeKind, Overflow, QueueSpec};
+use crate::transport::{ConsumeOptions, Delivery};
+
+/// The dead-lettering scenarios.
+pub(crate) fn cases() -> Vec<Case> {
+    vec![
+        case!(dead_letter::rejected_message_gets_x_death, DeadLettering),
+        case!(dead_letter::original_routing_key_kept_without_override, DeadLettering),
+        case!(dead_letter::per_message_ttl_applies_only_at_head, MessageTtl, DeadLettering),
+        case!(dead_letter::per_message_ttl_expires_at_head, MessageTtl, DeadLettering),
+        case!(dead_letter::queue_ttl_dead_letters_expired, MessageTtl, DeadLettering),
+        case!(dead_letter::max_length_drops_head, MaxLength, DeadLettering),
+        case!(dead_letter::max_length_counts_ready_only, MaxLength),
+        case!(dead_letter::reject_publish_nacks, MaxLength, PublisherConfirms, DeadLettering),
+        case!(
+            dead_letter::reject_publish_dlx_nacks_and_dead_letters,
+            MaxLength,
+            PublisherConfirms,
+            DeadLettering
+        ),
+        case!(dead_letter::x_death_count_increments_per_queue_and_reason, DeadLettering),
+    ]
+}
+
+/// A dead-letter exchange (direct) with a queue bound to `keys`.
+async fn dlx(ctx: &Ctx<'_>, keys: &[&str]) -> Result<(String, String), String> {
+    let ex = ctx.exchange("dlx", ExchangeKind::Direct).await?;
+    let q = ctx.queue("dlq").await?;
+    for k in keys {
+        ctx.bind(&q, &ex, k).await?;
+    }
+    Ok((ex, q))
+}
+
+/// Reads exactly `n` dead letters from `dlq` (auto-ack), failing if more come.
+async fn dead_letters(ctx: &Ctx<'_>, dlq: &str, n: usize) -> Result<Vec<Delivery>, String> {
+    let mut sub = ctx.consume(dlq, ConsumeOptions::default().auto_ack(true)).await?;
+    let got = take(&mut sub, n)
+        .await
+        .map_err(|e| format!("dead-letter queue: {e}"))?;
+    expect_nothing(&mut sub, QUIET)
+        .await
+        .map_err(|e| format!("dead-letter queue: {e}"))?;
+    cancel(&sub).await.ctx("cancel")?;
+    Ok(got)
+}
+
+fn str_field<'h>(table: &'h Headers, key: &str, what: &str) -> Result<&'h str, String> {
+    table
+        .get_str(key)
+        .ok_or_else(|| format!("{what}: '{key}' should be a string, got {:?}", table.get(key)))
+}
+
+/// Checks the x-death record and x-first-death-* headers of `d`.
+///
+/// `count` must be an [`HeaderValue::I64`] (RabbitMQ writes a long) and
+/// `time` a [`HeaderValue::Timestamp`] no older than `since`.
+#[allow(clippy::too_many_arguments)]
+fn check_x_death(
+    d: &Delivery,
+    count: i64,
+    reason: &str,
+    queue: &str,
+    exchange: &str,
+    routing_keys: &[&str],
+    original_expiration: Option<&str>,
+    since: u64,
+) -> Result<(), String> {
+    let h = &d.message.headers;
+    let deaths = h
+        .get("x-death")
+        .and_then(HeaderValue::as_array)
+        .ok_or_else(|| format!("x-death should be an array, got {:?}", h.get("x-death")))?;
+    ensure_eq("number of x-death entries", deaths.len(), 1)?;
+    let t = deaths[0]
+        .as_table()
+        .ok_or_else(|| format!("x-death[0] should be a table, got {:?}", deaths[0]))?;
+    ensure_eq("x-death count (a long)", t.get("count"), Some(&HeaderValue::I64(count)))?;
+    ensure_eq("x-death reason", str_field(t, "reason", "x-death")?, reason)?;
+    ensure_eq("x-death queue", str_field(t, "queue", "x-death")?, queue)?;
+    ensure_eq("x-death exchange", str_field(t, "exchange", "x-death")?, exchange)?;
+    let want_keys: Vec<HeaderValue> = routing_keys.iter().map(|k| HeaderValue::from(*k)).collect();
+    ensure_eq(
+        "x-death routing-keys",
+        t.get("routing-keys"),
+        Some(&HeaderValue::Array(want_keys)),
+    )?;
+    match t.get("time") {
+        Some(HeaderValue::Timestamp(secs)) => ensure(*secs + 5 >= since && *secs <= unix_now() + 5, || {
+            format!("x-death time {secs} is not about now ({})", unix_now())
+        })?,
+        other => return Err(format!("x-death time should be a timestamp, got {other:?}")),
+    }
+    ensure_eq(
+        "x-death original-expiration",
+        t.get_str("original-expiration"),
+        original_expiration,
+    )?;
+    ensure_eq("x-first-death-reason", h.get_str("x-first-death-reason"), Some(reason))?;
+    ensure_eq("x-first-death-queue", h.get_str("x-first-death-queue"), Some(queue))?;
+    ensure_eq("x-first-death-exchange", h.get_str("x-first-death-exchange"), Some(exchange))
+}
+
+async fn rejected_message_gets_x_death(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (dlx, dlq) = dlx(ctx, &["dead"]).await?;
+    let src = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src")).dead_letter(dlx.clone(), Some("dead")))
+        .await?;
+    let m = Message::new("poison")
+        .with_header("tenant", "acme")
+        .with_expiration(Duration::from_secs(60))
+        .with_priority(3)
+        .with_correlation_id("c-1");
+    ctx.publish_message(&Destination::queue(src.as_str()), m).await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default()).await?;
+    take(&mut sub, 1).await?.remove(0).reject(false).await.ctx("reject")?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter body", body(&d).as_str(), "poison")?;
+    ensure_eq("dead letter exchange", &*d.info.exchange, dlx.as_str())?;
+    ensure_eq("dead letter routing key (the override)", &*d.info.routing_key, "dead")?;
+    ensure_eq("application header kept", d.message.headers.get_str("tenant"), Some("acme"))?;
+    ensure_eq("priority kept", d.message.properties.priority, Some(3))?;
+    ensure_eq("correlation id kept", d.message.properties.correlation_id.as_deref(), Some("c-1"))?;
+    // RabbitMQ removes the expiration (it moves to x-death original-expiration).
+    ensure_eq("expiration of the dead letter", d.message.properties.expiration, None)?;
+    check_x_death(&d, 1, "rejected", &src, "", &[src.as_str()], Some("60000"), since)?;
+    cancel(&sub).await.ctx("cancel")
+}
+
+async fn original_routing_key_kept_without_override(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (dlx, dlq) = dlx(ctx, &["orig"]).await?;
+    let ex = ctx.exchange("orig-x", ExchangeKind::Direct).await?;
+    let src = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src")).dead_letter(dlx.clone(), None))
+        .await?;
+    ctx.bind(&src, &ex, "orig").await?;
+    ctx.publish(&Destination::new(ex.as_str(), "orig"), "nacked").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default()).await?;
+    take(&mut sub, 1).await?.remove(0).nack(false).await.ctx("nack")?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter routing key (original)", &*d.info.routing_key, "orig")?;
+    check_x_death(&d, 1, "rejected", &src, &ex, &["orig"], None, since)?;
+    cancel(&sub).await.ctx("cancel")
+}
+
+async fn ttl_source(ctx: &Ctx<'_>, spec: impl FnOnce(QueueSpec) -> QueueSpec) -> Result<(String, String), String> {
+    let (dlx, dlq) = dlx(ctx, &["dead"]).await?;
+    let src = ctx
+        .declare_queue(spec(
+            QueueSpec::new(ctx.queue_name("src")).dead_letter(dlx.clone(), Some("dead")),
+        ))
+        .await?;
+    Ok((src, dlq))
+}
+
+async fn per_message_ttl_applies_only_at_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s).await?;
+    let dest = Destination::queue(src.as_str());
+    ctx.publish_message(&dest, Message::new("long").with_expiration(Duration::from_secs(60)))
+        .await?;
+    ctx.publish_message(&dest, Message::new("short").with_expiration(Duration::from_millis(50)))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // "short" has expired but is behind "long": RabbitMQ only expires at the
+    // head, so it is still counted and not yet dead-lettered.
+    ensure_eq("depth with an expired message behind a live one", ctx.depth(&src).await?, 2)?;
+    ensure_eq("dead letters while the expired message is not at the head", ctx.depth(&dlq).await?, 0)?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default()).await?;
+    let got = take_bodies(&mut sub, 1).await?;
+    ensure_eq("delivered", got, vec!["long".to_string()])?;
+    expect_nothing(&mut sub, QUIET)
+        .await
+        .map_err(|e| format!("the expired message must not be delivered: {e}"))?;
+    cancel(&sub).await.ctx("cancel")?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "short")?;
+    ensure_eq("expiration of the dead letter", d.message.properties.expiration, None)?;
+    check_x_death(&d, 1, "expired", &src, "", &[src.as_str()], Some("50"), since)
+}
+
+async fn per_message_ttl_expires_at_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s).await?;
+    ctx.publish_message(
+        &Destination::queue(src.as_str()),
+        Message::new("short").with_expiration(Duration::from_millis(50)),
+    )
+    .await?;
+    // At the head it expires without any consumer or read.
+    ctx.wait_depth(&src, 0).await?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "short")?;
+    check_x_death(&d, 1, "expired", &src, "", &[src.as_str()], Some("50"), since)
+}
+
+async fn queue_ttl_dead_letters_expired(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s.message_ttl(Duration::from_millis(100))).await?;
+    ctx.publish_all(&Destination::queue(src.as_str()), &["q1", "q2"]).await?;
+    ctx.wait_depth(&src, 0).await?;
+    let got = dead_letters(ctx, &dlq, 2).await?;
+    ensure_eq(
+        "dead letters in order",
+        got.iter().map(body).collect::<Vec<_>>(),
+        vec!["q1".to_string(), "q2".into()],
+    )?;
+    for d in &got {
+        // No original-expiration: the message itself had none.
+        check_x_death(d, 1, "expired", &src, "", &[src.as_str()], None, since)?;
+    }
+    Ok(())
+}
+
+async fn max_length_drops_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s.max_length(2, Overflow::DropHead)).await?;
+    ctx.publish_all(&Destination::queue(src.as_str()), &["m1", "m2", "m3", "m4"])
+        .await?;
+    ensure_eq("queue keeps the newest", ctx.drain(&src).await?, vec!["m3".to_string(), "m4".into()])?;
+    let got = dead_letters(ctx, &dlq, 2).await?;
+    ensure_eq(
+        "dropped heads, dead-lettered in order",
+        got.iter().map(body).collect::<Vec<_>>(),
+        vec!["m1".to_string(), "m2".into()],
+    )?;
+    for d in &got {
+        check_x_death(d, 1, "maxlen", &src, "", &[src.as_str()], None, since)?;
+    }
+    Ok(())
+}
+
+async fn max_length_counts_ready_only(ctx: &Ctx<'_>) -> Result<(), String> {
+    let src = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src")).max_length(2, Overflow::DropHead))
+        .await?;
+    let dest = Destination::queue(src.as_str());
+    ctx.publish(&dest, "unacked").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default().prefetch(1)).await?;
+    let held = take(&mut sub, 1).await?.remove(0);
+    cancel(&sub).await.ctx("cancel")?;
+    ctx.publish_all(&dest, &["r1", "r2"]).await?;
+    // One unacked plus two ready is within a max length of 2: nothing dropped.
+    ensure_eq("ready depth", ctx.depth(&src).await?, 2)?;
+    held.ack().await.ctx("ack")?;
+    ensure_eq("queue content", ctx.drain(&src).await?, vec!["r1".to_string(), "r2".into()])
+}
+
+async fn reject_publish_nacks(ctx: &Ctx<'_>) -> Result<(), String> {
+    let (src, dlq) = ttl_source(ctx, |s| s.max_length(1, Overflow::RejectPublish)).await?;
+    let dest = Destination::queue(src.as_str());
+    ctx.publish(&dest, "a").await?;
+    expect_code(
+        "publish into a full reject-publish queue",
+        ctx.transport().publish(&dest, Message::new("b")).await,
+        "publish_unconfirmed",
+    )?;
+    ensure_eq("queue content", ctx.drain(&src).await?, vec!["a".to_string()])?;
+    // reject-publish does not dead-letter.
+    ensure_eq("dead letters", ctx.drain(&dlq).await?, Vec::<String>::new())
+}
+
+async fn reject_publish_dlx_nacks_and_dead_letters(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s.max_length(1, Overflow::RejectPublishDlx)).await?;
+    let dest = Destination::queue(src.as_str());
+    ctx.publish(&dest, "a").await?;
+    expect_code(
+        "publish into a full reject-publish-dlx queue",
+        ctx.transport().publish(&dest, Message::new("b")).await,
+        "publish_unconfirmed",
+    )?;
+    ensure_eq("queue content", ctx.drain(&src).await?, vec!["a".to_string()])?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "b")?;
+    check_x_death(&d, 1, "maxlen", &src, "", &[src.as_str()], None, since)
+}
+
+async fn x_death_count_increments_per_queue_and_reason(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    // Dead-letter back into the same queue through the default exchange.
+    let name = ctx.queue_name("loop");
+    let src = ctx
+        .declare_queue(QueueSpec::new(name.clone()).dead_letter("", Some(name.as_str())))
+        .await?;
+    ctx.publish(&Destination::queue(src.as_str()), "again").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default().prefetch(1)).await?;
+    let first = take(&mut sub, 1).await?.remove(0);
+    ensure(!first.message.headers.contains_key("x-death"), || {
+        "a fresh message has no x-death".into()
+    })?;
+    first.reject(false).await.ctx("first reject")?;
+    let second = take(&mut sub, 1).await?.remove(0);
+    check_x_death(&second, 1, "rejected", &src, "", &[src.as_str()], None, since)?;
+    second.reject(false).await.ctx("second reject")?;
+    let third = take(&mut sub, 1).await?.remove(0);
+    // Same queue, same reason: one entry whose count went to 2.
+    check_x_death(&third, 2, "rejected", &src, "", &[src.as_str()], None, since)?;
+    third.ack().await.ctx("ack")?;
+    cancel(&sub).await.ctx("cancel")
+}

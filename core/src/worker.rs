@@ -1,1 +1,0 @@
-//! The handler runtime: binds handlers to queues and settles deliveries.

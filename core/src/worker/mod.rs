@@ -1,0 +1,910 @@
+//! The handler runtime: binds handlers to queues and settles deliveries.
+//!
+//! A [`Worker`] owns one consumer per routed queue. Each consumer
+//!
+//! 1. waits for a concurrency permit and for the handler's readiness
+//!    (`tower::Service::poll_ready`) **before** taking the next delivery, so a
+//!    slow or overloaded handler holds messages in the broker, not in memory;
+//! 2. splits the delivery into an [`Envelope`] (what the handler sees) and a
+//!    [`Settler`] (kept by the Worker), runs the handler on its own task, and
+//! 3. settles from the handler's result:
+//!
+//! | handler result | what the Worker does |
+//! |---|---|
+//! | `Ok(Ack)`, `Ok(Retried)`, `Ok(DeadLettered)` | ack |
+//! | `Ok(Reply(m))`, request has `reply_to` | publish `m` to the default exchange with routing key `reply_to` and the request's correlation id, then ack; if that publish fails: nack with requeue |
+//! | `Ok(Reply(m))`, no `reply_to` | ack (the reply is dropped, logged at debug) |
+//! | `Err` of kind `Transient` or `Timeout` | nack with requeue |
+//! | `Err` of kind `Permanent` or `Decode` | reject without requeue (dead-letters if the queue has a DLX) |
+//! | panic, or `Err` of kind `Panic` | first delivery: nack with requeue; already redelivered: reject without requeue |
+//! | auto-ack route | nothing to settle; failures are logged and counted |
+//!
+//! The panic rule gives a panicking message exactly one more chance and then
+//! dead-letters it, so a poison message cannot spin forever. A transient
+//! error without the retry layer requeues at once and *can* spin: put the
+//! retry layer (with its delay and limit) in front of handlers that may fail
+//! transiently, or use a quorum queue's `delivery_limit` as a backstop.
+//!
+//! **Graceful shutdown** ([`WorkerHandle::stop`], [`WorkerHandle::shutdown`],
+//! or the signal/future given to [`Worker::run`] / [`Worker::run_until`])
+//! cancels the subscription (no new deliveries), nacks with requeue the
+//! deliveries already received but not started, and lets in-flight handlers
+//! finish within the shutdown timeout (30 s by default). Handlers still
+//! running at the deadline are dropped and their deliveries nacked with
+//! requeue. Nothing is left unsettled.
+//!
+//! Logs go through `tracing` with the queue, delivery tag, outcome and error
+//! kind — never the body.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use switchyard_core::worker::{RouteConfig, Worker};
+//! use switchyard_core::{handler_fn, HandlerError, Json, Transport};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Job { id: u64 }
+//!
+//! async fn serve(transport: Arc<dyn Transport>) -> switchyard_core::Result<()> {
+//!     let jobs = handler_fn(|Json(job): Json<Job>| async move {
+//!         if job.id == 0 {
+//!             return Err(HandlerError::reject("job 0 does not exist"));
+//!         }
+//!         Ok(())
+//!     });
+//!     Worker::new(transport)
+//!         .route_with("jobs", jobs, RouteConfig::default().prefetch(20).concurrency(4))
+//!         .shutdown_timeout(Duration::from_secs(10))
+//!         .run() // until SIGINT / SIGTERM, then graceful shutdown
+//!         .await
+//! }
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::handler::{boxed, BoxHandler, FailureKind, Handler, HandlerError, Outcome};
+use crate::settings::{Settings, DEFAULT_PREFETCH};
+use crate::topology::Destination;
+use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Settler, Subscription, Transport};
+
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod tests;
+
+/// The default graceful-shutdown deadline.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long, after the handlers are done, a stopping consumer keeps reading
+/// its cancelled subscription to requeue deliveries still in flight.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// How long aborted handlers get to nack their deliveries after the deadline.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// How one queue is consumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Broker prefetch (most unacknowledged deliveries); 0 = unlimited.
+    /// Default: 10 (the settings' default prefetch count).
+    pub prefetch: u16,
+    /// Most handlers running at once for this queue. `None`: equal to the
+    /// prefetch (10 when the prefetch is unlimited).
+    pub concurrency: Option<usize>,
+    /// Auto-ack consumer: the broker forgets each message when it sends it;
+    /// the Worker settles nothing and a failure loses the message.
+    pub auto_ack: bool,
+    /// Exclusive consumer.
+    pub exclusive: bool,
+    /// Consumer tag; generated by the transport when empty.
+    pub consumer_tag: String,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            prefetch: DEFAULT_PREFETCH,
+            concurrency: None,
+            auto_ack: false,
+            exclusive: false,
+            consumer_tag: String::new(),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Sets the prefetch.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n;
+        self
+    }
+    /// Sets the concurrency bound (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n.max(1));
+        self
+    }
+    /// Sets auto-ack mode.
+    pub fn auto_ack(mut self, yes: bool) -> Self {
+        self.auto_ack = yes;
+        self
+    }
+    /// Sets exclusivity.
+    pub fn exclusive(mut self, yes: bool) -> Self {
+        self.exclusive = yes;
+        self
+    }
+    /// Sets the consumer tag.
+    pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
+        self.consumer_tag = tag.into();
+        self
+    }
+    /// The effective concurrency bound.
+    pub fn effective_concurrency(&self) -> usize {
+        match self.concurrency {
+            Some(n) => n.max(1),
+            None if self.prefetch == 0 => DEFAULT_PREFETCH as usize,
+            None => self.prefetch as usize,
+        }
+    }
+}
+
+/// Counters of one route, as read by [`WorkerHandle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteStats {
+    /// Deliveries whose handler finished (with any result, panics included).
+    pub handled: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+    /// Deliveries nacked with requeue (transient failures, first panics,
+    /// failed replies, and deliveries requeued by a shutdown).
+    pub requeued: u64,
+    /// Deliveries rejected without requeue (dead-lettered when the queue has a DLX).
+    pub rejected: u64,
+    /// Replies published.
+    pub replied: u64,
+    /// Handler failures (errors and panics), auto-ack routes included.
+    pub failed: u64,
+    /// Handler panics caught.
+    pub panicked: u64,
+    /// Settlements (ack/nack/reject) or reply publishes that failed.
+    pub settle_failed: u64,
+    /// Handlers running now.
+    pub in_flight: u64,
+    /// The most handlers that ran at once.
+    pub max_in_flight: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    handled: AtomicU64,
+    acked: AtomicU64,
+    requeued: AtomicU64,
+    rejected: AtomicU64,
+    replied: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+    settle_failed: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> RouteStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RouteStats {
+            handled: r(&self.handled),
+            acked: r(&self.acked),
+            requeued: r(&self.requeued),
+            rejected: r(&self.rejected),
+            replied: r(&self.replied),
+            failed: r(&self.failed),
+            panicked: r(&self.panicked),
+            settle_failed: r(&self.settle_failed),
+            in_flight: r(&self.in_flight),
+            max_in_flight: r(&self.max_in_flight),
+        }
+    }
+}
+
+/// The state of one consumer, as read by [`WorkerHandle::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerStatus {
+    /// Consuming.
+    Running,
+    /// Stop requested; finishing in-flight handlers.
+    Stopping,
+    /// Stopped after a stop or shutdown request.
+    Stopped,
+    /// Ended by an error (e.g. `consumer_cancelled` when the queue was deleted).
+    Failed {
+        /// The error's stable code.
+        code: &'static str,
+        /// The error's message.
+        message: String,
+    },
+}
+
+struct Route {
+    queue: String,
+    handler: BoxHandler,
+    config: RouteConfig,
+}
+
+/// Binds handlers to queues; see the [module docs](self).
+pub struct Worker {
+    transport: Arc<dyn Transport>,
+    routes: Vec<Route>,
+    shutdown_timeout: Duration,
+    default_prefetch: u16,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("transport", &self.transport.name())
+            .field(
+                "queues",
+                &self.routes.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>(),
+            )
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A Worker on `transport` with no routes, prefetch 10 and a 30 s
+    /// shutdown timeout.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Worker {
+            transport,
+            routes: Vec::new(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            default_prefetch: DEFAULT_PREFETCH,
+        }
+    }
+
+    /// Takes the default prefetch of later [`route`](Worker::route) calls
+    /// from `settings` (`RABBITMQ_DEFAULT_PREFETCH_COUNT`, or unlimited when
+    /// `RABBITMQ_ENABLE_CONSUMER_PREFETCH` is false).
+    pub fn with_settings(mut self, settings: &Settings) -> Self {
+        self.default_prefetch = settings.consumer_prefetch();
+        self
+    }
+
+    /// Sets the default prefetch of later [`route`](Worker::route) calls.
+    pub fn default_prefetch(mut self, n: u16) -> Self {
+        self.default_prefetch = n;
+        self
+    }
+
+    /// Routes `queue` to `handler` with the default prefetch and a
+    /// concurrency equal to it.
+    pub fn route<H: Handler>(self, queue: impl Into<String>, handler: H) -> Self {
+        let config = RouteConfig::default().prefetch(self.default_prefetch);
+        self.route_with(queue, handler, config)
+    }
+
+    /// Routes `queue` to `handler` with `config`. A queue can be routed
+    /// once; [`start`](Worker::start) fails otherwise.
+    pub fn route_with<H: Handler>(mut self, queue: impl Into<String>, handler: H, config: RouteConfig) -> Self {
+        self.routes.push(Route {
+            queue: queue.into(),
+            handler: boxed(handler),
+            config,
+        });
+        self
+    }
+
+    /// Sets how long a graceful shutdown waits for in-flight handlers.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Subscribes every route and starts consuming. Returns once every
+    /// consumer is subscribed; a missing queue fails with `queue_not_found`
+    /// (and the consumers already subscribed are cancelled, their buffered
+    /// deliveries requeued).
+    pub async fn start(self) -> Result<WorkerHandle> {
+        let Worker {
+            transport,
+            routes,
+            shutdown_timeout,
+            ..
+        } = self;
+        // Handlers are not `Sync`: keep them out of every borrow held across
+        // an await so that this future (and `run`) stays `Send`.
+        let (specs, handlers): (Vec<(String, RouteConfig)>, Vec<BoxHandler>) =
+            routes.into_iter().map(|r| ((r.queue, r.config), r.handler)).unzip();
+        let mut seen = HashSet::new();
+        for (queue, _) in &specs {
+            if !seen.insert(queue.as_str()) {
+                return Err(Error::InvalidConfig {
+                    variable: "route".into(),
+                    value: queue.clone(),
+                    reason: "a queue can be routed once; raise its concurrency instead".into(),
+                });
+            }
+        }
+        let mut subs = Vec::with_capacity(specs.len());
+        for (queue, config) in &specs {
+            let options = ConsumeOptions {
+                prefetch: config.prefetch,
+                auto_ack: config.auto_ack,
+                exclusive: config.exclusive,
+                consumer_tag: config.consumer_tag.clone(),
+            };
+            match transport.consume(queue, options).await {
+                Ok(s) => subs.push(s),
+                Err(e) => {
+                    tracing::error!(queue = %queue, code = e.code(), error = %e, "worker could not subscribe");
+                    for s in subs {
+                        cancel_and_requeue(s, Instant::now() + DRAIN_GRACE).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let (finished_tx, _) = watch::channel(0u64);
+        let finished_tx = Arc::new(finished_tx);
+        let mut consumers = Vec::with_capacity(specs.len());
+        for (((queue, config), handler), sub) in specs.into_iter().zip(handlers).zip(subs) {
+            let state = Arc::new(ConsumerState {
+                queue: queue.clone(),
+                stop: CancellationToken::new(),
+                done: CancellationToken::new(),
+                result: Mutex::new(None),
+                counters: Counters::default(),
+            });
+            let cx = Arc::new(RouteCtx {
+                queue,
+                transport: transport.clone(),
+                state: state.clone(),
+                concurrency: config.effective_concurrency(),
+                shutdown_timeout,
+            });
+            tracing::info!(queue = %cx.queue, prefetch = config.prefetch, concurrency = cx.concurrency,
+                auto_ack = config.auto_ack, "worker consuming");
+            let finished = finished_tx.clone();
+            tokio::spawn(async move {
+                let result = match AssertUnwindSafe(consume_loop(cx.clone(), sub, handler))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(p) => Err(Error::transport(format!(
+                        "worker consumer on queue '{}' panicked: {}",
+                        cx.queue,
+                        panic_message(&*p)
+                    ))),
+                };
+                match &result {
+                    Ok(()) => tracing::info!(queue = %cx.queue, "worker consumer stopped"),
+                    Err(e) => tracing::error!(queue = %cx.queue, code = e.code(), error = %e, "worker consumer ended"),
+                }
+                *cx.state.result.lock() = Some(result);
+                cx.state.done.cancel();
+                finished.send_modify(|n| *n += 1);
+            });
+            consumers.push(state);
+        }
+        Ok(WorkerHandle {
+            inner: Arc::new(HandleInner { consumers, finished_tx }),
+        })
+    }
+
+    /// Starts, then blocks until SIGINT or SIGTERM and shuts down gracefully
+    /// (like the seed's `run_consumer`). Also returns, after shutting the
+    /// others down, when a consumer ends with an error (e.g. its queue was
+    /// deleted) — so a supervisor can restart the process — with that error.
+    pub async fn run(self) -> Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Like [`run`](Worker::run) but stops when `signal` completes; pass
+    /// `token.cancelled_owned()` for a `CancellationToken`.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<()> {
+        let handle = self.start().await?;
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("worker shutdown requested");
+                handle.shutdown().await
+            }
+            r = handle.first_failure() => {
+                let _ = handle.shutdown().await;
+                r
+            }
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}
+
+struct ConsumerState {
+    queue: String,
+    stop: CancellationToken,
+    done: CancellationToken,
+    result: Mutex<Option<Result<()>>>,
+    counters: Counters,
+}
+
+impl ConsumerState {
+    fn result_copy(&self) -> Result<()> {
+        match &*self.result.lock() {
+            Some(Err(e)) => Err(copy_error(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct HandleInner {
+    consumers: Vec<Arc<ConsumerState>>,
+    finished_tx: Arc<watch::Sender<u64>>,
+}
+
+/// Controls a started [`Worker`]: stop one consumer, stop all, wait, read
+/// counters. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerHandle").field("queues", &self.queues()).finish()
+    }
+}
+
+impl WorkerHandle {
+    fn consumer(&self, queue: &str) -> Result<&Arc<ConsumerState>> {
+        self.inner
+            .consumers
+            .iter()
+            .find(|c| c.queue == queue)
+            .ok_or_else(|| Error::InvalidConfig {
+                variable: "queue".into(),
+                value: queue.into(),
+                reason: "this worker has no route for it".into(),
+            })
+    }
+
+    /// The routed queues.
+    pub fn queues(&self) -> Vec<&str> {
+        self.inner.consumers.iter().map(|c| c.queue.as_str()).collect()
+    }
+
+    /// Stops the consumer of `queue` gracefully and waits until it has
+    /// stopped. Returns the error the consumer ended with, if it failed.
+    pub async fn stop(&self, queue: &str) -> Result<()> {
+        let c = self.consumer(queue)?;
+        c.stop.cancel();
+        c.done.cancelled().await;
+        c.result_copy()
+    }
+
+    /// Stops every consumer gracefully and waits. Returns the first error a
+    /// consumer ended with, if any failed.
+    pub async fn shutdown(&self) -> Result<()> {
+        for c in &self.inner.consumers {
+            c.stop.cancel();
+        }
+        self.join().await
+    }
+
+    /// Waits until every consumer has ended (without stopping them).
+    /// Returns the first error a consumer ended with, if any failed.
+    pub async fn join(&self) -> Result<()> {
+        for c in &self.inner.consumers {
+            c.done.cancelled().await;
+        }
+        for c in &self.inner.consumers {
+            c.result_copy()?;
+        }
+        Ok(())
+    }
+
+    /// Completes when a consumer fails (with its error) or when all have ended.
+    async fn first_failure(&self) -> Result<()> {
+        let mut rx = self.inner.finished_tx.subscribe();
+        loop {
+            for c in &self.inner.consumers {
+                if c.done.is_cancelled() {
+                    c.result_copy()?;
+                }
+            }
+            if self.inner.consumers.iter().all(|c| c.done.is_cancelled()) {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The state of the consumer of `queue` (`None` if not routed).
+    pub fn status(&self, queue: &str) -> Option<ConsumerStatus> {
+        let c = self.consumer(queue).ok()?;
+        if !c.done.is_cancelled() {
+            return Some(if c.stop.is_cancelled() {
+                ConsumerStatus::Stopping
+            } else {
+                ConsumerStatus::Running
+            });
+        }
+        Some(match &*c.result.lock() {
+            Some(Err(e)) => ConsumerStatus::Failed {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            _ => ConsumerStatus::Stopped,
+        })
+    }
+
+    /// The counters of the route of `queue` (`None` if not routed).
+    pub fn stats(&self, queue: &str) -> Option<RouteStats> {
+        self.consumer(queue).ok().map(|c| c.counters.snapshot())
+    }
+}
+
+/// A copy of an error for a second reader (errors are not `Clone`): the
+/// common consumer-ending errors keep their variant, others become
+/// `transport_error` with the original text.
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::ConsumerCancelled { queue } => Error::ConsumerCancelled { queue: queue.clone() },
+        Error::QueueNotFound { queue } => Error::QueueNotFound { queue: queue.clone() },
+        Error::ConnectionClosed { message } => Error::ConnectionClosed {
+            message: message.clone(),
+        },
+        Error::Shutdown { what } => Error::Shutdown { what: what.clone() },
+        other => Error::transport(other.to_string()),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+struct RouteCtx {
+    queue: String,
+    transport: Arc<dyn Transport>,
+    state: Arc<ConsumerState>,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+}
+
+impl RouteCtx {
+    fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+}
+
+/// The consume loop of one route, then its graceful stop.
+async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHandler) -> Result<()> {
+    let stop = cx.state.stop.clone();
+    let permits = Arc::new(Semaphore::new(cx.concurrency));
+    let abort = CancellationToken::new();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut stream_open = true;
+
+    let ended: Result<()> = loop {
+        while let Some(r) = tasks.try_join_next() {
+            log_task_join(&cx, r);
+        }
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break Ok(()),
+            p = permits.clone().acquire_owned() => p.expect("the permit semaphore is never closed"),
+        };
+        let ready = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break Ok(()),
+            r = svc.ready() => r.map(|_| ()),
+        };
+        if let Err(e) = ready {
+            break Err(Error::transport(format!(
+                "handler for queue '{}' failed its readiness check: {e}",
+                cx.queue
+            )));
+        }
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break Ok(()),
+            d = sub.next() => d,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                stream_open = false;
+                break Err(e);
+            }
+            None => {
+                stream_open = false;
+                break Err(Error::ConnectionClosed {
+                    message: format!("the consumer stream of queue '{}' ended unexpectedly", cx.queue),
+                });
+            }
+        };
+        dispatch(&cx, delivery, permit, &mut svc, &mut tasks, &abort);
+    };
+
+    // Graceful stop: no new deliveries, requeue what was received but not
+    // started, let in-flight handlers finish until the deadline.
+    let deadline = Instant::now() + cx.shutdown_timeout;
+    if stream_open {
+        if let Err(e) = sub.cancel_handle().cancel().await {
+            tracing::debug!(queue = %cx.queue, error = %e, "cancelling the subscription failed");
+        }
+    }
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        if tasks.is_empty() {
+            if !stream_open {
+                break;
+            }
+            let until = *drain_until.get_or_insert_with(|| (Instant::now() + DRAIN_GRACE).min(deadline));
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => break,
+            d = sub.next(), if stream_open => match d {
+                Some(Ok(d)) => requeue_unstarted(&cx, d).await,
+                Some(Err(e)) => {
+                    tracing::debug!(queue = %cx.queue, error = %e, "consumer stream ended while stopping");
+                    stream_open = false;
+                }
+                None => stream_open = false,
+            },
+            r = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(r) = r {
+                    log_task_join(&cx, r);
+                }
+            }
+        }
+    }
+    if !tasks.is_empty() {
+        tracing::warn!(queue = %cx.queue, in_flight = tasks.len(), timeout = ?cx.shutdown_timeout,
+            "handlers still running at the shutdown deadline: aborting them and requeueing their deliveries");
+        abort.cancel();
+        let grace = tokio::time::timeout(ABORT_GRACE, async {
+            while let Some(r) = tasks.join_next().await {
+                log_task_join(&cx, r);
+            }
+        });
+        if grace.await.is_err() {
+            tracing::error!(queue = %cx.queue, left = tasks.len(),
+                "aborted handlers could not settle in time; the transport requeues their deliveries on close");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+    drop(sub);
+    ended
+}
+
+fn log_task_join(cx: &RouteCtx, r: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        if e.is_panic() {
+            tracing::error!(queue = %cx.queue, "a worker task panicked while settling");
+        }
+    }
+}
+
+/// Requeues a delivery that arrived after the stop request.
+async fn requeue_unstarted(cx: &RouteCtx, d: Delivery) {
+    if !d.needs_settlement() {
+        return;
+    }
+    let tag = d.info.delivery_tag;
+    match d.nack(true).await {
+        Ok(()) => {
+            inc(&cx.counters().requeued);
+            tracing::debug!(queue = %cx.queue, delivery_tag = tag, outcome = "requeued", "delivery not started before shutdown");
+        }
+        Err(e) => {
+            inc(&cx.counters().settle_failed);
+            tracing::warn!(queue = %cx.queue, delivery_tag = tag, error = %e, "requeue at shutdown failed");
+        }
+    }
+}
+
+/// Cancels a subscription that will not be used and requeues what it had buffered.
+async fn cancel_and_requeue(mut sub: Subscription, until: Instant) {
+    let _ = sub.cancel_handle().cancel().await;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout_at(until, sub.next()).await {
+        let _ = d.nack(true).await;
+    }
+}
+
+/// Starts the handler for one delivery on its own task.
+fn dispatch(
+    cx: &Arc<RouteCtx>,
+    delivery: Delivery,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    svc: &mut BoxHandler,
+    tasks: &mut JoinSet<()>,
+    abort: &CancellationToken,
+) {
+    let (message, info, settler) = delivery.into_parts();
+    let reply_to = message.properties.reply_to.clone();
+    let correlation_id = message.properties.correlation_id.clone();
+    let env = Envelope::new(message, info.clone());
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(env)));
+    let counters = cx.counters();
+    let now = counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    let cx = cx.clone();
+    let abort = abort.clone();
+    tasks.spawn(async move {
+        let _permit = permit;
+        let result = match call {
+            Err(p) => Some(Err(HandlerError::panic(panic_message(&*p)))),
+            Ok(fut) => {
+                tokio::select! {
+                    biased;
+                    r = AssertUnwindSafe(fut).catch_unwind() => Some(match r {
+                        Ok(r) => r,
+                        Err(p) => Err(HandlerError::panic(panic_message(&*p))),
+                    }),
+                    _ = abort.cancelled() => None,
+                }
+            }
+        };
+        match result {
+            Some(result) => {
+                inc(&cx.counters().handled);
+                settle(&cx, &info, settler, result, reply_to, correlation_id).await;
+            }
+            None => {
+                // Shutdown deadline passed: the handler was dropped unfinished.
+                if settler.needs_settlement() {
+                    settle_action(&cx, &info, settler, Action::Requeue, "aborted at shutdown").await;
+                } else {
+                    tracing::warn!(queue = %cx.queue, delivery_tag = info.delivery_tag,
+                        "auto-ack handler aborted at shutdown; the message is lost");
+                }
+            }
+        }
+        cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+/// Settles one delivery from its handler's result (the module's table).
+async fn settle(
+    cx: &RouteCtx,
+    info: &DeliveryInfo,
+    settler: Settler,
+    result: std::result::Result<Outcome, HandlerError>,
+    reply_to: Option<String>,
+    correlation_id: Option<String>,
+) {
+    let tag = info.delivery_tag;
+    let action = match result {
+        Ok(Outcome::Ack) | Ok(Outcome::Retried) | Ok(Outcome::DeadLettered) => Action::Ack,
+        Ok(Outcome::Reply(mut reply)) => match reply_to {
+            Some(rt) => {
+                if let Some(cid) = correlation_id {
+                    reply.properties.correlation_id = Some(cid);
+                }
+                match cx.transport.publish(&Destination::queue(rt.as_str()), reply).await {
+                    Ok(()) => {
+                        inc(&cx.counters().replied);
+                        tracing::debug!(queue = %cx.queue, delivery_tag = tag, reply_to = %rt, "reply published");
+                        Action::Ack
+                    }
+                    Err(e) => {
+                        inc(&cx.counters().settle_failed);
+                        tracing::warn!(queue = %cx.queue, delivery_tag = tag, reply_to = %rt, code = e.code(),
+                            error = %e, "reply could not be published; requeueing the request");
+                        Action::Requeue
+                    }
+                }
+            }
+            None => {
+                tracing::debug!(queue = %cx.queue, delivery_tag = tag, "handler replied to a message without reply_to; reply dropped");
+                Action::Ack
+            }
+        },
+        Err(e) => {
+            inc(&cx.counters().failed);
+            let action = match e.kind() {
+                FailureKind::Transient | FailureKind::Timeout => Action::Requeue,
+                FailureKind::Permanent | FailureKind::Decode => Action::Reject,
+                FailureKind::Panic => {
+                    inc(&cx.counters().panicked);
+                    if info.redelivered {
+                        Action::Reject
+                    } else {
+                        Action::Requeue
+                    }
+                }
+            };
+            tracing::warn!(queue = %cx.queue, delivery_tag = tag, redelivered = info.redelivered,
+                error_kind = e.kind().as_str(), error = %e.message(), action = ?action, "handler failed");
+            action
+        }
+    };
+    if !settler.needs_settlement() {
+        return;
+    }
+    settle_action(cx, info, settler, action, "handled").await;
+}
+
+async fn settle_action(cx: &RouteCtx, info: &DeliveryInfo, settler: Settler, action: Action, why: &str) {
+    let tag = info.delivery_tag;
+    let (r, counter, outcome) = match action {
+        Action::Ack => (settler.ack().await, &cx.counters().acked, "ack"),
+        Action::Requeue => (settler.nack(true).await, &cx.counters().requeued, "requeue"),
+        Action::Reject => (settler.reject(false).await, &cx.counters().rejected, "reject"),
+    };
+    match r {
+        Ok(()) => {
+            inc(counter);
+            tracing::debug!(queue = %cx.queue, delivery_tag = tag, outcome, why, "delivery settled");
+        }
+        Err(e) => {
+            inc(&cx.counters().settle_failed);
+            tracing::warn!(queue = %cx.queue, delivery_tag = tag, outcome, code = e.code(), error = %e,
+                "settling the delivery failed");
+        }
+    }
+}

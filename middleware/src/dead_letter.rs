@@ -1,0 +1,432 @@
+//! Dead-lettering with reasons, and replay.
+//!
+//! When a delivery is finally given up, [`DeadLetter`] publishes it (body and
+//! properties untouched) to the configured dead-letter exchange with headers
+//! that say why, and answers [`Outcome::DeadLettered`] so the Worker
+//! acknowledges the original:
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-error` | the failure's message (at most 4 KiB) |
+//! | `x-error-kind` | `transient`, `permanent`, `decode`, `panic` or `timeout` (for exhausted retries, the kind of the last failure) |
+//! | `x-original-exchange` | the exchange it was first published to |
+//! | `x-original-routing-key` | the routing key it was first published with |
+//! | `x-original-queue` | the queue it failed on |
+//! | `x-failed-at` | seconds since the Unix epoch |
+//! | `x-retry-count` | retries made before giving up |
+//!
+//! "Finally given up" means: a permanent or decode failure; a failure the
+//! [retry layer](crate::retry) gave up on (so put retry *inside* this
+//! layer); a panic on a delivery the broker already redelivered (the
+//! Worker's requeue-once rule); or any kind listed with
+//! [`DeadLetterLayer::always`]. Other failures pass through unchanged and the
+//! Worker settles them (a transient failure is requeued).
+//!
+//! If the dead letter cannot be published, the original failure is
+//! returned, so the Worker rejects or requeues it: nothing is lost.
+//!
+//! [`replay`] and [`replay_queue`] send dead letters back to their original
+//! destination with these headers (and RabbitMQ's `x-death`) removed.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use switchyard_core::{handler_fn, Envelope, Publisher};
+//! use switchyard_middleware::dead_letter::DeadLetterLayer;
+//! use switchyard_middleware::retry::{RetryLayer, RetryPolicy};
+//! use tower::ServiceBuilder;
+//!
+//! fn build(publisher: Arc<dyn Publisher>) {
+//!     let _svc = ServiceBuilder::new()
+//!         .layer(DeadLetterLayer::new(publisher, "contextiq.dlx").routing_key("dead_letter"))
+//!         .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(100))))
+//!         .service(handler_fn(|_env: Envelope| async {}));
+//! }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use switchyard_core::headers::{
+    ERROR, ERROR_KIND, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE, ORIGINAL_ROUTING_KEY, RETRY_COUNT, X_DEATH,
+};
+use switchyard_core::message::unix_now;
+use switchyard_core::{
+    ConsumeOptions, Consumer, Destination, Envelope, Error, FailureKind, HandlerError, HeaderValue, Message, Outcome,
+    Publisher, Result,
+};
+use tower::{Layer, Service};
+
+use crate::retry::exhaustion;
+use crate::util::{take_ready, BoxFuture};
+
+/// Longest `x-error` value written, in bytes.
+pub const MAX_ERROR_LEN: usize = 4096;
+
+struct Config {
+    publisher: Arc<dyn Publisher>,
+    exchange: Arc<str>,
+    routing_key: Option<Arc<str>>,
+    always: Vec<FailureKind>,
+}
+
+/// Publishes finally failed deliveries to a dead-letter exchange; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct DeadLetterLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for DeadLetterLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterLayer")
+            .field("exchange", &self.config.exchange)
+            .field("routing_key", &self.config.routing_key)
+            .finish()
+    }
+}
+
+impl DeadLetterLayer {
+    /// Dead-letters through `publisher` to `exchange`, keeping the original
+    /// routing key.
+    pub fn new(publisher: Arc<dyn Publisher>, exchange: impl Into<Arc<str>>) -> Self {
+        DeadLetterLayer {
+            config: Arc::new(Config {
+                publisher,
+                exchange: exchange.into(),
+                routing_key: None,
+                always: Vec::new(),
+            }),
+        }
+    }
+
+    fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
+        let c = &self.config;
+        let mut cfg = Config {
+            publisher: c.publisher.clone(),
+            exchange: c.exchange.clone(),
+            routing_key: c.routing_key.clone(),
+            always: c.always.clone(),
+        };
+        f(&mut cfg);
+        DeadLetterLayer { config: Arc::new(cfg) }
+    }
+
+    /// Publishes dead letters with this routing key instead of the original one.
+    pub fn routing_key(self, rk: impl Into<Arc<str>>) -> Self {
+        let rk = rk.into();
+        self.edit(|c| c.routing_key = Some(rk))
+    }
+
+    /// Also dead-letters failures of `kind` at once, on the first failure
+    /// (for example [`FailureKind::Timeout`] when timeouts must never be
+    /// requeued).
+    pub fn always(self, kind: FailureKind) -> Self {
+        self.edit(|c| c.always.push(kind))
+    }
+}
+
+impl<S> Layer<S> for DeadLetterLayer {
+    type Service = DeadLetter<S>;
+    fn layer(&self, inner: S) -> DeadLetter<S> {
+        DeadLetter {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service of [`DeadLetterLayer`].
+#[derive(Clone)]
+pub struct DeadLetter<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for DeadLetter<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("inner", &self.inner)
+            .field("exchange", &self.config.exchange)
+            .finish()
+    }
+}
+
+fn is_final(cfg: &Config, env: &Envelope, err: &HandlerError) -> bool {
+    match err.kind() {
+        FailureKind::Permanent | FailureKind::Decode => true,
+        k if cfg.always.contains(&k) => true,
+        FailureKind::Panic if env.redelivered() => true,
+        _ => exhaustion(err).is_some(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The dead letter for `env` failing with `err`: the message with the
+/// reason headers added.
+pub fn dead_letter_message(env: &Envelope, err: &HandlerError) -> Message {
+    let mut msg = env.message().clone();
+    let info = env.info();
+    let h = &mut msg.headers;
+    h.insert(ERROR, truncate(err.message(), MAX_ERROR_LEN));
+    let exhausted = exhaustion(err);
+    let kind = exhausted.map_or(err.kind(), |x| x.last.kind());
+    h.insert(ERROR_KIND, kind.as_str());
+    if !h.contains_key(ORIGINAL_EXCHANGE) {
+        h.insert(ORIGINAL_EXCHANGE, &*info.exchange);
+    }
+    if !h.contains_key(ORIGINAL_ROUTING_KEY) {
+        h.insert(ORIGINAL_ROUTING_KEY, &*info.routing_key);
+    }
+    h.insert(ORIGINAL_QUEUE, &*info.queue);
+    h.insert(FAILED_AT, HeaderValue::I64(unix_now() as i64));
+    let retries = exhausted.map_or_else(|| env.retry_count(), |x| x.retries);
+    h.insert(RETRY_COUNT, HeaderValue::I64(i64::from(retries)));
+    msg
+}
+
+impl<S> Service<Envelope> for DeadLetter<S>
+where
+    S: Service<Envelope, Response = Outcome, Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Outcome;
+    type Error = HandlerError;
+    type Future = BoxFuture<Result<Outcome, HandlerError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, env: Envelope) -> Self::Future {
+        let fut = take_ready(&mut self.inner).call(env.clone());
+        let cfg = self.config.clone();
+        Box::pin(async move {
+            let err = match fut.await {
+                Ok(out) => return Ok(out),
+                Err(e) => e,
+            };
+            if !is_final(&cfg, &env, &err) {
+                return Err(err);
+            }
+            let msg = dead_letter_message(&env, &err);
+            let rk = cfg.routing_key.clone().unwrap_or_else(|| env.info().routing_key.clone());
+            let dest = Destination::new(cfg.exchange.clone(), rk);
+            match cfg.publisher.publish(&dest, msg).await {
+                Ok(()) => {
+                    tracing::info!(queue = env.queue(), kind = err.kind().as_str(), error = err.message(), dlx = %dest, "dead-lettered");
+                    Ok(Outcome::DeadLettered)
+                }
+                Err(e) => {
+                    tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; leaving it to the Worker");
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+/// Removes the dead-letter headers (`x-error`, `x-error-kind`,
+/// `x-original-*`, `x-failed-at`, `x-retry-count`, `x-death`) from `msg`.
+pub fn strip_dead_letter_headers(msg: &mut Message) {
+    for k in [
+        ERROR,
+        ERROR_KIND,
+        ORIGINAL_EXCHANGE,
+        ORIGINAL_ROUTING_KEY,
+        ORIGINAL_QUEUE,
+        FAILED_AT,
+        RETRY_COUNT,
+        X_DEATH,
+    ] {
+        msg.headers.remove(k);
+    }
+}
+
+/// Where a dead letter was originally published (its `x-original-exchange`
+/// and `x-original-routing-key` headers).
+pub fn original_destination(msg: &Message) -> Option<Destination> {
+    let ex = msg.headers.get_str(ORIGINAL_EXCHANGE).unwrap_or("");
+    let rk = msg.headers.get_str(ORIGINAL_ROUTING_KEY)?;
+    Some(Destination::new(ex, rk))
+}
+
+/// Republishes one dead letter to its original destination with the
+/// dead-letter headers stripped; returns where it went.
+///
+/// Fails with `decode_failed` if the message has no
+/// `x-original-routing-key` header (it is not a switchyard dead letter), and
+/// with the publisher's error if the publish fails.
+pub async fn replay(publisher: &dyn Publisher, mut message: Message) -> Result<Destination> {
+    let dest = original_destination(&message).ok_or_else(|| {
+        Error::decode(format!(
+            "message {} has no {ORIGINAL_ROUTING_KEY} header: not a switchyard dead letter, cannot replay",
+            message.properties.message_id.as_deref().unwrap_or("(without message id)")
+        ))
+    })?;
+    strip_dead_letter_headers(&mut message);
+    publisher.publish(&dest, message).await?;
+    Ok(dest)
+}
+
+/// Options of [`replay_queue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayOptions {
+    /// Replay at most this many messages.
+    pub max: usize,
+    /// Stop when no message arrives for this long.
+    pub idle: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            max: usize::MAX,
+            idle: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What [`replay_queue`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Messages republished (and acknowledged on the dead-letter queue).
+    pub replayed: usize,
+    /// Messages left on the queue because they name no original
+    /// destination or could not be republished.
+    pub skipped: usize,
+}
+
+/// Drains the dead-letter queue `queue`: each message is replayed to its
+/// original destination (see [`replay`]) and then acknowledged. Messages
+/// that cannot be replayed are requeued on the dead-letter queue at the end.
+pub async fn replay_queue(
+    consumer: &dyn Consumer,
+    publisher: &dyn Publisher,
+    queue: &str,
+    options: ReplayOptions,
+) -> Result<ReplayReport> {
+    let mut sub = consumer
+        .consume(queue, ConsumeOptions::default().prefetch(100))
+        .await?;
+    let cancel = sub.cancel_handle();
+    let mut report = ReplayReport::default();
+    let mut keep = Vec::new();
+    while report.replayed < options.max {
+        let d = match tokio::time::timeout(options.idle, sub.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => break,
+        };
+        match replay(publisher, d.message.clone()).await {
+            Ok(_) => {
+                d.ack().await?;
+                report.replayed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "dead letter not replayed");
+                report.skipped += 1;
+                keep.push(d);
+            }
+        }
+    }
+    cancel.cancel().await?;
+    for d in keep {
+        d.nack(true).await?;
+    }
+    drop(sub);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::tests::Recorder;
+    use crate::retry::{RetryLayer, RetryPolicy};
+    use switchyard_core::handler_fn;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn final_failures_are_dead_lettered_with_reasons_others_pass_through() {
+        let rec = Arc::new(Recorder::default());
+        let layer = DeadLetterLayer::new(rec.clone(), "dlx");
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10))))
+            .service(handler_fn(|e: Envelope| async move {
+                match e.body().as_ref() {
+                    b"bad" => Err(HandlerError::reject("no such customer")),
+                    b"flaky" => Err(HandlerError::retry("db down")),
+                    _ => Ok(()),
+                }
+            }));
+        let env = |b: &'static str| Envelope::for_test(Message::new(b).with_message_id(b), "orders");
+        assert_eq!(svc.clone().oneshot(env("bad")).await.unwrap(), Outcome::DeadLettered);
+        assert_eq!(svc.clone().oneshot(env("flaky")).await.unwrap(), Outcome::DeadLettered);
+        assert_eq!(svc.clone().oneshot(env("ok")).await.unwrap(), Outcome::Ack);
+        let sent = rec.sent.lock().clone();
+        assert_eq!(sent.len(), 2);
+        let (d, m) = &sent[0];
+        assert_eq!(d, &Destination::new("dlx", "orders"));
+        assert_eq!(m.headers.get_str(ERROR), Some("no such customer"));
+        assert_eq!(m.headers.get_str(ERROR_KIND), Some("permanent"));
+        assert_eq!(m.headers.get_str(ORIGINAL_QUEUE), Some("orders"));
+        assert_eq!(m.headers.get_str(ORIGINAL_EXCHANGE), Some(""));
+        assert_eq!(m.headers.get_i64(RETRY_COUNT), Some(0));
+        assert!(m.headers.get_i64(FAILED_AT).unwrap() > 1_700_000_000);
+        let m = &sent[1].1;
+        assert_eq!(m.headers.get_str(ERROR_KIND), Some("transient"));
+        assert_eq!(m.headers.get_i64(RETRY_COUNT), Some(2));
+        assert!(m.headers.get_str(ERROR).unwrap().contains("db down"));
+
+        // a transient failure without a retry layer is not final: the Worker requeues it
+        let bare = layer.layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::retry("x")) }));
+        assert_eq!(bare.oneshot(env("t")).await.unwrap_err().kind(), FailureKind::Transient);
+        assert_eq!(rec.sent.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn publish_failure_returns_the_original_error() {
+        let rec = Arc::new(Recorder::default());
+        rec.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let svc = DeadLetterLayer::new(rec.clone(), "dlx")
+            .layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::decode("bad json")) }));
+        let e = svc
+            .oneshot(Envelope::for_test(Message::new("x"), "q"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Decode);
+    }
+
+    #[tokio::test]
+    async fn replay_strips_headers_and_restores_destination() {
+        let rec = Arc::new(Recorder::default());
+        let env = Envelope::for_test(Message::new("x").with_header("tenant", "acme"), "orders");
+        let dl = dead_letter_message(&env, &HandlerError::reject("nope"));
+        let mut with_original = dl.clone();
+        with_original.headers.insert(ORIGINAL_EXCHANGE, "shop");
+        with_original.headers.insert(ORIGINAL_ROUTING_KEY, "order.created");
+        let dest = replay(&*rec, with_original).await.unwrap();
+        assert_eq!(dest, Destination::new("shop", "order.created"));
+        let sent = rec.sent.lock();
+        let m = &sent[0].1;
+        assert_eq!(m.headers.len(), 1, "only the application header is left: {:?}", m.headers);
+        assert_eq!(m.headers.get_str("tenant"), Some("acme"));
+        drop(sent);
+        let e = replay(&*rec, Message::new("plain")).await.unwrap_err();
+        assert_eq!(e.code(), "decode_failed");
+        assert_eq!(truncate("héllo", 2), "h");
+    }
+}

@@ -1,0 +1,1401 @@
+//! The shared broker state and every operation on it.
+//!
+//! One `parking_lot` mutex guards the whole topology and all queues; every
+//! operation holds it briefly and never across an `.await`. Deliveries go
+//! to each consumer's [`Outbox`], which has its own small lock, so a
+//! consumer drains a whole batch without touching the broker lock, and is
+//! woken once per batch (when its outbox goes from empty to non-empty).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use switchyard_core::message::unix_now;
+use switchyard_core::{
+    Binding, Error, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Message, Overflow, QueueInfo, QueueSpec,
+    QueueType, Result,
+};
+
+use crate::routing::{split_words, HeadersPattern, TopicPattern};
+
+/// Prefix of direct reply-to pseudo-queues.
+pub(crate) const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Identity hasher for the `u64` ids used as map keys.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// The broker: state behind one lock.
+pub(crate) struct Broker {
+    pub(crate) state: Mutex<State>,
+}
+
+/// Side effects to run after the broker lock is released.
+#[derive(Default)]
+pub(crate) struct Effects {
+    wakes: Vec<Waker>,
+    timers: Vec<(Arc<str>, u64, Instant)>,
+}
+
+impl Broker {
+    pub(crate) fn new() -> Arc<Broker> {
+        Arc::new(Broker {
+            state: Mutex::new(State::new()),
+        })
+    }
+
+    /// Runs `f` under the lock, then wakes consumers and arms TTL timers.
+    #[inline]
+    pub(crate) fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Effects) -> R) -> R {
+        let mut fx = Effects::default();
+        let r = {
+            let mut st = self.state.lock();
+            f(&mut st, &mut fx)
+        };
+        self.run_effects(fx);
+        r
+    }
+
+    fn run_effects(self: &Arc<Self>, fx: Effects) {
+        for w in fx.wakes {
+            w.wake();
+        }
+        if fx.timers.is_empty() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // No runtime: expiry then happens lazily on the next operation.
+            return;
+        };
+        for (queue, uid, at) in fx.timers {
+            let weak: Weak<Broker> = Arc::downgrade(self);
+            handle.spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                if let Some(b) = weak.upgrade() {
+                    b.with(|st, fx| st.timer_fired(&queue, uid, at, fx));
+                }
+            });
+        }
+    }
+}
+
+/// What a consumer's stream sees.
+pub(crate) struct OutItem {
+    pub(crate) message: Message,
+    pub(crate) tag: u64,
+    pub(crate) redelivered: bool,
+    pub(crate) exchange: Arc<str>,
+    pub(crate) routing_key: Arc<str>,
+}
+
+/// How a consumer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Still running.
+    Open,
+    /// Cancelled by the client, or its connection closed: the stream ends.
+    Cancelled,
+    /// Cancelled by the broker (queue deleted): the stream yields
+    /// `ConsumerCancelled`, then ends.
+    BrokerCancelled,
+}
+
+/// A consumer's delivery buffer.
+pub(crate) struct Outbox {
+    pub(crate) inner: Mutex<OutboxInner>,
+}
+
+pub(crate) struct OutboxInner {
+    pub(crate) buf: VecDeque<OutItem>,
+    pub(crate) waker: Option<Waker>,
+    pub(crate) end: End,
+}
+
+impl Outbox {
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            inner: Mutex::new(OutboxInner {
+                buf: VecDeque::new(),
+                waker: None,
+                end: End::Open,
+            }),
+        })
+    }
+
+    fn push(&self, item: OutItem, fx: &mut Effects) {
+        let mut o = self.inner.lock();
+        o.buf.push_back(item);
+        if let Some(w) = o.waker.take() {
+            fx.wakes.push(w);
+        }
+    }
+
+    /// Ends the stream; returns the tags of buffered items (not yet seen by
+    /// the application) so they can be requeued.
+    fn end(&self, end: End, fx: &mut Effects) -> Vec<u64> {
+        let mut o = self.inner.lock();
+        if o.end == End::Open || end == End::Cancelled {
+            o.end = end;
+        }
+        // After a broker-side cancel the deliveries already sent still
+        // reach the application, as on the wire.
+        let tags = if end == End::BrokerCancelled {
+            Vec::new()
+        } else {
+            o.buf.drain(..).map(|i| i.tag).collect()
+        };
+        if let Some(w) = o.waker.take() {
+            fx.wakes.push(w);
+        }
+        tags
+    }
+}
+
+/// A message in a queue (ready or unacknowledged).
+#[derive(Clone)]
+pub(crate) struct QMsg {
+    seq: u64,
+    message: Message,
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
+    redelivered: bool,
+    expires: Option<Instant>,
+    returns: u32,
+    priority: u8,
+}
+
+impl QMsg {
+    fn size(&self) -> u64 {
+        self.message.body.len() as u64
+    }
+}
+
+#[derive(Debug, Clone)]
+struct QueueCfg {
+    max_length: Option<u64>,
+    max_bytes: Option<u64>,
+    overflow: Overflow,
+    dlx: Option<Arc<str>>,
+    dlrk: Option<Arc<str>>,
+    ttl: Option<Duration>,
+    levels: usize,
+    delivery_limit: Option<u32>,
+    quorum: bool,
+    single_active: bool,
+}
+
+impl QueueCfg {
+    fn from_spec(spec: &QueueSpec) -> Self {
+        let a = &spec.arguments;
+        let quorum = a.queue_type == Some(QueueType::Quorum);
+        QueueCfg {
+            max_length: a.max_length,
+            max_bytes: a.max_length_bytes,
+            overflow: a.overflow.unwrap_or_default(),
+            dlx: a.dead_letter_exchange.as_deref().map(Arc::from),
+            dlrk: a.dead_letter_routing_key.as_deref().map(Arc::from),
+            ttl: a.message_ttl,
+            levels: if quorum {
+                1
+            } else {
+                a.max_priority.map_or(1, |p| p as usize + 1)
+            },
+            delivery_limit: if quorum { a.delivery_limit } else { None },
+            quorum,
+            single_active: a.single_active_consumer,
+        }
+    }
+}
+
+pub(crate) struct Queue {
+    name: Arc<str>,
+    uid: u64,
+    spec: QueueSpec,
+    owner: Option<u64>,
+    cfg: QueueCfg,
+    levels: Vec<VecDeque<QMsg>>,
+    ready: usize,
+    ready_bytes: u64,
+    expiring: usize,
+    consumers: Vec<u64>,
+    rr: usize,
+    had_consumer: bool,
+    exclusive_consumer: bool,
+    timer: Option<Instant>,
+}
+
+impl Queue {
+    fn push_ready(&mut self, m: QMsg) {
+        self.ready += 1;
+        self.ready_bytes += m.size();
+        if m.expires.is_some() {
+            self.expiring += 1;
+        }
+        let level = &mut self.levels[m.priority as usize];
+        // Requeued messages go back to their original position (ordered by
+        // sequence number); new ones go to the tail.
+        match level.back() {
+            Some(last) if last.seq > m.seq => {
+                let at = level.partition_point(|x| x.seq < m.seq);
+                level.insert(at, m);
+            }
+            _ => level.push_back(m),
+        }
+    }
+
+    fn head_level(&self) -> Option<usize> {
+        (0..self.levels.len()).rev().find(|&i| !self.levels[i].is_empty())
+    }
+
+    fn took(&mut self, m: &QMsg) {
+        self.ready -= 1;
+        self.ready_bytes -= m.size();
+        if m.expires.is_some() {
+            self.expiring -= 1;
+        }
+    }
+
+    fn pop_head(&mut self) -> Option<QMsg> {
+        let l = self.head_level()?;
+        let m = self.levels[l].pop_front()?;
+        self.took(&m);
+        Some(m)
+    }
+
+    fn over_limit(&self, extra_len: u64, extra_bytes: u64) -> bool {
+        self.cfg.max_length.is_some_and(|n| self.ready as u64 + extra_len > n)
+            || self.cfg.max_bytes.is_some_and(|n| self.ready_bytes + extra_bytes > n)
+    }
+
+    fn info(&self) -> QueueInfo {
+        QueueInfo {
+            name: self.name.to_string(),
+            message_count: self.ready as u32,
+            consumer_count: self.consumers.len() as u32,
+        }
+    }
+}
+
+struct Bind {
+    dest: Arc<str>,
+    dest_is_exchange: bool,
+    key: String,
+    args: Headers,
+    topic: Option<TopicPattern>,
+    headers: Option<HeadersPattern>,
+}
+
+struct Exchange {
+    spec: ExchangeSpec,
+    alternate: Option<Arc<str>>,
+    binds: Vec<Bind>,
+}
+
+pub(crate) struct ConsumerEntry {
+    pub(crate) queue: Arc<str>,
+    queue_uid: u64,
+    pub(crate) conn: u64,
+    prefetch: u32,
+    auto_ack: bool,
+    active: bool,
+    outbox: Arc<Outbox>,
+    next_tag: u64,
+    unacked: VecDeque<(u64, Option<QMsg>)>,
+    live: u32,
+}
+
+impl ConsumerEntry {
+    #[inline]
+    fn has_capacity(&self) -> bool {
+        self.active && (self.auto_ack || self.prefetch == 0 || self.live < self.prefetch)
+    }
+}
+
+#[derive(Default)]
+struct Conn {
+    consumers: Vec<u64>,
+}
+
+/// Everything the broker knows.
+pub(crate) struct State {
+    exchanges: HashMap<Arc<str>, Exchange>,
+    queues: HashMap<Arc<str>, Queue>,
+    consumers: IdMap<ConsumerEntry>,
+    conns: IdMap<Conn>,
+    reply_to: HashMap<Arc<str>, u64>,
+    next_id: u64,
+    next_seq: u64,
+}
+
+fn shutdown() -> Error {
+    Error::Shutdown {
+        what: "memory transport connection".into(),
+    }
+}
+
+fn refused(resource: &str, message: impl Into<String>) -> Error {
+    Error::PreconditionFailed {
+        resource: resource.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn locked(queue: &str) -> Error {
+    Error::ResourceLocked {
+        resource: queue.to_owned(),
+        message: format!("cannot obtain exclusive access to locked queue '{queue}'"),
+    }
+}
+
+/// The result of routing one publish.
+enum Routed {
+    Ok,
+    Unroutable,
+    Refused(&'static str),
+}
+
+impl State {
+    fn new() -> Self {
+        let mut st = State {
+            exchanges: HashMap::new(),
+            queues: HashMap::new(),
+            consumers: IdMap::default(),
+            conns: IdMap::default(),
+            reply_to: HashMap::new(),
+            next_id: 1,
+            next_seq: 1,
+        };
+        for (name, kind) in [
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            st.exchanges.insert(
+                Arc::from(name),
+                Exchange {
+                    spec: ExchangeSpec::new(name, kind),
+                    alternate: None,
+                    binds: Vec::new(),
+                },
+            );
+        }
+        st
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    // ----- connections -------------------------------------------------
+
+    pub(crate) fn open_conn(&mut self) -> u64 {
+        let id = self.id();
+        self.conns.insert(id, Conn::default());
+        id
+    }
+
+    pub(crate) fn check_conn(&self, conn: u64) -> Result<()> {
+        if self.conns.contains_key(&conn) {
+            Ok(())
+        } else {
+            Err(shutdown())
+        }
+    }
+
+    /// Closes a connection: cancels its consumers, requeues their unacked
+    /// deliveries and deletes its exclusive queues.
+    pub(crate) fn close_conn(&mut self, conn: u64, fx: &mut Effects) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        for cid in c.consumers {
+            self.release_channel(cid, fx);
+        }
+        let exclusive: Vec<Arc<str>> = self
+            .queues
+            .values()
+            .filter(|q| q.owner == Some(conn))
+            .map(|q| q.name.clone())
+            .collect();
+        for q in exclusive {
+            self.remove_queue(&q, fx);
+        }
+    }
+
+    // ----- exchanges ---------------------------------------------------
+
+    pub(crate) fn declare_exchange(&mut self, conn: u64, spec: &ExchangeSpec) -> Result<()> {
+        self.check_conn(conn)?;
+        if spec.name.is_empty() {
+            return Err(refused("", "operation not permitted on the default exchange"));
+        }
+        if let Some(e) = self.exchanges.get(spec.name.as_str()) {
+            let s = &e.spec;
+            if s.kind != spec.kind
+                || s.durable != spec.durable
+                || s.auto_delete != spec.auto_delete
+                || s.internal != spec.internal
+                || s.arguments.get("alternate-exchange") != spec.arguments.get("alternate-exchange")
+            {
+                return Err(refused(
+                    &spec.name,
+                    format!(
+                        "inequivalent arg for exchange '{}': existing {} durable={} auto_delete={} internal={}",
+                        spec.name,
+                        s.kind.as_str(),
+                        s.durable,
+                        s.auto_delete,
+                        s.internal
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(refused(
+                &spec.name,
+                format!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
+            ));
+        }
+        let alternate = spec.arguments.get_str("alternate-exchange").map(Arc::from);
+        self.exchanges.insert(
+            Arc::from(spec.name.as_str()),
+            Exchange {
+                spec: spec.clone(),
+                alternate,
+                binds: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn exchange_exists(&self, conn: u64, name: &str) -> Result<bool> {
+        self.check_conn(conn)?;
+        Ok(name.is_empty() || self.exchanges.contains_key(name))
+    }
+
+    pub(crate) fn delete_exchange(&mut self, conn: u64, name: &str) -> Result<()> {
+        self.check_conn(conn)?;
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(refused(name, "operation not permitted on a reserved exchange"));
+        }
+        if self.exchanges.remove(name).is_some() {
+            self.remove_bindings_to(name, true);
+        }
+        Ok(())
+    }
+
+    /// Removes every binding whose destination is `dest`, then deletes
+    /// auto-delete exchanges left without bindings.
+    fn remove_bindings_to(&mut self, dest: &str, dest_is_exchange: bool) {
+        let mut emptied = Vec::new();
+        for (name, e) in self.exchanges.iter_mut() {
+            let before = e.binds.len();
+            e.binds
+                .retain(|b| !(b.dest_is_exchange == dest_is_exchange && &*b.dest == dest));
+            if e.binds.is_empty() && before > 0 && e.spec.auto_delete {
+                emptied.push(name.clone());
+            }
+        }
+        for name in emptied {
+            self.exchanges.remove(&name);
+            self.remove_bindings_to(&name, true);
+        }
+    }
+
+    // ----- bindings ----------------------------------------------------
+
+    pub(crate) fn bind(&mut self, conn: u64, b: &Binding) -> Result<()> {
+        self.check_conn(conn)?;
+        if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
+            return Err(refused("", "operation not permitted on the default exchange"));
+        }
+        self.check_bind_ends(conn, b)?;
+        let src = self.exchanges.get_mut(b.source.as_str()).expect("checked above");
+        let exists = src.binds.iter().any(|x| {
+            x.dest_is_exchange == b.destination_is_exchange
+                && *x.dest == *b.destination
+                && x.key == b.routing_key
+                && x.args == b.arguments
+        });
+        if exists {
+            return Ok(());
+        }
+        let topic = (src.spec.kind == ExchangeKind::Topic).then(|| TopicPattern::new(&b.routing_key));
+        let headers = if src.spec.kind == ExchangeKind::Headers {
+            Some(HeadersPattern::new(&b.arguments).map_err(|m| refused(&b.source, m))?)
+        } else {
+            None
+        };
+        src.binds.push(Bind {
+            dest: Arc::from(b.destination.as_str()),
+            dest_is_exchange: b.destination_is_exchange,
+            key: b.routing_key.clone(),
+            args: b.arguments.clone(),
+            topic,
+            headers,
+        });
+        Ok(())
+    }
+
+    fn check_bind_ends(&self, conn: u64, b: &Binding) -> Result<()> {
+        if !self.exchanges.contains_key(b.source.as_str()) {
+            return Err(Error::ExchangeNotFound {
+                exchange: b.source.clone(),
+            });
+        }
+        if b.destination_is_exchange {
+            if !self.exchanges.contains_key(b.destination.as_str()) {
+                return Err(Error::ExchangeNotFound {
+                    exchange: b.destination.clone(),
+                });
+            }
+        } else {
+            let q = self.queue_for(conn, &b.destination)?;
+            let _ = q;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn unbind(&mut self, conn: u64, b: &Binding) -> Result<()> {
+        self.check_conn(conn)?;
+        if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
+            return Err(refused("", "operation not permitted on the default exchange"));
+        }
+        self.check_bind_ends(conn, b)?;
+        let src = self.exchanges.get_mut(b.source.as_str()).expect("checked above");
+        let before = src.binds.len();
+        src.binds.retain(|x| {
+            !(x.dest_is_exchange == b.destination_is_exchange
+                && *x.dest == *b.destination
+                && x.key == b.routing_key
+                && x.args == b.arguments)
+        });
+        if before > 0 && src.binds.is_empty() && src.spec.auto_delete {
+            self.exchanges.remove(b.source.as_str());
+            self.remove_bindings_to(&b.source, true);
+        }
+        Ok(())
+    }
+
+    // ----- queues ------------------------------------------------------
+
+    /// The queue `name`, checking exclusivity for `conn`.
+    fn queue_for(&self, conn: u64, name: &str) -> Result<&Queue> {
+        let q = self.queues.get(name).ok_or_else(|| Error::QueueNotFound { queue: name.to_owned() })?;
+        if q.owner.is_some_and(|o| o != conn) {
+            return Err(locked(name));
+        }
+        Ok(q)
+    }
+
+    pub(crate) fn declare_queue(&mut self, conn: u64, spec: &QueueSpec, fx: &mut Effects) -> Result<QueueInfo> {
+        self.check_conn(conn)?;
+        if let Some(q) = self.queues.get(spec.name.as_str()) {
+            if q.owner.is_some_and(|o| o != conn) || q.owner.is_some() != spec.exclusive {
+                return Err(locked(&spec.name));
+            }
+            let norm = |s: &QueueSpec| {
+                let mut a = s.arguments.clone();
+                a.extra = Headers::new();
+                if a.queue_type.is_none() {
+                    a.queue_type = Some(QueueType::Classic);
+                }
+                a
+            };
+            if q.spec.durable != spec.durable
+                || q.spec.auto_delete != spec.auto_delete
+                || norm(&q.spec) != norm(spec)
+            {
+                return Err(refused(
+                    &spec.name,
+                    format!(
+                        "inequivalent arg for queue '{}': existing durable={} auto_delete={} arguments={:?}",
+                        spec.name, q.spec.durable, q.spec.auto_delete, q.spec.arguments
+                    ),
+                ));
+            }
+            self.expire(&spec.name, fx);
+            return Ok(self.queues[spec.name.as_str()].info());
+        }
+        let name: Arc<str> = if spec.name.is_empty() {
+            loop {
+                let id = switchyard_core::message::new_id();
+                let n = format!("amq.gen-{}", &id[..22]);
+                if !self.queues.contains_key(n.as_str()) {
+                    break Arc::from(n);
+                }
+            }
+        } else if spec.name.starts_with("amq.") {
+            return Err(refused(
+                &spec.name,
+                format!("queue name '{}' contains reserved prefix 'amq.*'", spec.name),
+            ));
+        } else {
+            Arc::from(spec.name.as_str())
+        };
+        let a = &spec.arguments;
+        if a.queue_type == Some(QueueType::Quorum) && (!spec.durable || spec.exclusive || spec.auto_delete) {
+            return Err(refused(
+                &name,
+                "quorum queues must be durable, non-exclusive and non-auto-delete",
+            ));
+        }
+        if a.queue_type == Some(QueueType::Stream) {
+            return Err(Error::Unsupported {
+                feature: "stream queues in the memory transport".into(),
+            });
+        }
+        if a.max_priority == Some(0) {
+            return Err(refused(&name, "invalid arg 'x-max-priority': must be between 1 and 255"));
+        }
+        let mut stored = spec.clone();
+        stored.name = name.to_string();
+        let cfg = QueueCfg::from_spec(spec);
+        let q = Queue {
+            name: name.clone(),
+            uid: self.next_id + 1,
+            owner: spec.exclusive.then_some(conn),
+            levels: (0..cfg.levels).map(|_| VecDeque::new()).collect(),
+            cfg,
+            spec: stored,
+            ready: 0,
+            ready_bytes: 0,
+            expiring: 0,
+            consumers: Vec::new(),
+            rr: 0,
+            had_consumer: false,
+            exclusive_consumer: false,
+            timer: None,
+        };
+        self.next_id += 1;
+        let info = q.info();
+        self.queues.insert(name, q);
+        Ok(info)
+    }
+
+    pub(crate) fn queue_info(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<QueueInfo> {
+        self.check_conn(conn)?;
+        self.queue_for(conn, name)?;
+        self.expire(name, fx);
+        Ok(self.queues[name].info())
+    }
+
+    pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
+        self.check_conn(conn)?;
+        self.queue_for(conn, name)?;
+        self.expire(name, fx);
+        let q = self.queues.get_mut(name).expect("checked");
+        let n = q.ready as u32;
+        for l in q.levels.iter_mut() {
+            l.clear();
+        }
+        q.ready = 0;
+        q.ready_bytes = 0;
+        q.expiring = 0;
+        Ok(n)
+    }
+
+    pub(crate) fn delete_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
+        self.check_conn(conn)?;
+        match self.queue_for(conn, name) {
+            Err(Error::QueueNotFound { .. }) => return Ok(0),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        self.expire(name, fx);
+        Ok(self.remove_queue(name, fx))
+    }
+
+    /// Deletes a queue, cancelling its consumers; returns its ready count.
+    fn remove_queue(&mut self, name: &str, fx: &mut Effects) -> u32 {
+        let Some(q) = self.queues.remove(name) else { return 0 };
+        for cid in &q.consumers {
+            if let Some(c) = self.consumers.get_mut(cid) {
+                c.active = false;
+                c.outbox.end(End::BrokerCancelled, fx);
+            }
+        }
+        self.remove_bindings_to(name, false);
+        q.ready as u32
+    }
+
+    // ----- publishing --------------------------------------------------
+
+    pub(crate) fn publish(
+        &mut self,
+        conn: u64,
+        exchange: &Arc<str>,
+        routing_key: &Arc<str>,
+        message: Message,
+        mandatory: bool,
+        fx: &mut Effects,
+    ) -> Result<()> {
+        self.check_conn(conn)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let expires = message.properties.expiration;
+        let m = QMsg {
+            seq,
+            message,
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
+            redelivered: false,
+            expires: None,
+            returns: 0,
+            priority: 0,
+        };
+        // Fast path: the default exchange routes to the queue named by the key.
+        let routed = if exchange.is_empty() {
+            if self.queues.contains_key(&**routing_key) {
+                self.deliver_to_queue(routing_key, m, expires, 0, fx)
+            } else if routing_key.starts_with(REPLY_TO) {
+                self.deliver_reply(routing_key, m, fx)
+            } else {
+                Routed::Unroutable
+            }
+        } else {
+            let Some(ex) = self.exchanges.get(&**exchange) else {
+                return Err(Error::ExchangeNotFound {
+                    exchange: exchange.to_string(),
+                });
+            };
+            if ex.spec.internal {
+                return Err(refused(
+                    exchange,
+                    format!("cannot publish to internal exchange '{exchange}'"),
+                ));
+            }
+            let mut targets = Vec::new();
+            self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
+            self.deliver_all(targets, m, expires, 0, fx)
+        };
+        match routed {
+            Routed::Ok => Ok(()),
+            Routed::Unroutable if mandatory => Err(Error::Unroutable {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+            }),
+            Routed::Unroutable => Ok(()),
+            Routed::Refused(why) => Err(Error::PublishUnconfirmed {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                message: why.to_owned(),
+            }),
+        }
+    }
+
+    fn deliver_all(
+        &mut self,
+        targets: Vec<Arc<str>>,
+        m: QMsg,
+        expiration: Option<Duration>,
+        depth: u32,
+        fx: &mut Effects,
+    ) -> Routed {
+        if targets.is_empty() {
+            return Routed::Unroutable;
+        }
+        let mut result = Routed::Ok;
+        let last = targets.len() - 1;
+        let mut m = Some(m);
+        for (i, t) in targets.iter().enumerate() {
+            let copy = if i == last {
+                m.take().expect("one message per target")
+            } else {
+                m.clone().expect("one message per target")
+            };
+            if let Routed::Refused(w) = self.deliver_to_queue(t, copy, expiration, depth, fx) {
+                result = Routed::Refused(w);
+            }
+        }
+        result
+    }
+
+    /// Collects the queues `exchange` routes `key`/`headers` to.
+    fn route(&self, exchange: &str, key: &str, headers: &Headers, out: &mut Vec<Arc<str>>, depth: u32) {
+        if depth > 16 {
+            return;
+        }
+        if exchange.is_empty() {
+            if let Some(q) = self.queues.get(key) {
+                if !out.contains(&q.name) {
+                    out.push(q.name.clone());
+                }
+            }
+            return;
+        }
+        let Some(ex) = self.exchanges.get(exchange) else { return };
+        let before = out.len();
+        let words = (ex.spec.kind == ExchangeKind::Topic).then(|| split_words(key));
+        for b in &ex.binds {
+            let hit = match ex.spec.kind {
+                ExchangeKind::Direct => b.key == key,
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Topic => b.topic.as_ref().is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
+                ExchangeKind::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
+            };
+            if !hit {
+                continue;
+            }
+            if b.dest_is_exchange {
+                self.route(&b.dest, key, headers, out, depth + 1);
+            } else if self.queues.contains_key(&*b.dest) && !out.contains(&b.dest) {
+                out.push(b.dest.clone());
+            }
+        }
+        if out.len() == before {
+            if let Some(ae) = &ex.alternate {
+                self.route(ae, key, headers, out, depth + 1);
+            }
+        }
+    }
+
+    fn deliver_reply(&mut self, key: &Arc<str>, m: QMsg, fx: &mut Effects) -> Routed {
+        let Some(&cid) = self.reply_to.get(&**key) else {
+            return Routed::Unroutable;
+        };
+        let Some(c) = self.consumers.get_mut(&cid) else {
+            return Routed::Unroutable;
+        };
+        if !c.active {
+            return Routed::Unroutable;
+        }
+        c.outbox.push(
+            OutItem {
+                message: m.message,
+                tag: 0,
+                redelivered: false,
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+            },
+            fx,
+        );
+        Routed::Ok
+    }
+
+    /// Puts a message into queue `name` (delivering at once to a waiting
+    /// consumer when the queue is empty), applying its limits.
+    fn deliver_to_queue(
+        &mut self,
+        name: &str,
+        mut m: QMsg,
+        expiration: Option<Duration>,
+        depth: u32,
+        fx: &mut Effects,
+    ) -> Routed {
+        let Some(q) = self.queues.get_mut(name) else {
+            return Routed::Unroutable;
+        };
+        // Overflow policies that refuse the new message.
+        if q.cfg.overflow != Overflow::DropHead && q.over_limit(1, m.size()) {
+            if q.cfg.overflow == Overflow::RejectPublishDlx {
+                let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
+                self.dead_letter(&qn, dlx, dlrk, m, "maxlen", depth, fx);
+            }
+            return Routed::Refused("queue is full (x-overflow reject-publish)");
+        }
+        m.priority = (m.message.properties.priority.unwrap_or(0) as usize).min(q.levels.len() - 1) as u8;
+        let ttl = match (expiration, q.cfg.ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if q.ready == 0 {
+            if let Some(m) = try_direct(q, &mut self.consumers, m, fx) {
+                m.expires_after(ttl, q);
+            } else {
+                return Routed::Ok;
+            }
+        } else {
+            m.expires_after(ttl, q);
+        }
+        if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
+            let mut dropped = Vec::new();
+            while q.over_limit(0, 0) {
+                match q.pop_head() {
+                    Some(h) => dropped.push(h),
+                    None => break,
+                }
+            }
+            let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
+            for h in dropped {
+                self.dead_letter(&qn, dlx.clone(), dlrk.clone(), h, "maxlen", depth, fx);
+            }
+        }
+        self.after_change(name, fx);
+        Routed::Ok
+    }
+
+    /// Dispatches ready messages to consumers with capacity, expires heads
+    /// and arms the TTL timer.
+    fn after_change(&mut self, name: &str, fx: &mut Effects) {
+        self.expire(name, fx);
+        let Some(q) = self.queues.get_mut(name) else { return };
+        dispatch(q, &mut self.consumers, fx);
+        if q.expiring > 0 || q.cfg.ttl.is_some() {
+            // Dispatch may have exposed new heads.
+            let n = q.name.clone();
+            self.expire(&n, fx);
+        }
+    }
+
+    /// Removes expired messages from the heads of queue `name`,
+    /// dead-lettering them, and arms a timer for the next head to expire.
+    fn expire(&mut self, name: &str, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        if q.expiring == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for l in 0..q.levels.len() {
+            while let Some(h) = q.levels[l].front() {
+                if h.expires.is_some_and(|e| e <= now) {
+                    let h = q.levels[l].pop_front().expect("front exists");
+                    q.took(&h);
+                    dead.push(h);
+                } else {
+                    break;
+                }
+            }
+        }
+        let next = q.levels.iter().filter_map(|l| l.front().and_then(|h| h.expires)).min();
+        if let Some(at) = next {
+            if q.timer.is_none_or(|t| at < t) {
+                q.timer = Some(at);
+                fx.timers.push((q.name.clone(), q.uid, at));
+            }
+        }
+        if dead.is_empty() {
+            return;
+        }
+        let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
+        for h in dead {
+            self.dead_letter(&qn, dlx.clone(), dlrk.clone(), h, "expired", 0, fx);
+        }
+    }
+
+    fn timer_fired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        if q.uid != uid {
+            return;
+        }
+        if q.timer.is_some_and(|t| t <= at) {
+            q.timer = None;
+        }
+        self.after_change(name, fx);
+    }
+
+    /// Dead-letters `m` from queue `queue` for `reason`, as RabbitMQ 3.10 does.
+    #[allow(clippy::too_many_arguments)]
+    fn dead_letter(
+        &mut self,
+        queue: &Arc<str>,
+        dlx: Option<Arc<str>>,
+        dlrk: Option<Arc<str>>,
+        m: QMsg,
+        reason: &'static str,
+        depth: u32,
+        fx: &mut Effects,
+    ) {
+        let Some(dlx) = dlx else { return };
+        if depth > 16 || !(dlx.is_empty() || self.exchanges.contains_key(&*dlx)) {
+            return;
+        }
+        let mut message = m.message;
+        record_death(&mut message, queue, &m.exchange, &m.routing_key, reason);
+        let key = dlrk.unwrap_or_else(|| m.routing_key.clone());
+        let mut targets = Vec::new();
+        self.route(&dlx, &key, &message.headers, &mut targets, 0);
+        if reason != "rejected" {
+            if let Some(HeaderValue::Array(deaths)) = message.headers.get("x-death") {
+                targets.retain(|t| !is_cycle(t, deaths));
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let dm = QMsg {
+            seq,
+            message,
+            exchange: dlx,
+            routing_key: key,
+            redelivered: false,
+            expires: None,
+            returns: 0,
+            priority: 0,
+        };
+        let _ = self.deliver_all(targets, dm, None, depth + 1, fx);
+    }
+
+    // ----- consumers ---------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn consume(
+        &mut self,
+        conn: u64,
+        queue: &str,
+        prefetch: u16,
+        auto_ack: bool,
+        exclusive: bool,
+        fx: &mut Effects,
+    ) -> Result<(u64, Arc<str>, Arc<Outbox>)> {
+        self.check_conn(conn)?;
+        self.queue_for(conn, queue)?;
+        let cid = self.id();
+        let q = self.queues.get_mut(queue).expect("checked");
+        if q.exclusive_consumer || (exclusive && !q.consumers.is_empty()) {
+            return Err(Error::ResourceLocked {
+                resource: queue.to_owned(),
+                message: format!("queue '{queue}' in exclusive use"),
+            });
+        }
+        let outbox = Outbox::new();
+        q.consumers.push(cid);
+        q.had_consumer = true;
+        q.exclusive_consumer = exclusive;
+        let qname = q.name.clone();
+        self.consumers.insert(
+            cid,
+            ConsumerEntry {
+                queue: qname.clone(),
+                queue_uid: q.uid,
+                conn,
+                prefetch: prefetch as u32,
+                auto_ack,
+                active: true,
+                outbox: outbox.clone(),
+                next_tag: 1,
+                unacked: VecDeque::new(),
+                live: 0,
+            },
+        );
+        self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
+        self.after_change(&qname, fx);
+        Ok((cid, qname, outbox))
+    }
+
+    /// Registers a direct reply-to consumer.
+    pub(crate) fn consume_reply(&mut self, conn: u64) -> Result<(u64, Arc<str>, Arc<Outbox>)> {
+        self.check_conn(conn)?;
+        let cid = self.id();
+        let id = switchyard_core::message::new_id();
+        let name: Arc<str> = Arc::from(format!("{REPLY_TO}.g1h2AA5r{}", &id[..24]));
+        let outbox = Outbox::new();
+        self.consumers.insert(
+            cid,
+            ConsumerEntry {
+                queue: name.clone(),
+                queue_uid: 0,
+                conn,
+                prefetch: 0,
+                auto_ack: true,
+                active: true,
+                outbox: outbox.clone(),
+                next_tag: 1,
+                unacked: VecDeque::new(),
+                live: 0,
+            },
+        );
+        self.reply_to.insert(name.clone(), cid);
+        self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
+        Ok((cid, name, outbox))
+    }
+
+    /// Cancels a consumer (client side); `unseen` are tags the application
+    /// never received, which are requeued at once.
+    pub(crate) fn cancel(&mut self, cid: u64, unseen: &[u64], fx: &mut Effects) {
+        let Some(c) = self.consumers.get_mut(&cid) else { return };
+        let mut tags = c.outbox.end(End::Cancelled, fx);
+        tags.extend_from_slice(unseen);
+        let was_active = c.active;
+        c.active = false;
+        let queue = c.queue.clone();
+        for t in tags {
+            let _ = self.settle(cid, t, Settle::Requeue, fx);
+        }
+        self.reply_to.remove(&queue);
+        if was_active {
+            self.detach(cid, &queue, fx);
+        }
+    }
+
+    /// Removes consumer `cid` from its queue's list, auto-deleting the queue
+    /// when it was its last consumer.
+    fn detach(&mut self, cid: u64, queue: &str, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(queue) else { return };
+        if let Some(i) = q.consumers.iter().position(|&c| c == cid) {
+            q.consumers.remove(i);
+            q.exclusive_consumer = false;
+            if q.rr > i {
+                q.rr -= 1;
+            }
+        }
+        if q.consumers.is_empty() && q.had_consumer && q.spec.auto_delete {
+            let n = q.name.clone();
+            self.remove_queue(&n, fx);
+        }
+    }
+
+    /// Drops a consumer's channel: cancels it and requeues its unacked
+    /// deliveries.
+    pub(crate) fn release_channel(&mut self, cid: u64, fx: &mut Effects) {
+        let Some(c) = self.consumers.get(&cid) else { return };
+        let unseen = Vec::new();
+        if c.active {
+            self.cancel(cid, &unseen, fx);
+        }
+        let Some(mut c) = self.consumers.remove(&cid) else { return };
+        c.outbox.end(End::Cancelled, fx);
+        let conn = c.conn;
+        if let Some(conn) = self.conns.get_mut(&conn) {
+            conn.consumers.retain(|&x| x != cid);
+        }
+        let pending: Vec<QMsg> = c.unacked.drain(..).filter_map(|(_, m)| m).collect();
+        if !pending.is_empty() {
+            let queue = c.queue.clone();
+            for m in pending {
+                self.requeue(&queue, c.queue_uid, m, fx);
+            }
+            self.after_change(&queue, fx);
+        }
+    }
+
+    /// Settles delivery `tag` of consumer `cid`.
+    pub(crate) fn settle(&mut self, cid: u64, tag: u64, how: Settle, fx: &mut Effects) -> Result<()> {
+        let Some(c) = self.consumers.get_mut(&cid) else {
+            return Err(Error::SettleFailed {
+                queue: String::new(),
+                delivery_tag: tag,
+                message: "the consumer's connection is closed".into(),
+            });
+        };
+        let taken = match c.unacked.front_mut() {
+            Some((t, m)) if *t == tag => m.take(),
+            _ => match c.unacked.binary_search_by_key(&tag, |e| e.0) {
+                Ok(i) => c.unacked[i].1.take(),
+                Err(_) => None,
+            },
+        };
+        let Some(m) = taken else {
+            return Err(Error::SettleFailed {
+                queue: c.queue.to_string(),
+                delivery_tag: tag,
+                message: "unknown delivery tag (never delivered, or already settled)".into(),
+            });
+        };
+        c.live -= 1;
+        while c.unacked.front().is_some_and(|e| e.1.is_none()) {
+            c.unacked.pop_front();
+        }
+        let (queue, uid) = (c.queue.clone(), c.queue_uid);
+        match how {
+            Settle::Ack => {}
+            Settle::Requeue => self.requeue(&queue, uid, m, fx),
+            Settle::Discard => {
+                if let Some(q) = self.queues.get(&*queue).filter(|q| q.uid == uid) {
+                    let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
+                    self.dead_letter(&queue, dlx, dlrk, m, "rejected", 0, fx);
+                }
+            }
+        }
+        self.after_change(&queue, fx);
+        Ok(())
+    }
+
+    /// Puts an unacked message back at its original position, redelivered
+    /// (or dead-letters it past a quorum queue's delivery limit).
+    fn requeue(&mut self, queue: &Arc<str>, uid: u64, mut m: QMsg, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(&**queue).filter(|q| q.uid == uid) else { return };
+        m.redelivered = true;
+        if q.cfg.quorum {
+            m.returns += 1;
+            if q.cfg.delivery_limit.is_some_and(|l| m.returns > l) {
+                let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
+                self.dead_letter(queue, dlx, dlrk, m, "delivery_limit", 0, fx);
+                return;
+            }
+        }
+        q.push_ready(m);
+    }
+}
+
+/// How to settle a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+impl QMsg {
+    /// Sets the expiry (from now) and puts the message in the queue.
+    fn expires_after(mut self, ttl: Option<Duration>, q: &mut Queue) {
+        self.expires = ttl.map(|t| Instant::now() + t);
+        q.push_ready(self);
+    }
+}
+
+/// Hands `m` straight to a consumer with capacity; gives it back if none.
+fn try_direct(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, m: QMsg, fx: &mut Effects) -> Option<QMsg> {
+    match pick_consumer(q, consumers) {
+        Some(cid) => {
+            let c = consumers.get_mut(&cid).expect("picked");
+            send(q, c, m, fx);
+            None
+        }
+        None => Some(m),
+    }
+}
+
+/// The next consumer (round-robin) with capacity.
+#[inline]
+fn pick_consumer(q: &mut Queue, consumers: &IdMap<ConsumerEntry>) -> Option<u64> {
+    let n = q.consumers.len();
+    if n == 0 {
+        return None;
+    }
+    if q.cfg.single_active {
+        let cid = q.consumers[0];
+        return consumers.get(&cid).filter(|c| c.has_capacity()).map(|_| cid);
+    }
+    for k in 0..n {
+        let i = (q.rr + k) % n;
+        let cid = q.consumers[i];
+        if consumers.get(&cid).is_some_and(|c| c.has_capacity()) {
+            q.rr = (i + 1) % n;
+            return Some(cid);
+        }
+    }
+    None
+}
+
+/// Delivers `m` to consumer `c`.
+#[inline]
+fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
+    let mut message = m.message.clone();
+    if q.cfg.quorum && m.returns > 0 {
+        message.headers.insert("x-delivery-count", HeaderValue::I64(m.returns as i64));
+    }
+    let item = OutItem {
+        message,
+        tag: 0,
+        redelivered: m.redelivered,
+        exchange: m.exchange.clone(),
+        routing_key: m.routing_key.clone(),
+    };
+    let mut item = item;
+    if c.auto_ack {
+        item.tag = c.next_tag;
+        c.next_tag += 1;
+    } else {
+        item.tag = c.next_tag;
+        c.next_tag += 1;
+        c.live += 1;
+        c.unacked.push_back((item.tag, Some(m)));
+    }
+    c.outbox.push(item, fx);
+}
+
+/// Moves ready messages to consumers with capacity; expired ones stay for
+/// [`State::expire`].
+fn dispatch(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, fx: &mut Effects) {
+    while q.ready > 0 {
+        if q.expiring > 0 {
+            let now = Instant::now();
+            let head_expired = q
+                .head_level()
+                .and_then(|l| q.levels[l].front())
+                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
+            if head_expired {
+                return;
+            }
+        }
+        let Some(cid) = pick_consumer(q, consumers) else { return };
+        let m = q.pop_head().expect("ready > 0");
+        let c = consumers.get_mut(&cid).expect("picked");
+        send(q, c, m, fx);
+    }
+}
+
+/// Adds RabbitMQ 3.10's dead-letter headers to `message`.
+fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key: &str, reason: &str) {
+    let original_expiration = message.properties.expiration.take();
+    let h = &mut message.headers;
+    if !h.contains_key("x-first-death-reason") {
+        h.insert("x-first-death-reason", reason);
+        h.insert("x-first-death-queue", queue);
+        h.insert("x-first-death-exchange", exchange);
+    }
+    let mut deaths = match h.remove("x-death") {
+        Some(HeaderValue::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    let same = deaths.iter().position(|d| {
+        d.as_table()
+            .is_some_and(|t| t.get_str("queue") == Some(queue) && t.get_str("reason") == Some(reason))
+    });
+    let entry = match same {
+        Some(i) => {
+            let mut d = deaths.remove(i);
+            if let HeaderValue::Table(t) = &mut d {
+                let n = t.get_i64("count").unwrap_or(0);
+                t.insert("count", HeaderValue::I64(n + 1));
+                t.insert("time", HeaderValue::Timestamp(unix_now()));
+            }
+            d
+        }
+        None => {
+            let mut t = Headers::new();
+            t.insert("count", HeaderValue::I64(1));
+            t.insert("reason", reason);
+            t.insert("queue", queue);
+            t.insert("time", HeaderValue::Timestamp(unix_now()));
+            t.insert("exchange", exchange);
+            t.insert(
+                "routing-keys",
+                HeaderValue::Array(vec![HeaderValue::String(routing_key.to_owned())]),
+            );
+            if let Some(e) = original_expiration {
+                t.insert("original-expiration", e.as_millis().to_string());
+            }
+            HeaderValue::Table(t)
+        }
+    };
+    deaths.insert(0, entry);
+    h.insert("x-death", HeaderValue::Array(deaths));
+}
+
+/// RabbitMQ's cycle rule: dead-lettering to `queue` cycles if `queue`
+/// appears in the (updated) death history with no rejection since.
+fn is_cycle(queue: &str, deaths: &[HeaderValue]) -> bool {
+    for d in deaths {
+        let Some(t) = d.as_table() else { return false };
+        if t.get_str("reason") == Some("rejected") {
+            return false;
+        }
+        if t.get_str("queue") == Some(queue) {
+            return true;
+        }
+    }
+    false
+}

@@ -1,0 +1,159 @@
+//! Consumers: the per-consumer channel (settlement and cancel) and the
+//! delivery stream.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use switchyard_core::transport::{Cancel, CancelHandle, DeliveryStream};
+use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Result, Subscription};
+
+use crate::broker::{Broker, End, OutItem, Outbox, Settle};
+
+/// One consumer's channel: settles its deliveries and cancels it. When the
+/// last handle (stream, deliveries, cancel handles) is gone, its unacked
+/// deliveries are requeued, as when RabbitMQ closes a channel.
+pub(crate) struct Channel {
+    broker: Arc<Broker>,
+    cid: u64,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        let cid = self.cid;
+        self.broker.with(|st, fx| st.release_channel(cid, fx));
+    }
+}
+
+impl Channel {
+    fn settle(&self, tag: u64, how: Settle) -> Result<()> {
+        let cid = self.cid;
+        self.broker.with(|st, fx| st.settle(cid, tag, how, fx))
+    }
+}
+
+#[async_trait]
+impl Acker for Channel {
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.settle(tag, Settle::Ack)
+    }
+    async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
+        self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
+    }
+}
+
+#[async_trait]
+impl Cancel for Channel {
+    async fn cancel(&self) -> Result<()> {
+        let cid = self.cid;
+        self.broker.with(|st, fx| st.cancel(cid, &[], fx));
+        Ok(())
+    }
+}
+
+/// The stream of a subscription: drains the consumer's outbox in batches.
+struct DeliveriesStream {
+    channel: Arc<Channel>,
+    outbox: Arc<Outbox>,
+    local: VecDeque<OutItem>,
+    queue: Arc<str>,
+    consumer_tag: Arc<str>,
+    auto_ack: bool,
+    done: bool,
+}
+
+impl DeliveriesStream {
+    fn make(&self, item: OutItem) -> Delivery {
+        let info = DeliveryInfo {
+            delivery_tag: item.tag,
+            redelivered: item.redelivered,
+            exchange: item.exchange,
+            routing_key: item.routing_key,
+            queue: self.queue.clone(),
+            consumer_tag: self.consumer_tag.clone(),
+        };
+        if self.auto_ack {
+            Delivery::auto_acked(item.message, info)
+        } else {
+            Delivery::new(item.message, info, self.channel.clone())
+        }
+    }
+}
+
+impl Stream for DeliveriesStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(item) = this.local.pop_front() {
+            return Poll::Ready(Some(Ok(this.make(item))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut o = this.outbox.inner.lock();
+        if o.buf.is_empty() {
+            match o.end {
+                End::Open => {
+                    if !o.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        o.waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                End::Cancelled => {
+                    this.done = true;
+                    Poll::Ready(None)
+                }
+                End::BrokerCancelled => {
+                    this.done = true;
+                    Poll::Ready(Some(Err(Error::ConsumerCancelled {
+                        queue: this.queue.to_string(),
+                    })))
+                }
+            }
+        } else {
+            std::mem::swap(&mut o.buf, &mut this.local);
+            drop(o);
+            let item = this.local.pop_front().expect("swapped a non-empty buffer");
+            Poll::Ready(Some(Ok(this.make(item))))
+        }
+    }
+}
+
+impl Drop for DeliveriesStream {
+    fn drop(&mut self) {
+        // Deliveries buffered here never reached the application: requeue
+        // them and cancel the consumer.
+        let unseen: Vec<u64> = self.local.drain(..).map(|i| i.tag).collect();
+        let cid = self.channel.cid;
+        if !self.done || !unseen.is_empty() {
+            self.channel.broker.with(|st, fx| st.cancel(cid, &unseen, fx));
+        }
+    }
+}
+
+/// Builds the subscription of consumer `cid`.
+pub(crate) fn subscription(
+    broker: Arc<Broker>,
+    cid: u64,
+    queue: Arc<str>,
+    consumer_tag: Arc<str>,
+    outbox: Arc<Outbox>,
+    auto_ack: bool,
+) -> Subscription {
+    let channel = Arc::new(Channel { broker, cid });
+    let stream = DeliveriesStream {
+        channel: channel.clone(),
+        outbox,
+        local: VecDeque::new(),
+        queue: queue.clone(),
+        consumer_tag: consumer_tag.clone(),
+        auto_ack,
+        done: false,
+    };
+    let stream: DeliveryStream = Box::pin(stream);
+    Subscription::new(queue, consumer_tag, stream, CancelHandle::new(channel))
+}
