@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard::handler::{CorrelationId, Text};
+use switchyard::handler::CorrelationId;
 use switchyard::memory::MemoryBroker;
 use switchyard::rpc::RpcClient;
 use switchyard::worker::{Worker, WorkerHandle};
@@ -249,6 +249,4 @@ async fn errors_publish_and_closed_transport() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(client.pending_calls(), 0);
-    let text = Text("unused".into());
-    drop(text);
 }

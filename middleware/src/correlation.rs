@@ -51,20 +51,40 @@ use tower::{Layer, Service};
 
 use crate::publish::PublishRequest;
 
-tokio::task_local! {
-    static CURRENT: Option<Arc<str>>;
+/// What the task-local holds: the handled delivery (its id is read only
+/// when something is published), or an id set by [`scope`].
+#[derive(Clone, Debug)]
+pub enum Current {
+    /// The delivery being handled.
+    Delivery(Envelope),
+    /// An explicit id.
+    Id(Option<Arc<str>>),
 }
 
-/// The correlation id of the message being handled by the current task, if
-/// a [`Correlation`] service is handling one.
+impl Current {
+    fn id(&self) -> Option<Arc<str>> {
+        match self {
+            Current::Delivery(env) => env.correlation_id().or_else(|| env.message_id()).map(Arc::from),
+            Current::Id(id) => id.clone(),
+        }
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Current;
+}
+
+/// The correlation id of the message being handled by the current task (its
+/// `correlation_id`, or its `message_id` when it has none), if a
+/// [`Correlation`] service is handling one.
 pub fn current() -> Option<Arc<str>> {
-    CURRENT.try_with(|c| c.clone()).ok().flatten()
+    CURRENT.try_with(Current::id).ok().flatten()
 }
 
 /// Runs `fut` with `id` as the current correlation id (for work a handler
 /// moves to another task).
-pub fn scope<F: Future>(id: Option<Arc<str>>, fut: F) -> TaskLocalFuture<Option<Arc<str>>, F> {
-    CURRENT.scope(id, fut)
+pub fn scope<F: Future>(id: Option<Arc<str>>, fut: F) -> TaskLocalFuture<Current, F> {
+    CURRENT.scope(Current::Id(id), fut)
 }
 
 /// Sets ids on published messages and propagates the handled message's
@@ -100,15 +120,14 @@ where
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = TaskLocalFuture<Option<Arc<str>>, S::Future>;
+    type Future = TaskLocalFuture<Current, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        let id = env.correlation_id().or_else(|| env.message_id()).map(Arc::from);
-        CURRENT.scope(id, self.inner.call(env))
+        CURRENT.scope(Current::Delivery(env.clone()), self.inner.call(env))
     }
 }
 

@@ -36,12 +36,15 @@
 //!     .service(handler_fn(|_env: Envelope| async {}));
 //! ```
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use ::metrics::{Counter, Gauge, Histogram};
+use parking_lot::RwLock;
 use pin_project_lite::pin_project;
 use switchyard_core::{Envelope, Error, HandlerError, Outcome};
 use tower::{Layer, Service};
@@ -64,30 +67,129 @@ pub mod names {
     pub const FAILED: &str = "switchyard_publish_failed_total";
 }
 
+/// Metric handles registered once per queue (or exchange) and label set,
+/// so the hot path does no key building or allocation.
+#[derive(Default)]
+struct Cache {
+    queues: RwLock<HashMap<Arc<str>, Arc<QueueHandles>>>,
+    exchanges: RwLock<HashMap<Arc<str>, Arc<ExchangeHandles>>>,
+}
+
+const OUTCOMES: [&str; 9] = [
+    "ack",
+    "reply",
+    "retry",
+    "dead_letter",
+    "transient",
+    "permanent",
+    "decode",
+    "panic",
+    "timeout",
+];
+
+struct QueueHandles {
+    queue: Arc<str>,
+    in_flight: Gauge,
+    seconds: Histogram,
+    outcomes: [OnceLock<Counter>; 9],
+}
+
+impl QueueHandles {
+    fn outcome(&self, label: &'static str) -> Counter {
+        match OUTCOMES.iter().position(|o| *o == label) {
+            Some(i) => self.outcomes[i]
+                .get_or_init(|| ::metrics::counter!(names::HANDLED, "queue" => self.queue.clone(), "outcome" => label))
+                .clone(),
+            None => ::metrics::counter!(names::HANDLED, "queue" => self.queue.clone(), "outcome" => label),
+        }
+    }
+}
+
+struct ExchangeHandles {
+    exchange: Arc<str>,
+    published: Counter,
+    confirmed: Counter,
+}
+
+fn cached<V>(map: &RwLock<HashMap<Arc<str>, Arc<V>>>, key: &Arc<str>, make: impl FnOnce() -> V) -> Arc<V> {
+    if let Some(h) = map.read().get(key) {
+        return h.clone();
+    }
+    map.write().entry(key.clone()).or_insert_with(|| Arc::new(make())).clone()
+}
+
+/// The `exchange` label: the name, or `(default)` for the default exchange.
+fn label(exchange: &Arc<str>) -> Arc<str> {
+    if exchange.is_empty() {
+        Arc::from("(default)")
+    } else {
+        exchange.clone()
+    }
+}
+
+impl Cache {
+    fn queue(&self, queue: &Arc<str>) -> Arc<QueueHandles> {
+        cached(&self.queues, queue, || QueueHandles {
+            queue: queue.clone(),
+            in_flight: ::metrics::gauge!(names::IN_FLIGHT, "queue" => queue.clone()),
+            seconds: ::metrics::histogram!(names::HANDLING_SECONDS, "queue" => queue.clone()),
+            outcomes: Default::default(),
+        })
+    }
+
+    fn exchange(&self, exchange: &Arc<str>) -> Arc<ExchangeHandles> {
+        cached(&self.exchanges, exchange, || ExchangeHandles {
+            exchange: label(exchange),
+            published: ::metrics::counter!(names::PUBLISHED, "exchange" => label(exchange)),
+            confirmed: ::metrics::counter!(names::CONFIRMED, "exchange" => label(exchange)),
+        })
+    }
+}
+
 /// Records handling and publishing metrics; see the [module docs](self).
-#[derive(Debug, Clone, Copy, Default)]
+///
+/// Metric handles are registered with the recorder installed when a queue
+/// (or exchange) is first seen and then reused, so install the recorder
+/// (exporter) before the first message is handled.
+#[derive(Clone, Default)]
 pub struct MetricsLayer {
-    _priv: (),
+    cache: Arc<Cache>,
+}
+
+impl std::fmt::Debug for MetricsLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsLayer")
+    }
 }
 
 impl MetricsLayer {
     /// The layer.
     pub fn new() -> Self {
-        MetricsLayer { _priv: () }
+        Self::default()
     }
 }
 
 impl<S> Layer<S> for MetricsLayer {
     type Service = Metrics<S>;
     fn layer(&self, inner: S) -> Metrics<S> {
-        Metrics { inner }
+        Metrics {
+            inner,
+            cache: self.cache.clone(),
+        }
     }
 }
 
 /// The service of [`MetricsLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Metrics<S> {
     inner: S,
+    cache: Arc<Cache>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Metrics<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("inner", &self.inner).finish()
+    }
 }
 
 /// The `outcome` label of a handler result.
@@ -98,13 +200,15 @@ pub fn outcome_label(result: &Result<Outcome, HandlerError>) -> &'static str {
     }
 }
 
-struct InFlight {
-    queue: Arc<str>,
-}
+/// Decrements the in-flight gauge when the handling ends or is dropped.
+pub struct InFlightGuard(Option<Arc<QueueHandles>>);
 
-impl Drop for InFlight {
+
+impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        ::metrics::gauge!(names::IN_FLIGHT, "queue" => self.queue.clone()).decrement(1.0);
+        if let Some(h) = self.0.take() {
+            h.in_flight.decrement(1.0);
+        }
     }
 }
 
@@ -118,9 +222,6 @@ pin_project! {
     }
 }
 
-/// Decrements the in-flight gauge when the handling ends or is dropped.
-pub struct InFlightGuard(Option<InFlight>);
-
 impl<F> Future for MetricsFuture<F>
 where
     F: Future<Output = Result<Outcome, HandlerError>>,
@@ -129,11 +230,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
-        if let Some(g) = this.guard.0.take() {
-            let elapsed = this.start.elapsed().as_secs_f64();
-            ::metrics::histogram!(names::HANDLING_SECONDS, "queue" => g.queue.clone()).record(elapsed);
-            ::metrics::counter!(names::HANDLED, "queue" => g.queue.clone(), "outcome" => outcome_label(&out))
-                .increment(1);
+        if let Some(h) = this.guard.0.take() {
+            h.seconds.record(this.start.elapsed().as_secs_f64());
+            h.outcome(outcome_label(&out)).increment(1);
+            h.in_flight.decrement(1.0);
         }
         Poll::Ready(out)
     }
@@ -152,13 +252,12 @@ where
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        let queue = env.info().queue.clone();
-        ::metrics::gauge!(names::IN_FLIGHT, "queue" => queue.clone()).increment(1.0);
-        let guard = InFlightGuard(Some(InFlight { queue }));
+        let h = self.cache.queue(&env.info().queue);
+        h.in_flight.increment(1.0);
         MetricsFuture {
             start: Instant::now(),
             inner: self.inner.call(env),
-            guard,
+            guard: InFlightGuard(Some(h)),
         }
     }
 }
@@ -168,9 +267,10 @@ pin_project! {
     pub struct PublishMetricsFuture<F> {
         #[pin]
         inner: F,
-        exchange: Arc<str>,
+        handles: Arc<ExchangeHandles>,
     }
 }
+
 
 impl<F, R> Future for PublishMetricsFuture<F>
 where
@@ -181,9 +281,11 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         match &out {
-            Ok(_) => ::metrics::counter!(names::CONFIRMED, "exchange" => this.exchange.clone()).increment(1),
-            Err(e) => ::metrics::counter!(names::FAILED, "exchange" => this.exchange.clone(), "code" => e.code())
-                .increment(1),
+            Ok(_) => this.handles.confirmed.increment(1),
+            Err(e) => {
+                ::metrics::counter!(names::FAILED, "exchange" => this.handles.exchange.clone(), "code" => e.code())
+                    .increment(1)
+            }
         }
         Poll::Ready(out)
     }
@@ -202,15 +304,11 @@ where
     }
 
     fn call(&mut self, req: PublishRequest) -> Self::Future {
-        let exchange: Arc<str> = if req.destination.exchange().is_empty() {
-            Arc::from("(default)")
-        } else {
-            req.destination.exchange_arc().clone()
-        };
-        ::metrics::counter!(names::PUBLISHED, "exchange" => exchange.clone()).increment(1);
+        let handles = self.cache.exchange(req.destination.exchange_arc());
+        handles.published.increment(1);
         PublishMetricsFuture {
             inner: self.inner.call(req),
-            exchange,
+            handles,
         }
     }
 }

@@ -64,9 +64,14 @@ impl<S> Timeout<S> {
 
 pin_project! {
     /// The future of [`Timeout`].
+    ///
+    /// The timer is only registered if the handler does not finish on its
+    /// first poll, so fast handlers pay one clock read.
     pub struct TimeoutFuture<F> {
         #[pin]
-        inner: tokio::time::Timeout<F>,
+        inner: F,
+        deadline: tokio::time::Instant,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         limit: Duration,
     }
 }
@@ -78,12 +83,17 @@ where
     type Output = Result<Outcome, HandlerError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match std::task::ready!(this.inner.poll(cx)) {
-            Ok(out) => Poll::Ready(out),
-            Err(_) => Poll::Ready(Err(HandlerError::timeout(format!(
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
+        let deadline = *this.deadline;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(HandlerError::timeout(format!(
                 "handler did not finish within {:?}",
                 this.limit
             )))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -102,7 +112,9 @@ where
 
     fn call(&mut self, env: Envelope) -> Self::Future {
         TimeoutFuture {
-            inner: tokio::time::timeout(self.limit, self.inner.call(env)),
+            deadline: tokio::time::Instant::now() + self.limit,
+            inner: self.inner.call(env),
+            sleep: None,
             limit: self.limit,
         }
     }

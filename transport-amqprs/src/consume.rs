@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_core::Stream;
 use parking_lot::Mutex;
+use switchyard_core::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
 use switchyard_core::transport::Cancel;
 use switchyard_core::{Acker, ConsumeOptions, Delivery, DeliveryInfo, Error, Message, Result};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -74,6 +75,78 @@ impl Acker for ChanAcker {
     }
 }
 
+/// The wire side of ack coalescing on one consumer channel.
+struct ChanSink(Arc<ChanAcker>);
+
+#[async_trait]
+impl AckSink for ChanSink {
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        let a = &self.0;
+        if !a.channel.is_open() {
+            return Err(a.settle_error(tag, "ack"));
+        }
+        a.channel
+            .basic_ack(BasicAckArguments::new(tag, multiple))
+            .await
+            .map_err(|_| a.settle_error(tag, "ack"))
+    }
+
+    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+        let a = &self.0;
+        if !a.channel.is_open() {
+            return Err(a.settle_error(tag, "nack"));
+        }
+        a.channel
+            .basic_nack(BasicNackArguments::new(tag, multiple, requeue))
+            .await
+            .map_err(|_| a.settle_error(tag, "nack"))
+    }
+}
+
+/// The coalescer's acker for one epoch, keeping the coalescer (and through
+/// its sink the channel) alive while deliveries are unsettled.
+struct KeepAcker {
+    epoch: Arc<dyn Acker>,
+    _coalescer: AckCoalescer,
+}
+
+#[async_trait]
+impl Acker for KeepAcker {
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.epoch.ack(tag).await
+    }
+    async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
+        self.epoch.nack(tag, requeue).await
+    }
+    async fn reject(&self, tag: u64, requeue: bool) -> Result<()> {
+        self.epoch.reject(tag, requeue).await
+    }
+}
+
+impl Drop for KeepAcker {
+    fn drop(&mut self) {
+        // The last delivery of this epoch (and the stream) let go: send the
+        // acks still pending before the coalescer, its sink and so the
+        // channel can go away.
+        if self._coalescer.pending_acks() > 0 {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let c = self._coalescer.clone();
+                rt.spawn(async move {
+                    let _ = c.flush().await;
+                });
+            }
+        }
+    }
+}
+
+/// What the stream switches to after a (re)start.
+pub(crate) struct Generation {
+    rx: UnboundedReceiver<ConsumerMessage>,
+    acker: Arc<dyn Acker>,
+    /// `(coalescer, epoch)` when acks are coalesced.
+    coalesce: Option<(AckCoalescer, u64)>,
+}
+
 /// What a consumer's stream, its canceller and the supervisor share.
 pub(crate) struct ConsumerShared {
     /// The queue as the application named it.
@@ -83,16 +156,20 @@ pub(crate) struct ConsumerShared {
     pub options: ConsumeOptions,
     tag: String,
     tag_arc: Arc<str>,
-    next: Mutex<Option<(UnboundedReceiver<ConsumerMessage>, Arc<ChanAcker>)>>,
+    next: Mutex<Option<Generation>>,
     current: Mutex<Option<Weak<ChanAcker>>>,
+    coalescer: Mutex<Option<AckCoalescer>>,
+    coalesce: bool,
     end: Mutex<Option<End>>,
     waker: Mutex<Option<Waker>>,
 }
 
 impl ConsumerShared {
     /// A consumer of `queue`; `tag` is kept across restarts.
-    pub fn new(queue: &str, options: ConsumeOptions, tag: String) -> Arc<Self> {
+    pub fn new(queue: &str, options: ConsumeOptions, tag: String, coalesce: bool) -> Arc<Self> {
         Arc::new(ConsumerShared {
+            coalescer: Mutex::new(None),
+            coalesce: coalesce && !options.auto_ack,
             queue: queue.to_owned(),
             queue_arc: queue.into(),
             options,
@@ -187,9 +264,53 @@ impl ConsumerShared {
             queue: self.queue_arc.clone(),
         });
         *self.current.lock() = Some(Arc::downgrade(&acker));
-        *self.next.lock() = Some((rx, acker));
+        let generation = if self.coalesce {
+            let sink: Arc<dyn AckSink> = Arc::new(ChanSink(acker));
+            let c = {
+                let mut slot = self.coalescer.lock();
+                match &*slot {
+                    Some(c) => {
+                        c.reset(sink);
+                        c.clone()
+                    }
+                    None => {
+                        let c = AckCoalescer::new(
+                            sink,
+                            CoalesceConfig::for_prefetch(self.options.prefetch),
+                            self.queue_arc.clone(),
+                        );
+                        *slot = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            let epoch = c.epoch();
+            Generation {
+                rx,
+                acker: Arc::new(KeepAcker {
+                    epoch: c.acker(),
+                    _coalescer: c.clone(),
+                }),
+                coalesce: Some((c, epoch)),
+            }
+        } else {
+            Generation {
+                rx,
+                acker,
+                coalesce: None,
+            }
+        };
+        *self.next.lock() = Some(generation);
         self.wake();
         Ok(())
+    }
+
+    /// Sends the coalesced acks now (before shutdown).
+    pub async fn flush_acks(&self) {
+        let c = self.coalescer.lock().clone();
+        if let Some(c) = c {
+            let _ = c.flush().await;
+        }
     }
 }
 
@@ -197,7 +318,8 @@ impl ConsumerShared {
 pub(crate) struct ConsumerStream {
     shared: Arc<ConsumerShared>,
     rx: Option<UnboundedReceiver<ConsumerMessage>>,
-    acker: Option<Arc<ChanAcker>>,
+    acker: Option<Arc<dyn Acker>>,
+    coalesce: Option<(AckCoalescer, u64)>,
     done: bool,
     last_exchange: Arc<str>,
     last_routing_key: Arc<str>,
@@ -211,6 +333,7 @@ impl ConsumerStream {
             shared,
             rx: None,
             acker: None,
+            coalesce: None,
             done: false,
             last_exchange: "".into(),
             last_routing_key: "".into(),
@@ -220,6 +343,14 @@ impl ConsumerStream {
 
     fn delivery(&mut self, mut m: ConsumerMessage) -> Option<Delivery> {
         let deliver = m.deliver.take()?;
+        if let Some((c, epoch)) = &self.coalesce {
+            if c.epoch() != *epoch {
+                // From a channel that was replaced: it cannot be settled
+                // any more and the broker redelivers it.
+                return None;
+            }
+            c.delivered(deliver.delivery_tag());
+        }
         let props = m.basic_properties.take().unwrap_or_default();
         let body = m.content.take().unwrap_or_default();
         let (properties, headers) = from_basic_properties(&props);
@@ -258,11 +389,13 @@ impl Stream for ConsumerStream {
             if this.done {
                 return Poll::Ready(None);
             }
-            if let Some((rx, acker)) = this.shared.next.lock().take() {
+            let next = this.shared.next.lock().take();
+            if let Some(g) = next {
                 // A restarted consumer: what the old channel still held can
                 // no longer be settled and is redelivered anyway.
-                this.rx = Some(rx);
-                this.acker = Some(acker);
+                this.rx = Some(g.rx);
+                this.acker = Some(g.acker);
+                this.coalesce = g.coalesce;
             }
             if let Some(rx) = this.rx.as_mut() {
                 match rx.poll_recv(cx) {

@@ -349,7 +349,7 @@ impl Inner {
         }
         check_short("consumer tag", &options.consumer_tag)?;
         let tag = options.consumer_tag.clone();
-        let shared = ConsumerShared::new(queue, options.clone(), tag.clone());
+        let shared = ConsumerShared::new(queue, options.clone(), tag.clone(), self.cfg.coalesce_acks);
         self.start_consumer(&shared).await?;
         let id = self.consumers.register(queue, options, shared.clone());
         let weak = self.me.clone();
@@ -609,20 +609,19 @@ impl Publisher for AmqprsTransport {
         }
         let timeout = self.inner.cfg.recovery.publish_wait_timeout;
         let mut waiters = Vec::with_capacity(messages.len());
+        // One channel for the whole batch keeps it in order on the wire.
         let mut channel = None;
         for m in messages {
             let (p, w) = UnconfirmedPublish::new(dest.clone(), m, PublishOptions::default(), timeout);
             waiters.push(w);
             if channel.is_none() {
-                if let Some(live) = self.inner.live.read().clone() {
-                    channel = Some(live);
+                let live = self.inner.live.read().clone();
+                if let Some(live) = live {
+                    channel = live.pubs.pick().await.ok();
                 }
             }
             let sent = match &channel {
-                Some(live) => match live.pubs.pick().await {
-                    Ok(ch) => ch.send(p).await,
-                    Err(_) => Err(p),
-                },
+                Some(ch) => ch.send(p).await,
                 None => Err(p),
             };
             if let Err(p) = sent {
@@ -864,6 +863,7 @@ impl Transport for AmqprsTransport {
         self.inner.state.set(ConnectionState::Closed);
         self.inner.shutdown.notify_waiters();
         for (_, e) in self.inner.consumers.entries() {
+            e.sink.flush_acks().await;
             e.sink.finish(End::Shutdown);
         }
         let live = self.inner.live.write().take();

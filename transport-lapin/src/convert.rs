@@ -248,8 +248,12 @@ pub(crate) fn map_error(e: &lapin::Error, subject: Subject<'_>) -> Error {
         if matches!(p.kind(), AMQPErrorKind::Hard(_)) {
             return Error::ConnectionClosed { message: text };
         }
+        let on = match subject {
+            Subject::Publish { exchange, routing_key } => format!("publishing to '{exchange}' / '{routing_key}'"),
+            _ => format!("on '{resource}'"),
+        };
         return Error::Transport {
-            message: format!("{text} (on '{resource}')"),
+            message: format!("{text} ({on})"),
         };
     }
     if is_connection_level(e) {

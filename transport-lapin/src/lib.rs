@@ -400,6 +400,7 @@ struct Shared {
     closed: AtomicBool,
     lost: Arc<tokio::sync::Notify>,
     shutdown: watch::Sender<bool>,
+    restart_tx: mpsc::UnboundedSender<Arc<ConsumerShared>>,
 }
 
 /// The RabbitMQ transport on lapin. Cheap to clone; clones share the
@@ -436,6 +437,7 @@ impl LapinTransport {
         let endpoint = settings.endpoint()?;
         let redacted = settings.effective_url_redacted();
         let (shutdown, _) = watch::channel(false);
+        let (restart_tx, restart_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             endpoint,
             state: StateWatch::new(format!("lapin {redacted}")),
@@ -447,6 +449,7 @@ impl LapinTransport {
             closed: AtomicBool::new(false),
             lost: Arc::new(tokio::sync::Notify::new()),
             shutdown,
+            restart_tx,
         });
         let attempts = shared.config.connection_attempts.max(1);
         let mut last = None;
@@ -475,6 +478,7 @@ impl LapinTransport {
             });
         }
         tokio::spawn(supervise(Arc::downgrade(&shared), shared.shutdown.subscribe()));
+        tokio::spawn(restarter(Arc::downgrade(&shared), restart_rx));
         Ok(LapinTransport { shared })
     }
 
@@ -1121,22 +1125,30 @@ async fn pump(
                 return;
             }
             tracing::warn!(queue = %cs.queue, error = %e, "consumer channel closed; restarting the consumer");
-            let conn = conn.expect("checked above");
-            let restart: Pin<Box<dyn Future<Output = Result<()>> + Send>> = {
-                let (s, cs) = (s.clone(), cs.clone());
-                Box::pin(async move { s.start_consumer(&conn, &cs, false).await })
-            };
-            if let Err(err) = restart.await {
-                if !err.is_transient() {
-                    if let Some(id) = *cs.id.lock() {
-                        s.consumers.remove(id);
-                    }
-                    cs.end(Some(Error::ConsumerCancelled {
-                        queue: cs.queue.to_string(),
-                    }));
-                } else {
-                    s.lost.notify_one();
+            let _ = s.restart_tx.send(cs.clone());
+        }
+    }
+}
+
+/// Restarts consumers whose channel closed while the connection stayed up.
+async fn restarter(weak: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Arc<ConsumerShared>>) {
+    while let Some(cs) = rx.recv().await {
+        let Some(s) = weak.upgrade() else { return };
+        let conn = s.current.lock().clone();
+        let Some(conn) = conn.filter(|c| c.connected()) else {
+            s.lost.notify_one();
+            continue;
+        };
+        if let Err(err) = s.start_consumer(&conn, &cs, false).await {
+            if !err.is_transient() {
+                if let Some(id) = *cs.id.lock() {
+                    s.consumers.remove(id);
                 }
+                cs.end(Some(Error::ConsumerCancelled {
+                    queue: cs.queue.to_string(),
+                }));
+            } else {
+                s.lost.notify_one();
             }
         }
     }

@@ -44,6 +44,50 @@ impl Hasher for IdHasher {
 
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
+/// A small, fast hasher for names (the FxHash mix, as in rustc); names are
+/// chosen by the application, not by an attacker.
+#[derive(Default)]
+pub(crate) struct NameHasher(u64);
+
+const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl NameHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+}
+
+impl Hasher for NameHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buf));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+type NameMap<V> = HashMap<Arc<str>, V, BuildHasherDefault<NameHasher>>;
+
 /// The broker: state behind one lock.
 pub(crate) struct Broker {
     pub(crate) state: Mutex<State>,
@@ -174,7 +218,7 @@ impl Outbox {
 #[derive(Clone)]
 pub(crate) struct QMsg {
     seq: u64,
-    message: Message,
+    message: Box<Message>,
     exchange: Arc<str>,
     routing_key: Arc<str>,
     redelivered: bool,
@@ -337,8 +381,8 @@ struct Conn {
 
 /// Everything the broker knows.
 pub(crate) struct State {
-    exchanges: HashMap<Arc<str>, Exchange>,
-    queues: HashMap<Arc<str>, Queue>,
+    exchanges: NameMap<Exchange>,
+    queues: NameMap<Queue>,
     consumers: IdMap<ConsumerEntry>,
     conns: IdMap<Conn>,
     reply_to: HashMap<Arc<str>, u64>,
@@ -376,8 +420,8 @@ enum Routed {
 impl State {
     fn new() -> Self {
         let mut st = State {
-            exchanges: HashMap::new(),
-            queues: HashMap::new(),
+            exchanges: NameMap::default(),
+            queues: NameMap::default(),
             consumers: IdMap::default(),
             conns: IdMap::default(),
             reply_to: HashMap::new(),
@@ -757,7 +801,7 @@ impl State {
         let expires = message.properties.expiration;
         let m = QMsg {
             seq,
-            message,
+            message: Box::new(message),
             exchange: exchange.clone(),
             routing_key: routing_key.clone(),
             redelivered: false,
@@ -883,7 +927,7 @@ impl State {
         }
         c.outbox.push(
             OutItem {
-                message: m.message,
+                message: *m.message,
                 tag: 0,
                 redelivered: false,
                 exchange: m.exchange,
@@ -928,6 +972,11 @@ impl State {
             }
         } else {
             m.expires_after(ttl, q);
+            if q.expiring == 0 && q.cfg.max_length.is_none() && q.cfg.max_bytes.is_none() {
+                // Fast path: nothing to expire or drop.
+                dispatch(q, &mut self.consumers, fx);
+                return Routed::Ok;
+            }
         }
         if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
             let mut dropped = Vec::new();
@@ -949,6 +998,12 @@ impl State {
     /// Dispatches ready messages to consumers with capacity, expires heads
     /// and arms the TTL timer.
     fn after_change(&mut self, name: &str, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        if q.expiring == 0 {
+            // Fast path: nothing can expire.
+            dispatch(q, &mut self.consumers, fx);
+            return;
+        }
         self.expire(name, fx);
         let Some(q) = self.queues.get_mut(name) else { return };
         dispatch(q, &mut self.consumers, fx);
@@ -1022,7 +1077,7 @@ impl State {
         if depth > 16 || !(dlx.is_empty() || self.exchanges.contains_key(&*dlx)) {
             return;
         }
-        let mut message = m.message;
+        let mut message = *m.message;
         record_death(&mut message, queue, &m.exchange, &m.routing_key, reason);
         let key = dlrk.unwrap_or_else(|| m.routing_key.clone());
         let mut targets = Vec::new();
@@ -1036,7 +1091,7 @@ impl State {
         self.next_seq += 1;
         let dm = QMsg {
             seq,
-            message,
+            message: Box::new(message),
             exchange: dlx,
             routing_key: key,
             redelivered: false,
@@ -1292,7 +1347,7 @@ fn pick_consumer(q: &mut Queue, consumers: &IdMap<ConsumerEntry>) -> Option<u64>
 /// Delivers `m` to consumer `c`.
 #[inline]
 fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
-    let mut message = m.message.clone();
+    let mut message = Message::clone(&m.message);
     if q.cfg.quorum && m.returns > 0 {
         message.headers.insert("x-delivery-count", HeaderValue::I64(m.returns as i64));
     }

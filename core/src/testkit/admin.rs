@@ -72,7 +72,8 @@ async fn conflicting_queue_redeclare_is_precondition_failed(ctx: &Ctx<'_>) -> Re
         "precondition_failed",
     )?;
     // The original queue is intact and still usable.
-    ctx.publish(&Destination::queue(spec.name.as_str()), "still-there").await?;
+    ctx.publish(&Destination::queue(spec.name.as_str()), "still-there")
+        .await?;
     ensure_eq(
         "queue after refused redeclarations",
         ctx.drain(&spec.name).await?,
@@ -102,8 +103,13 @@ async fn conflicting_exchange_redeclare_is_precondition_failed(ctx: &Ctx<'_>) ->
     // Still a working direct exchange.
     let q = ctx.queue("q").await?;
     ctx.bind(&q, &spec.name, "k").await?;
-    ctx.publish(&Destination::new(spec.name.as_str(), "k"), "routed").await?;
-    ensure_eq("queue behind the exchange", ctx.drain(&q).await?, vec!["routed".to_string()])
+    ctx.publish(&Destination::new(spec.name.as_str(), "k"), "routed")
+        .await?;
+    ensure_eq(
+        "queue behind the exchange",
+        ctx.drain(&q).await?,
+        vec!["routed".to_string()],
+    )
 }
 
 async fn exclusive_queue_is_locked_for_other_connections(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -141,7 +147,11 @@ async fn exclusive_queue_is_locked_for_other_connections(ctx: &Ctx<'_>) -> Resul
         .await
         .ctx("publish to an exclusive queue from another connection")?;
     // The owner still uses it.
-    ensure_eq("owner reads the exclusive queue", ctx.drain(&name).await?, vec!["from-other".to_string()])
+    ensure_eq(
+        "owner reads the exclusive queue",
+        ctx.drain(&name).await?,
+        vec!["from-other".to_string()],
+    )
 }
 
 async fn exclusive_consumer_locks_the_queue(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -207,15 +217,27 @@ async fn server_named_queue(ctx: &Ctx<'_>) -> Result<(), String> {
         format!("server-named queue '{a}' should be named amq.gen-<random>, as RabbitMQ names them")
     })?;
     ctx.publish(&Destination::queue(a.as_str()), "to-generated").await?;
-    ensure_eq("server-named queue content", ctx.drain(&a).await?, vec!["to-generated".to_string()])
+    ensure_eq(
+        "server-named queue content",
+        ctx.drain(&a).await?,
+        vec!["to-generated".to_string()],
+    )
 }
 
 async fn missing_queue_and_exchange_operations(ctx: &Ctx<'_>) -> Result<(), String> {
     let t = ctx.transport();
     let missing_q = ctx.queue_name("missing-q");
     let missing_x = ctx.exchange_name("missing-x");
-    expect_code("queue_info of a missing queue", t.queue_info(&missing_q).await, "queue_not_found")?;
-    expect_code("purge of a missing queue", t.purge_queue(&missing_q).await, "queue_not_found")?;
+    expect_code(
+        "queue_info of a missing queue",
+        t.queue_info(&missing_q).await,
+        "queue_not_found",
+    )?;
+    expect_code(
+        "purge of a missing queue",
+        t.purge_queue(&missing_q).await,
+        "queue_not_found",
+    )?;
     ensure_eq(
         "delete of a missing queue returns",
         t.delete_queue(&missing_q).await.ctx("delete of a missing queue")?,
@@ -245,7 +267,11 @@ async fn missing_queue_and_exchange_operations(ctx: &Ctx<'_>) -> Result<(), Stri
     // channel on each; the transport must recover it).
     ctx.bind(&q, &ex, "k").await?;
     ctx.publish(&Destination::new(ex.as_str(), "k"), "after-errors").await?;
-    ensure_eq("queue after the errors", ctx.drain(&q).await?, vec!["after-errors".to_string()])
+    ensure_eq(
+        "queue after the errors",
+        ctx.drain(&q).await?,
+        vec!["after-errors".to_string()],
+    )
 }
 
 async fn depth_counts_ready_messages_only(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -295,7 +321,11 @@ async fn purge_and_delete_return_ready_counts(ctx: &Ctx<'_>) -> Result<(), Strin
     ctx.wait_depth(&q, 3).await?;
     let deleted = ctx.transport().delete_queue(&q).await.ctx("delete")?;
     ensure_eq("delete count with 3 ready and 1 unacked", deleted, 3)?;
-    expect_code("queue_info after delete", ctx.transport().queue_info(&q).await, "queue_not_found")?;
+    expect_code(
+        "queue_info after delete",
+        ctx.transport().queue_info(&q).await,
+        "queue_not_found",
+    )?;
     drop(again);
     Ok(())
 }
@@ -322,7 +352,9 @@ async fn consumer_count(ctx: &Ctx<'_>) -> Result<(), String> {
     ensure_eq("consumer_count reported by declare", declared.consumer_count, 2)?;
     cancel(&a).await.ctx("cancel")?;
     let one = eventually(WAIT, || async { count("queue_info").await == Ok(1) }).await;
-    ensure(one, || "consumer_count should be 1 after one of two consumers was cancelled".into())?;
+    ensure(one, || {
+        "consumer_count should be 1 after one of two consumers was cancelled".into()
+    })?;
     cancel(&b).await.ctx("cancel")
 }
 
@@ -335,7 +367,9 @@ async fn declare_topology(ctx: &Ctx<'_>) -> Result<(), String> {
     ctx.transport().declare(&topology).await.ctx("declare topology")?;
     // Declaring it again is a no-op.
     ctx.transport().declare(&topology).await.ctx("redeclare topology")?;
-    ctx.publish(&Destination::new(ex.as_str(), "session.created"), "s1").await?;
-    ctx.publish(&Destination::new(ex.as_str(), "memory.created"), "m1").await?;
+    ctx.publish(&Destination::new(ex.as_str(), "session.created"), "s1")
+        .await?;
+    ctx.publish(&Destination::new(ex.as_str(), "memory.created"), "m1")
+        .await?;
     ensure_eq("bound queue content", ctx.drain(&q).await?, vec!["s1".to_string()])
 }

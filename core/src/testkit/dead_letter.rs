@@ -26,19 +26,31 @@ pub(crate) fn cases() -> Vec<Case> {
     vec![
         case!(dead_letter::rejected_message_gets_x_death, DeadLettering),
         case!(dead_letter::original_routing_key_kept_without_override, DeadLettering),
-        case!(dead_letter::per_message_ttl_applies_only_at_head, MessageTtl, DeadLettering),
+        case!(
+            dead_letter::per_message_ttl_applies_only_at_head,
+            MessageTtl,
+            DeadLettering
+        ),
         case!(dead_letter::per_message_ttl_expires_at_head, MessageTtl, DeadLettering),
         case!(dead_letter::queue_ttl_dead_letters_expired, MessageTtl, DeadLettering),
         case!(dead_letter::max_length_drops_head, MaxLength, DeadLettering),
         case!(dead_letter::max_length_counts_ready_only, MaxLength),
-        case!(dead_letter::reject_publish_nacks, MaxLength, PublisherConfirms, DeadLettering),
+        case!(
+            dead_letter::reject_publish_nacks,
+            MaxLength,
+            PublisherConfirms,
+            DeadLettering
+        ),
         case!(
             dead_letter::reject_publish_dlx_nacks_and_dead_letters,
             MaxLength,
             PublisherConfirms,
             DeadLettering
         ),
-        case!(dead_letter::x_death_count_increments_per_queue_and_reason, DeadLettering),
+        case!(
+            dead_letter::x_death_count_increments_per_queue_and_reason,
+            DeadLettering
+        ),
     ]
 }
 
@@ -55,9 +67,7 @@ async fn dlx(ctx: &Ctx<'_>, keys: &[&str]) -> Result<(String, String), String> {
 /// Reads exactly `n` dead letters from `dlq` (auto-ack), failing if more come.
 async fn dead_letters(ctx: &Ctx<'_>, dlq: &str, n: usize) -> Result<Vec<Delivery>, String> {
     let mut sub = ctx.consume(dlq, ConsumeOptions::default().auto_ack(true)).await?;
-    let got = take(&mut sub, n)
-        .await
-        .map_err(|e| format!("dead-letter queue: {e}"))?;
+    let got = take(&mut sub, n).await.map_err(|e| format!("dead-letter queue: {e}"))?;
     expect_nothing(&mut sub, QUIET)
         .await
         .map_err(|e| format!("dead-letter queue: {e}"))?;
@@ -118,7 +128,11 @@ fn check_x_death(
     )?;
     ensure_eq("x-first-death-reason", h.get_str("x-first-death-reason"), Some(reason))?;
     ensure_eq("x-first-death-queue", h.get_str("x-first-death-queue"), Some(queue))?;
-    ensure_eq("x-first-death-exchange", h.get_str("x-first-death-exchange"), Some(exchange))
+    ensure_eq(
+        "x-first-death-exchange",
+        h.get_str("x-first-death-exchange"),
+        Some(exchange),
+    )
 }
 
 async fn rejected_message_gets_x_death(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -139,9 +153,17 @@ async fn rejected_message_gets_x_death(ctx: &Ctx<'_>) -> Result<(), String> {
     ensure_eq("dead letter body", body(&d).as_str(), "poison")?;
     ensure_eq("dead letter exchange", &*d.info.exchange, dlx.as_str())?;
     ensure_eq("dead letter routing key (the override)", &*d.info.routing_key, "dead")?;
-    ensure_eq("application header kept", d.message.headers.get_str("tenant"), Some("acme"))?;
+    ensure_eq(
+        "application header kept",
+        d.message.headers.get_str("tenant"),
+        Some("acme"),
+    )?;
     ensure_eq("priority kept", d.message.properties.priority, Some(3))?;
-    ensure_eq("correlation id kept", d.message.properties.correlation_id.as_deref(), Some("c-1"))?;
+    ensure_eq(
+        "correlation id kept",
+        d.message.properties.correlation_id.as_deref(),
+        Some("c-1"),
+    )?;
     // RabbitMQ removes the expiration (it moves to x-death original-expiration).
     ensure_eq("expiration of the dead letter", d.message.properties.expiration, None)?;
     check_x_death(&d, 1, "rejected", &src, "", &[src.as_str()], Some("60000"), since)?;
@@ -186,8 +208,16 @@ async fn per_message_ttl_applies_only_at_head(ctx: &Ctx<'_>) -> Result<(), Strin
     tokio::time::sleep(Duration::from_millis(400)).await;
     // "short" has expired but is behind "long": RabbitMQ only expires at the
     // head, so it is still counted and not yet dead-lettered.
-    ensure_eq("depth with an expired message behind a live one", ctx.depth(&src).await?, 2)?;
-    ensure_eq("dead letters while the expired message is not at the head", ctx.depth(&dlq).await?, 0)?;
+    ensure_eq(
+        "depth with an expired message behind a live one",
+        ctx.depth(&src).await?,
+        2,
+    )?;
+    ensure_eq(
+        "dead letters while the expired message is not at the head",
+        ctx.depth(&dlq).await?,
+        0,
+    )?;
     let mut sub = ctx.consume(&src, ConsumeOptions::default()).await?;
     let got = take_bodies(&mut sub, 1).await?;
     ensure_eq("delivered", got, vec!["long".to_string()])?;
@@ -219,7 +249,8 @@ async fn per_message_ttl_expires_at_head(ctx: &Ctx<'_>) -> Result<(), String> {
 async fn queue_ttl_dead_letters_expired(ctx: &Ctx<'_>) -> Result<(), String> {
     let since = unix_now();
     let (src, dlq) = ttl_source(ctx, |s| s.message_ttl(Duration::from_millis(100))).await?;
-    ctx.publish_all(&Destination::queue(src.as_str()), &["q1", "q2"]).await?;
+    ctx.publish_all(&Destination::queue(src.as_str()), &["q1", "q2"])
+        .await?;
     ctx.wait_depth(&src, 0).await?;
     let got = dead_letters(ctx, &dlq, 2).await?;
     ensure_eq(
@@ -239,7 +270,11 @@ async fn max_length_drops_head(ctx: &Ctx<'_>) -> Result<(), String> {
     let (src, dlq) = ttl_source(ctx, |s| s.max_length(2, Overflow::DropHead)).await?;
     ctx.publish_all(&Destination::queue(src.as_str()), &["m1", "m2", "m3", "m4"])
         .await?;
-    ensure_eq("queue keeps the newest", ctx.drain(&src).await?, vec!["m3".to_string(), "m4".into()])?;
+    ensure_eq(
+        "queue keeps the newest",
+        ctx.drain(&src).await?,
+        vec!["m3".to_string(), "m4".into()],
+    )?;
     let got = dead_letters(ctx, &dlq, 2).await?;
     ensure_eq(
         "dropped heads, dead-lettered in order",
@@ -265,7 +300,11 @@ async fn max_length_counts_ready_only(ctx: &Ctx<'_>) -> Result<(), String> {
     // One unacked plus two ready is within a max length of 2: nothing dropped.
     ensure_eq("ready depth", ctx.depth(&src).await?, 2)?;
     held.ack().await.ctx("ack")?;
-    ensure_eq("queue content", ctx.drain(&src).await?, vec!["r1".to_string(), "r2".into()])
+    ensure_eq(
+        "queue content",
+        ctx.drain(&src).await?,
+        vec!["r1".to_string(), "r2".into()],
+    )
 }
 
 async fn reject_publish_nacks(ctx: &Ctx<'_>) -> Result<(), String> {

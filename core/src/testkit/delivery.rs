@@ -50,7 +50,11 @@ async fn ack_removes_the_message(ctx: &Ctx<'_>) -> Result<(), String> {
     let mut sub = ctx
         .consume(&q, ConsumeOptions::default().consumer_tag(ctx.name("tag")))
         .await?;
-    ensure_eq("subscription consumer tag", sub.consumer_tag(), ctx.name("tag").as_str())?;
+    ensure_eq(
+        "subscription consumer tag",
+        sub.consumer_tag(),
+        ctx.name("tag").as_str(),
+    )?;
     let d = take(&mut sub, 1).await?.remove(0);
     ensure_eq("body", body(&d).as_str(), "m")?;
     ensure_eq("redelivered on first delivery", d.info.redelivered, false)?;
@@ -58,7 +62,9 @@ async fn ack_removes_the_message(ctx: &Ctx<'_>) -> Result<(), String> {
     ensure_eq("delivery routing key", &*d.info.routing_key, q.as_str())?;
     ensure_eq("delivery queue", &*d.info.queue, q.as_str())?;
     ensure_eq("delivery consumer tag", &*d.info.consumer_tag, sub.consumer_tag())?;
-    ensure(d.needs_settlement(), || "a manual-ack delivery must need settlement".into())?;
+    ensure(d.needs_settlement(), || {
+        "a manual-ack delivery must need settlement".into()
+    })?;
     d.ack().await.ctx("ack")?;
     cancel(&sub).await.ctx("cancel")?;
     ctx.wait_depth(&q, 0).await?;
@@ -196,7 +202,9 @@ async fn cancel_ends_the_stream(ctx: &Ctx<'_>) -> Result<(), String> {
         ctx.transport().queue_info(&q).await.ctx("queue_info")?.consumer_count,
         0,
     )?;
-    ensure(sub.next().await.is_none(), || "a cancelled subscription yielded again".into())
+    ensure(sub.next().await.is_none(), || {
+        "a cancelled subscription yielded again".into()
+    })
 }
 
 async fn unacked_stay_settleable_after_cancel(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -209,27 +217,39 @@ async fn unacked_stay_settleable_after_cancel(ctx: &Ctx<'_>) -> Result<(), Strin
     got.remove(0).ack().await.ctx("ack after cancel")?;
     got.remove(0).nack(true).await.ctx("nack(requeue) after cancel")?;
     ctx.wait_depth(&q, 1).await?;
-    ensure_eq("queue after settling", drain_flags(ctx, &q).await?, vec![("b".to_string(), true)])
+    ensure_eq(
+        "queue after settling",
+        drain_flags(ctx, &q).await?,
+        vec![("b".to_string(), true)],
+    )
 }
 
 async fn queue_deleted_under_consumer(ctx: &Ctx<'_>) -> Result<(), String> {
     let q = ctx.queue("q").await?;
     let mut sub = ctx.consume(&q, ConsumeOptions::default()).await?;
     let other = ctx.connect().await;
-    other.delete_queue(&q).await.ctx("delete the queue from another connection")?;
+    other
+        .delete_queue(&q)
+        .await
+        .ctx("delete the queue from another connection")?;
     match tokio::time::timeout(WAIT, sub.next()).await {
         Ok(Some(Err(e))) if e.code() == "consumer_cancelled" => {}
         Ok(Some(Err(e))) => return Err(format!("expected consumer_cancelled, got {} ({e})", e.code())),
         Ok(Some(Ok(d))) => return Err(format!("expected consumer_cancelled, got a delivery {:?}", body(&d))),
         Ok(None) => return Err("the stream ended without Err(consumer_cancelled)".into()),
-        Err(_) => return Err(format!("no consumer_cancelled within {WAIT:?} after the queue was deleted")),
+        Err(_) => {
+            return Err(format!(
+                "no consumer_cancelled within {WAIT:?} after the queue was deleted"
+            ))
+        }
     }
     expect_end(&mut sub).await
 }
 
 async fn auto_ack_consumer(ctx: &Ctx<'_>) -> Result<(), String> {
     let q = ctx.queue("q").await?;
-    ctx.publish_all(&Destination::queue(q.as_str()), &["1", "2", "3"]).await?;
+    ctx.publish_all(&Destination::queue(q.as_str()), &["1", "2", "3"])
+        .await?;
     let mut sub = ctx.consume(&q, ConsumeOptions::default().auto_ack(true)).await?;
     let got = take(&mut sub, 3).await?;
     ensure(got.iter().all(|d| !d.needs_settlement()), || {
@@ -250,7 +270,8 @@ async fn auto_ack_consumer(ctx: &Ctx<'_>) -> Result<(), String> {
 
 async fn closing_a_connection_requeues_its_unacked(ctx: &Ctx<'_>) -> Result<(), String> {
     let q = ctx.queue("q").await?;
-    ctx.publish_all(&Destination::queue(q.as_str()), &["1", "2", "3"]).await?;
+    ctx.publish_all(&Destination::queue(q.as_str()), &["1", "2", "3"])
+        .await?;
     let other = ctx.connect().await;
     let mut sub = other
         .consume(&q, ConsumeOptions::default().prefetch(2))

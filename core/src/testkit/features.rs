@@ -35,7 +35,9 @@ pub(crate) fn cases() -> Vec<Case> {
 }
 
 async fn priorities_highest_first_fifo_within_equal(ctx: &Ctx<'_>) -> Result<(), String> {
-    let q = ctx.declare_queue(QueueSpec::new(ctx.queue_name("prio")).max_priority(5)).await?;
+    let q = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("prio")).max_priority(5))
+        .await?;
     let dest = Destination::queue(q.as_str());
     for (body, p) in [
         ("p0a", None),
@@ -53,10 +55,7 @@ async fn priorities_highest_first_fifo_within_equal(ctx: &Ctx<'_>) -> Result<(),
     }
     let mut sub = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
     let got = take(&mut sub, 6).await?;
-    let order: Vec<(String, Option<u8>)> = got
-        .iter()
-        .map(|d| (body(d), d.message.properties.priority))
-        .collect();
+    let order: Vec<(String, Option<u8>)> = got.iter().map(|d| (body(d), d.message.properties.priority)).collect();
     // Highest first; a priority above x-max-priority counts as the maximum
     // (so 9 and 5 tie, FIFO); no priority counts as 0; the property itself
     // is delivered unchanged.
@@ -82,7 +81,8 @@ async fn queue_without_max_priority_is_fifo(ctx: &Ctx<'_>) -> Result<(), String>
     let q = ctx.queue("fifo").await?;
     let dest = Destination::queue(q.as_str());
     ctx.publish_message(&dest, Message::new("low").with_priority(1)).await?;
-    ctx.publish_message(&dest, Message::new("high").with_priority(9)).await?;
+    ctx.publish_message(&dest, Message::new("high").with_priority(9))
+        .await?;
     ensure_eq("order", ctx.drain(&q).await?, vec!["low".to_string(), "high".into()])
 }
 
@@ -274,9 +274,15 @@ async fn header_types_round_trip(ctx: &Ctx<'_>) -> Result<(), String> {
         }
     }
     if got.headers.len() != headers.len() {
-        errors.push(format!("received {} headers, sent {}", got.headers.len(), headers.len()));
+        errors.push(format!(
+            "received {} headers, sent {}",
+            got.headers.len(),
+            headers.len()
+        ));
     }
-    ensure(errors.is_empty(), || format!("headers changed in transit: {}", errors.join("; ")))
+    ensure(errors.is_empty(), || {
+        format!("headers changed in transit: {}", errors.join("; "))
+    })
 }
 
 async fn header_types_survive_dead_lettering(ctx: &Ctx<'_>) -> Result<(), String> {

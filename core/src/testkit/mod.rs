@@ -339,7 +339,9 @@ pub async fn run_unlisted(factory: &dyn TransportFactory, listed: &[&str]) -> Re
         if !cases.iter().any(|c| c.name == *name) {
             report.results.push((
                 "(stale list)",
-                CaseResult::Failed(format!("conformance_tests! lists '{name}' but no scenario has that name")),
+                CaseResult::Failed(format!(
+                    "conformance_tests! lists '{name}' but no scenario has that name"
+                )),
             ));
         }
     }
@@ -548,7 +550,11 @@ mod tests {
         let listed: &[&str] = crate::conformance_tests!(@names);
         for c in &cases {
             if !c.name.starts_with("runtime::") {
-                assert!(listed.contains(&c.name), "{} is not listed in conformance_tests!", c.name);
+                assert!(
+                    listed.contains(&c.name),
+                    "{} is not listed in conformance_tests!",
+                    c.name
+                );
             }
         }
         for l in listed {

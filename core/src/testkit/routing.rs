@@ -71,7 +71,9 @@ async fn routing_table(
             } else {
                 format!("'{pattern}'")
             };
-            errors.push(format!("binding {what} received {got:?}, RabbitMQ delivers {expected:?}"));
+            errors.push(format!(
+                "binding {what} received {got:?}, RabbitMQ delivers {expected:?}"
+            ));
         }
     }
     ensure(errors.is_empty(), || errors.join("; "))
@@ -296,7 +298,11 @@ async fn headers_value_classes(ctx: &Ctx<'_>) -> Result<(), String> {
             // A bool matches only a bool.
             ("", h(&[("x-match", s("all")), ("k", Bool(true))]), &["bool"]),
             // A void binding value means "key present, any value".
-            ("", h(&[("x-match", s("all")), ("k", Void)]), &["str", "bytes", "int", "bool"]),
+            (
+                "",
+                h(&[("x-match", s("all")), ("k", Void)]),
+                &["str", "bytes", "int", "bool"],
+            ),
         ],
         &messages,
     )
@@ -314,12 +320,17 @@ async fn exchange_to_exchange_binding(ctx: &Ctx<'_>) -> Result<(), String> {
     ctx.bind(&q, &dst, "").await?;
     ctx.publish(&Destination::new(src.as_str(), "a.b"), "through").await?;
     ctx.publish(&Destination::new(src.as_str(), "b"), "filtered").await?;
-    ensure_eq("queue behind the e2e binding", ctx.drain(&q).await?, vec!["through".to_string()])?;
+    ensure_eq(
+        "queue behind the e2e binding",
+        ctx.drain(&q).await?,
+        vec!["through".to_string()],
+    )?;
     ctx.transport()
         .unbind(&Binding::exchange(dst.clone(), src.clone(), "a.#"))
         .await
         .ctx("unbind exchange from exchange")?;
-    ctx.publish(&Destination::new(src.as_str(), "a.c"), "after-unbind").await?;
+    ctx.publish(&Destination::new(src.as_str(), "a.c"), "after-unbind")
+        .await?;
     ensure_eq("queue after the e2e unbind", ctx.drain(&q).await?, Vec::<String>::new())
 }
 
@@ -334,7 +345,8 @@ async fn unbind_stops_routing(ctx: &Ctx<'_>) -> Result<(), String> {
         .await
         .ctx("unbind")?;
     ctx.publish(&Destination::new(ex.as_str(), "k"), "unbound").await?;
-    ctx.publish(&Destination::new(ex.as_str(), "j"), "other-binding").await?;
+    ctx.publish(&Destination::new(ex.as_str(), "j"), "other-binding")
+        .await?;
     // Unbinding what is not bound is not an error on RabbitMQ.
     ctx.transport()
         .unbind(&Binding::queue(q.clone(), ex.clone(), "never-bound"))

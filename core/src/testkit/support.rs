@@ -122,7 +122,10 @@ impl<'f> Ctx<'f> {
 
     /// Publishes `message` to `dest`.
     pub async fn publish_message(&self, dest: &Destination, message: Message) -> Result<(), String> {
-        self.transport.publish(dest, message).await.ctx(&format!("publish to {dest}"))
+        self.transport
+            .publish(dest, message)
+            .await
+            .ctx(&format!("publish to {dest}"))
     }
 
     /// Publishes one message per body, in order.
@@ -158,7 +161,9 @@ impl<'f> Ctx<'f> {
             return Ok(());
         }
         let now = self.depth(queue).await?;
-        Err(format!("queue '{queue}' should reach depth {n}, still {now} after {WAIT:?}"))
+        Err(format!(
+            "queue '{queue}' should reach depth {n}, still {now} after {WAIT:?}"
+        ))
     }
 
     /// Reads the whole content of `queue` with a fresh auto-ack consumer:

@@ -587,6 +587,16 @@ impl WorkerHandle {
     pub fn stats(&self, queue: &str) -> Option<RouteStats> {
         self.consumer(queue).ok().map(|c| c.counters.snapshot())
     }
+
+    /// Every route's queue, status and counters, in routing order (for
+    /// health checks and metrics).
+    pub fn report(&self) -> Vec<(String, ConsumerStatus, RouteStats)> {
+        self.inner
+            .consumers
+            .iter()
+            .filter_map(|c| Some((c.queue.clone(), self.status(&c.queue)?, c.counters.snapshot())))
+            .collect()
+    }
 }
 
 /// A copy of an error for a second reader (errors are not `Clone`): the

@@ -377,6 +377,10 @@ async fn stop_one_queue_keeps_the_others() {
     assert_eq!(h.queues(), vec!["a", "b", "c"]);
     h.stop("b").await.unwrap();
     assert_eq!(h.status("b"), Some(ConsumerStatus::Stopped));
+    let report = h.report();
+    assert_eq!(report.len(), 3);
+    assert_eq!((report[1].0.as_str(), &report[1].1), ("b", &ConsumerStatus::Stopped));
+    assert_eq!(report[0].1, ConsumerStatus::Running);
     assert_eq!(h.status("a"), Some(ConsumerStatus::Running));
     for q in ["a", "b", "c"] {
         publish(&fake, q, 3).await;
@@ -523,6 +527,16 @@ async fn readiness_is_awaited_before_taking_a_delivery() {
     assert_eq!(fake.ready("q"), 3);
     h.shutdown().await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn run_and_start_futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let w = Worker::new(Fake::new()).route("q", handler_fn(|| async {}));
+    let run = w.run();
+    is_send(&run);
+    let w = Worker::new(Fake::new()).route("q", handler_fn(|| async {}));
+    is_send(&w.start());
 }
 
 #[test]
