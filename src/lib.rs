@@ -1,10 +1,10 @@
-//! # switchyard
-//!
-//! Broker-agnostic messaging for Rust. See the README for an overview.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+/// The contract: message model, topology, traits, Worker, RPC client, settings, codecs, errors.
 pub use switchyard_core as core;
 pub use switchyard_core::*;
+/// tower layers for handlers and publishers.
 pub use switchyard_middleware as middleware;
 
 /// The in-process broker (cargo feature `memory`, on by default).

@@ -14,9 +14,9 @@
 //! use switchyard_middleware::catch_panic::CatchPanicLayer;
 //! use tower::ServiceBuilder;
 //!
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(CatchPanicLayer::new())
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
 use std::any::Any;

@@ -25,9 +25,9 @@
 //!         .fail_fast_pause(Duration::from_millis(200)),
 //! );
 //! let health = breaker.handle();
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(breaker)
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! assert_eq!(health.state(), CircuitState::Closed);
 //! ```
 

@@ -29,9 +29,9 @@
 //!             .service(PublisherService::new(transport)),
 //!     );
 //!     // consume side: gzip or zstd, at most 16 MiB once decompressed
-//!     let _handler = ServiceBuilder::new()
+//!     let _handler = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!         .layer(DecompressionLayer::new().max_decompressed_size(16 << 20))
-//!         .service(handler_fn(|_env: Envelope| async {}));
+//!         .service(handler_fn(|_env: Envelope| async {})));
 //! }
 //! ```
 

@@ -27,7 +27,7 @@
 //!     let publisher: Arc<dyn Publisher> = Arc::new(ServicePublisher::new(
 //!         ServiceBuilder::new().layer(CorrelationLayer::new()).service(PublisherService::new(transport)),
 //!     ));
-//!     let _handler = ServiceBuilder::new().layer(CorrelationLayer::new()).service(handler_fn(
+//!     let _handler = switchyard_core::handler::boxed(ServiceBuilder::new().layer(CorrelationLayer::new()).service(handler_fn(
 //!         move |_env: Envelope| {
 //!             let publisher = publisher.clone();
 //!             async move {
@@ -36,7 +36,7 @@
 //!                 publisher.publish(&Destination::queue("next"), Message::new("step 2")).await
 //!             }
 //!         },
-//!     ));
+//!     )));
 //! }
 //! ```
 

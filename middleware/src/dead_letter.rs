@@ -37,10 +37,10 @@
 //! use tower::ServiceBuilder;
 //!
 //! fn build(publisher: Arc<dyn Publisher>) {
-//!     let _svc = ServiceBuilder::new()
+//!     let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!         .layer(DeadLetterLayer::new(publisher, "contextiq.dlx").routing_key("dead_letter"))
 //!         .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(100))))
-//!         .service(handler_fn(|_env: Envelope| async {}));
+//!         .service(handler_fn(|_env: Envelope| async {})));
 //! }
 //! ```
 

@@ -20,9 +20,9 @@
 //! use tower::ServiceBuilder;
 //!
 //! let store = MemoryDedupStore::new(100_000).ttl(Duration::from_secs(3600));
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(DedupLayer::new(store))
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
 use std::collections::{HashMap, VecDeque};

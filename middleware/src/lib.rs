@@ -32,7 +32,7 @@
 //!     let handler = handler_fn(|env: Envelope| async move {
 //!         if env.body().is_empty() { Err(HandlerError::reject("empty body")) } else { Ok(()) }
 //!     });
-//!     let _service = ServiceBuilder::new()
+//!     let _service = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!         .layer(TraceLayer::new())                      // outermost: the span sees the final outcome
 //!         .layer(MetricsLayer::new())                    // counts what the Worker will do
 //!         .layer(DeadLetterLayer::new(publisher, "app.dlx")) // final failures -> DLX, ack
@@ -41,7 +41,7 @@
 //!         .layer(TimeoutLayer::new(Duration::from_secs(30)))
 //!         .layer(DecompressionLayer::new())              // before the handler decodes the body
 //!         .layer(CorrelationLayer::new())
-//!         .service(handler);
+//!         .service(handler));
 //! }
 //! ```
 //!
@@ -78,10 +78,10 @@ mod util;
 /// use switchyard_middleware::limit::{ConcurrencyLimitLayer, RateLimitLayer};
 /// use tower::ServiceBuilder;
 ///
-/// let _svc = ServiceBuilder::new()
+/// let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 ///     .layer(ConcurrencyLimitLayer::new(8))
 ///     .layer(RateLimitLayer::new(100, Duration::from_secs(1)))
-///     .service(handler_fn(|_env: Envelope| async {}));
+///     .service(handler_fn(|_env: Envelope| async {})));
 /// ```
 pub mod limit {
     pub use tower::limit::*;

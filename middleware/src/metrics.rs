@@ -31,9 +31,9 @@
 //! use switchyard_middleware::metrics::MetricsLayer;
 //! use tower::ServiceBuilder;
 //!
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(MetricsLayer::new())
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
 use std::collections::HashMap;

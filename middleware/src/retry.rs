@@ -43,9 +43,9 @@
 //! let policy = RetryPolicy::new(5, Backoff::exponential(Duration::from_millis(100)).max(Duration::from_secs(10)))
 //!     .with_kind(FailureKind::Timeout, 6, Backoff::seed())
 //!     .without_kind(FailureKind::Panic);
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(RetryLayer::in_process(policy))
-//!     .service(handler_fn(|_env: Envelope| async { Err::<(), _>(HandlerError::retry("flaky")) }));
+//!     .service(handler_fn(|_env: Envelope| async { Err::<(), _>(HandlerError::retry("flaky")) })));
 //! ```
 
 use std::collections::HashSet;

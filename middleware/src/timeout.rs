@@ -11,9 +11,9 @@
 //! use switchyard_middleware::timeout::TimeoutLayer;
 //! use tower::ServiceBuilder;
 //!
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(TimeoutLayer::new(Duration::from_secs(30)))
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
 use std::future::Future;

@@ -26,9 +26,9 @@
 //! use switchyard_middleware::trace::TraceLayer;
 //! use tower::ServiceBuilder;
 //!
-//! let _svc = ServiceBuilder::new()
+//! let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!     .layer(TraceLayer::new())
-//!     .service(handler_fn(|_env: Envelope| async {}));
+//!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
 use std::fmt;

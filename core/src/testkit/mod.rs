@@ -8,11 +8,8 @@
 //! The scenarios encode what RabbitMQ 3.10 actually does (probed with
 //! `scripts/probe-rabbitmq-semantics.py`, recorded in
 //! `docs/rabbitmq-semantics.md`), so the memory broker and both AMQP
-//! transports are held to one answer. Areas: [`routing`](self#areas),
-//! `admin` (declarations, durability flags, counts), `delivery`
-//! (settlement, prefetch, cancel), `dead_letter`, `features` (priorities,
-//! confirms, mandatory, missing entities, properties and header types) and
-//! `runtime` (Worker, RPC, shutdown).
+//! transports are held to one answer. The areas are listed
+//! [below](#areas).
 //!
 //! Scenarios use unique names (see [`Ctx::name`]) so that they can run
 //! against a shared RabbitMQ in parallel, and delete what they declare.
@@ -26,15 +23,19 @@
 //! returns `None` when the broker is unreachable and the test should be
 //! skipped (it prints why):
 //!
-//! ```ignore
-//! use std::sync::Arc;
-//! use switchyard_core::testkit::TransportFactory;
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use switchyard_core::Transport;
+//! # async fn open_connection() -> Arc<dyn Transport> { unimplemented!() }
+//! use switchyard_core::testkit::{factory_fn, TransportFactory};
 //!
 //! async fn factory() -> Option<impl TransportFactory> {
-//!     Some(MyFactory::new())
+//!     // Return None (after printing why) when the broker is unreachable.
+//!     Some(factory_fn(open_connection))
 //! }
 //!
 //! switchyard_core::conformance_tests!(factory);
+//! # fn main() {}
 //! ```
 //!
 //! Scenarios added to [`all_cases`] but not yet listed in the macro (the
@@ -106,12 +107,15 @@ impl<F> fmt::Debug for FactoryFn<F> {
 /// A [`TransportFactory`] that calls `f` for every connection, so a test
 /// file needs no `async_trait` impl of its own:
 ///
-/// ```ignore
-/// let broker = MemoryBroker::new();
-/// let factory = factory_fn(move || {
-///     let broker = broker.clone();
-///     async move { broker.connect() as Arc<dyn Transport> }
-/// });
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use switchyard_core::Transport;
+/// # async fn open_connection() -> Arc<dyn Transport> { unimplemented!() }
+/// use switchyard_core::testkit::{factory_fn, run_suite};
+/// # async fn demo() {
+/// let factory = factory_fn(|| async { open_connection().await });
+/// run_suite(&factory, None).await.assert_ok();
+/// # }
 /// ```
 pub fn factory_fn<F, Fut>(f: F) -> FactoryFn<F>
 where
@@ -416,11 +420,18 @@ pub async fn expect_nothing(sub: &mut Subscription, within: Duration) -> Result<
 /// `SWITCHYARD_REQUIRE_RABBITMQ` is not set). The test crate needs `tokio`
 /// with the `macros` and `rt-multi-thread` features.
 ///
-/// ```ignore
-/// async fn factory() -> Option<MemoryFactory> {
-///     Some(MemoryFactory::default())
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use switchyard_core::Transport;
+/// # async fn open_connection() -> Arc<dyn Transport> { unimplemented!() }
+/// use switchyard_core::testkit::{factory_fn, TransportFactory};
+///
+/// async fn factory() -> Option<impl TransportFactory> {
+///     Some(factory_fn(open_connection))
 /// }
+///
 /// switchyard_core::conformance_tests!(factory);
+/// # fn main() {}
 /// ```
 ///
 /// `conformance_tests!(@names)` evaluates to the listed scenario names
