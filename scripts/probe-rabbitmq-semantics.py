@@ -290,6 +290,26 @@ def declarations():
     fact("consumer present: exclusive consume", error_of(
         lambda c, ch: ch.basic_consume(name2, lambda *a: None, exclusive=True)))
     c3.close()
+    # exclusive queue of a closed connection
+    c6 = conn()
+    ch6 = c6.channel()
+    exq2 = f"sy-probe.{RUN}.exclusive-closed"
+    ch6.queue_declare(exq2, exclusive=True)
+    c6.close()
+    time.sleep(0.2)
+    fact("exclusive queue after its connection closed", error_of(lambda c, ch: ch.queue_declare(exq2, passive=True)))
+    # x-expires
+    unused = q("expires-unused", arguments={"x-expires": 300})
+    used = q("expires-used", arguments={"x-expires": 300})
+    c7 = conn()
+    ch7 = c7.channel()
+    ch7.basic_consume(used, lambda *a: None)
+    time.sleep(1.0)
+    fact("x-expires 300ms, no consumer, after 1s", error_of(lambda c, ch: ch.queue_declare(unused, passive=True)))
+    fact("x-expires 300ms, with a consumer, after 1s", error_of(lambda c, ch: ch.queue_declare(used, passive=True)))
+    c7.close()
+    time.sleep(1.0)
+    fact("x-expires 300ms, consumer gone 1s ago", error_of(lambda c, ch: ch.queue_declare(used, passive=True)))
     # server-named
     r = CH.queue_declare("", exclusive=True)
     fact("server-named queue name", r.method.queue)
@@ -549,6 +569,19 @@ def dead_lettering():
         time.sleep(0.1)
     m, p, b = CH.basic_get(loop, auto_ack=True)
     fact("rejected twice from the same queue (DLX = default exchange back to it): headers", p.headers)
+    # two queues: A dead-letters into B, B into C
+    qc = q("dl-chain-c")
+    qb = q("dl-chain-b", arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": qc})
+    qa = q("dl-chain-a", arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": qb})
+    pub("", qa, "chain")
+    for src_q in (qa, qb):
+        m, _, _ = CH.basic_get(src_q)
+        CH.basic_reject(m.delivery_tag, requeue=False)
+        time.sleep(0.1)
+    m, p, b = CH.basic_get(qc, auto_ack=True)
+    fact("dead-lettered A -> B -> C: x-death queues in order",
+         [e.value["queue"].value for e in p.headers["x-death"].value])
+    fact("  x-first-death-queue", p.headers["x-first-death-queue"])
 
 
 # --- priorities ----------------------------------------------------------------

@@ -44,6 +44,9 @@ use crate::transport::DeliveryInfo;
 /// and traces record.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
+// A reply is the common RPC case: boxing it would cost an allocation per reply
+// to save stack space in a value that lives for one settlement.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// Done: acknowledge.
     Ack,

@@ -9,7 +9,7 @@
 //! - the handler runtime ([`worker::Worker`]) and the RPC client ([`rpc::RpcClient`]),
 //! - settings from `RABBITMQ_*` variables ([`settings::Settings`]),
 //! - codecs ([`codec::JsonCodec`]) and errors with stable codes ([`Error::code`]),
-//! - with the `testkit` feature, the transport conformance suite ([`testkit`]).
+//! - with the `testkit` feature, the transport conformance suite (module `testkit`).
 //!
 //! No broker code and no I/O of its own live here.
 #![warn(missing_docs)]

@@ -284,7 +284,7 @@ impl Publisher for TransportPublisher {
 mod tests {
     use super::*;
     use crate::handler::{handler_fn, Json, Text};
-    use crate::transport::Admin;
+    use crate::transport::{Admin, Publisher};
     use crate::worker::fake::Fake;
     use crate::worker::Worker;
 
@@ -402,6 +402,43 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), "connection_closed");
+        assert_eq!(client.pending_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn unknown_correlation_ids_are_dropped_and_counted_and_close_ends_calls() {
+        let fake = Fake::new();
+        let client = RpcClient::new(transport(&fake)).await.unwrap();
+        let to_client = Destination::queue(client.reply_to());
+        fake.publish(&to_client, Message::new("stray").with_correlation_id("nobody"))
+            .await
+            .unwrap();
+        fake.publish(&to_client, Message::new("no id")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.late_replies() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "stray replies not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(client.replies_received(), 2);
+        assert_eq!(client.pending_calls(), 0);
+        client.close().await.unwrap();
+        fake.add_queue("void");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let e = client
+                .call(
+                    &Destination::queue("void"),
+                    Message::new("x"),
+                    Duration::from_millis(50),
+                )
+                .await
+                .unwrap_err();
+            if e.code() == "connection_closed" {
+                break;
+            }
+            assert_eq!(e.code(), "rpc_timeout");
+            assert!(tokio::time::Instant::now() < deadline, "close never took effect");
+        }
         assert_eq!(client.pending_calls(), 0);
     }
 

@@ -25,7 +25,7 @@ use switchyard_core::{
     handler_fn, Destination, Envelope, Handler, Message, PublishOptions, Publisher, QueueSpec, Transport,
 };
 use switchyard_middleware::prelude::*;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 struct NullPublisher;
 
@@ -50,7 +50,10 @@ where
         .layer(TraceLayer::new())
         .layer(MetricsLayer::new())
         .layer(DeadLetterLayer::new(publisher, "dlx"))
-        .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10))))
+        .layer(RetryLayer::in_process(RetryPolicy::exponential(
+            3,
+            Duration::from_millis(10),
+        )))
         .layer(TimeoutLayer::new(Duration::from_secs(30)))
         .layer(DecompressionLayer::new())
         .service(h)
@@ -65,8 +68,14 @@ where
         .layer(MetricsLayer::new())
         .layer(DedupLayer::new(MemoryDedupStore::new(10_000)))
         .layer(DeadLetterLayer::new(publisher, "dlx"))
-        .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10))))
-        .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new(100, Duration::from_secs(10))))
+        .layer(RetryLayer::in_process(RetryPolicy::exponential(
+            3,
+            Duration::from_millis(10),
+        )))
+        .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new(
+            100,
+            Duration::from_secs(10),
+        )))
         .layer(CatchPanicLayer::new())
         .layer(TimeoutLayer::new(Duration::from_secs(30)))
         .layer(DecompressionLayer::new())
@@ -98,9 +107,12 @@ async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
     t.declare_queue(&QueueSpec::new("bench")).await.unwrap();
     let dest = Destination::queue("bench");
     for i in 0..n {
-        t.publish(&dest, Message::new(format!("message {i}")).with_message_id(i.to_string()))
-            .await
-            .unwrap();
+        t.publish(
+            &dest,
+            Message::new(format!("message {i}")).with_message_id(i.to_string()),
+        )
+        .await
+        .unwrap();
     }
     let start = Instant::now();
     let w = Worker::new(t.clone())
@@ -121,10 +133,7 @@ async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
 }
 
 fn main() {
-    let n: u32 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(200_000);
+    let n: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200_000);
     let wn = (n / 4).max(1000);
     let env = Envelope::for_test(
         Message::new(r#"{"session_id":"s-1","text":"hello"}"#)
@@ -133,7 +142,10 @@ fn main() {
         "bench",
     );
     let null: Arc<dyn Publisher> = Arc::new(NullPublisher);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!("stack_overhead: {n} direct calls per round (median of 7), {wn} messages through the Worker");
     let report = |label: &str, bare: f64, stack: f64| {
         println!(
@@ -148,14 +160,32 @@ fn main() {
         if std::env::args().any(|a| a == "--layers") {
             let one = |name: &str, ns: f64| report(&format!("direct, {name} alone"), b, ns);
             one("trace", direct_ns(TraceLayer::new().layer(bare()), &env, n).await);
-            one("metrics (no-op)", direct_ns(MetricsLayer::new().layer(bare()), &env, n).await);
-            one("dead-letter", direct_ns(DeadLetterLayer::new(null.clone(), "dlx").layer(bare()), &env, n).await);
+            one(
+                "metrics (no-op)",
+                direct_ns(MetricsLayer::new().layer(bare()), &env, n).await,
+            );
+            one(
+                "dead-letter",
+                direct_ns(DeadLetterLayer::new(null.clone(), "dlx").layer(bare()), &env, n).await,
+            );
             let retry = RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10)));
             one("retry", direct_ns(retry.layer(bare()), &env, n).await);
-            one("timeout", direct_ns(TimeoutLayer::new(Duration::from_secs(30)).layer(bare()), &env, n).await);
-            one("decompression (off)", direct_ns(DecompressionLayer::new().layer(bare()), &env, n).await);
-            one("catch-panic", direct_ns(CatchPanicLayer::new().layer(bare()), &env, n).await);
-            one("correlation", direct_ns(CorrelationLayer::new().layer(bare()), &env, n).await);
+            one(
+                "timeout",
+                direct_ns(TimeoutLayer::new(Duration::from_secs(30)).layer(bare()), &env, n).await,
+            );
+            one(
+                "decompression (off)",
+                direct_ns(DecompressionLayer::new().layer(bare()), &env, n).await,
+            );
+            one(
+                "catch-panic",
+                direct_ns(CatchPanicLayer::new().layer(bare()), &env, n).await,
+            );
+            one(
+                "correlation",
+                direct_ns(CorrelationLayer::new().layer(bare()), &env, n).await,
+            );
             let dedup = DedupLayer::new(MemoryDedupStore::new(10_000)).key_fn(|_| None);
             one("dedup (no key)", direct_ns(dedup.layer(bare()), &env, n).await);
         }
@@ -165,7 +195,11 @@ fn main() {
     if std::env::args().any(|a| a == "--direct-only") {
         return;
     }
-    let mt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     mt.block_on(async {
         let b = worker_ns(bare(), wn).await;
         let s = worker_ns(full_stack(bare(), null.clone()), wn).await;

@@ -168,7 +168,11 @@ mod tests {
         let e = h.clone().oneshot(env()).await.unwrap_err();
         assert_eq!(e.kind(), FailureKind::Panic);
         assert!(e.message().contains("boom 42"), "{}", e.message());
-        let e = CatchPanicLayer::new().layer(PanicsInCall).oneshot(env()).await.unwrap_err();
+        let e = CatchPanicLayer::new()
+            .layer(PanicsInCall)
+            .oneshot(env())
+            .await
+            .unwrap_err();
         assert!(e.message().contains("boom in call"));
         let ok = CatchPanicLayer::new().layer(handler_fn(|_e: Envelope| async {}));
         assert_eq!(ok.oneshot(env()).await.unwrap(), Outcome::Ack);

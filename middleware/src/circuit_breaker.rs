@@ -181,15 +181,16 @@ impl Shared {
         let mut st = self.state.lock();
         let counted = failed == Some(true);
         match &mut *st {
-            State::Closed { failures } if !probe => {
-                if counted {
-                    while failures.front().is_some_and(|t| now.duration_since(*t) > self.cfg.window) {
-                        failures.pop_front();
-                    }
-                    failures.push_back(now);
-                    if failures.len() as u32 >= self.cfg.failure_threshold {
-                        self.open(&mut st, now);
-                    }
+            State::Closed { failures } if !probe && counted => {
+                while failures
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > self.cfg.window)
+                {
+                    failures.pop_front();
+                }
+                failures.push_back(now);
+                if failures.len() as u32 >= self.cfg.failure_threshold {
+                    self.open(&mut st, now);
                 }
             }
             State::HalfOpen { in_flight, successes } if probe => {
@@ -225,7 +226,9 @@ pub struct CircuitBreakerHandle {
 
 impl fmt::Debug for CircuitBreakerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreakerHandle").field("state", &self.state()).finish()
+        f.debug_struct("CircuitBreakerHandle")
+            .field("state", &self.state())
+            .finish()
     }
 }
 
@@ -264,7 +267,9 @@ pub struct CircuitBreakerLayer {
 
 impl fmt::Debug for CircuitBreakerLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreakerLayer").field("config", &self.shared.cfg).finish()
+        f.debug_struct("CircuitBreakerLayer")
+            .field("config", &self.shared.cfg)
+            .finish()
     }
 }
 
@@ -440,7 +445,9 @@ mod tests {
     async fn failures_outside_the_window_do_not_open() {
         let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::new(3, Duration::from_secs(1)));
         let h = layer.handle();
-        let svc = layer.layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::retry("x")) }));
+        let svc = layer.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::retry("x"))
+        }));
         for _ in 0..5 {
             svc.clone()
                 .oneshot(Envelope::for_test(Message::new("x"), "q"))

@@ -102,7 +102,9 @@ impl Encoding {
         let mut out = Vec::with_capacity(cap);
         let limit = (max as u64).saturating_add(1);
         let read = match self {
-            Encoding::Gzip => flate2::read::MultiGzDecoder::new(body).take(limit).read_to_end(&mut out),
+            Encoding::Gzip => flate2::read::MultiGzDecoder::new(body)
+                .take(limit)
+                .read_to_end(&mut out),
             Encoding::Zstd => match zstd::stream::read::Decoder::new(body) {
                 Ok(d) => d.take(limit).read_to_end(&mut out),
                 Err(e) => Err(e),
@@ -288,10 +290,15 @@ mod tests {
             let rec = Arc::new(Recorder::default());
             let p = ServicePublisher::new(layer.threshold(100).layer(PublisherService::new(rec.clone())));
             p.publish(&Destination::queue("q"), Message::new(big())).await.unwrap();
-            p.publish(&Destination::queue("q"), Message::new("small")).await.unwrap();
+            p.publish(&Destination::queue("q"), Message::new("small"))
+                .await
+                .unwrap();
             let sent = rec.sent.lock().clone();
             let m = &sent[0].1;
-            assert_eq!(m.properties.content_encoding.as_deref(), Some(layer.encoding.unwrap().as_str()));
+            assert_eq!(
+                m.properties.content_encoding.as_deref(),
+                Some(layer.encoding.unwrap().as_str())
+            );
             assert!(m.body.len() < big().len() / 5);
             assert_eq!(sent[1].1.properties.content_encoding, None);
             assert_eq!(&sent[1].1.body[..], b"small");
@@ -300,13 +307,21 @@ mod tests {
                 assert_eq!(e.body(), &big());
                 assert_eq!(e.message().properties.content_encoding, None);
             }));
-            assert_eq!(h.oneshot(Envelope::for_test(m.clone(), "q")).await.unwrap(), Outcome::Ack);
+            assert_eq!(
+                h.oneshot(Envelope::for_test(m.clone(), "q")).await.unwrap(),
+                Outcome::Ack
+            );
         }
     }
 
     #[tokio::test]
     async fn unknown_corrupt_and_bombs_are_decode_failures() {
-        let never = || handler_fn(|_e: Envelope| async { let called = true; assert!(!called, "handler must not be called") });
+        let never = || {
+            handler_fn(|_e: Envelope| async {
+                let called = true;
+                assert!(!called, "handler must not be called")
+            })
+        };
         let env = |body: Bytes, ce: &str| Envelope::for_test(Message::new(body).with_content_encoding(ce), "q");
         let e = DecompressionLayer::new()
             .layer(never())
@@ -337,6 +352,9 @@ mod tests {
         let ok = DecompressionLayer::new().layer(handler_fn(|e: Envelope| async move {
             assert_eq!(&e.body()[..], b"plain");
         }));
-        assert_eq!(ok.oneshot(env(Bytes::from_static(b"plain"), "identity")).await.unwrap(), Outcome::Ack);
+        assert_eq!(
+            ok.oneshot(env(Bytes::from_static(b"plain"), "identity")).await.unwrap(),
+            Outcome::Ack
+        );
     }
 }

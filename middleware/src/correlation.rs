@@ -180,7 +180,10 @@ mod tests {
         let sent = rec.sent.lock();
         let a = &sent[0].1.properties;
         assert_eq!(a.message_id.as_ref().map(String::len), Some(32));
-        assert_eq!(a.correlation_id, a.message_id, "a new chain is correlated by its first message id");
+        assert_eq!(
+            a.correlation_id, a.message_id,
+            "a new chain is correlated by its first message id"
+        );
         assert_eq!(sent[1].1.properties.message_id.as_deref(), Some("m-1"));
         assert_eq!(sent[1].1.properties.correlation_id.as_deref(), Some("c-1"));
     }
@@ -188,8 +191,9 @@ mod tests {
     #[tokio::test]
     async fn handled_correlation_id_propagates_to_publishes() {
         let rec = Arc::new(Recorder::default());
-        let p: Arc<dyn Publisher> =
-            Arc::new(ServicePublisher::new(CorrelationLayer::new().layer(PublisherService::new(rec.clone()))));
+        let p: Arc<dyn Publisher> = Arc::new(ServicePublisher::new(
+            CorrelationLayer::new().layer(PublisherService::new(rec.clone())),
+        ));
         let h = ServiceBuilder::new()
             .layer(CorrelationLayer::new())
             .service(handler_fn(move |_e: Envelope| {

@@ -222,7 +222,10 @@ where
                 return Err(err);
             }
             let msg = dead_letter_message(&env, &err);
-            let rk = cfg.routing_key.clone().unwrap_or_else(|| env.info().routing_key.clone());
+            let rk = cfg
+                .routing_key
+                .clone()
+                .unwrap_or_else(|| env.info().routing_key.clone());
             let dest = Destination::new(cfg.exchange.clone(), rk);
             match cfg.publisher.publish(&dest, msg).await {
                 Ok(()) => {
@@ -273,7 +276,11 @@ pub async fn replay(publisher: &dyn Publisher, mut message: Message) -> Result<D
     let dest = original_destination(&message).ok_or_else(|| {
         Error::decode(format!(
             "message {} has no {ORIGINAL_ROUTING_KEY} header: not a switchyard dead letter, cannot replay",
-            message.properties.message_id.as_deref().unwrap_or("(without message id)")
+            message
+                .properties
+                .message_id
+                .as_deref()
+                .unwrap_or("(without message id)")
         ))
     })?;
     strip_dead_letter_headers(&mut message);
@@ -318,9 +325,7 @@ pub async fn replay_queue(
     queue: &str,
     options: ReplayOptions,
 ) -> Result<ReplayReport> {
-    let mut sub = consumer
-        .consume(queue, ConsumeOptions::default().prefetch(100))
-        .await?;
+    let mut sub = consumer.consume(queue, ConsumeOptions::default().prefetch(100)).await?;
     let cancel = sub.cancel_handle();
     let mut report = ReplayReport::default();
     let mut keep = Vec::new();
@@ -364,7 +369,10 @@ mod tests {
         let layer = DeadLetterLayer::new(rec.clone(), "dlx");
         let svc = ServiceBuilder::new()
             .layer(layer.clone())
-            .layer(RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10))))
+            .layer(RetryLayer::in_process(RetryPolicy::exponential(
+                3,
+                Duration::from_millis(10),
+            )))
             .service(handler_fn(|e: Envelope| async move {
                 match e.body().as_ref() {
                     b"bad" => Err(HandlerError::reject("no such customer")),
@@ -392,7 +400,9 @@ mod tests {
         assert!(m.headers.get_str(ERROR).unwrap().contains("db down"));
 
         // a transient failure without a retry layer is not final: the Worker requeues it
-        let bare = layer.layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::retry("x")) }));
+        let bare = layer.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::retry("x"))
+        }));
         assert_eq!(bare.oneshot(env("t")).await.unwrap_err().kind(), FailureKind::Transient);
         assert_eq!(rec.sent.lock().len(), 2);
     }
@@ -401,8 +411,9 @@ mod tests {
     async fn publish_failure_returns_the_original_error() {
         let rec = Arc::new(Recorder::default());
         rec.fail.store(true, std::sync::atomic::Ordering::SeqCst);
-        let svc = DeadLetterLayer::new(rec.clone(), "dlx")
-            .layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::decode("bad json")) }));
+        let svc = DeadLetterLayer::new(rec.clone(), "dlx").layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::decode("bad json"))
+        }));
         let e = svc
             .oneshot(Envelope::for_test(Message::new("x"), "q"))
             .await
@@ -420,11 +431,14 @@ mod tests {
         with_original.headers.insert(ORIGINAL_ROUTING_KEY, "order.created");
         let dest = replay(&*rec, with_original).await.unwrap();
         assert_eq!(dest, Destination::new("shop", "order.created"));
-        let sent = rec.sent.lock();
-        let m = &sent[0].1;
-        assert_eq!(m.headers.len(), 1, "only the application header is left: {:?}", m.headers);
+        let m = rec.sent.lock()[0].1.clone();
+        assert_eq!(
+            m.headers.len(),
+            1,
+            "only the application header is left: {:?}",
+            m.headers
+        );
         assert_eq!(m.headers.get_str("tenant"), Some("acme"));
-        drop(sent);
         let e = replay(&*rec, Message::new("plain")).await.unwrap_err();
         assert_eq!(e.code(), "decode_failed");
         assert_eq!(truncate("héllo", 2), "h");

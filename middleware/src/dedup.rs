@@ -303,8 +303,14 @@ mod tests {
         svc.clone().oneshot(env("m2", "fail")).await.unwrap_err();
         svc.clone().oneshot(env("m2", "fail")).await.unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 3, "failed messages are handled again");
-        svc.clone().oneshot(Envelope::for_test(Message::new("ok"), "q")).await.unwrap();
-        svc.clone().oneshot(Envelope::for_test(Message::new("ok"), "q")).await.unwrap();
+        svc.clone()
+            .oneshot(Envelope::for_test(Message::new("ok"), "q"))
+            .await
+            .unwrap();
+        svc.clone()
+            .oneshot(Envelope::for_test(Message::new("ok"), "q"))
+            .await
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 5, "no key, no de-duplication");
         let keyed_calls = Arc::new(AtomicU32::new(0));
         let kc = keyed_calls.clone();

@@ -63,32 +63,67 @@ pub mod timeout;
 pub mod trace;
 mod util;
 
-/// tower's concurrency and rate limits, re-exported (not rewritten).
+/// tower's concurrency and rate limits, re-exported (not rewritten), and
+/// [`limit::shared`] to share one limited service among the clones the Worker
+/// makes.
 ///
 /// [`ConcurrencyLimitLayer`](limit::ConcurrencyLimitLayer) bounds how many
-/// deliveries a handler works on at once: the Worker awaits `poll_ready`
-/// before taking the next delivery, so the limit is real backpressure.
+/// deliveries a handler works on at once (its clones share the semaphore).
 /// [`RateLimitLayer`](limit::RateLimitLayer) admits at most `n` calls per
-/// period; wrap it in [`tower::buffer`] (or the Worker's own buffering) to
-/// share it between clones.
+/// period; a `RateLimit` is not `Clone`, so wrap it with [`limit::shared`]
+/// (tower's `Buffer`), which gives one rate for all deliveries. Both work
+/// through `poll_ready`: the Worker waits for readiness before taking the
+/// next delivery, so the limits are real backpressure (messages stay in the
+/// broker).
 ///
 /// ```
 /// use std::time::Duration;
 /// use switchyard_core::{handler_fn, Envelope};
-/// use switchyard_middleware::limit::{ConcurrencyLimitLayer, RateLimitLayer};
+/// use switchyard_middleware::limit::{self, ConcurrencyLimitLayer, RateLimitLayer};
 /// use tower::ServiceBuilder;
 ///
-/// let _svc = switchyard_core::handler::boxed(ServiceBuilder::new()
-///     .layer(ConcurrencyLimitLayer::new(8))
-///     .layer(RateLimitLayer::new(100, Duration::from_secs(1)))
-///     .service(handler_fn(|_env: Envelope| async {})));
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // at most 100 deliveries per second, at most 8 at once (Buffer needs a tokio runtime)
+/// let rate_limited = limit::shared(
+///     ServiceBuilder::new()
+///         .layer(RateLimitLayer::new(100, Duration::from_secs(1)))
+///         .service(handler_fn(|_env: Envelope| async {})),
+///     1024,
+/// );
+/// let _svc = switchyard_core::handler::boxed(
+///     ServiceBuilder::new().layer(ConcurrencyLimitLayer::new(8)).service(rate_limited),
+/// );
+/// # }
 /// ```
 pub mod limit {
+    use switchyard_core::handler::BoxHandler;
+    use switchyard_core::{Envelope, HandlerError, Outcome};
+    use tower::{BoxError, Service, ServiceExt};
+
     pub use tower::limit::*;
+
+    /// Shares one service among all clones of a handler: tower's `Buffer`
+    /// (queue of `bound` requests) in front of `service`, errors mapped back
+    /// to [`HandlerError`] (a closed buffer is a transient failure). Must be
+    /// called inside a tokio runtime (the buffer spawns its worker task).
+    pub fn shared<S>(service: S, bound: usize) -> BoxHandler
+    where
+        S: Service<Envelope, Response = Outcome, Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let buffered = tower::buffer::Buffer::new(service, bound.max(1));
+        switchyard_core::handler::boxed(buffered.map_err(|e: BoxError| match e.downcast::<HandlerError>() {
+            Ok(h) => *h,
+            Err(other) => HandlerError::retry(format!("shared handler unavailable: {other}")),
+        }))
+    }
 }
 
 pub use catch_panic::{CatchPanic, CatchPanicLayer};
-pub use circuit_breaker::{CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer, CircuitState};
+pub use circuit_breaker::{
+    CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer, CircuitState,
+};
 pub use compression::{Compression, CompressionLayer, DecompressionLayer, Encoding};
 pub use correlation::{Correlation, CorrelationLayer};
 pub use dead_letter::{DeadLetter, DeadLetterLayer};

@@ -1,4 +1,4 @@
-//! Metrics through the [`metrics`](::metrics) facade, so any exporter
+//! Metrics through the [`metrics`] facade, so any exporter
 //! (Prometheus, StatsD, OpenTelemetry…) records them.
 //!
 //! Around a handler, [`Metrics`] records:
@@ -115,7 +115,10 @@ fn cached<V>(map: &RwLock<HashMap<Arc<str>, Arc<V>>>, key: &Arc<str>, make: impl
     if let Some(h) = map.read().get(key) {
         return h.clone();
     }
-    map.write().entry(key.clone()).or_insert_with(|| Arc::new(make())).clone()
+    map.write()
+        .entry(key.clone())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
 }
 
 /// The `exchange` label: the name, or `(default)` for the default exchange.
@@ -203,7 +206,6 @@ pub fn outcome_label(result: &Result<Outcome, HandlerError>) -> &'static str {
 /// Decrements the in-flight gauge when the handling ends or is dropped.
 pub struct InFlightGuard(Option<Arc<QueueHandles>>);
 
-
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         if let Some(h) = self.0.take() {
@@ -271,7 +273,6 @@ pin_project! {
     }
 }
 
-
 impl<F, R> Future for PublishMetricsFuture<F>
 where
     F: Future<Output = Result<R, Error>>,
@@ -310,5 +311,65 @@ where
             inner: self.inner.call(req),
             handles,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::tests::Recorder;
+    use crate::publish::{PublisherService, ServicePublisher};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use switchyard_core::{handler_fn, Destination, Message, Publisher};
+    use tower::ServiceExt;
+
+    fn value<'a>(snap: &'a [(String, Vec<String>, DebugValue)], name: &str, label: &str) -> Option<&'a DebugValue> {
+        snap.iter()
+            .find(|(n, l, _)| n == name && l.iter().any(|x| x == label))
+            .map(|(_, _, v)| v)
+    }
+
+    #[tokio::test]
+    async fn records_handling_and_publishing() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let layer = MetricsLayer::new();
+        let h = layer.layer(handler_fn(|e: Envelope| async move {
+            if e.body().is_empty() {
+                Err(HandlerError::decode("empty"))
+            } else {
+                Ok(())
+            }
+        }));
+        for body in ["a", "b", ""] {
+            let _ = h.clone().oneshot(Envelope::for_test(Message::new(body), "orders")).await;
+        }
+        let rec = Arc::new(Recorder::default());
+        let p = ServicePublisher::new(layer.layer(PublisherService::new(rec.clone())));
+        p.publish(&Destination::new("shop", "x"), Message::new("m")).await.unwrap();
+        rec.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        p.publish(&Destination::queue("q"), Message::new("m")).await.unwrap_err();
+
+        let snap: Vec<(String, Vec<String>, DebugValue)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| {
+                let labels = k.key().labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+                (k.key().name().to_owned(), labels, v)
+            })
+            .collect();
+        assert_eq!(value(&snap, names::HANDLED, "outcome=ack"), Some(&DebugValue::Counter(2)));
+        assert_eq!(value(&snap, names::HANDLED, "outcome=decode"), Some(&DebugValue::Counter(1)));
+        assert!(matches!(value(&snap, names::IN_FLIGHT, "queue=orders"), Some(DebugValue::Gauge(g)) if g.0 == 0.0));
+        match value(&snap, names::HANDLING_SECONDS, "queue=orders") {
+            Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 3),
+            other => panic!("histogram missing: {other:?}"),
+        }
+        assert_eq!(value(&snap, names::PUBLISHED, "exchange=shop"), Some(&DebugValue::Counter(1)));
+        assert_eq!(value(&snap, names::CONFIRMED, "exchange=shop"), Some(&DebugValue::Counter(1)));
+        assert_eq!(value(&snap, names::PUBLISHED, "exchange=(default)"), Some(&DebugValue::Counter(1)));
+        assert_eq!(value(&snap, names::FAILED, "code=transport_error"), Some(&DebugValue::Counter(1)));
     }
 }

@@ -172,7 +172,9 @@ pub(crate) mod tests {
     async fn bridge_round_trips_a_publish() {
         let rec = Arc::new(Recorder::default());
         let p = ServicePublisher::new(PublisherService::new(rec.clone())).into_dyn();
-        p.publish(&Destination::new("ex", "rk"), Message::new("x")).await.unwrap();
+        p.publish(&Destination::new("ex", "rk"), Message::new("x"))
+            .await
+            .unwrap();
         let sent = rec.sent.lock();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].0, Destination::new("ex", "rk"));

@@ -498,27 +498,46 @@ where
                     return Err(err);
                 };
                 if made >= kp.max_attempts {
-                    tracing::debug!(queue = env.queue(), kind = kind.as_str(), attempts = made, "retries exhausted");
+                    tracing::debug!(
+                        queue = env.queue(),
+                        kind = kind.as_str(),
+                        attempts = made,
+                        "retries exhausted"
+                    );
                     return Err(exhausted(err, made - 1));
                 }
                 let retry = made - 1;
                 match &mode {
                     Mode::InProcess => {
                         let delay = kp.backoff.jittered_delay(retry);
-                        tracing::debug!(queue = env.queue(), kind = kind.as_str(), attempt = made, ?delay, "retrying in-process");
+                        tracing::debug!(
+                            queue = env.queue(),
+                            kind = kind.as_str(),
+                            attempt = made,
+                            ?delay,
+                            "retrying in-process"
+                        );
                         tokio::time::sleep(delay).await;
                         env = env.next_attempt();
                         fut = inner.ready().await?.call(env.clone());
                     }
                     Mode::Broker(b) => {
                         let delay = kp.backoff.delay(retry);
-                        tracing::debug!(queue = env.queue(), kind = kind.as_str(), attempt = made, ?delay, "retrying through the broker");
+                        tracing::debug!(
+                            queue = env.queue(),
+                            kind = kind.as_str(),
+                            attempt = made,
+                            ?delay,
+                            "retrying through the broker"
+                        );
                         return match b.republish(&env, delay).await {
                             Ok(()) => Ok(Outcome::Retried),
                             Err(e) => {
                                 tracing::warn!(queue = env.queue(), error = %e, "could not schedule a delayed retry; requeueing");
-                                Err(HandlerError::retry(format!("could not schedule a delayed retry ({e}) after: {err}"))
-                                    .with_source(e))
+                                Err(HandlerError::retry(format!(
+                                    "could not schedule a delayed retry ({e}) after: {err}"
+                                ))
+                                .with_source(e))
                             }
                         };
                     }
@@ -542,13 +561,19 @@ mod tests {
         let j = Backoff::exponential(Duration::from_millis(1000)).jitter(0.5);
         for _ in 0..200 {
             let v = j.jittered_delay(0);
-            assert!(v > Duration::from_millis(499) && v <= Duration::from_millis(1000), "{v:?}");
+            assert!(
+                v > Duration::from_millis(499) && v <= Duration::from_millis(1000),
+                "{v:?}"
+            );
         }
         let s = Backoff::seed();
         assert_eq!(s.delay(0), Duration::from_secs(1));
         assert_eq!(s.delay(4), Duration::from_secs(300));
         assert_eq!(s.delay(9), Duration::from_secs(300));
-        assert_eq!(Backoff::exponential(Duration::from_secs(1)).delay(u32::MAX), Duration::from_secs(300));
+        assert_eq!(
+            Backoff::exponential(Duration::from_secs(1)).delay(u32::MAX),
+            Duration::from_secs(300)
+        );
     }
 
     #[test]
@@ -562,6 +587,12 @@ mod tests {
         assert_eq!(p.next_delay(FailureKind::Permanent, 1), None);
         assert_eq!(p.next_delay(FailureKind::Decode, 1), None);
         assert_eq!(p.next_delay(FailureKind::Panic, 1), None);
-        assert_eq!(RetryPolicy::seed().policy_for(FailureKind::Timeout).unwrap().max_attempts, 6);
+        assert_eq!(
+            RetryPolicy::seed()
+                .policy_for(FailureKind::Timeout)
+                .unwrap()
+                .max_attempts,
+            6
+        );
     }
 }

@@ -87,7 +87,9 @@ where
             return Poll::Ready(out);
         }
         let deadline = *this.deadline;
-        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(HandlerError::timeout(format!(
                 "handler did not finish within {:?}",

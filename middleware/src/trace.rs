@@ -15,7 +15,7 @@
 //! or a new root trace otherwise.
 //!
 //! The parser and generator are switchyard's own (no dependency). With the
-//! cargo feature `opentelemetry`, [`otel`] bridges headers to the
+//! cargo feature `opentelemetry`, the `otel` module bridges headers to the
 //! OpenTelemetry propagation API.
 //!
 //! Put the layer outermost, so the span covers the whole stack and records
@@ -182,7 +182,8 @@ fn hex_digit(c: u8) -> Option<u8> {
 }
 
 fn hex_u128(s: &[u8]) -> Option<u128> {
-    s.iter().try_fold(0u128, |acc, &c| Some((acc << 4) | hex_digit(c)? as u128))
+    s.iter()
+        .try_fold(0u128, |acc, &c| Some((acc << 4) | hex_digit(c)? as u128))
 }
 
 fn hex_u8(s: &[u8]) -> Option<u8> {
@@ -435,8 +436,9 @@ mod tests {
     #[tokio::test]
     async fn consume_extracts_and_publish_injects_the_same_trace() {
         let rec = Arc::new(Recorder::default());
-        let p: Arc<dyn Publisher> =
-            Arc::new(ServicePublisher::new(TraceLayer::new().layer(PublisherService::new(rec.clone()))));
+        let p: Arc<dyn Publisher> = Arc::new(ServicePublisher::new(
+            TraceLayer::new().layer(PublisherService::new(rec.clone())),
+        ));
         let seen = Arc::new(parking_lot::Mutex::new(None));
         let seen2 = seen.clone();
         let h = TraceLayer::new().layer(handler_fn(move |_e: Envelope| {

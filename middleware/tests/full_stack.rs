@@ -59,9 +59,17 @@ impl<S: tracing::Subscriber> Layer<S> for SpanLog {
 
 impl SpanLog {
     fn outcomes(&self, message_id: &str) -> Vec<String> {
-        let mut v: Vec<_> = self.fields.lock().iter().map(|(k, (m, o))| (*k, m.clone(), o.clone())).collect();
+        let mut v: Vec<_> = self
+            .fields
+            .lock()
+            .iter()
+            .map(|(k, (m, o))| (*k, m.clone(), o.clone()))
+            .collect();
         v.sort();
-        v.into_iter().filter(|(_, m, _)| m == message_id).map(|(_, _, o)| o).collect()
+        v.into_iter()
+            .filter(|(_, m, _)| m == message_id)
+            .map(|(_, _, o)| o)
+            .collect()
     }
 }
 
@@ -72,7 +80,10 @@ struct Order {
     pad: String,
 }
 
-fn handled_counter(snapshot: &[(String, Vec<(String, String)>, u64)], outcome: &str) -> u64 {
+/// (metric name, labels, counter value)
+type CounterRow = (String, Vec<(String, String)>, u64);
+
+fn handled_counter(snapshot: &[CounterRow], outcome: &str) -> u64 {
     snapshot
         .iter()
         .filter(|(n, l, _)| n == names::HANDLED && l.iter().any(|(k, v)| k == "outcome" && v == outcome))
@@ -115,7 +126,10 @@ async fn full_stack_end_to_end() {
                 }
                 _ => {
                     let event = Message::json(&serde_json::json!({ "handled": o.id })).unwrap();
-                    events.publish(&Destination::queue("events"), event).await.map_err(HandlerError::from)
+                    events
+                        .publish(&Destination::queue("events"), event)
+                        .await
+                        .map_err(HandlerError::from)
                 }
             }
         }
@@ -136,7 +150,13 @@ async fn full_stack_end_to_end() {
         .layer(DecompressionLayer::new())
         .layer(CorrelationLayer::new())
         .service(handler);
-    let w = start_with(&s.transport, "orders", stack, RouteConfig::default().prefetch(20).concurrency(8)).await;
+    let w = start_with(
+        &s.transport,
+        "orders",
+        stack,
+        RouteConfig::default().prefetch(20).concurrency(8),
+    )
+    .await;
 
     let dest = Destination::new("shop", "order.created");
     // padded so that every body is above the gzip threshold of the publisher stack
@@ -153,7 +173,13 @@ async fn full_stack_end_to_end() {
     let mut ok = order("ok", "fine").with_correlation_id("chain-1");
     root.inject(&mut ok.headers);
     publisher.publish(&dest, ok).await.unwrap();
-    for (id, note) in [("flaky", "flaky"), ("down", "down"), ("invalid", "invalid"), ("panic", "panic"), ("slow", "slow")] {
+    for (id, note) in [
+        ("flaky", "flaky"),
+        ("down", "down"),
+        ("invalid", "invalid"),
+        ("panic", "panic"),
+        ("slow", "slow"),
+    ] {
         publisher.publish(&dest, order(id, note)).await.unwrap();
     }
     // undecodable JSON inside valid gzip, and a corrupt gzip body
@@ -161,12 +187,20 @@ async fn full_stack_end_to_end() {
     s.transport
         .publish(
             &dest,
-            Message::new(bad).with_content_encoding("gzip").with_content_type("application/json").with_message_id("badjson"),
+            Message::new(bad)
+                .with_content_encoding("gzip")
+                .with_content_type("application/json")
+                .with_message_id("badjson"),
         )
         .await
         .unwrap();
     s.transport
-        .publish(&dest, Message::new("garbage").with_content_encoding("gzip").with_message_id("corrupt"))
+        .publish(
+            &dest,
+            Message::new("garbage")
+                .with_content_encoding("gzip")
+                .with_message_id("corrupt"),
+        )
         .await
         .unwrap();
 
@@ -179,7 +213,11 @@ async fn full_stack_end_to_end() {
     let st2 = handled(&w, "orders", 15).await;
     w.shutdown().await.unwrap();
     assert_eq!(st.handled, 14);
-    assert_eq!((st2.acked, st2.requeued, st2.rejected), (15, 0, 0), "every outcome is settled by an ack");
+    assert_eq!(
+        (st2.acked, st2.requeued, st2.rejected),
+        (15, 0, 0),
+        "every outcome is settled by an ack"
+    );
 
     // dead letters: retry inside dead-letter gives the final kinds and counts
     let dead = drain(&s.transport, "dead").await;
@@ -202,17 +240,31 @@ async fn full_stack_end_to_end() {
         assert_eq!(h.get_str(ORIGINAL_ROUTING_KEY), Some("order.created"));
         assert_eq!(h.get_str(ORIGINAL_QUEUE), Some("orders"));
     }
-    let dl_body = &dead.iter().find(|m| m.properties.message_id.as_deref() == Some("down")).unwrap();
-    assert_eq!(dl_body.properties.content_encoding.as_deref(), Some("gzip"), "dead letters keep the wire body");
+    let dl_body = &dead
+        .iter()
+        .find(|m| m.properties.message_id.as_deref() == Some("down"))
+        .unwrap();
+    assert_eq!(
+        dl_body.properties.content_encoding.as_deref(),
+        Some("gzip"),
+        "dead letters keep the wire body"
+    );
 
     // decompression before decoding, correlation and one trace across the hop
     let events = drain(&s.transport, "events").await;
-    assert_eq!(events.len(), 3, "ok, flaky (2nd try), slow (2nd try); not the duplicate");
+    assert_eq!(
+        events.len(),
+        3,
+        "ok, flaky (2nd try), slow (2nd try); not the duplicate"
+    );
     let ok_event = events
         .iter()
         .find(|m| m.properties.correlation_id.as_deref() == Some("chain-1"))
         .expect("the ok order's correlation id carried to its event");
-    assert_eq!(TraceContext::extract(&ok_event.headers).unwrap().trace_id, root.trace_id);
+    assert_eq!(
+        TraceContext::extract(&ok_event.headers).unwrap().trace_id,
+        root.trace_id
+    );
     assert_eq!(&ok_event.body[..], br#"{"handled":"ok"}"#);
 
     // tracing outermost: spans record the outcome the Worker acted on
@@ -223,14 +275,17 @@ async fn full_stack_end_to_end() {
     assert_eq!(spans.outcomes("ok"), ["ack", "ack"], "the duplicate is acked");
 
     // metrics outermost too
-    let snap: Vec<(String, Vec<(String, String)>, u64)> = snapshotter
+    let snap: Vec<CounterRow> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
         .filter_map(|(k, _, _, v)| match v {
             DebugValue::Counter(n) => Some((
                 k.key().name().to_owned(),
-                k.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect(),
+                k.key()
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect(),
                 n,
             )),
             _ => None,
@@ -240,6 +295,10 @@ async fn full_stack_end_to_end() {
     assert_eq!(handled_counter(&snap, "retry"), 6);
     assert_eq!(handled_counter(&snap, "dead_letter"), 5);
     let published: u64 = snap.iter().filter(|(n, _, _)| n == names::CONFIRMED).map(|x| x.2).sum();
-    assert_eq!(published, 6 + 1 + 3, "orders, duplicate and events through the publisher stack");
+    assert_eq!(
+        published,
+        6 + 1 + 3,
+        "orders, duplicate and events through the publisher stack"
+    );
     assert_eq!(health.state(), switchyard_middleware::CircuitState::Closed);
 }

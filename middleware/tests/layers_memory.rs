@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use switchyard_core::worker::RouteConfig;
 use switchyard_core::headers::*;
+use switchyard_core::worker::RouteConfig;
 use switchyard_core::{
-    handler_fn, Destination, Envelope, FailureKind, HandlerError, Json, Message, Publisher, PublisherExt,
-    QueueSpec,
+    handler_fn, Destination, Envelope, FailureKind, HandlerError, Json, Message, Publisher, PublisherExt, QueueSpec,
 };
 use switchyard_middleware::circuit_breaker::CircuitState;
 use switchyard_middleware::prelude::*;
@@ -43,7 +42,10 @@ async fn in_process_retry_acks_after_transient_failures_without_requeueing() {
         },
     ));
     let w = start(&s.transport, "orders", h).await;
-    s.transport.publish(&Destination::new("shop", "order.created"), Message::new("o1")).await.unwrap();
+    s.transport
+        .publish(&Destination::new("shop", "order.created"), Message::new("o1"))
+        .await
+        .unwrap();
     let st = handled(&w, "orders", 1).await;
     assert_eq!((st.acked, st.requeued, st.rejected), (1, 0, 0));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -56,11 +58,20 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
     let s = setup().await;
     let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    let policy = RetryPolicy::new(5, Backoff::explicit([Duration::from_millis(30), Duration::from_millis(60)]));
+    let policy = RetryPolicy::new(
+        5,
+        Backoff::explicit([Duration::from_millis(30), Duration::from_millis(60)]),
+    );
     let h = ServiceBuilder::new()
-        .layer(RetryLayer::broker_delayed(policy, s.transport.clone(), s.transport.clone()))
+        .layer(RetryLayer::broker_delayed(
+            policy,
+            s.transport.clone(),
+            s.transport.clone(),
+        ))
         .service(handler_fn(move |e: Envelope| {
-            seen2.lock().push((e.retry_count(), e.body().clone(), e.info().exchange.to_string()));
+            seen2
+                .lock()
+                .push((e.retry_count(), e.body().clone(), e.info().exchange.to_string()));
             async move {
                 if e.retry_count() < 2 {
                     Err(HandlerError::retry("not yet"))
@@ -71,11 +82,18 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
         }));
     let w = start(&s.transport, "orders", h).await;
     s.transport
-        .publish(&Destination::new("shop", "order.created"), Message::new("body-1").with_header("tenant", "acme"))
+        .publish(
+            &Destination::new("shop", "order.created"),
+            Message::new("body-1").with_header("tenant", "acme"),
+        )
         .await
         .unwrap();
     let st = handled(&w, "orders", 3).await;
-    assert_eq!((st.acked, st.requeued, st.rejected), (3, 0, 0), "originals are acked, never requeued");
+    assert_eq!(
+        (st.acked, st.requeued, st.rejected),
+        (3, 0, 0),
+        "originals are acked, never requeued"
+    );
     let seen = seen.lock().clone();
     assert_eq!(seen.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1, 2]);
     assert!(seen.iter().all(|x| &x.1[..] == b"body-1"), "body untouched");
@@ -88,7 +106,10 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
     let redeclare = QueueSpec::new("orders.retry.30")
         .message_ttl(Duration::from_millis(30))
         .dead_letter("", Some("orders"));
-    s.transport.declare_queue(&redeclare).await.expect("same arguments as the layer declared");
+    s.transport
+        .declare_queue(&redeclare)
+        .await
+        .expect("same arguments as the layer declared");
     w.shutdown().await.unwrap();
 }
 
@@ -98,11 +119,20 @@ async fn exhausted_retries_inside_dead_letter_go_to_the_dlx_with_reasons() {
     let policy = RetryPolicy::explicit([Duration::from_millis(20), Duration::from_millis(20)]);
     let h = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(s.transport.clone(), "app.dlx"))
-        .layer(RetryLayer::broker_delayed(policy, s.transport.clone(), s.transport.clone()))
-        .service(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::retry("payment gateway down")) }));
+        .layer(RetryLayer::broker_delayed(
+            policy,
+            s.transport.clone(),
+            s.transport.clone(),
+        ))
+        .service(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::retry("payment gateway down"))
+        }));
     let w = start(&s.transport, "orders", h).await;
     s.transport
-        .publish(&Destination::new("shop", "order.paid"), Message::new("o2").with_message_id("m-2"))
+        .publish(
+            &Destination::new("shop", "order.paid"),
+            Message::new("o2").with_message_id("m-2"),
+        )
         .await
         .unwrap();
     let st = handled(&w, "orders", 3).await;
@@ -115,7 +145,11 @@ async fn exhausted_retries_inside_dead_letter_go_to_the_dlx_with_reasons() {
     assert_eq!(h.get_str(ERROR_KIND), Some("transient"));
     assert!(h.get_str(ERROR).unwrap().contains("payment gateway down"));
     assert_eq!(h.get_i64(RETRY_COUNT), Some(2));
-    assert_eq!(h.get_str(ORIGINAL_EXCHANGE), Some("shop"), "kept across the wait queue hop");
+    assert_eq!(
+        h.get_str(ORIGINAL_EXCHANGE),
+        Some("shop"),
+        "kept across the wait queue hop"
+    );
     assert_eq!(h.get_str(ORIGINAL_ROUTING_KEY), Some("order.paid"));
     assert_eq!(h.get_str(ORIGINAL_QUEUE), Some("orders"));
     assert!(h.get_i64(FAILED_AT).is_some());
@@ -138,11 +172,21 @@ async fn exhausted_retries_without_dead_letter_layer_are_rejected_by_the_worker(
         },
     ));
     let w = start(&s.transport, "jobs", h).await;
-    s.transport.publish(&Destination::queue("jobs"), Message::new("j")).await.unwrap();
+    s.transport
+        .publish(&Destination::queue("jobs"), Message::new("j"))
+        .await
+        .unwrap();
     let st = handled(&w, "jobs", 1).await;
-    assert_eq!((st.acked, st.requeued, st.rejected), (0, 0, 1), "given up: rejected, not requeued");
+    assert_eq!(
+        (st.acked, st.requeued, st.rejected),
+        (0, 0, 1),
+        "given up: rejected, not requeued"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
-    eventually("broker dead-lettered", || async { ready_count(&s.transport, "dead").await == 1 }).await;
+    eventually("broker dead-lettered", || async {
+        ready_count(&s.transport, "dead").await == 1
+    })
+    .await;
     w.shutdown().await.unwrap();
 }
 
@@ -156,7 +200,10 @@ async fn permanent_and_decode_failures_are_dead_lettered_and_acked() {
     let (calls, c) = counter();
     let h = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(s.transport.clone(), "app.dlx"))
-        .layer(RetryLayer::in_process(RetryPolicy::exponential(5, Duration::from_millis(1))))
+        .layer(RetryLayer::in_process(RetryPolicy::exponential(
+            5,
+            Duration::from_millis(1),
+        )))
         .service(handler_fn(move |Json(o): Json<Order>| {
             c.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -169,14 +216,30 @@ async fn permanent_and_decode_failures_are_dead_lettered_and_acked() {
         }));
     let w = start(&s.transport, "orders", h).await;
     let dest = Destination::new("shop", "order.created");
-    s.transport.publish_json(&dest, &serde_json::json!({"id": 0})).await.unwrap();
-    s.transport.publish(&dest, Message::new("{not json").with_content_type("application/json")).await.unwrap();
-    s.transport.publish_json(&dest, &serde_json::json!({"id": 7})).await.unwrap();
+    s.transport
+        .publish_json(&dest, &serde_json::json!({"id": 0}))
+        .await
+        .unwrap();
+    s.transport
+        .publish(&dest, Message::new("{not json").with_content_type("application/json"))
+        .await
+        .unwrap();
+    s.transport
+        .publish_json(&dest, &serde_json::json!({"id": 7}))
+        .await
+        .unwrap();
     let st = handled(&w, "orders", 3).await;
     assert_eq!((st.acked, st.requeued, st.rejected), (3, 0, 0));
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "never retried; decode failure never reaches the body");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "never retried; decode failure never reaches the body"
+    );
     let dead = drain(&s.transport, "dead").await;
-    let kinds: Vec<_> = dead.iter().map(|m| m.headers.get_str(ERROR_KIND).unwrap().to_owned()).collect();
+    let kinds: Vec<_> = dead
+        .iter()
+        .map(|m| m.headers.get_str(ERROR_KIND).unwrap().to_owned())
+        .collect();
     assert_eq!(kinds, ["permanent", "decode"]);
     assert_eq!(dead[0].headers.get_str(ERROR), Some("order 0 does not exist"));
     assert_eq!(dead[1].headers.get_i64(RETRY_COUNT), Some(0));
@@ -193,7 +256,11 @@ async fn replay_returns_dead_letters_to_their_origin_without_reason_headers() {
             if n > 0 {
                 assert!(!e.headers().contains_key(ERROR) && !e.headers().contains_key(ORIGINAL_QUEUE));
                 assert_eq!(e.headers().get_str("tenant"), Some("acme"));
-                assert_eq!(e.info().exchange.as_ref(), "shop", "replayed through the original exchange");
+                assert_eq!(
+                    e.info().exchange.as_ref(),
+                    "shop",
+                    "replayed through the original exchange"
+                );
             }
             if n == 0 {
                 Err(HandlerError::reject("bug, fixed in the next release"))
@@ -204,19 +271,18 @@ async fn replay_returns_dead_letters_to_their_origin_without_reason_headers() {
     }));
     let w = start(&s.transport, "orders", h).await;
     s.transport
-        .publish(&Destination::new("shop", "order.created"), Message::new("o3").with_header("tenant", "acme"))
+        .publish(
+            &Destination::new("shop", "order.created"),
+            Message::new("o3").with_header("tenant", "acme"),
+        )
         .await
         .unwrap();
     handled(&w, "orders", 1).await;
     eventually("dead letter", || async { ready_count(&s.transport, "dead").await == 1 }).await;
-    let report = switchyard_middleware::dead_letter::replay_queue(
-        &*s.transport,
-        &*s.transport,
-        "dead",
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let report =
+        switchyard_middleware::dead_letter::replay_queue(&*s.transport, &*s.transport, "dead", Default::default())
+            .await
+            .unwrap();
     assert_eq!((report.replayed, report.skipped), (1, 0));
     let st = handled(&w, "orders", 2).await;
     assert_eq!(st.acked, 2);
@@ -224,15 +290,14 @@ async fn replay_returns_dead_letters_to_their_origin_without_reason_headers() {
     assert_eq!(ready_count(&s.transport, "dead").await, 0);
     w.shutdown().await.unwrap();
     // a message that is not a dead letter stays on the queue
-    s.transport.publish(&Destination::queue("dead"), Message::new("stray")).await.unwrap();
-    let report = switchyard_middleware::dead_letter::replay_queue(
-        &*s.transport,
-        &*s.transport,
-        "dead",
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    s.transport
+        .publish(&Destination::queue("dead"), Message::new("stray"))
+        .await
+        .unwrap();
+    let report =
+        switchyard_middleware::dead_letter::replay_queue(&*s.transport, &*s.transport, "dead", Default::default())
+            .await
+            .unwrap();
     assert_eq!((report.replayed, report.skipped), (0, 1));
     assert_eq!(ready_count(&s.transport, "dead").await, 1);
 }
@@ -260,7 +325,10 @@ async fn compressed_bodies_are_decoded_before_the_handler_and_corrupt_ones_dead_
         }));
     let long = "lorem ipsum ".repeat(100);
     let dest = Destination::new("shop", "order.note");
-    publisher.publish_json(&dest, &Doc { text: long.clone() }).await.unwrap();
+    publisher
+        .publish_json(&dest, &Doc { text: long.clone() })
+        .await
+        .unwrap();
     s.transport
         .publish(&dest, Message::new("garbage").with_content_encoding("gzip"))
         .await
@@ -277,8 +345,16 @@ async fn compressed_bodies_are_decoded_before_the_handler_and_corrupt_ones_dead_
     assert_eq!(dead.len(), 2);
     assert!(dead.iter().all(|m| m.headers.get_str(ERROR_KIND) == Some("decode")));
     assert!(dead[0].headers.get_str(ERROR).unwrap().contains("corrupt gzip body"));
-    assert!(dead[1].headers.get_str(ERROR).unwrap().contains("unknown content encoding 'br'"));
-    assert_eq!(dead[0].properties.content_encoding.as_deref(), Some("gzip"), "dead letter keeps the original");
+    assert!(dead[1]
+        .headers
+        .get_str(ERROR)
+        .unwrap()
+        .contains("unknown content encoding 'br'"));
+    assert_eq!(
+        dead[0].properties.content_encoding.as_deref(),
+        Some("gzip"),
+        "dead letter keeps the original"
+    );
     w.shutdown().await.unwrap();
 }
 
@@ -291,9 +367,16 @@ async fn timeout_requeues_a_slow_handler() {
         }
     }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport.publish(&Destination::new("shop", "order.x"), Message::new("slow")).await.unwrap();
+    s.transport
+        .publish(&Destination::new("shop", "order.x"), Message::new("slow"))
+        .await
+        .unwrap();
     let st = handled(&w, "orders", 2).await;
-    assert_eq!((st.requeued, st.acked), (1, 1), "timed out once (requeued), then handled");
+    assert_eq!(
+        (st.requeued, st.acked),
+        (1, 1),
+        "timed out once (requeued), then handled"
+    );
     w.shutdown().await.unwrap();
 }
 
@@ -320,7 +403,11 @@ async fn open_circuit_requeues_without_calling_the_handler() {
     }
     eventually("6 requeues", || async { stats(&w, "orders").requeued >= 6 }).await;
     assert_eq!(stats(&w, "orders").acked, 0);
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "only the failures that opened it reached the handler");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "only the failures that opened it reached the handler"
+    );
     assert_eq!(health.state(), CircuitState::Open);
     w.shutdown().await.unwrap();
     assert_eq!(ready_count(&s.transport, "orders").await, 3, "nothing lost");
@@ -337,7 +424,10 @@ async fn duplicates_are_acked_without_handling() {
     let w = start(&s.transport, "orders", h).await;
     for id in ["a", "b", "a", "a", "b"] {
         s.transport
-            .publish(&Destination::new("shop", "order.x"), Message::new("x").with_message_id(id))
+            .publish(
+                &Destination::new("shop", "order.x"),
+                Message::new("x").with_message_id(id),
+            )
             .await
             .unwrap();
     }
@@ -362,7 +452,11 @@ async fn a_panic_is_requeued_once_then_dead_lettered_and_the_worker_keeps_runnin
     let dest = Destination::new("shop", "order.x");
     s.transport.publish(&dest, Message::new("poison")).await.unwrap();
     let st = handled(&w, "orders", 2).await;
-    assert_eq!((st.requeued, st.acked, st.panicked), (1, 1, 1), "requeued once, then dead-lettered (acked)");
+    assert_eq!(
+        (st.requeued, st.acked, st.panicked),
+        (1, 1, 1),
+        "requeued once, then dead-lettered (acked)"
+    );
     s.transport.publish(&dest, Message::new("fine")).await.unwrap();
     let st = handled(&w, "orders", 3).await;
     assert_eq!(st.acked, 2);
@@ -392,16 +486,27 @@ async fn correlation_and_trace_context_cross_from_consumed_to_published_messages
             async move { p.publish(&Destination::queue("next"), Message::new("step 2")).await }
         }));
     let w = start(&s.transport, "orders", h).await;
-    publisher.publish(&Destination::new("shop", "order.x"), Message::new("step 1")).await.unwrap();
+    publisher
+        .publish(&Destination::new("shop", "order.x"), Message::new("step 1"))
+        .await
+        .unwrap();
     handled(&w, "orders", 1).await;
     w.shutdown().await.unwrap();
     let first = {
         // the first message was consumed; rebuild what it carried from the second
         drain(&s.transport, "next").await.remove(0)
     };
-    let cid = first.properties.correlation_id.clone().expect("correlation id propagated");
+    let cid = first
+        .properties
+        .correlation_id
+        .clone()
+        .expect("correlation id propagated");
     assert!(first.properties.message_id.is_some());
-    assert_ne!(first.properties.message_id.as_deref(), Some(cid.as_str()), "a new message, same chain");
+    assert_ne!(
+        first.properties.message_id.as_deref(),
+        Some(cid.as_str()),
+        "a new message, same chain"
+    );
     let ctx = TraceContext::extract(&first.headers).expect("traceparent injected");
     assert!(ctx.sampled());
     // publish a second chain and check trace id continuity explicitly
@@ -419,7 +524,10 @@ async fn correlation_and_trace_context_cross_from_consumed_to_published_messages
             }))
     })
     .await;
-    s.transport.publish(&Destination::new("shop", "order.x"), m).await.unwrap();
+    s.transport
+        .publish(&Destination::new("shop", "order.x"), m)
+        .await
+        .unwrap();
     handled(&w, "orders", 1).await;
     w.shutdown().await.unwrap();
     let out = drain(&s.transport, "next").await.remove(0);
@@ -445,7 +553,10 @@ async fn kinds_the_worker_requeues_are_left_to_it() {
         }
     }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport.publish(&Destination::new("shop", "order.x"), Message::new("t")).await.unwrap();
+    s.transport
+        .publish(&Destination::new("shop", "order.x"), Message::new("t"))
+        .await
+        .unwrap();
     let st = handled(&w, "orders", 2).await;
     assert_eq!((st.requeued, st.acked), (1, 1));
     assert_eq!(calls.load(Ordering::SeqCst), 2);

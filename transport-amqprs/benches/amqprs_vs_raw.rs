@@ -1,1 +1,303 @@
-fn main() {}
+//! switchyard-on-amqprs against raw amqprs doing the same work, against the
+//! local RabbitMQ, interleaved, medians of several runs.
+//!
+//! ```text
+//! cargo bench -p switchyard-amqprs --bench amqprs_vs_raw
+//! ```
+//!
+//! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/`),
+//! `BENCH_RUNS` (default 3). Scenarios:
+//! - confirmed pipelined publishing of 50,000 persistent 256-byte messages;
+//! - confirmed pipelined publishing of 100,000 transient 256-byte messages;
+//! - consuming 100,000 with prefetch 100 and manual ack (raw: one awaited
+//!   `basic_ack` per message; switchyard: `Delivery::ack`, coalesced);
+//! - 2,000 sequential RPC round trips over direct reply-to (p50/p99), against
+//!   the same raw amqprs echo server.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
+    ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use async_trait::async_trait;
+use switchyard_amqprs::{AmqprsConfig, AmqprsTransport};
+use switchyard_core::rpc::RpcClient;
+use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
+
+const PERSISTENT_N: usize = 50_000;
+const TRANSIENT_N: usize = 100_000;
+const CONSUME_N: usize = 100_000;
+const RPC_N: usize = 2_000;
+const BODY: usize = 256;
+
+fn url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+}
+
+async fn raw_connection(name: &str) -> Connection {
+    let cfg = AmqprsConfig::from_url(&url()).expect("url");
+    let mut args = OpenConnectionArguments::new(&cfg.host, cfg.port, &cfg.user, cfg.password.expose());
+    args.virtual_host(&cfg.vhost).connection_name(name);
+    let c = Connection::open(&args).await.expect("raw connection");
+    c.register_callback(DefaultConnectionCallback).await.unwrap();
+    c
+}
+
+/// Counts publisher confirms on a raw channel.
+struct Confirms(Arc<AtomicU64>);
+
+#[async_trait]
+impl ChannelCallback for Confirms {
+    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(&mut self, _: &Channel, a: bool) -> Result<bool, amqprs::error::Error> {
+        Ok(a)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        // One queue, one channel: RabbitMQ confirms in order.
+        self.0.fetch_max(ack.delivery_tag(), Ordering::Release);
+    }
+    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+        panic!("raw publish nacked: {}", nack.delivery_tag());
+    }
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+}
+
+async fn raw_publish(conn: &Connection, queue: &str, n: usize, persistent: bool) -> Duration {
+    let ch = conn.open_channel(None).await.unwrap();
+    let confirmed = Arc::new(AtomicU64::new(0));
+    ch.register_callback(Confirms(confirmed.clone())).await.unwrap();
+    ch.confirm_select(ConfirmSelectArguments::default()).await.unwrap();
+    let body = vec![b'x'; BODY];
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut props = BasicProperties::default();
+        props.with_persistence(persistent);
+        ch.basic_publish(props, body.clone(), BasicPublishArguments::new("", queue))
+            .await
+            .unwrap();
+    }
+    while confirmed.load(Ordering::Acquire) < n as u64 {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let d = start.elapsed();
+    ch.close().await.unwrap();
+    d
+}
+
+async fn sy_publish(t: &AmqprsTransport, queue: &str, n: usize, persistent: bool) -> Duration {
+    let body = bytes::Bytes::from(vec![b'x'; BODY]);
+    let messages: Vec<Message> = (0..n).map(|_| Message::new(body.clone()).persistent(persistent)).collect();
+    let start = Instant::now();
+    t.publish_batch(&Destination::queue(queue), messages).await.unwrap();
+    start.elapsed()
+}
+
+async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.basic_qos(BasicQosArguments::new(0, 100, false)).await.unwrap();
+    let start = Instant::now();
+    let (tag, mut rx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(queue, "raw-bench"))
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let m = rx.recv().await.expect("delivery");
+        let t = m.deliver.unwrap().delivery_tag();
+        ch.basic_ack(BasicAckArguments::new(t, false)).await.unwrap();
+    }
+    let d = start.elapsed();
+    ch.basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag)).await.unwrap();
+    ch.close().await.unwrap();
+    d
+}
+
+async fn sy_consume(t: &AmqprsTransport, queue: &str, n: usize) -> Duration {
+    let start = Instant::now();
+    let mut sub = t.consume(queue, ConsumeOptions::default().prefetch(100)).await.unwrap();
+    for _ in 0..n {
+        let d = sub.next().await.expect("delivery").unwrap();
+        d.ack().await.unwrap();
+    }
+    let d = start.elapsed();
+    sub.cancel().await.unwrap();
+    d
+}
+
+/// A raw amqprs echo server: replies to `reply_to` with the same body and
+/// correlation id.
+async fn echo_server(conn: Connection, queue: String) {
+    let ch = conn.open_channel(None).await.unwrap();
+    let mut args = BasicConsumeArguments::new(&queue, "echo");
+    args.auto_ack(true);
+    let (_, mut rx) = ch.basic_consume_rx(args).await.unwrap();
+    while let Some(m) = rx.recv().await {
+        let props = m.basic_properties.unwrap();
+        let mut reply = BasicProperties::default();
+        if let Some(c) = props.correlation_id() {
+            reply.with_correlation_id(c);
+        }
+        let to = props.reply_to().cloned().unwrap_or_default();
+        ch.basic_publish(reply, m.content.unwrap(), BasicPublishArguments::new("", &to))
+            .await
+            .unwrap();
+    }
+}
+
+async fn raw_rpc(conn: &Connection, queue: &str, n: usize) -> Vec<Duration> {
+    let ch = conn.open_channel(None).await.unwrap();
+    let mut args = BasicConsumeArguments::new("amq.rabbitmq.reply-to", "raw-rpc");
+    args.auto_ack(true);
+    let (_, mut rx) = ch.basic_consume_rx(args).await.unwrap();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let mut props = BasicProperties::default();
+        props.with_reply_to("amq.rabbitmq.reply-to").with_correlation_id(&i.to_string());
+        ch.basic_publish(props, vec![b'x'; 32], BasicPublishArguments::new("", queue))
+            .await
+            .unwrap();
+        let m = rx.recv().await.unwrap();
+        assert_eq!(
+            m.basic_properties.unwrap().correlation_id().map(String::as_str),
+            Some(i.to_string().as_str())
+        );
+        lat.push(start.elapsed());
+    }
+    ch.close().await.unwrap();
+    lat
+}
+
+async fn sy_rpc(client: &RpcClient, queue: &str, n: usize) -> Vec<Duration> {
+    let dest = Destination::queue(queue);
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        client
+            .call(&dest, Message::new(vec![b'x'; 32]), Duration::from_secs(5))
+            .await
+            .unwrap();
+        lat.push(start.elapsed());
+    }
+    lat
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn declare(conn: &Connection, name: &str) {
+    let ch = conn.open_channel(None).await.unwrap();
+    let mut args = QueueDeclareArguments::new(name);
+    args.durable(true);
+    ch.queue_declare(args).await.unwrap();
+    ch.queue_purge(QueuePurgeArguments::new(name)).await.unwrap();
+    ch.close().await.unwrap();
+}
+
+async fn purge(conn: &Connection, name: &str) {
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_purge(QueuePurgeArguments::new(name)).await.unwrap();
+    ch.close().await.unwrap();
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let raw = raw_connection("bench raw amqprs").await;
+    let cfg = AmqprsConfig::from_url(&url()).unwrap().connection_name("bench switchyard amqprs");
+    let sy = AmqprsTransport::connect_with(cfg).await.unwrap();
+    let id = &switchyard_core::message::new_id()[..8];
+    let q = format!("sy-bench.{id}.work");
+    let rpcq = format!("sy-bench.{id}.rpc");
+    declare(&raw, &q).await;
+    declare(&raw, &rpcq).await;
+
+    let mut results: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (label, n, persistent) in [
+        ("publish persistent 50k (msg/s)", PERSISTENT_N, true),
+        ("publish transient 100k (msg/s)", TRANSIENT_N, false),
+    ] {
+        let (mut r, mut s) = (Vec::new(), Vec::new());
+        for run in 0..runs {
+            let d = raw_publish(&raw, &q, n, persistent).await;
+            r.push(n as f64 / d.as_secs_f64());
+            purge(&raw, &q).await;
+            let d = sy_publish(&sy, &q, n, persistent).await;
+            s.push(n as f64 / d.as_secs_f64());
+            purge(&raw, &q).await;
+            eprintln!("{label} run {run}: raw {:.0}, switchyard {:.0}", r[run], s[run]);
+        }
+        results.push((label.into(), r, s));
+    }
+
+    {
+        let label = "consume 100k prefetch 100 manual ack (msg/s)";
+        let (mut r, mut s) = (Vec::new(), Vec::new());
+        for run in 0..runs {
+            raw_publish(&raw, &q, CONSUME_N, false).await;
+            let d = raw_consume(&raw, &q, CONSUME_N).await;
+            r.push(CONSUME_N as f64 / d.as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            purge(&raw, &q).await;
+            raw_publish(&raw, &q, CONSUME_N, false).await;
+            let d = sy_consume(&sy, &q, CONSUME_N).await;
+            s.push(CONSUME_N as f64 / d.as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            purge(&raw, &q).await;
+            eprintln!("{label} run {run}: raw {:.0}, switchyard {:.0}", r[run], s[run]);
+        }
+        results.push((label.into(), r, s));
+    }
+
+    let server = tokio::spawn(echo_server(raw_connection("bench echo server").await, rpcq.clone()));
+    let sy_dyn: Arc<dyn Transport> = Arc::new(sy.clone());
+    let client = RpcClient::new(sy_dyn).await.unwrap();
+    let (mut r50, mut s50, mut r99, mut s99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        let r = raw_rpc(&raw, &rpcq, RPC_N).await;
+        let s = sy_rpc(&client, &rpcq, RPC_N).await;
+        r50.push(pct(&r, 0.5).as_secs_f64() * 1e6);
+        r99.push(pct(&r, 0.99).as_secs_f64() * 1e6);
+        s50.push(pct(&s, 0.5).as_secs_f64() * 1e6);
+        s99.push(pct(&s, 0.99).as_secs_f64() * 1e6);
+        eprintln!(
+            "rpc run {run}: raw p50 {:.0}us p99 {:.0}us, switchyard p50 {:.0}us p99 {:.0}us",
+            r50[run], r99[run], s50[run], s99[run]
+        );
+    }
+    results.push(("rpc 2000 sequential p50 (us)".into(), r50, s50));
+    results.push(("rpc 2000 sequential p99 (us)".into(), r99, s99));
+    server.abort();
+
+    println!("\nmedians of {runs} interleaved runs");
+    println!("{:<48} {:>12} {:>12} {:>8}", "scenario", "raw amqprs", "switchyard", "ratio");
+    for (label, r, s) in results {
+        let (r, s) = (median(r), median(s));
+        println!("{label:<48} {r:>12.0} {s:>12.0} {:>8.2}", s / r);
+    }
+
+    let _ = client.close().await;
+    let ch = raw.open_channel(None).await.unwrap();
+    for name in [&q, &rpcq] {
+        let _ = ch.queue_delete(QueueDeleteArguments::new(name)).await;
+    }
+    let _ = sy.close().await;
+}

@@ -88,9 +88,21 @@ impl Hasher for NameHasher {
 
 type NameMap<V> = HashMap<Arc<str>, V, BuildHasherDefault<NameHasher>>;
 
+/// Publisher flow control: a publish that leaves more than this many ready
+/// messages in a queue that has consumers waits (see [`FLOW_LOW`]).
+pub(crate) const FLOW_HIGH: usize = 2048;
+/// A publisher held by flow control resumes once the queue is down to this
+/// many ready messages...
+pub(crate) const FLOW_LOW: usize = 1024;
+/// ...or once its consumers have taken nothing for this long (a stalled or
+/// slow consumer never blocks publishers for longer).
+pub(crate) const FLOW_STALL: Duration = Duration::from_millis(20);
+
 /// The broker: state behind one lock.
 pub(crate) struct Broker {
     pub(crate) state: Mutex<State>,
+    /// Signalled when a queue that publishers wait on drains to [`FLOW_LOW`].
+    pub(crate) drained: tokio::sync::Notify,
 }
 
 /// Side effects to run after the broker lock is released.
@@ -98,12 +110,14 @@ pub(crate) struct Broker {
 pub(crate) struct Effects {
     wakes: Vec<Waker>,
     timers: Vec<(Arc<str>, u64, Instant)>,
+    drained: bool,
 }
 
 impl Broker {
     pub(crate) fn new() -> Arc<Broker> {
         Arc::new(Broker {
             state: Mutex::new(State::new()),
+            drained: tokio::sync::Notify::new(),
         })
     }
 
@@ -122,6 +136,9 @@ impl Broker {
     fn run_effects(self: &Arc<Self>, fx: Effects) {
         for w in fx.wakes {
             w.wake();
+        }
+        if fx.drained {
+            self.drained.notify_waiters();
         }
         if fx.timers.is_empty() {
             return;
@@ -218,9 +235,13 @@ impl Outbox {
 #[derive(Clone)]
 pub(crate) struct QMsg {
     seq: u64,
-    message: Box<Message>,
-    exchange: Arc<str>,
-    routing_key: Arc<str>,
+    message: Message,
+    /// `None`: the default exchange (`""`).
+    exchange: Option<Arc<str>>,
+    /// `None`: the name of the queue the message is in (default exchange),
+    /// so that the hot path touches no reference count shared with the
+    /// publisher.
+    routing_key: Option<Arc<str>>,
     redelivered: bool,
     expires: Option<Instant>,
     returns: u32,
@@ -230,6 +251,12 @@ pub(crate) struct QMsg {
 impl QMsg {
     fn size(&self) -> u64 {
         self.message.body.len() as u64
+    }
+    fn exchange(&self) -> &str {
+        self.exchange.as_deref().unwrap_or("")
+    }
+    fn routing_key<'a>(&'a self, queue: &'a str) -> &'a str {
+        self.routing_key.as_deref().unwrap_or(queue)
     }
 }
 
@@ -272,6 +299,8 @@ impl QueueCfg {
 
 pub(crate) struct Queue {
     name: Arc<str>,
+    /// `""`, this queue's own copy (see [`QMsg::routing_key`]).
+    empty: Arc<str>,
     uid: u64,
     spec: QueueSpec,
     owner: Option<u64>,
@@ -285,6 +314,8 @@ pub(crate) struct Queue {
     had_consumer: bool,
     exclusive_consumer: bool,
     timer: Option<Instant>,
+    delivered: u64,
+    flow_waiting: bool,
 }
 
 impl Queue {
@@ -328,6 +359,11 @@ impl Queue {
     fn over_limit(&self, extra_len: u64, extra_bytes: u64) -> bool {
         self.cfg.max_length.is_some_and(|n| self.ready as u64 + extra_len > n)
             || self.cfg.max_bytes.is_some_and(|n| self.ready_bytes + extra_bytes > n)
+    }
+
+    /// True if publishers to this queue should wait for its consumers.
+    fn backlogged(&self) -> bool {
+        self.ready > FLOW_HIGH && !self.consumers.is_empty()
     }
 
     fn info(&self) -> QueueInfo {
@@ -718,6 +754,7 @@ impl State {
         let cfg = QueueCfg::from_spec(spec);
         let q = Queue {
             name: name.clone(),
+            empty: Arc::from(""),
             uid: self.next_id + 1,
             owner: spec.exclusive.then_some(conn),
             levels: (0..cfg.levels).map(|_| VecDeque::new()).collect(),
@@ -731,6 +768,8 @@ impl State {
             had_consumer: false,
             exclusive_consumer: false,
             timer: None,
+            delivered: 0,
+            flow_waiting: false,
         };
         self.next_id += 1;
         let info = q.info();
@@ -794,29 +833,35 @@ impl State {
         message: Message,
         mandatory: bool,
         fx: &mut Effects,
-    ) -> Result<()> {
+    ) -> Result<Option<Arc<str>>> {
         self.check_conn(conn)?;
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires = message.properties.expiration;
+        let default = exchange.is_empty();
         let m = QMsg {
             seq,
-            message: Box::new(message),
-            exchange: exchange.clone(),
-            routing_key: routing_key.clone(),
+            message,
+            exchange: (!default).then(|| exchange.clone()),
+            routing_key: (!default).then(|| routing_key.clone()),
             redelivered: false,
             expires: None,
             returns: 0,
             priority: 0,
         };
+        let mut flow = None;
         // Fast path: the default exchange routes to the queue named by the key.
-        let routed = if exchange.is_empty() {
-            if self.queues.contains_key(&**routing_key) {
-                self.deliver_to_queue(routing_key, m, expires, 0, fx)
-            } else if routing_key.starts_with(REPLY_TO) {
-                self.deliver_reply(routing_key, m, fx)
-            } else {
-                Routed::Unroutable
+        let routed = if default {
+            match self.deliver_to_queue(routing_key, m, expires, 0, fx) {
+                (Routed::Unroutable, Some(m)) if routing_key.starts_with(REPLY_TO) => {
+                    self.deliver_reply(routing_key, m, fx)
+                }
+                (r, _) => {
+                    if self.queues.get(&**routing_key).is_some_and(Queue::backlogged) {
+                        flow = Some(routing_key.clone());
+                    }
+                    r
+                }
             }
         } else {
             let Some(ex) = self.exchanges.get(&**exchange) else {
@@ -832,15 +877,19 @@ impl State {
             }
             let mut targets = Vec::new();
             self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
-            self.deliver_all(targets, m, expires, 0, fx)
+            let r = self.deliver_all(&targets, m, expires, 0, fx);
+            flow = targets
+                .into_iter()
+                .find(|t| self.queues.get(&**t).is_some_and(Queue::backlogged));
+            r
         };
         match routed {
-            Routed::Ok => Ok(()),
+            Routed::Ok => Ok(flow),
             Routed::Unroutable if mandatory => Err(Error::Unroutable {
                 exchange: exchange.to_string(),
                 routing_key: routing_key.to_string(),
             }),
-            Routed::Unroutable => Ok(()),
+            Routed::Unroutable => Ok(None),
             Routed::Refused(why) => Err(Error::PublishUnconfirmed {
                 exchange: exchange.to_string(),
                 routing_key: routing_key.to_string(),
@@ -851,7 +900,7 @@ impl State {
 
     fn deliver_all(
         &mut self,
-        targets: Vec<Arc<str>>,
+        targets: &[Arc<str>],
         m: QMsg,
         expiration: Option<Duration>,
         depth: u32,
@@ -869,7 +918,7 @@ impl State {
             } else {
                 m.clone().expect("one message per target")
             };
-            if let Routed::Refused(w) = self.deliver_to_queue(t, copy, expiration, depth, fx) {
+            if let (Routed::Refused(w), _) = self.deliver_to_queue(t, copy, expiration, depth, fx) {
                 result = Routed::Refused(w);
             }
         }
@@ -927,11 +976,11 @@ impl State {
         }
         c.outbox.push(
             OutItem {
-                message: *m.message,
+                message: m.message,
                 tag: 0,
                 redelivered: false,
-                exchange: m.exchange,
-                routing_key: m.routing_key,
+                exchange: m.exchange.unwrap_or_else(|| Arc::from("")),
+                routing_key: m.routing_key.unwrap_or_else(|| key.clone()),
             },
             fx,
         );
@@ -939,7 +988,8 @@ impl State {
     }
 
     /// Puts a message into queue `name` (delivering at once to a waiting
-    /// consumer when the queue is empty), applying its limits.
+    /// consumer when the queue is empty), applying its limits. Gives the
+    /// message back if there is no such queue.
     fn deliver_to_queue(
         &mut self,
         name: &str,
@@ -947,9 +997,9 @@ impl State {
         expiration: Option<Duration>,
         depth: u32,
         fx: &mut Effects,
-    ) -> Routed {
+    ) -> (Routed, Option<QMsg>) {
         let Some(q) = self.queues.get_mut(name) else {
-            return Routed::Unroutable;
+            return (Routed::Unroutable, Some(m));
         };
         // Overflow policies that refuse the new message.
         if q.cfg.overflow != Overflow::DropHead && q.over_limit(1, m.size()) {
@@ -957,7 +1007,7 @@ impl State {
                 let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
                 self.dead_letter(&qn, dlx, dlrk, m, "maxlen", depth, fx);
             }
-            return Routed::Refused("queue is full (x-overflow reject-publish)");
+            return (Routed::Refused("queue is full (x-overflow reject-publish)"), None);
         }
         m.priority = (m.message.properties.priority.unwrap_or(0) as usize).min(q.levels.len() - 1) as u8;
         let ttl = match (expiration, q.cfg.ttl) {
@@ -968,14 +1018,14 @@ impl State {
             if let Some(m) = try_direct(q, &mut self.consumers, m, fx) {
                 m.expires_after(ttl, q);
             } else {
-                return Routed::Ok;
+                return (Routed::Ok, None);
             }
         } else {
             m.expires_after(ttl, q);
             if q.expiring == 0 && q.cfg.max_length.is_none() && q.cfg.max_bytes.is_none() {
                 // Fast path: nothing to expire or drop.
                 dispatch(q, &mut self.consumers, fx);
-                return Routed::Ok;
+                return (Routed::Ok, None);
             }
         }
         if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
@@ -992,7 +1042,7 @@ impl State {
             }
         }
         self.after_change(name, fx);
-        Routed::Ok
+        (Routed::Ok, None)
     }
 
     /// Dispatches ready messages to consumers with capacity, expires heads
@@ -1050,6 +1100,17 @@ impl State {
         }
     }
 
+    /// Flow control: `None` if publishers to `queue` may go on, else the
+    /// number of deliveries the queue has made so far (to detect a stall).
+    pub(crate) fn flow_status(&mut self, queue: &str) -> Option<u64> {
+        let q = self.queues.get_mut(queue)?;
+        if q.ready <= FLOW_LOW || q.consumers.is_empty() {
+            return None;
+        }
+        q.flow_waiting = true;
+        Some(q.delivered)
+    }
+
     fn timer_fired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.uid != uid {
@@ -1068,7 +1129,7 @@ impl State {
         queue: &Arc<str>,
         dlx: Option<Arc<str>>,
         dlrk: Option<Arc<str>>,
-        m: QMsg,
+        mut m: QMsg,
         reason: &'static str,
         depth: u32,
         fx: &mut Effects,
@@ -1077,9 +1138,16 @@ impl State {
         if depth > 16 || !(dlx.is_empty() || self.exchanges.contains_key(&*dlx)) {
             return;
         }
-        let mut message = *m.message;
-        record_death(&mut message, queue, &m.exchange, &m.routing_key, reason);
-        let key = dlrk.unwrap_or_else(|| m.routing_key.clone());
+        let (ex, rk) = (m.exchange.clone(), m.routing_key.clone());
+        record_death(
+            &mut m.message,
+            queue,
+            ex.as_deref().unwrap_or(""),
+            rk.as_deref().unwrap_or(queue),
+            reason,
+        );
+        let key = dlrk.unwrap_or_else(|| m.routing_key.clone().unwrap_or_else(|| queue.clone()));
+        let message = m.message;
         let mut targets = Vec::new();
         self.route(&dlx, &key, &message.headers, &mut targets, 0);
         if reason != "rejected" {
@@ -1091,15 +1159,15 @@ impl State {
         self.next_seq += 1;
         let dm = QMsg {
             seq,
-            message: Box::new(message),
-            exchange: dlx,
-            routing_key: key,
+            message,
+            exchange: Some(dlx),
+            routing_key: Some(key),
             redelivered: false,
             expires: None,
             returns: 0,
             priority: 0,
         };
-        let _ = self.deliver_all(targets, dm, None, depth + 1, fx);
+        let _ = self.deliver_all(&targets, dm, None, depth + 1, fx);
     }
 
     // ----- consumers ---------------------------------------------------
@@ -1355,8 +1423,14 @@ fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
         message,
         tag: 0,
         redelivered: m.redelivered,
-        exchange: m.exchange.clone(),
-        routing_key: m.routing_key.clone(),
+        exchange: match &m.exchange {
+            Some(e) => e.clone(),
+            None => q.empty.clone(),
+        },
+        routing_key: match &m.routing_key {
+            Some(k) => k.clone(),
+            None => q.name.clone(),
+        },
     };
     let mut item = item;
     if c.auto_ack {
@@ -1389,6 +1463,11 @@ fn dispatch(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, fx: &mut Effect
         let m = q.pop_head().expect("ready > 0");
         let c = consumers.get_mut(&cid).expect("picked");
         send(q, c, m, fx);
+        q.delivered += 1;
+        if q.flow_waiting && q.ready <= FLOW_LOW {
+            q.flow_waiting = false;
+            fx.drained = true;
+        }
     }
 }
 

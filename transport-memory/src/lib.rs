@@ -62,7 +62,9 @@ use switchyard_core::{
     Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
 };
 
-use crate::broker::{Broker, REPLY_TO};
+use std::time::{Duration, Instant};
+
+use crate::broker::{Broker, FLOW_STALL, REPLY_TO};
 
 /// A shared in-memory broker. Cloning is cheap: clones share one broker.
 #[derive(Clone)]
@@ -134,7 +136,9 @@ impl MemoryTransport {
         }
     }
 
-    fn publish_sync(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<()> {
+    /// Publishes under the broker lock; returns a queue to wait on when
+    /// flow control applies.
+    fn publish_sync(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<Option<Arc<str>>> {
         let conn = self.conn;
         self.broker.with(|st, fx| {
             st.publish(
@@ -152,18 +156,50 @@ impl MemoryTransport {
 #[async_trait]
 impl Publisher for MemoryTransport {
     async fn publish_with(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<()> {
-        self.publish_sync(dest, message, options)
+        if let Some(queue) = self.publish_sync(dest, message, options)? {
+            flow_wait(&self.broker, &queue).await;
+        }
+        Ok(())
     }
 
     async fn publish(&self, dest: &Destination, message: Message) -> Result<()> {
-        self.publish_sync(dest, message, PublishOptions::default())
+        if let Some(queue) = self.publish_sync(dest, message, PublishOptions::default())? {
+            flow_wait(&self.broker, &queue).await;
+        }
+        Ok(())
     }
 
     async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
         for m in messages {
-            self.publish_sync(dest, m, PublishOptions::default())?;
+            if let Some(queue) = self.publish_sync(dest, m, PublishOptions::default())? {
+                flow_wait(&self.broker, &queue).await;
+            }
         }
         Ok(())
+    }
+}
+
+/// Publisher flow control, like RabbitMQ's credit flow: a publish that left
+/// a queue with consumers more than [`FLOW_HIGH`](broker::FLOW_HIGH) messages deep waits until
+/// the consumers have brought it down to [`FLOW_LOW`](broker::FLOW_LOW), or until they have
+/// taken nothing for [`FLOW_STALL`]. The message is already enqueued (and
+/// thus confirmed); only the return is delayed, so memory stays bounded and
+/// a fast producer does not starve its consumers of CPU.
+async fn flow_wait(broker: &Arc<Broker>, queue: &str) {
+    let mut last = None;
+    let mut since = Instant::now();
+    loop {
+        let notified = broker.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(delivered) = broker.state.lock().flow_status(queue) else { return };
+        if last != Some(delivered) {
+            last = Some(delivered);
+            since = Instant::now();
+        } else if since.elapsed() >= FLOW_STALL {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(2), notified).await;
     }
 }
 
@@ -261,16 +297,18 @@ impl Publisher for ReplyPublisher {
             message.properties.reply_to = Some(self.address.to_string());
         }
         let conn = self.conn;
-        self.broker.with(|st, fx| {
-            st.publish(
-                conn,
-                dest.exchange_arc(),
-                dest.routing_key_arc(),
-                message,
-                options.mandatory,
-                fx,
-            )
-        })
+        self.broker
+            .with(|st, fx| {
+                st.publish(
+                    conn,
+                    dest.exchange_arc(),
+                    dest.routing_key_arc(),
+                    message,
+                    options.mandatory,
+                    fx,
+                )
+            })
+            .map(|_| ())
     }
 }
 

@@ -18,6 +18,8 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(admin::conflicting_exchange_redeclare_is_precondition_failed),
         case!(admin::exclusive_queue_is_locked_for_other_connections, Exclusive),
         case!(admin::exclusive_consumer_locks_the_queue, Exclusive),
+        case!(admin::exclusive_queue_goes_with_its_connection, Exclusive),
+        case!(admin::unused_queue_expires),
         case!(admin::auto_delete_queue_goes_with_its_last_consumer),
         case!(admin::server_named_queue),
         case!(admin::missing_queue_and_exchange_operations),
@@ -372,4 +374,48 @@ async fn declare_topology(ctx: &Ctx<'_>) -> Result<(), String> {
     ctx.publish(&Destination::new(ex.as_str(), "memory.created"), "m1")
         .await?;
     ensure_eq("bound queue content", ctx.drain(&q).await?, vec!["s1".to_string()])
+}
+
+async fn exclusive_queue_goes_with_its_connection(ctx: &Ctx<'_>) -> Result<(), String> {
+    let owner = ctx.connect().await;
+    let name = ctx.queue_name("excl");
+    owner
+        .declare_queue(&QueueSpec::new(name.clone()).durable(false).exclusive(true))
+        .await
+        .ctx("declare an exclusive queue on a second connection")?;
+    owner.close().await.ctx("close the owning connection")?;
+    let gone = eventually(WAIT, || async {
+        matches!(ctx.transport().queue_info(&name).await, Err(e) if e.code() == "queue_not_found")
+    })
+    .await;
+    ensure(gone, || {
+        format!("exclusive queue '{name}' should be deleted when its connection closes")
+    })
+}
+
+async fn unused_queue_expires(ctx: &Ctx<'_>) -> Result<(), String> {
+    let mut spec = QueueSpec::new(ctx.queue_name("unused"));
+    spec.arguments.expires = Some(Duration::from_millis(300));
+    let unused = ctx.declare_queue(spec).await?;
+    let mut spec = QueueSpec::new(ctx.queue_name("used"));
+    spec.arguments.expires = Some(Duration::from_millis(300));
+    let used = ctx.declare_queue(spec).await?;
+    let sub = ctx.consume(&used, ConsumeOptions::default()).await?;
+    let expired = |q: &str| {
+        let q = q.to_owned();
+        async move { matches!(ctx.transport().queue_info(&q).await, Err(e) if e.code() == "queue_not_found") }
+    };
+    let gone = eventually(WAIT, || expired(&unused)).await;
+    ensure(gone, || {
+        format!("queue '{unused}' with x-expires 300ms and no consumer should be deleted")
+    })?;
+    // A queue with a consumer is in use: it does not expire.
+    ensure(!expired(&used).await, || {
+        format!("queue '{used}' with a consumer must not expire")
+    })?;
+    cancel(&sub).await.ctx("cancel")?;
+    let gone = eventually(WAIT, || expired(&used)).await;
+    ensure(gone, || {
+        format!("queue '{used}' with x-expires 300ms should be deleted once its consumer is gone")
+    })
 }

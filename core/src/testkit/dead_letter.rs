@@ -51,6 +51,7 @@ pub(crate) fn cases() -> Vec<Case> {
             dead_letter::x_death_count_increments_per_queue_and_reason,
             DeadLettering
         ),
+        case!(dead_letter::x_death_lists_newest_first, DeadLettering),
     ]
 }
 
@@ -359,4 +360,46 @@ async fn x_death_count_increments_per_queue_and_reason(ctx: &Ctx<'_>) -> Result<
     check_x_death(&third, 2, "rejected", &src, "", &[src.as_str()], None, since)?;
     third.ack().await.ctx("ack")?;
     cancel(&sub).await.ctx("cancel")
+}
+
+async fn x_death_lists_newest_first(ctx: &Ctx<'_>) -> Result<(), String> {
+    // a dead-letters into b, b into c (through the default exchange).
+    let c = ctx.queue("c").await?;
+    let b = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("b")).dead_letter("", Some(c.as_str())))
+        .await?;
+    let a = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("a")).dead_letter("", Some(b.as_str())))
+        .await?;
+    ctx.publish(&Destination::queue(a.as_str()), "chain").await?;
+    for q in [&a, &b] {
+        let mut sub = ctx.consume(q, ConsumeOptions::default()).await?;
+        take(&mut sub, 1).await?.remove(0).reject(false).await.ctx("reject")?;
+        cancel(&sub).await.ctx("cancel")?;
+    }
+    let d = dead_letters(ctx, &c, 1).await?.remove(0);
+    let h = &d.message.headers;
+    let deaths = h
+        .get("x-death")
+        .and_then(HeaderValue::as_array)
+        .ok_or_else(|| format!("x-death should be an array, got {:?}", h.get("x-death")))?;
+    let queues: Vec<Option<&str>> = deaths
+        .iter()
+        .map(|e| e.as_table().and_then(|t| t.get_str("queue")))
+        .collect();
+    ensure_eq(
+        "x-death queues (newest first)",
+        queues,
+        vec![Some(b.as_str()), Some(a.as_str())],
+    )?;
+    ensure_eq(
+        "x-first-death-queue",
+        h.get_str("x-first-death-queue"),
+        Some(a.as_str()),
+    )?;
+    ensure_eq(
+        "x-first-death-reason",
+        h.get_str("x-first-death-reason"),
+        Some("rejected"),
+    )
 }

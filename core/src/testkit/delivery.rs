@@ -25,11 +25,17 @@ pub(crate) fn cases() -> Vec<Case> {
     ]
 }
 
-/// Reads `queue` with a fresh consumer until it is quiet: `(body,
+/// Reads `queue` with a fresh consumer: as many deliveries as its depth
+/// reports (each within [`WAIT`]), then until it is quiet; returns `(body,
 /// redelivered)` in delivery order, each acknowledged.
 async fn drain_flags(ctx: &Ctx<'_>, queue: &str) -> Result<Vec<(String, bool)>, String> {
+    let ready = ctx.depth(queue).await?;
     let mut sub = ctx.consume(queue, ConsumeOptions::default().prefetch(100)).await?;
     let mut out = Vec::new();
+    for d in take(&mut sub, ready as usize).await? {
+        out.push((body(&d), d.info.redelivered));
+        d.ack().await.ctx("ack")?;
+    }
     loop {
         match tokio::time::timeout(QUIET, sub.next()).await {
             Err(_) | Ok(None) => break,

@@ -460,6 +460,8 @@ macro_rules! conformance_tests {
                 conflicting_exchange_redeclare_is_precondition_failed,
                 exclusive_queue_is_locked_for_other_connections,
                 exclusive_consumer_locks_the_queue,
+                exclusive_queue_goes_with_its_connection,
+                unused_queue_expires,
                 auto_delete_queue_goes_with_its_last_consumer,
                 server_named_queue,
                 missing_queue_and_exchange_operations,
@@ -492,6 +494,7 @@ macro_rules! conformance_tests {
                 reject_publish_nacks,
                 reject_publish_dlx_nacks_and_dead_letters,
                 x_death_count_increments_per_queue_and_reason,
+                x_death_lists_newest_first,
             ],
             features: [
                 priorities_highest_first_fifo_within_equal,

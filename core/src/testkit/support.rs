@@ -167,13 +167,22 @@ impl<'f> Ctx<'f> {
     }
 
     /// Reads the whole content of `queue` with a fresh auto-ack consumer:
-    /// bodies in delivery order, until nothing arrives for [`QUIET`]. The
-    /// consumer is cancelled afterwards.
+    /// bodies in delivery order. It first takes as many messages as the
+    /// queue's depth reports (each within [`WAIT`], so a slow broker does
+    /// not truncate the result), then keeps reading until nothing arrives
+    /// for [`QUIET`]. The consumer is cancelled afterwards.
     pub async fn drain(&self, queue: &str) -> Result<Vec<String>, String> {
+        let ready = self.depth(queue).await?;
         let mut sub = self
             .consume(queue, ConsumeOptions::default().auto_ack(true).prefetch(0))
             .await?;
         let mut out = Vec::new();
+        for d in take(&mut sub, ready as usize)
+            .await
+            .map_err(|e| format!("draining '{queue}' ({ready} ready): {e}"))?
+        {
+            out.push(body(&d));
+        }
         loop {
             match tokio::time::timeout(QUIET, sub.next()).await {
                 Err(_) | Ok(None) => break,

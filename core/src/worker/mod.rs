@@ -75,6 +75,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -486,7 +487,8 @@ struct HandleInner {
 }
 
 /// Controls a started [`Worker`]: stop one consumer, stop all, wait, read
-/// counters. Cheap to clone.
+/// counters. Cheap to clone. Dropping it does not stop the consumers: call
+/// [`shutdown`](WorkerHandle::shutdown).
 #[derive(Clone)]
 pub struct WorkerHandle {
     inner: Arc<HandleInner>,
@@ -791,13 +793,15 @@ fn dispatch(
     let reply_to = message.properties.reply_to.clone();
     let correlation_id = message.properties.correlation_id.clone();
     let env = Envelope::new(message, info.clone());
-    let call = std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(env)));
+    // Handler logs carry the queue and delivery tag.
+    let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = info.delivery_tag);
+    let call = span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(env))));
     let counters = cx.counters();
     let now = counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
     let cx = cx.clone();
     let abort = abort.clone();
-    tasks.spawn(async move {
+    let task = async move {
         let _permit = permit;
         let result = match call {
             Err(p) => Some(Err(HandlerError::panic(panic_message(&*p)))),
@@ -828,7 +832,9 @@ fn dispatch(
             }
         }
         cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
-    });
+    }
+    .instrument(span);
+    tasks.spawn(task);
 }
 
 #[derive(Debug, Clone, Copy)]

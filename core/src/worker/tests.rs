@@ -495,6 +495,33 @@ async fn auto_ack_settles_nothing_and_counts_failures() {
     assert_eq!(fake.ready("q") + fake.unacked("q"), 0);
 }
 
+#[tokio::test]
+async fn retried_and_dead_lettered_outcomes_ack_the_original() {
+    let fake = Fake::new();
+    fake.add_queue("q");
+    publish(&fake, "q", 2).await;
+    let h = Worker::new(transport(&fake))
+        .route(
+            "q",
+            handler_fn(|b: crate::handler::Body| async move {
+                if b.0.ends_with(b"0") {
+                    Outcome::Retried
+                } else {
+                    Outcome::DeadLettered
+                }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    wait_for("2 acks", || h.stats("q").unwrap().acked == 2).await;
+    h.shutdown().await.unwrap();
+    let s = h.stats("q").unwrap();
+    assert_eq!((s.requeued, s.rejected, s.failed), (0, 0, 0));
+    assert!(fake.dead("q").is_empty());
+    assert_eq!(fake.ready("q") + fake.unacked("q"), 0);
+}
+
 #[derive(Clone)]
 struct NeverReady(Arc<AtomicUsize>);
 

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::worker::{RouteConfig, RouteStats, Worker, WorkerHandle};
-use switchyard_core::{
-    Binding, ConsumeOptions, Delivery, ExchangeSpec, Handler, Message, QueueSpec, Transport,
-};
+use switchyard_core::{Binding, ConsumeOptions, Delivery, ExchangeSpec, Handler, Message, QueueSpec, Transport};
 use switchyard_memory::MemoryBroker;
 
 /// A broker with: exchange `shop` (topic) -> queue `orders` (binding `order.*`),
@@ -22,10 +20,16 @@ pub async fn setup() -> Setup {
     let broker = MemoryBroker::new();
     let transport: Arc<dyn Transport> = broker.connect();
     transport.declare_exchange(&ExchangeSpec::topic("shop")).await.unwrap();
-    transport.declare_exchange(&ExchangeSpec::fanout("app.dlx")).await.unwrap();
+    transport
+        .declare_exchange(&ExchangeSpec::fanout("app.dlx"))
+        .await
+        .unwrap();
     transport.declare_queue(&QueueSpec::new("orders")).await.unwrap();
     transport.declare_queue(&QueueSpec::new("dead")).await.unwrap();
-    transport.bind(&Binding::queue("orders", "shop", "order.*")).await.unwrap();
+    transport
+        .bind(&Binding::queue("orders", "shop", "order.*"))
+        .await
+        .unwrap();
     transport.bind(&Binding::queue("dead", "app.dlx", "")).await.unwrap();
     Setup { broker, transport }
 }
