@@ -119,6 +119,15 @@ fn main() {
     let body = Bytes::from(vec![0x5au8; BODY]);
     let body = Arc::new(body);
 
+    // `SWITCHYARD_BENCH_ONLY=memory` (or `channel`) runs one side, for profiling.
+    if let Ok(only) = std::env::var("SWITCHYARD_BENCH_ONLY") {
+        let d = match only.as_str() {
+            "memory" => rt.block_on(memory(n, (*body).clone())),
+            _ => rt.block_on(channel(n, (*body).clone())),
+        };
+        println!("{only}: {n} messages in {:.3} s = {:.0} msg/s", d.as_secs_f64(), rate(n, d));
+        return;
+    }
     // Warm-up (allocator, thread pool), then the best of three runs each.
     rt.block_on(memory(n.min(50_000), (*body).clone()));
     rt.block_on(channel(n.min(50_000), (*body).clone()));

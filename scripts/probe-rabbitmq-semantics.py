@@ -310,6 +310,13 @@ def declarations():
     c7.close()
     time.sleep(1.0)
     fact("x-expires 300ms, consumer gone 1s ago", error_of(lambda c, ch: ch.queue_declare(used, passive=True)))
+    polled = q("expires-polled", arguments={"x-expires": 300})
+    for _ in range(10):
+        time.sleep(0.1)
+        CH.queue_declare(polled, passive=True)
+    fact("x-expires 300ms, passive declare every 100ms for 1s", error_of(lambda c, ch: ch.queue_declare(polled, passive=True)))
+    time.sleep(1.0)
+    fact("  then left alone 1s", error_of(lambda c, ch: ch.queue_declare(polled, passive=True)))
     # server-named
     r = CH.queue_declare("", exclusive=True)
     fact("server-named queue name", r.method.queue)
@@ -582,6 +589,39 @@ def dead_lettering():
     fact("dead-lettered A -> B -> C: x-death queues in order",
          [e.value["queue"].value for e in p.headers["x-death"].value])
     fact("  x-first-death-queue", p.headers["x-first-death-queue"])
+    # the DLX does not exist: the rejected message is dropped
+    q1 = q("dl-missing-dlx", arguments={"x-dead-letter-exchange": f"sy-probe.{RUN}.no-such-dlx"})
+    pub("", q1, "x")
+    m, _, _ = CH.basic_get(q1)
+    CH.basic_reject(m.delivery_tag, requeue=False)
+    time.sleep(0.2)
+    fact("DLX missing: reject accepted, depth after", depth(q1))
+    # the lower of queue TTL and per-message TTL applies
+    sink = q("dl-sink")
+    q2 = q("dl-ttl-min1", arguments={"x-message-ttl": 60000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": sink})
+    pub("", q2, "m50", expiration="50")
+    q3 = q("dl-ttl-min2", arguments={"x-message-ttl": 100, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": sink})
+    pub("", q3, "m60s", expiration="60000")
+    time.sleep(0.5)
+    fact("queue TTL 60s + message TTL 50ms / queue TTL 100ms + message TTL 60s: depths after 500ms",
+         (depth(q2), depth(q3)))
+    res = []
+    while True:
+        m, p, b = CH.basic_get(sink, auto_ack=True)
+        if m is None:
+            break
+        res.append((b.decode(), p.headers["x-death"].value[0].value.get("original-expiration")))
+    fact("  dead letters (body, original-expiration)", res)
+    # a message held unacked past the queue TTL, then requeued, expires at once
+    q4 = q("dl-ttl-requeue", arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "",
+                                        "x-dead-letter-routing-key": sink})
+    pub("", q4, "held")
+    m, _, _ = CH.basic_get(q4)
+    time.sleep(0.5)
+    CH.basic_nack(m.delivery_tag, requeue=True)
+    time.sleep(0.3)
+    fact("queue TTL 200ms, held unacked 500ms then requeued: depth", depth(q4))
+    fact("  dead letters", drain(sink))
 
 
 # --- priorities ----------------------------------------------------------------
@@ -614,6 +654,7 @@ def properties():
                "A": [T("I", 1), "two"], "F": {"n": T("l", 1)}, "V": None}
     pub("", name, "props", headers=headers, **props)
     m, p, b = CH.basic_get(name, auto_ack=True)
+    plain = p.headers
     for k in props:
         fact(f"property {k} round-trip", getattr(p, k))
     for k in sorted(headers):
@@ -630,8 +671,8 @@ def properties():
     CH.basic_reject(m.delivery_tag, requeue=False)
     time.sleep(0.2)
     m, p, b = CH.basic_get(dlq, auto_ack=True)
-    changed = {k: p.headers.get(k) for k in headers if p.headers.get(k) != (headers[k] if isinstance(headers[k], T) else p.headers.get(k))}
-    fact("header types after dead-lettering (those changed)", changed or "none")
+    changed = {k: (plain.get(k), p.headers.get(k)) for k in headers if p.headers.get(k) != plain.get(k)}
+    fact("header types after dead-lettering, compared with a plain round trip (those changed)", changed or "none")
     fact("header values after dead-lettering", {k: p.headers.get(k) for k in sorted(headers)})
 
 
@@ -647,18 +688,16 @@ def main():
             print(f"--- {step.__name__}")
             step()
     finally:
+        # A fresh connection: the probe's own may have been closed by an error.
+        cleanup = conn()
+        ch = cleanup.channel()
         for n in DECLARED_Q:
-            try:
-                CH.queue_delete(n)
-            except Exception:
-                pass
+            ch.queue_delete(n)
         for n in DECLARED_X:
-            try:
-                CH.exchange_delete(n)
-            except Exception:
-                pass
-        C.close()
-
+            ch.exchange_delete(n)
+        cleanup.close()
+        if C.is_open:
+            C.close()
 
 if __name__ == "__main__":
     main()

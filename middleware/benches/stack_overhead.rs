@@ -5,9 +5,14 @@
 //!
 //! 1. Direct: the services are called in a loop with a pre-built Envelope
 //!    (`ready().await` then `call(env.clone()).await`), on a current-thread
-//!    runtime; median of 7 rounds.
+//!    runtime; 9 rounds alternating bare handler and stack, medians (the
+//!    "added" figure is the median of the per-pair differences).
 //! 2. Through the Worker on the memory transport: N messages published,
-//!    then a Worker drains the queue (prefetch 100, concurrency 32).
+//!    then a Worker drains the queue (prefetch 100, concurrency 32); 7
+//!    alternating drains, medians.
+//!
+//! Flags after `--`: a number (calls per round, default 100000), `--layers`
+//! (each layer alone), `--direct-only` (skip the Worker runs).
 //!
 //! The "full stack" is the issue's: tracing, metrics, dead-letter, retry
 //! (in-process policy), timeout, compression off (the decompression layer on
@@ -83,22 +88,35 @@ where
         .service(h)
 }
 
-async fn direct_ns<H: Handler>(mut svc: H, env: &Envelope, n: u32) -> f64 {
-    // warm up
-    for _ in 0..n / 10 {
-        svc.ready().await.unwrap().call(env.clone()).await.unwrap();
+async fn round<H: Handler>(svc: &mut H, env: &Envelope, n: u32) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        let out = svc.ready().await.unwrap().call(env.clone()).await;
+        black_box(out.unwrap());
     }
-    let mut rounds = Vec::new();
-    for _ in 0..7 {
-        let t = Instant::now();
-        for _ in 0..n {
-            let out = svc.ready().await.unwrap().call(env.clone()).await;
-            black_box(out.unwrap());
-        }
-        rounds.push(t.elapsed().as_nanos() as f64 / n as f64);
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Alternates rounds of the bare handler and the stack (so that load
+/// changes on the machine hit both alike) and returns the medians of
+/// (bare, stack, stack - bare of the same pair).
+async fn direct<A: Handler, B: Handler>(mut bare: A, mut stack: B, env: &Envelope, n: u32) -> (f64, f64, f64) {
+    round(&mut bare, env, n / 10).await;
+    round(&mut stack, env, n / 10).await;
+    let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..9 {
+        let x = round(&mut bare, env, n).await;
+        let y = round(&mut stack, env, n).await;
+        b.push(x);
+        s.push(y);
+        d.push(y - x);
     }
-    rounds.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    rounds[3]
+    (median(b), median(s), median(d))
 }
 
 async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
@@ -133,8 +151,8 @@ async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
 }
 
 fn main() {
-    let n: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200_000);
-    let wn = (n / 4).max(1000);
+    let n: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
+    let wn = (n / 5).max(1000);
     let env = Envelope::for_test(
         Message::new(r#"{"session_id":"s-1","text":"hello"}"#)
             .with_message_id("m-1")
@@ -146,78 +164,85 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("stack_overhead: {n} direct calls per round (median of 7), {wn} messages through the Worker");
-    let report = |label: &str, bare: f64, stack: f64| {
-        println!(
-            "  {label:<58} bare {bare:>8.1} ns/msg   stack {stack:>8.1} ns/msg   added {:>8.1} ns/msg",
-            stack - bare
-        );
+    println!(
+        "stack_overhead: direct calls: 9 alternating rounds of {n} (bare, stack), medians; \
+         Worker: 7 alternating drains of {wn} messages, medians"
+    );
+    let report = |label: &str, (bare, stack, added): (f64, f64, f64)| {
+        println!("  {label:<58} bare {bare:>8.1} ns/msg   stack {stack:>8.1} ns/msg   added {added:>8.1} ns/msg");
     };
+    let layers = std::env::args().any(|a| a == "--layers");
     rt.block_on(async {
-        let b = direct_ns(bare(), &env, n).await;
-        let s = direct_ns(full_stack(bare(), null.clone()), &env, n).await;
-        report("direct, full stack, no-op metrics recorder", b, s);
-        if std::env::args().any(|a| a == "--layers") {
-            let one = |name: &str, ns: f64| report(&format!("direct, {name} alone"), b, ns);
-            one("trace", direct_ns(TraceLayer::new().layer(bare()), &env, n).await);
+        report(
+            "direct, full stack, no-op metrics recorder",
+            direct(bare(), full_stack(bare(), null.clone()), &env, n).await,
+        );
+        report(
+            "direct, every consume layer, no-op metrics recorder",
+            direct(bare(), every_layer(bare(), null.clone()), &env, n).await,
+        );
+        if layers {
+            let one = |name: &str, r| report(&format!("direct, {name} alone"), r);
+            one("trace", direct(bare(), TraceLayer::new().layer(bare()), &env, n).await);
             one(
                 "metrics (no-op)",
-                direct_ns(MetricsLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), MetricsLayer::new().layer(bare()), &env, n).await,
             );
-            one(
-                "dead-letter",
-                direct_ns(DeadLetterLayer::new(null.clone(), "dlx").layer(bare()), &env, n).await,
-            );
+            let dl = DeadLetterLayer::new(null.clone(), "dlx");
+            one("dead-letter", direct(bare(), dl.layer(bare()), &env, n).await);
             let retry = RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10)));
-            one("retry", direct_ns(retry.layer(bare()), &env, n).await);
-            one(
-                "timeout",
-                direct_ns(TimeoutLayer::new(Duration::from_secs(30)).layer(bare()), &env, n).await,
-            );
+            one("retry", direct(bare(), retry.layer(bare()), &env, n).await);
+            let timeout = TimeoutLayer::new(Duration::from_secs(30));
+            one("timeout", direct(bare(), timeout.layer(bare()), &env, n).await);
             one(
                 "decompression (off)",
-                direct_ns(DecompressionLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), DecompressionLayer::new().layer(bare()), &env, n).await,
             );
             one(
                 "catch-panic",
-                direct_ns(CatchPanicLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), CatchPanicLayer::new().layer(bare()), &env, n).await,
             );
             one(
                 "correlation",
-                direct_ns(CorrelationLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), CorrelationLayer::new().layer(bare()), &env, n).await,
             );
             let dedup = DedupLayer::new(MemoryDedupStore::new(10_000)).key_fn(|_| None);
-            one("dedup (no key)", direct_ns(dedup.layer(bare()), &env, n).await);
+            one("dedup (no key)", direct(bare(), dedup.layer(bare()), &env, n).await);
         }
-        let e = direct_ns(every_layer(bare(), null.clone()), &env, n).await;
-        report("direct, every consume layer, no-op metrics recorder", b, e);
     });
-    if std::env::args().any(|a| a == "--direct-only") {
-        return;
-    }
+    let direct_only = std::env::args().any(|a| a == "--direct-only");
     let mt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    mt.block_on(async {
-        let b = worker_ns(bare(), wn).await;
-        let s = worker_ns(full_stack(bare(), null.clone()), wn).await;
-        report("Worker + memory transport, full stack, no-op recorder", b, s);
-    });
+    let through_worker = |label: &str| {
+        if direct_only {
+            return;
+        }
+        mt.block_on(async {
+            let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..7 {
+                let x = worker_ns(bare(), wn).await;
+                let y = worker_ns(full_stack(bare(), null.clone()), wn).await;
+                b.push(x);
+                s.push(y);
+                d.push(y - x);
+            }
+            report(label, (median(b), median(s), median(d)));
+        });
+    };
+    through_worker("Worker + memory transport, full stack, no-op recorder");
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .expect("prometheus recorder");
     rt.block_on(async {
-        let b = direct_ns(bare(), &env, n).await;
-        let s = direct_ns(full_stack(bare(), null.clone()), &env, n).await;
-        report("direct, full stack, Prometheus recorder", b, s);
+        report(
+            "direct, full stack, Prometheus recorder",
+            direct(bare(), full_stack(bare(), null.clone()), &env, n).await,
+        );
     });
-    mt.block_on(async {
-        let b = worker_ns(bare(), wn).await;
-        let s = worker_ns(full_stack(bare(), null.clone()), wn).await;
-        report("Worker + memory transport, full stack, Prometheus recorder", b, s);
-    });
+    through_worker("Worker + memory transport, full stack, Prometheus recorder");
     let rendered = handle.render();
     assert!(rendered.contains("switchyard_messages_handled_total"));
 }

@@ -42,7 +42,7 @@ use switchyard_core::{Envelope, FailureKind, HandlerError, Outcome};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::util::{take_ready, BoxFuture};
+use crate::util::BoxFuture;
 
 /// The breaker's settings.
 #[derive(Clone)]
@@ -341,7 +341,7 @@ impl Drop for ProbeGuard {
 
 impl<S> Service<Envelope> for CircuitBreaker<S>
 where
-    S: Service<Envelope, Response = Outcome, Error = HandlerError> + Clone + Send + 'static,
+    S: Service<Envelope, Response = Outcome, Error = HandlerError>,
     S::Future: Send + 'static,
 {
     type Response = Outcome;
@@ -368,7 +368,7 @@ where
                 })
             }
             Admit::Call { probe } => {
-                let fut = take_ready(&mut self.inner).call(env);
+                let fut = self.inner.call(env);
                 Box::pin(async move {
                     let mut guard = ProbeGuard {
                         shared: shared.clone(),

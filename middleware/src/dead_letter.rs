@@ -1,9 +1,10 @@
 //! Dead-lettering with reasons, and replay.
 //!
 //! When a delivery is finally given up, [`DeadLetter`] publishes it (body and
-//! properties untouched) to the configured dead-letter exchange with headers
-//! that say why, and answers [`Outcome::DeadLettered`] so the Worker
-//! acknowledges the original:
+//! properties untouched, except that a per-message TTL is moved to the
+//! `x-original-expiration` header, as RabbitMQ does) to the configured
+//! dead-letter exchange with headers that say why, and answers
+//! [`Outcome::DeadLettered`] so the Worker acknowledges the original:
 //!
 //! | header | value |
 //! |---|---|
@@ -60,7 +61,11 @@ use switchyard_core::{
 use tower::{Layer, Service};
 
 use crate::retry::exhaustion;
-use crate::util::{take_ready, BoxFuture};
+use crate::util::BoxFuture;
+
+/// Header holding the per-message TTL (ms) a dead letter had; the dead
+/// letter itself is published without one.
+pub const ORIGINAL_EXPIRATION: &str = "x-original-expiration";
 
 /// Longest `x-error` value written, in bytes.
 pub const MAX_ERROR_LEN: usize = 4096;
@@ -90,7 +95,8 @@ impl fmt::Debug for DeadLetterLayer {
 
 impl DeadLetterLayer {
     /// Dead-letters through `publisher` to `exchange`, keeping the original
-    /// routing key.
+    /// routing key (the `x-original-routing-key` header when a broker-delayed
+    /// retry re-routed the message).
     pub fn new(publisher: Arc<dyn Publisher>, exchange: impl Into<Arc<str>>) -> Self {
         DeadLetterLayer {
             config: Arc::new(Config {
@@ -178,6 +184,12 @@ fn truncate(s: &str, max: usize) -> &str {
 /// reason headers added.
 pub fn dead_letter_message(env: &Envelope, err: &HandlerError) -> Message {
     let mut msg = env.message().clone();
+    // as RabbitMQ does when dead-lettering: a per-message TTL must not expire
+    // the dead letter too; the original is kept in a header
+    if let Some(ttl) = msg.properties.expiration.take() {
+        msg.headers
+            .insert(ORIGINAL_EXPIRATION, HeaderValue::I64(ttl.as_millis() as i64));
+    }
     let info = env.info();
     let h = &mut msg.headers;
     h.insert(ERROR, truncate(err.message(), MAX_ERROR_LEN));
@@ -199,7 +211,7 @@ pub fn dead_letter_message(env: &Envelope, err: &HandlerError) -> Message {
 
 impl<S> Service<Envelope> for DeadLetter<S>
 where
-    S: Service<Envelope, Response = Outcome, Error = HandlerError> + Clone + Send + 'static,
+    S: Service<Envelope, Response = Outcome, Error = HandlerError>,
     S::Future: Send + 'static,
 {
     type Response = Outcome;
@@ -211,7 +223,7 @@ where
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        let fut = take_ready(&mut self.inner).call(env.clone());
+        let fut = self.inner.call(env.clone());
         let cfg = self.config.clone();
         Box::pin(async move {
             let err = match fut.await {
@@ -222,10 +234,12 @@ where
                 return Err(err);
             }
             let msg = dead_letter_message(&env, &err);
-            let rk = cfg
-                .routing_key
-                .clone()
-                .unwrap_or_else(|| env.info().routing_key.clone());
+            // the original routing key, also after a broker-delayed retry re-routed the message
+            let rk = cfg.routing_key.clone().unwrap_or_else(|| {
+                msg.headers
+                    .get_str(ORIGINAL_ROUTING_KEY)
+                    .map_or_else(|| env.info().routing_key.clone(), Arc::from)
+            });
             let dest = Destination::new(cfg.exchange.clone(), rk);
             match cfg.publisher.publish(&dest, msg).await {
                 Ok(()) => {
@@ -243,6 +257,7 @@ where
 
 /// Removes the dead-letter headers (`x-error`, `x-error-kind`,
 /// `x-original-*`, `x-failed-at`, `x-retry-count`, `x-death`) from `msg`.
+/// A replayed message has no per-message TTL.
 pub fn strip_dead_letter_headers(msg: &mut Message) {
     for k in [
         ERROR,
@@ -250,6 +265,7 @@ pub fn strip_dead_letter_headers(msg: &mut Message) {
         ORIGINAL_EXCHANGE,
         ORIGINAL_ROUTING_KEY,
         ORIGINAL_QUEUE,
+        ORIGINAL_EXPIRATION,
         FAILED_AT,
         RETRY_COUNT,
         X_DEATH,
@@ -424,8 +440,15 @@ mod tests {
     #[tokio::test]
     async fn replay_strips_headers_and_restores_destination() {
         let rec = Arc::new(Recorder::default());
-        let env = Envelope::for_test(Message::new("x").with_header("tenant", "acme"), "orders");
+        let env = Envelope::for_test(
+            Message::new("x")
+                .with_header("tenant", "acme")
+                .with_expiration(Duration::from_secs(5)),
+            "orders",
+        );
         let dl = dead_letter_message(&env, &HandlerError::reject("nope"));
+        assert_eq!(dl.properties.expiration, None, "a dead letter does not expire");
+        assert_eq!(dl.headers.get_i64(ORIGINAL_EXPIRATION), Some(5000));
         let mut with_original = dl.clone();
         with_original.headers.insert(ORIGINAL_EXCHANGE, "shop");
         with_original.headers.insert(ORIGINAL_ROUTING_KEY, "order.created");

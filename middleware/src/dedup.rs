@@ -227,10 +227,10 @@ where
             Some(f) => f(&env),
             None => env.message_id().map(str::to_owned),
         };
-        let mut inner = take_ready(&mut self.inner);
         let Some(key) = key else {
-            return Box::pin(inner.call(env));
+            return Box::pin(self.inner.call(env));
         };
+        let mut inner = take_ready(&mut self.inner);
         let store = self.store.clone();
         Box::pin(async move {
             let seen = store

@@ -11,7 +11,7 @@
 //! | [`dead_letter`] | publishes final failures to a DLX with reason headers; [`dead_letter::replay`] | — |
 //! | [`metrics`](mod@metrics) | handled counter, handling-time histogram, in-flight gauge | published / confirmed / failed counters |
 //! | [`compression`] | decompresses by `content_encoding`, bounded | gzip / zstd above a threshold |
-//! | [`trace`] | a span per delivery, W3C `traceparent` extracted | `traceparent` / `tracestate` injected |
+//! | [`trace`] | a span per delivery, W3C `traceparent` extracted | `traceparent` / `tracestate` injected (OpenTelemetry propagators with the `opentelemetry` feature) |
 //! | [`timeout`] | a slow handler fails as `timeout` (transient) | — |
 //! | [`circuit_breaker`] | fail fast (requeue) while the handler keeps failing | — |
 //! | [`dedup`] | idempotent consumption by message id or a key | — |

@@ -178,6 +178,7 @@ impl<S> Layer<S> for MetricsLayer {
         Metrics {
             inner,
             cache: self.cache.clone(),
+            last: None,
         }
     }
 }
@@ -187,6 +188,8 @@ impl<S> Layer<S> for MetricsLayer {
 pub struct Metrics<S> {
     inner: S,
     cache: Arc<Cache>,
+    /// The handles of the last queue seen (a service usually serves one).
+    last: Option<Arc<QueueHandles>>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Metrics<S> {
@@ -254,7 +257,15 @@ where
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        let h = self.cache.queue(&env.info().queue);
+        let queue = &env.info().queue;
+        let h = match &self.last {
+            Some(h) if *h.queue == **queue => h.clone(),
+            _ => {
+                let h = self.cache.queue(queue);
+                self.last = Some(h.clone());
+                h
+            }
+        };
         h.in_flight.increment(1.0);
         MetricsFuture {
             start: Instant::now(),
@@ -343,13 +354,20 @@ mod tests {
             }
         }));
         for body in ["a", "b", ""] {
-            let _ = h.clone().oneshot(Envelope::for_test(Message::new(body), "orders")).await;
+            let _ = h
+                .clone()
+                .oneshot(Envelope::for_test(Message::new(body), "orders"))
+                .await;
         }
         let rec = Arc::new(Recorder::default());
         let p = ServicePublisher::new(layer.layer(PublisherService::new(rec.clone())));
-        p.publish(&Destination::new("shop", "x"), Message::new("m")).await.unwrap();
+        p.publish(&Destination::new("shop", "x"), Message::new("m"))
+            .await
+            .unwrap();
         rec.fail.store(true, std::sync::atomic::Ordering::SeqCst);
-        p.publish(&Destination::queue("q"), Message::new("m")).await.unwrap_err();
+        p.publish(&Destination::queue("q"), Message::new("m"))
+            .await
+            .unwrap_err();
 
         let snap: Vec<(String, Vec<String>, DebugValue)> = snapshotter
             .snapshot()
@@ -360,16 +378,34 @@ mod tests {
                 (k.key().name().to_owned(), labels, v)
             })
             .collect();
-        assert_eq!(value(&snap, names::HANDLED, "outcome=ack"), Some(&DebugValue::Counter(2)));
-        assert_eq!(value(&snap, names::HANDLED, "outcome=decode"), Some(&DebugValue::Counter(1)));
+        assert_eq!(
+            value(&snap, names::HANDLED, "outcome=ack"),
+            Some(&DebugValue::Counter(2))
+        );
+        assert_eq!(
+            value(&snap, names::HANDLED, "outcome=decode"),
+            Some(&DebugValue::Counter(1))
+        );
         assert!(matches!(value(&snap, names::IN_FLIGHT, "queue=orders"), Some(DebugValue::Gauge(g)) if g.0 == 0.0));
         match value(&snap, names::HANDLING_SECONDS, "queue=orders") {
             Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 3),
             other => panic!("histogram missing: {other:?}"),
         }
-        assert_eq!(value(&snap, names::PUBLISHED, "exchange=shop"), Some(&DebugValue::Counter(1)));
-        assert_eq!(value(&snap, names::CONFIRMED, "exchange=shop"), Some(&DebugValue::Counter(1)));
-        assert_eq!(value(&snap, names::PUBLISHED, "exchange=(default)"), Some(&DebugValue::Counter(1)));
-        assert_eq!(value(&snap, names::FAILED, "code=transport_error"), Some(&DebugValue::Counter(1)));
+        assert_eq!(
+            value(&snap, names::PUBLISHED, "exchange=shop"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(
+            value(&snap, names::CONFIRMED, "exchange=shop"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(
+            value(&snap, names::PUBLISHED, "exchange=(default)"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(
+            value(&snap, names::FAILED, "code=transport_error"),
+            Some(&DebugValue::Counter(1))
+        );
     }
 }

@@ -347,20 +347,37 @@ where
 ///
 /// Uses the globally installed text-map propagator (for example
 /// `TraceContextPropagator` from `opentelemetry_sdk`), so baggage or any
-/// other propagation format works too.
+/// other propagation format works too. [`OtelPropagationLayer`](otel::OtelPropagationLayer) does it for
+/// a whole stack: around a handler it extracts the delivery's context and
+/// makes it the current OpenTelemetry context while the handler runs; around
+/// a publisher it injects the current context into messages that carry no
+/// `traceparent` yet.
 ///
 /// ```
-/// use switchyard_core::Headers;
-/// use switchyard_middleware::trace::otel;
+/// use switchyard_core::{handler_fn, Envelope, Headers};
+/// use switchyard_middleware::trace::otel::{self, OtelPropagationLayer};
+/// use tower::ServiceBuilder;
 ///
 /// let mut headers = Headers::new();
 /// otel::inject(&opentelemetry::Context::current(), &mut headers);
 /// let _parent = otel::extract(&headers);
+/// let _svc = switchyard_core::handler::boxed(
+///     ServiceBuilder::new()
+///         .layer(OtelPropagationLayer::new())
+///         .service(handler_fn(|_env: Envelope| async {})),
+/// );
 /// ```
 #[cfg(feature = "opentelemetry")]
 pub mod otel {
+    use std::task::{Context, Poll};
+
+    use opentelemetry::context::{FutureExt, WithContext};
     use opentelemetry::propagation::{Extractor, Injector};
-    use switchyard_core::Headers;
+    use switchyard_core::headers::TRACEPARENT;
+    use switchyard_core::{Envelope, HandlerError, Headers, Outcome};
+    use tower::{Layer, Service};
+
+    use crate::publish::PublishRequest;
 
     /// Writes OpenTelemetry fields into message headers.
     #[derive(Debug)]
@@ -393,6 +410,130 @@ pub mod otel {
     /// Extracts a parent context from `headers` with the global propagator.
     pub fn extract(headers: &Headers) -> opentelemetry::Context {
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+    }
+
+    /// Propagates OpenTelemetry context through message headers; see the
+    /// [module docs](self).
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct OtelPropagationLayer {
+        _priv: (),
+    }
+
+    impl OtelPropagationLayer {
+        /// The layer.
+        pub fn new() -> Self {
+            OtelPropagationLayer { _priv: () }
+        }
+    }
+
+    impl<S> Layer<S> for OtelPropagationLayer {
+        type Service = OtelPropagation<S>;
+        fn layer(&self, inner: S) -> OtelPropagation<S> {
+            OtelPropagation { inner }
+        }
+    }
+
+    /// The service of [`OtelPropagationLayer`].
+    #[derive(Debug, Clone)]
+    pub struct OtelPropagation<S> {
+        inner: S,
+    }
+
+    impl<S> Service<Envelope> for OtelPropagation<S>
+    where
+        S: Service<Envelope, Response = Outcome, Error = HandlerError>,
+    {
+        type Response = Outcome;
+        type Error = HandlerError;
+        type Future = WithContext<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, env: Envelope) -> Self::Future {
+            let otel_cx = extract(env.headers());
+            let fut = {
+                let _guard = otel_cx.clone().attach();
+                self.inner.call(env)
+            };
+            fut.with_context(otel_cx)
+        }
+    }
+
+    impl<S> Service<PublishRequest> for OtelPropagation<S>
+    where
+        S: Service<PublishRequest>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, mut req: PublishRequest) -> S::Future {
+            if !req.message.headers.contains_key(TRACEPARENT) {
+                inject(&opentelemetry::Context::current(), &mut req.message.headers);
+            }
+            self.inner.call(req)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::publish::tests::Recorder;
+        use crate::publish::{PublisherService, ServicePublisher};
+        use opentelemetry::propagation::text_map_propagator::FieldIter;
+        use opentelemetry::propagation::TextMapPropagator;
+        use std::sync::Arc;
+        use switchyard_core::{handler_fn, Destination, Message, Publisher};
+        use tower::ServiceExt;
+
+        /// Carries a tenant string in the `x-tenant` header as a context value.
+        #[derive(Debug)]
+        struct TenantPropagator(Vec<String>);
+        #[derive(Debug, Clone, PartialEq)]
+        struct Tenant(String);
+
+        impl TextMapPropagator for TenantPropagator {
+            fn inject_context(&self, cx: &opentelemetry::Context, injector: &mut dyn Injector) {
+                if let Some(t) = cx.get::<Tenant>() {
+                    injector.set("x-tenant", t.0.clone());
+                }
+            }
+            fn extract_with_context(&self, cx: &opentelemetry::Context, ex: &dyn Extractor) -> opentelemetry::Context {
+                match ex.get("x-tenant") {
+                    Some(t) => cx.with_value(Tenant(t.to_owned())),
+                    None => cx.clone(),
+                }
+            }
+            fn fields(&self) -> FieldIter<'_> {
+                FieldIter::new(&self.0)
+            }
+        }
+
+        #[tokio::test]
+        async fn context_crosses_from_consumed_to_published_messages() {
+            opentelemetry::global::set_text_map_propagator(TenantPropagator(vec!["x-tenant".into()]));
+            let rec = Arc::new(Recorder::default());
+            let p: Arc<dyn Publisher> = Arc::new(ServicePublisher::new(
+                OtelPropagationLayer::new().layer(PublisherService::new(rec.clone())),
+            ));
+            let h = OtelPropagationLayer::new().layer(handler_fn(move |_e: Envelope| {
+                let p = p.clone();
+                async move {
+                    let current = opentelemetry::Context::current();
+                    assert_eq!(current.get::<Tenant>(), Some(&Tenant("acme".into())));
+                    p.publish(&Destination::queue("next"), Message::new("x")).await
+                }
+            }));
+            let env = Envelope::for_test(Message::new("in").with_header("x-tenant", "acme"), "q");
+            assert_eq!(h.oneshot(env).await.unwrap(), Outcome::Ack);
+            assert_eq!(rec.sent.lock()[0].1.headers.get_str("x-tenant"), Some("acme"));
+        }
     }
 }
 

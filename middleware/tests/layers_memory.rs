@@ -116,9 +116,18 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
 #[tokio::test]
 async fn exhausted_retries_inside_dead_letter_go_to_the_dlx_with_reasons() {
     let s = setup().await;
+    // a topic DLX that only takes the original routing key
+    s.transport
+        .declare_exchange(&switchyard_core::ExchangeSpec::topic("app.dlx.topic"))
+        .await
+        .unwrap();
+    s.transport
+        .bind(&switchyard_core::Binding::queue("dead", "app.dlx.topic", "order.paid"))
+        .await
+        .unwrap();
     let policy = RetryPolicy::explicit([Duration::from_millis(20), Duration::from_millis(20)]);
     let h = ServiceBuilder::new()
-        .layer(DeadLetterLayer::new(s.transport.clone(), "app.dlx"))
+        .layer(DeadLetterLayer::new(s.transport.clone(), "app.dlx.topic"))
         .layer(RetryLayer::broker_delayed(
             policy,
             s.transport.clone(),
@@ -563,4 +572,57 @@ async fn kinds_the_worker_requeues_are_left_to_it() {
     assert_eq!(ready_count(&s.transport, "dead").await, 0);
     assert_eq!(FailureKind::Transient.as_str(), "transient");
     w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn tower_limits_hold_messages_in_the_broker() {
+    use switchyard_middleware::limit::{self, ConcurrencyLimitLayer, RateLimitLayer};
+    let s = setup().await;
+    let running = Arc::new(AtomicU32::new(0));
+    let (peak, pk) = counter();
+    let r = running.clone();
+    let rate_limited = limit::shared(
+        ServiceBuilder::new()
+            .layer(RateLimitLayer::new(4, Duration::from_millis(100)))
+            .service(handler_fn(move |_e: Envelope| {
+                let (r, pk) = (r.clone(), pk.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    pk.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                }
+            })),
+        16,
+    );
+    let h = ServiceBuilder::new()
+        .layer(ConcurrencyLimitLayer::new(2))
+        .service(rate_limited);
+    for i in 0..12 {
+        s.transport
+            .publish(&Destination::new("shop", "order.x"), Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let w = start_with(
+        &s.transport,
+        "orders",
+        h,
+        RouteConfig::default().prefetch(20).concurrency(20),
+    )
+    .await;
+    let st = handled(&w, "orders", 12).await;
+    let elapsed = started.elapsed();
+    w.shutdown().await.unwrap();
+    assert_eq!(st.acked, 12);
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "concurrency limit: peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert!(
+        elapsed >= Duration::from_millis(200),
+        "3 windows of 4 at 100 ms each: took {elapsed:?}"
+    );
 }

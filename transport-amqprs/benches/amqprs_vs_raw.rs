@@ -97,7 +97,9 @@ async fn raw_publish(conn: &Connection, queue: &str, n: usize, persistent: bool)
 
 async fn sy_publish(t: &AmqprsTransport, queue: &str, n: usize, persistent: bool) -> Duration {
     let body = bytes::Bytes::from(vec![b'x'; BODY]);
-    let messages: Vec<Message> = (0..n).map(|_| Message::new(body.clone()).persistent(persistent)).collect();
+    let messages: Vec<Message> = (0..n)
+        .map(|_| Message::new(body.clone()).persistent(persistent))
+        .collect();
     let start = Instant::now();
     t.publish_batch(&Destination::queue(queue), messages).await.unwrap();
     start.elapsed()
@@ -117,7 +119,9 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
         ch.basic_ack(BasicAckArguments::new(t, false)).await.unwrap();
     }
     let d = start.elapsed();
-    ch.basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag)).await.unwrap();
+    ch.basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
+        .await
+        .unwrap();
     ch.close().await.unwrap();
     d
 }
@@ -163,7 +167,9 @@ async fn raw_rpc(conn: &Connection, queue: &str, n: usize) -> Vec<Duration> {
     for i in 0..n {
         let start = Instant::now();
         let mut props = BasicProperties::default();
-        props.with_reply_to("amq.rabbitmq.reply-to").with_correlation_id(&i.to_string());
+        props
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string());
         ch.basic_publish(props, vec![b'x'; 32], BasicPublishArguments::new("", queue))
             .await
             .unwrap();
@@ -220,9 +226,14 @@ async fn purge(conn: &Connection, name: &str) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let raw = raw_connection("bench raw amqprs").await;
-    let cfg = AmqprsConfig::from_url(&url()).unwrap().connection_name("bench switchyard amqprs");
+    let cfg = AmqprsConfig::from_url(&url())
+        .unwrap()
+        .connection_name("bench switchyard amqprs");
     let sy = AmqprsTransport::connect_with(cfg).await.unwrap();
     let id = &switchyard_core::message::new_id()[..8];
     let q = format!("sy-bench.{id}.work");
@@ -288,7 +299,10 @@ async fn main() {
     server.abort();
 
     println!("\nmedians of {runs} interleaved runs");
-    println!("{:<48} {:>12} {:>12} {:>8}", "scenario", "raw amqprs", "switchyard", "ratio");
+    println!(
+        "{:<48} {:>12} {:>12} {:>8}",
+        "scenario", "raw amqprs", "switchyard", "ratio"
+    );
     for (label, r, s) in results {
         let (r, s) = (median(r), median(s));
         println!("{label:<48} {r:>12.0} {s:>12.0} {:>8.2}", s / r);

@@ -46,7 +46,11 @@ struct Callback(Arc<ChanState>);
 
 #[async_trait]
 impl ChannelCallback for Callback {
-    async fn close(&mut self, _channel: &Channel, close: CloseChannel) -> std::result::Result<(), amqprs::error::Error> {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
         let (code, text) = (close.reply_code(), close.reply_text().clone());
         tracing::debug!(code, text = %text, "broker closed a channel");
         *self.0.closed.lock() = Some((code, text.clone()));
@@ -94,7 +98,9 @@ impl ChannelCallback for Callback {
 /// `state.confirms` is set).
 pub(crate) async fn open(conn: &Connection, state: Arc<ChanState>) -> Result<Channel> {
     let ch = conn.open_channel(None).await.map_err(client_error)?;
-    ch.register_callback(Callback(state.clone())).await.map_err(client_error)?;
+    ch.register_callback(Callback(state.clone()))
+        .await
+        .map_err(client_error)?;
     if state.confirms.is_some() {
         ch.confirm_select(ConfirmSelectArguments::default())
             .await

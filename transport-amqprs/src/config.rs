@@ -46,8 +46,10 @@ pub struct AmqprsConfig {
     /// Ack coalescing for manual-ack consumers (one `multiple` ack over the
     /// settled prefix).
     pub coalesce_acks: bool,
-    /// TLS requested (`amqps`). Not supported by this build; see the README.
+    /// TLS (`amqps`), with the `tls` cargo feature (on by default).
     pub tls: bool,
+    /// PEM file of CA certificates trusted for TLS (the webpki roots when unset).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for AmqprsConfig {
@@ -67,6 +69,8 @@ impl fmt::Debug for AmqprsConfig {
             .field("default_prefetch", &self.default_prefetch)
             .field("recovery", &self.recovery)
             .field("coalesce_acks", &self.coalesce_acks)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -90,6 +94,7 @@ impl Default for AmqprsConfig {
             recovery: RecoveryConfig::default(),
             coalesce_acks: true,
             tls: false,
+            ca_file: None,
         }
     }
 }
@@ -114,6 +119,7 @@ impl AmqprsConfig {
             default_prefetch: settings.default_prefetch_count.max(1),
             recovery: RecoveryConfig::default().publish_wait_timeout(settings.confirm_timeout),
             tls: ep.tls,
+            ca_file: settings.ca_file.clone(),
             ..AmqprsConfig::default()
         })
     }
@@ -169,6 +175,12 @@ impl AmqprsConfig {
         self
     }
 
+    /// Trusts the CA certificates in the PEM file `path` for TLS.
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
     /// Sets the connection attempts and the delay between them.
     pub fn connection_attempts(mut self, n: u32, delay: Duration) -> Self {
         self.connection_attempts = n.max(1);
@@ -177,12 +189,19 @@ impl AmqprsConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.tls {
+        if self.tls && !cfg!(feature = "tls") {
             return Err(Error::Unsupported {
-                feature: "amqps (TLS) on the amqprs transport: not built in yet, use the lapin transport or a TLS \
-                          proxy"
-                    .into(),
+                feature: "amqps (TLS): switchyard-amqprs was built without its `tls` feature".into(),
             });
+        }
+        if let Some(ca) = &self.ca_file {
+            if self.tls && !ca.is_file() {
+                return Err(Error::InvalidConfig {
+                    variable: "RABBITMQ_CA_FILE".into(),
+                    value: ca.display().to_string(),
+                    reason: "is not a readable file".into(),
+                });
+            }
         }
         if self.host.is_empty() {
             return Err(Error::InvalidConfig {
@@ -208,7 +227,12 @@ impl AmqprsConfig {
 
     /// `host:port/vhost`, for messages (no credentials).
     pub(crate) fn describe(&self) -> String {
-        format!("{}:{}{}", self.host, self.port, if self.vhost == "/" { "/" } else { &self.vhost })
+        format!(
+            "{}:{}{}",
+            self.host,
+            self.port,
+            if self.vhost == "/" { "/" } else { &self.vhost }
+        )
     }
 }
 
@@ -219,7 +243,10 @@ mod tests {
     #[test]
     fn from_url_and_settings_never_show_the_password() {
         let c = AmqprsConfig::from_url("amqp://bob:s3cret@rabbit:5673/%2Fprod").unwrap();
-        assert_eq!((c.host.as_str(), c.port, c.vhost.as_str(), c.user.as_str()), ("rabbit", 5673, "/prod", "bob"));
+        assert_eq!(
+            (c.host.as_str(), c.port, c.vhost.as_str(), c.user.as_str()),
+            ("rabbit", 5673, "/prod", "bob")
+        );
         assert_eq!(c.password.expose(), "s3cret");
         assert!(!format!("{c:?}").contains("s3cret"));
 
@@ -228,11 +255,21 @@ mod tests {
             .with_heartbeat(Duration::from_secs(30))
             .with_prefetch(42);
         let c = AmqprsConfig::from_settings(&s).unwrap();
-        assert_eq!((c.host.as_str(), c.vhost.as_str(), c.heartbeat, c.default_prefetch), ("h", "v", 30, 42));
+        assert_eq!(
+            (c.host.as_str(), c.vhost.as_str(), c.heartbeat, c.default_prefetch),
+            ("h", "v", 30, 42)
+        );
         c.validate().unwrap();
 
-        let e = AmqprsConfig::from_url("amqps://h/").unwrap().validate().unwrap_err();
-        assert_eq!(e.code(), "unsupported");
-        assert_eq!(AmqprsConfig::from_url("http://h/").unwrap_err().code(), "invalid_config");
+        let tls = AmqprsConfig::from_url("amqps://h/").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.port, 5671);
+        let e = tls.ca_file("/nonexistent/ca.pem").validate().unwrap_err();
+        assert_eq!(e.code(), "invalid_config");
+        assert!(e.to_string().contains("RABBITMQ_CA_FILE"));
+        assert_eq!(
+            AmqprsConfig::from_url("http://h/").unwrap_err().code(),
+            "invalid_config"
+        );
     }
 }

@@ -224,7 +224,10 @@ mod tests {
         t.ack(3, true); // already resolved: ignored
         assert_eq!(t.len(), 1);
         t.ack(4, true);
-        assert_eq!(outcomes(ws).await, ["ok", "publish_unconfirmed", "publish_unconfirmed", "ok"]);
+        assert_eq!(
+            outcomes(ws).await,
+            ["ok", "publish_unconfirmed", "publish_unconfirmed", "ok"]
+        );
     }
 
     #[tokio::test]
@@ -232,7 +235,12 @@ mod tests {
         let t = ConfirmTracker::default();
         let ws = track_all(
             &t,
-            &[("ex", "a", true), ("ex", "b", true), ("ex", "b", true), ("ex", "b", false)],
+            &[
+                ("ex", "a", true),
+                ("ex", "b", true),
+                ("ex", "b", true),
+                ("ex", "b", false),
+            ],
         );
         t.returned("ex", "b");
         t.ack(4, true);
@@ -242,10 +250,16 @@ mod tests {
     #[tokio::test]
     async fn channel_close_blames_the_culprit_and_hands_back_the_rest() {
         let t = ConfirmTracker::default();
-        let ws = track_all(&t, &[("good", "a", false), ("missing", "a", false), ("good", "b", false)]);
+        let ws = track_all(
+            &t,
+            &[("good", "a", false), ("missing", "a", false), ("good", "b", false)],
+        );
         let again = t.drain_after_close(Some(404), "NOT_FOUND - no exchange 'missing' in vhost '/'");
         assert_eq!(
-            again.iter().map(|p| p.destination.routing_key().to_owned()).collect::<Vec<_>>(),
+            again
+                .iter()
+                .map(|p| p.destination.routing_key().to_owned())
+                .collect::<Vec<_>>(),
             ["a", "b"]
         );
         assert_eq!(t.len(), 0);
@@ -261,7 +275,10 @@ mod tests {
         assert_eq!((outcome(w1).await, outcome(w3).await), ("ok".into(), "ok".into()));
 
         let ws = track_all(&t, &[("good", "a", false), ("good", "b", false)]);
-        assert_eq!(t.drain_after_close(None, "connection lost").len(), 2);
+        let held = t.drain_after_close(None, "connection lost");
+        assert_eq!(held.len(), 2);
+        // Handed back for republishing: their callers keep waiting.
         assert_eq!(outcomes(ws).await, ["pending", "pending"]);
+        drop(held);
     }
 }

@@ -249,7 +249,8 @@ impl ConsumerShared {
             .await
             .map_err(|e| state.error(e, subject))?;
         let mut args = BasicConsumeArguments::new(queue, &self.tag);
-        args.manual_ack(!self.options.auto_ack).exclusive(self.options.exclusive);
+        args.manual_ack(!self.options.auto_ack)
+            .exclusive(self.options.exclusive);
         let (_tag, rx) = match channel.basic_consume_rx(args).await {
             Ok(x) => x,
             Err(e) => {

@@ -76,7 +76,11 @@ fn value_to_field(key: &str, v: &HeaderValue) -> Result<FieldValue> {
         }
         HeaderValue::Table(t) => FieldValue::F(headers_to_table(t)?),
         HeaderValue::Void => FieldValue::V,
-        other => return Err(Error::encode(format!("header {key} has an unsupported type: {other:?}"))),
+        other => {
+            return Err(Error::encode(format!(
+                "header {key} has an unsupported type: {other:?}"
+            )))
+        }
     })
 }
 
@@ -217,7 +221,14 @@ mod tests {
         h.insert("string", "héllo");
         h.insert("bytes", Bytes::from_static(&[0, 159, 146, 150]));
         h.insert("ts", HeaderValue::Timestamp(1_700_000_000));
-        h.insert("array", vec![HeaderValue::I32(1), HeaderValue::String("two".into()), HeaderValue::Void]);
+        h.insert(
+            "array",
+            vec![
+                HeaderValue::I32(1),
+                HeaderValue::String("two".into()),
+                HeaderValue::Void,
+            ],
+        );
         h.insert("table", nested);
         h.insert("void", HeaderValue::Void);
         h
@@ -227,8 +238,14 @@ mod tests {
     fn every_header_type_round_trips_with_its_width() {
         let h = all_types();
         let table = headers_to_table(&h).unwrap();
-        assert!(matches!(table.get(&"u32".try_into().unwrap()), Some(FieldValue::i(4_000_000_000))));
-        assert!(matches!(table.get(&"i16".try_into().unwrap()), Some(FieldValue::s(-300))));
+        assert!(matches!(
+            table.get(&"u32".try_into().unwrap()),
+            Some(FieldValue::i(4_000_000_000))
+        ));
+        assert!(matches!(
+            table.get(&"i16".try_into().unwrap()),
+            Some(FieldValue::s(-300))
+        ));
         assert_eq!(table_to_headers(&table), h);
     }
 

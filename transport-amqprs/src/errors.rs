@@ -100,13 +100,27 @@ mod tests {
         assert!(matches!(&e, Error::QueueNotFound { queue } if queue == "orders"));
         let e = close_error(404, "NOT_FOUND - no exchange 'ev' in vhost '/'", Subject::Queue("q"));
         assert!(matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "ev"));
-        let e = close_error(406, "PRECONDITION_FAILED - inequivalent arg 'durable'", Subject::Queue("q"));
+        let e = close_error(
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'durable'",
+            Subject::Queue("q"),
+        );
         assert_eq!(e.code(), "precondition_failed");
         assert!(e.to_string().contains("'q'"));
-        assert_eq!(close_error(405, "RESOURCE_LOCKED", Subject::Queue("q")).code(), "resource_locked");
-        let e = close_error(403, "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use", Subject::Queue("q"));
+        assert_eq!(
+            close_error(405, "RESOURCE_LOCKED", Subject::Queue("q")).code(),
+            "resource_locked"
+        );
+        let e = close_error(
+            403,
+            "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use",
+            Subject::Queue("q"),
+        );
         assert_eq!(e.code(), "resource_locked");
-        assert_eq!(close_error(320, "CONNECTION_FORCED", Subject::Queue("q")).code(), "connection_closed");
+        assert_eq!(
+            close_error(320, "CONNECTION_FORCED", Subject::Queue("q")).code(),
+            "connection_closed"
+        );
         let e = publish_close_error(406, "PRECONDITION_FAILED - user_id property set to 'x'", "ex", "rk");
         assert_eq!(e.code(), "precondition_failed");
     }

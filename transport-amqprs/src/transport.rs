@@ -21,8 +21,8 @@ use switchyard_core::recovery::{
 use switchyard_core::settings::Settings;
 use switchyard_core::transport::CancelHandle;
 use switchyard_core::{
-    Admin, Binding, Capabilities, ConsumeOptions, Consumer, Destination, Error, ExchangeSpec, Message,
-    PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
+    Admin, Binding, Capabilities, ConsumeOptions, Consumer, Destination, Error, ExchangeSpec, Message, PublishOptions,
+    Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
 };
 use tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -84,8 +84,11 @@ struct ConnCallback(StateWatch);
 #[async_trait]
 impl ConnectionCallback for ConnCallback {
     async fn close(&mut self, _c: &Connection, close: Close) -> std::result::Result<(), amqprs::error::Error> {
-        self.0
-            .set_last_error(format!("broker closed the connection: {} {}", close.reply_code(), close.reply_text()));
+        self.0.set_last_error(format!(
+            "broker closed the connection: {} {}",
+            close.reply_code(),
+            close.reply_text()
+        ));
         Ok(())
     }
     async fn blocked(&mut self, _c: &Connection, reason: String) {
@@ -102,6 +105,25 @@ async fn open_connection(cfg: &AmqprsConfig, state: &StateWatch) -> Result<Conne
     args.virtual_host(&cfg.vhost)
         .heartbeat(cfg.heartbeat.max(1))
         .connection_name(&cfg.connection_name);
+    #[cfg(feature = "tls")]
+    if cfg.tls {
+        // The lapin transport builds rustls with ring too; make it the
+        // process default if nothing else chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let adaptor =
+            amqprs::tls::TlsAdaptor::without_client_auth(cfg.ca_file.as_deref(), cfg.host.clone()).map_err(|e| {
+                Error::InvalidConfig {
+                    variable: "RABBITMQ_CA_FILE".into(),
+                    value: cfg
+                        .ca_file
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    reason: format!("cannot be loaded as PEM CA certificates: {e}"),
+                }
+            })?;
+        args.tls_adaptor(adaptor).scheme("amqps");
+    }
     let conn = match tokio::time::timeout(cfg.connection_timeout, Connection::open(&args)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -191,13 +213,35 @@ async fn bind_on(ch: &Channel, st: &ChanState, b: &Binding) -> Result<()> {
 }
 
 /// The admin channel, held for one operation.
+///
+/// amqprs keys the responders of synchronous methods by method type, so a
+/// request whose future is dropped mid-flight (a caller's timeout) leaves a
+/// stale responder that a later request on the same channel would receive
+/// (amqprs issue #196, which can panic its dispatcher). A lease whose
+/// operation did not finish therefore discards the channel.
 struct AdminLease {
     guard: OwnedMutexGuard<Option<AdminChan>>,
+    armed: AtomicBool,
+}
+
+impl Drop for AdminLease {
+    fn drop(&mut self) {
+        if self.armed.load(Ordering::Relaxed) {
+            *self.guard = None;
+        }
+    }
 }
 
 impl AdminLease {
+    /// The channel, for one synchronous request; call [`done`](Self::done)
+    /// once it has answered.
     fn channel(&self) -> &Channel {
+        self.armed.store(true, Ordering::Relaxed);
         &self.guard.as_ref().expect("lease holds a channel").channel
+    }
+    /// The request finished: the channel may be reused.
+    fn done(&self) {
+        self.armed.store(false, Ordering::Relaxed);
     }
     fn state(&self) -> &ChanState {
         &self.guard.as_ref().expect("lease holds a channel").state
@@ -254,7 +298,10 @@ impl Inner {
             let channel = chan::open(&live.conn, state.clone()).await?;
             *guard = Some(AdminChan { channel, state });
         }
-        Ok(AdminLease { guard })
+        Ok(AdminLease {
+            guard,
+            armed: AtomicBool::new(false),
+        })
     }
 
     fn resubmitter(&self) -> Resubmit {
@@ -336,7 +383,11 @@ impl Inner {
             .await
     }
 
-    async fn consume_inner(&self, queue: &str, mut options: ConsumeOptions) -> Result<(Subscription, Arc<ConsumerShared>)> {
+    async fn consume_inner(
+        &self,
+        queue: &str,
+        mut options: ConsumeOptions,
+    ) -> Result<(Subscription, Arc<ConsumerShared>)> {
         if self.is_closed() {
             return Err(self.shutdown_error());
         }
@@ -476,7 +527,10 @@ async fn supervise(weak: Weak<Inner>, mut conn: Connection, shutdown: Arc<Notify
         if let Some(old) = old {
             again = old.pubs.retire_all("connection lost").await;
         }
-        tracing::warn!(unconfirmed = again.len(), "connection lost; unconfirmed publishes will be republished");
+        tracing::warn!(
+            unconfirmed = again.len(),
+            "connection lost; unconfirmed publishes will be republished"
+        );
         let mut backoff = inner.cfg.recovery.backoff.delays();
         let mut attempt = 1u32;
         drop(inner);
@@ -597,8 +651,12 @@ impl Publisher for AmqprsTransport {
         if self.inner.is_closed() {
             return Err(self.inner.shutdown_error());
         }
-        let (p, waiter) =
-            UnconfirmedPublish::new(dest.clone(), message, options, self.inner.cfg.recovery.publish_wait_timeout);
+        let (p, waiter) = UnconfirmedPublish::new(
+            dest.clone(),
+            message,
+            options,
+            self.inner.cfg.recovery.publish_wait_timeout,
+        );
         self.inner.submit(p).await;
         waiter.wait().await
     }
@@ -650,7 +708,9 @@ impl Consumer for AmqprsTransport {
 impl Admin for AmqprsTransport {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<()> {
         let mut lease = self.inner.admin().await?;
-        match declare_exchange_on(lease.channel(), lease.state(), spec).await {
+        let r = declare_exchange_on(lease.channel(), lease.state(), spec).await;
+        lease.done();
+        match r {
             Ok(()) => {
                 self.inner.topology.record_exchange(spec);
                 Ok(())
@@ -664,7 +724,9 @@ impl Admin for AmqprsTransport {
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo> {
         let mut lease = self.inner.admin().await?;
-        match declare_queue_on(lease.channel(), lease.state(), spec).await {
+        let r = declare_queue_on(lease.channel(), lease.state(), spec).await;
+        lease.done();
+        match r {
             Ok(info) => {
                 self.inner.topology.record_queue(spec, &info.name);
                 Ok(info)
@@ -678,7 +740,9 @@ impl Admin for AmqprsTransport {
 
     async fn bind(&self, binding: &Binding) -> Result<()> {
         let mut lease = self.inner.admin().await?;
-        match bind_on(lease.channel(), lease.state(), binding).await {
+        let r = bind_on(lease.channel(), lease.state(), binding).await;
+        lease.done();
+        match r {
             Ok(()) => {
                 self.inner.topology.record_binding(binding);
                 Ok(())
@@ -700,11 +764,13 @@ impl Admin for AmqprsTransport {
             let mut args = ExchangeUnbindArguments::new(&b.destination, &b.source, &b.routing_key);
             args.arguments(table);
             let r = lease.channel().exchange_unbind(args).await;
+            lease.done();
             r.map_err(|e| lease.error(e, Subject::Exchange(&b.destination)))
         } else {
             let mut args = QueueUnbindArguments::new(&b.destination, &b.source, &b.routing_key);
             args.arguments(table);
             let r = lease.channel().queue_unbind(args).await;
+            lease.done();
             r.map_err(|e| lease.error(e, Subject::Queue(&b.destination)))
         };
         if r.is_ok() {
@@ -716,7 +782,11 @@ impl Admin for AmqprsTransport {
     async fn delete_exchange(&self, name: &str) -> Result<()> {
         check_short("exchange name", name)?;
         let mut lease = self.inner.admin().await?;
-        let r = lease.channel().exchange_delete(ExchangeDeleteArguments::new(name)).await;
+        let r = lease
+            .channel()
+            .exchange_delete(ExchangeDeleteArguments::new(name))
+            .await;
+        lease.done();
         self.inner.topology.remove_exchange(name);
         match r.map_err(|e| lease.error(e, Subject::Exchange(name))) {
             Ok(()) | Err(Error::ExchangeNotFound { .. }) => Ok(()),
@@ -728,6 +798,7 @@ impl Admin for AmqprsTransport {
         check_short("queue name", name)?;
         let mut lease = self.inner.admin().await?;
         let r = lease.channel().queue_delete(QueueDeleteArguments::new(name)).await;
+        lease.done();
         self.inner.topology.remove_queue(name);
         match r.map_err(|e| lease.error(e, Subject::Queue(name))) {
             Ok(n) => Ok(n.unwrap_or(0)),
@@ -740,7 +811,9 @@ impl Admin for AmqprsTransport {
         check_short("queue name", name)?;
         let mut lease = self.inner.admin().await?;
         let r = lease.channel().queue_purge(QueuePurgeArguments::new(name)).await;
-        r.map(|n| n.unwrap_or(0)).map_err(|e| lease.error(e, Subject::Queue(name)))
+        lease.done();
+        r.map(|n| n.unwrap_or(0))
+            .map_err(|e| lease.error(e, Subject::Queue(name)))
     }
 
     async fn queue_info(&self, name: &str) -> Result<QueueInfo> {
@@ -748,7 +821,9 @@ impl Admin for AmqprsTransport {
         let mut lease = self.inner.admin().await?;
         let mut args = QueueDeclareArguments::new(name);
         args.passive(true);
-        match lease.channel().queue_declare(args).await {
+        let r = lease.channel().queue_declare(args).await;
+        lease.done();
+        match r {
             Ok(Some((name, message_count, consumer_count))) => Ok(QueueInfo {
                 name,
                 message_count,
@@ -767,7 +842,9 @@ impl Admin for AmqprsTransport {
         let mut lease = self.inner.admin().await?;
         let mut args = ExchangeDeclareArguments::new(name, "direct");
         args.passive(true);
-        match lease.channel().exchange_declare(args).await {
+        let r = lease.channel().exchange_declare(args).await;
+        lease.done();
+        match r {
             Ok(()) => Ok(true),
             Err(e) => match lease.error(e, Subject::Exchange(name)) {
                 Error::ExchangeNotFound { .. } => Ok(false),
@@ -798,8 +875,7 @@ impl Publisher for ReplyPublisher {
             if let Some(a) = self.shared.current_channel() {
                 break a;
             }
-            if self.shared.ended() || self.inner.upgrade().is_none_or(|i| i.is_closed()) || Instant::now() >= deadline
-            {
+            if self.shared.ended() || self.inner.upgrade().is_none_or(|i| i.is_closed()) || Instant::now() >= deadline {
                 return Err(Error::ConnectionClosed {
                     message: "the RPC reply channel is closed".into(),
                 });
@@ -892,5 +968,22 @@ impl Transport for AmqprsTransport {
                 inner: self.inner.me.clone(),
             })),
         })
+    }
+}
+
+#[cfg(all(test, feature = "tls"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn amqps_to_a_plain_port_fails_cleanly() {
+        // 127.0.0.1:5672 speaks plain AMQP (or nothing at all): the TLS
+        // handshake must fail with connection_failed, not hang or panic.
+        let mut cfg = AmqprsConfig::from_url("amqps://guest:guest@127.0.0.1:5672/").unwrap();
+        cfg.connection_attempts = 1;
+        cfg.connection_timeout = Duration::from_secs(5);
+        let e = AmqprsTransport::connect_with(cfg).await.unwrap_err();
+        assert_eq!(e.code(), "connection_failed", "{e}");
+        assert!(!e.to_string().contains("guest:guest"));
     }
 }

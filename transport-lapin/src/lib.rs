@@ -253,6 +253,9 @@ impl Conn {
 // Consumers
 // ---------------------------------------------------------------------------
 
+// `End` is sent once per consumer; boxing every delivery would cost an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Delivery(Result<Delivery>),
     End,

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -161,7 +162,9 @@ impl Broker {
 
 /// What a consumer's stream sees.
 pub(crate) struct OutItem {
-    pub(crate) message: Message,
+    /// Shared with the unacked copy; cloned into the `Delivery` by the
+    /// consumer's own task.
+    pub(crate) message: Arc<Message>,
     pub(crate) tag: u64,
     pub(crate) redelivered: bool,
     pub(crate) exchange: Arc<str>,
@@ -180,10 +183,34 @@ pub(crate) enum End {
     BrokerCancelled,
 }
 
-/// A consumer's delivery buffer.
+/// A consumer's delivery buffer, and the lock-free state of its in-order
+/// acknowledgements.
+///
+/// Acks of the lowest unsettled tag (the usual case) only advance
+/// `acked_upto` with one compare-and-swap; the broker folds them into its
+/// bookkeeping (`reconcile`) the next time it looks at the consumer. With a
+/// prefetch of [`LAZY_PREFETCH`] or more, such an ack does not even take the
+/// broker lock while the application still has deliveries buffered: the
+/// window is topped up when the buffer runs dry (`owed`).
 pub(crate) struct Outbox {
     pub(crate) inner: Mutex<OutboxInner>,
+    /// Every tag up to this one is acknowledged.
+    pub(crate) acked_upto: AtomicU64,
+    /// The highest tag delivered (0 once the channel is released).
+    pub(crate) delivered_upto: AtomicU64,
+    /// Some tag above `acked_upto` was settled out of order: use the slow path.
+    pub(crate) holes: AtomicBool,
+    /// Deliveries in the stream's local buffer, not yet seen by the application.
+    pub(crate) local_len: AtomicUsize,
+    /// An ack skipped the refill: refill when the buffer runs dry.
+    pub(crate) owed: AtomicBool,
+    /// Lazy refill allowed (manual ack, prefetch >= [`LAZY_PREFETCH`]).
+    pub(crate) lazy: bool,
 }
+
+/// Smallest prefetch for which in-order acks refill the window lazily;
+/// below it every ack tops the window up at once, exactly as RabbitMQ does.
+pub(crate) const LAZY_PREFETCH: u16 = 16;
 
 pub(crate) struct OutboxInner {
     pub(crate) buf: VecDeque<OutItem>,
@@ -192,14 +219,32 @@ pub(crate) struct OutboxInner {
 }
 
 impl Outbox {
-    fn new() -> Arc<Outbox> {
+    fn new(lazy: bool) -> Arc<Outbox> {
         Arc::new(Outbox {
             inner: Mutex::new(OutboxInner {
                 buf: VecDeque::new(),
                 waker: None,
                 end: End::Open,
             }),
+            acked_upto: AtomicU64::new(0),
+            delivered_upto: AtomicU64::new(0),
+            holes: AtomicBool::new(false),
+            local_len: AtomicUsize::new(0),
+            owed: AtomicBool::new(false),
+            lazy,
         })
+    }
+
+    /// The lock-free ack of `tag`: succeeds only if `tag` is the lowest
+    /// unsettled delivery and nothing was settled out of order.
+    #[inline]
+    pub(crate) fn fast_ack(&self, tag: u64) -> bool {
+        !self.holes.load(Ordering::Acquire)
+            && tag <= self.delivered_upto.load(Ordering::Acquire)
+            && self
+                .acked_upto
+                .compare_exchange(tag.wrapping_sub(1), tag, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     fn push(&self, item: OutItem, fx: &mut Effects) {
@@ -235,7 +280,8 @@ impl Outbox {
 #[derive(Clone)]
 pub(crate) struct QMsg {
     seq: u64,
-    message: Message,
+    /// Immutable once published; shared by fanout copies and deliveries.
+    message: Arc<Message>,
     /// `None`: the default exchange (`""`).
     exchange: Option<Arc<str>>,
     /// `None`: the name of the queue the message is in (default exchange),
@@ -251,12 +297,6 @@ pub(crate) struct QMsg {
 impl QMsg {
     fn size(&self) -> u64 {
         self.message.body.len() as u64
-    }
-    fn exchange(&self) -> &str {
-        self.exchange.as_deref().unwrap_or("")
-    }
-    fn routing_key<'a>(&'a self, queue: &'a str) -> &'a str {
-        self.routing_key.as_deref().unwrap_or(queue)
     }
 }
 
@@ -299,7 +339,7 @@ impl QueueCfg {
 
 pub(crate) struct Queue {
     name: Arc<str>,
-    /// `""`, this queue's own copy (see [`QMsg::routing_key`]).
+    /// `""`, this queue's own copy (see `QMsg::routing_key`).
     empty: Arc<str>,
     uid: u64,
     spec: QueueSpec,
@@ -399,14 +439,138 @@ pub(crate) struct ConsumerEntry {
     active: bool,
     outbox: Arc<Outbox>,
     next_tag: u64,
-    unacked: VecDeque<(u64, Option<QMsg>)>,
+    /// Unsettled deliveries, tags `front_tag..next_tag` in order (`None`:
+    /// settled out of order).
+    unacked: VecDeque<Option<QMsg>>,
+    front_tag: u64,
+    holes: usize,
     live: u32,
 }
 
 impl ConsumerEntry {
     #[inline]
-    fn has_capacity(&self) -> bool {
-        self.active && (self.auto_ack || self.prefetch == 0 || self.live < self.prefetch)
+    fn has_capacity(&mut self, pool: &mut Vec<Arc<Message>>) -> bool {
+        if !self.active {
+            return false;
+        }
+        if self.auto_ack || self.prefetch == 0 {
+            return true;
+        }
+        self.reconcile(pool);
+        self.live < self.prefetch
+    }
+
+    /// Folds lock-free acks (`acked_upto`) into the unacked list.
+    #[inline]
+    fn reconcile(&mut self, pool: &mut Vec<Arc<Message>>) {
+        let upto = self.outbox.acked_upto.load(Ordering::Acquire);
+        if upto >= self.front_tag {
+            let n = ((upto - self.front_tag + 1) as usize).min(self.unacked.len());
+            for _ in 0..n {
+                match self.unacked.pop_front().expect("n <= len") {
+                    Some(m) => {
+                        self.live -= 1;
+                        recycle(pool, m.message);
+                    }
+                    None => self.holes -= 1,
+                }
+            }
+            self.front_tag += n as u64;
+        }
+        self.pop_settled_front();
+    }
+
+    fn pop_settled_front(&mut self) {
+        if self.holes == 0 {
+            return;
+        }
+        let mut popped = false;
+        while self.unacked.front().is_some_and(Option::is_none) {
+            self.unacked.pop_front();
+            self.front_tag += 1;
+            self.holes -= 1;
+            popped = true;
+        }
+        if popped {
+            // Keep `acked_upto` just below the first unsettled tag so that
+            // the next in-order ack takes the fast path again.
+            self.outbox.acked_upto.fetch_max(self.front_tag - 1, Ordering::AcqRel);
+        }
+        if self.holes == 0 {
+            self.outbox.holes.store(false, Ordering::Release);
+        }
+    }
+
+    /// Takes unsettled delivery `tag` out of the list.
+    fn take(&mut self, tag: u64, pool: &mut Vec<Arc<Message>>) -> Option<QMsg> {
+        self.reconcile(pool);
+        if tag < self.front_tag {
+            return None;
+        }
+        let i = (tag - self.front_tag) as usize;
+        let m = self.unacked.get_mut(i)?.take()?;
+        self.live -= 1;
+        self.holes += 1;
+        if i == 0 {
+            self.pop_settled_front();
+        } else {
+            self.outbox.holes.store(true, Ordering::Release);
+        }
+        Some(m)
+    }
+
+    fn new(queue: Arc<str>, queue_uid: u64, conn: u64, prefetch: u16, auto_ack: bool, outbox: Arc<Outbox>) -> Self {
+        ConsumerEntry {
+            queue,
+            queue_uid,
+            conn,
+            prefetch: prefetch as u32,
+            auto_ack,
+            active: true,
+            outbox,
+            next_tag: 1,
+            unacked: VecDeque::new(),
+            front_tag: 1,
+            holes: 0,
+            live: 0,
+        }
+    }
+}
+
+/// Most message allocations kept for reuse.
+const POOL_MAX: usize = 1024;
+
+/// The consumers, and a pool of message allocations: a settled message's
+/// `Arc` is emptied and reused by the next publish, so that a steady flow
+/// allocates nothing per message (and the publisher's and consumer's
+/// threads do not hand allocations back and forth).
+#[derive(Default)]
+pub(crate) struct Consumers {
+    map: IdMap<ConsumerEntry>,
+    pool: Vec<Arc<Message>>,
+}
+
+impl std::ops::Deref for Consumers {
+    type Target = IdMap<ConsumerEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Consumers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+/// Keeps `m`'s allocation for reuse if nothing else refers to it.
+#[inline]
+fn recycle(pool: &mut Vec<Arc<Message>>, mut m: Arc<Message>) {
+    if pool.len() < POOL_MAX {
+        if let Some(inner) = Arc::get_mut(&mut m) {
+            *inner = Message::default();
+            pool.push(m);
+        }
     }
 }
 
@@ -419,7 +583,7 @@ struct Conn {
 pub(crate) struct State {
     exchanges: NameMap<Exchange>,
     queues: NameMap<Queue>,
-    consumers: IdMap<ConsumerEntry>,
+    consumers: Consumers,
     conns: IdMap<Conn>,
     reply_to: HashMap<Arc<str>, u64>,
     next_id: u64,
@@ -458,7 +622,7 @@ impl State {
         let mut st = State {
             exchanges: NameMap::default(),
             queues: NameMap::default(),
-            consumers: IdMap::default(),
+            consumers: Consumers::default(),
             conns: IdMap::default(),
             reply_to: HashMap::new(),
             next_id: 1,
@@ -839,6 +1003,13 @@ impl State {
         self.next_seq += 1;
         let expires = message.properties.expiration;
         let default = exchange.is_empty();
+        let message = match self.consumers.pool.pop() {
+            Some(mut slot) => {
+                *Arc::get_mut(&mut slot).expect("pooled messages are unshared") = message;
+                slot
+            }
+            None => Arc::new(message),
+        };
         let m = QMsg {
             seq,
             message,
@@ -1129,7 +1300,7 @@ impl State {
         queue: &Arc<str>,
         dlx: Option<Arc<str>>,
         dlrk: Option<Arc<str>>,
-        mut m: QMsg,
+        m: QMsg,
         reason: &'static str,
         depth: u32,
         fx: &mut Effects,
@@ -1139,15 +1310,15 @@ impl State {
             return;
         }
         let (ex, rk) = (m.exchange.clone(), m.routing_key.clone());
+        let mut message = Arc::unwrap_or_clone(m.message);
         record_death(
-            &mut m.message,
+            &mut message,
             queue,
             ex.as_deref().unwrap_or(""),
             rk.as_deref().unwrap_or(queue),
             reason,
         );
-        let key = dlrk.unwrap_or_else(|| m.routing_key.clone().unwrap_or_else(|| queue.clone()));
-        let message = m.message;
+        let key = dlrk.unwrap_or_else(|| rk.unwrap_or_else(|| queue.clone()));
         let mut targets = Vec::new();
         self.route(&dlx, &key, &message.headers, &mut targets, 0);
         if reason != "rejected" {
@@ -1159,7 +1330,7 @@ impl State {
         self.next_seq += 1;
         let dm = QMsg {
             seq,
-            message,
+            message: Arc::new(message),
             exchange: Some(dlx),
             routing_key: Some(key),
             redelivered: false,
@@ -1192,25 +1363,14 @@ impl State {
                 message: format!("queue '{queue}' in exclusive use"),
             });
         }
-        let outbox = Outbox::new();
+        let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
         q.consumers.push(cid);
         q.had_consumer = true;
         q.exclusive_consumer = exclusive;
         let qname = q.name.clone();
         self.consumers.insert(
             cid,
-            ConsumerEntry {
-                queue: qname.clone(),
-                queue_uid: q.uid,
-                conn,
-                prefetch: prefetch as u32,
-                auto_ack,
-                active: true,
-                outbox: outbox.clone(),
-                next_tag: 1,
-                unacked: VecDeque::new(),
-                live: 0,
-            },
+            ConsumerEntry::new(qname.clone(), q.uid, conn, prefetch, auto_ack, outbox.clone()),
         );
         self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
         self.after_change(&qname, fx);
@@ -1223,22 +1383,8 @@ impl State {
         let cid = self.id();
         let id = switchyard_core::message::new_id();
         let name: Arc<str> = Arc::from(format!("{REPLY_TO}.g1h2AA5r{}", &id[..24]));
-        let outbox = Outbox::new();
-        self.consumers.insert(
-            cid,
-            ConsumerEntry {
-                queue: name.clone(),
-                queue_uid: 0,
-                conn,
-                prefetch: 0,
-                auto_ack: true,
-                active: true,
-                outbox: outbox.clone(),
-                next_tag: 1,
-                unacked: VecDeque::new(),
-                live: 0,
-            },
-        );
+        let outbox = Outbox::new(false);
+        self.consumers.insert(cid, ConsumerEntry::new(name.clone(), 0, conn, 0, true, outbox.clone()));
         self.reply_to.insert(name.clone(), cid);
         self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
         Ok((cid, name, outbox))
@@ -1289,11 +1435,14 @@ impl State {
         }
         let Some(mut c) = self.consumers.remove(&cid) else { return };
         c.outbox.end(End::Cancelled, fx);
+        // Later acks through this channel fail (slow path, entry gone).
+        c.outbox.delivered_upto.store(0, Ordering::Release);
+        c.reconcile(&mut self.consumers.pool);
         let conn = c.conn;
         if let Some(conn) = self.conns.get_mut(&conn) {
             conn.consumers.retain(|&x| x != cid);
         }
-        let pending: Vec<QMsg> = c.unacked.drain(..).filter_map(|(_, m)| m).collect();
+        let pending: Vec<QMsg> = c.unacked.drain(..).flatten().collect();
         if !pending.is_empty() {
             let queue = c.queue.clone();
             for m in pending {
@@ -1305,34 +1454,24 @@ impl State {
 
     /// Settles delivery `tag` of consumer `cid`.
     pub(crate) fn settle(&mut self, cid: u64, tag: u64, how: Settle, fx: &mut Effects) -> Result<()> {
-        let Some(c) = self.consumers.get_mut(&cid) else {
+        let Consumers { map, pool } = &mut self.consumers;
+        let Some(c) = map.get_mut(&cid) else {
             return Err(Error::SettleFailed {
                 queue: String::new(),
                 delivery_tag: tag,
                 message: "the consumer's connection is closed".into(),
             });
         };
-        let taken = match c.unacked.front_mut() {
-            Some((t, m)) if *t == tag => m.take(),
-            _ => match c.unacked.binary_search_by_key(&tag, |e| e.0) {
-                Ok(i) => c.unacked[i].1.take(),
-                Err(_) => None,
-            },
-        };
-        let Some(m) = taken else {
+        let Some(m) = c.take(tag, pool) else {
             return Err(Error::SettleFailed {
                 queue: c.queue.to_string(),
                 delivery_tag: tag,
                 message: "unknown delivery tag (never delivered, or already settled)".into(),
             });
         };
-        c.live -= 1;
-        while c.unacked.front().is_some_and(|e| e.1.is_none()) {
-            c.unacked.pop_front();
-        }
         let (queue, uid) = (c.queue.clone(), c.queue_uid);
         match how {
-            Settle::Ack => {}
+            Settle::Ack => recycle(&mut self.consumers.pool, m.message),
             Settle::Requeue => self.requeue(&queue, uid, m, fx),
             Settle::Discard => {
                 if let Some(q) = self.queues.get(&*queue).filter(|q| q.uid == uid) {
@@ -1343,6 +1482,16 @@ impl State {
         }
         self.after_change(&queue, fx);
         Ok(())
+    }
+
+    /// Tops up consumer `cid`'s window after lock-free acks.
+    pub(crate) fn refill(&mut self, cid: u64, fx: &mut Effects) {
+        let Consumers { map, pool } = &mut self.consumers;
+        let Some(c) = map.get_mut(&cid) else { return };
+        c.outbox.owed.store(false, Ordering::Relaxed);
+        c.reconcile(pool);
+        let queue = c.queue.clone();
+        self.after_change(&queue, fx);
     }
 
     /// Puts an unacked message back at its original position, redelivered
@@ -1379,7 +1528,7 @@ impl QMsg {
 }
 
 /// Hands `m` straight to a consumer with capacity; gives it back if none.
-fn try_direct(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, m: QMsg, fx: &mut Effects) -> Option<QMsg> {
+fn try_direct(q: &mut Queue, consumers: &mut Consumers, m: QMsg, fx: &mut Effects) -> Option<QMsg> {
     match pick_consumer(q, consumers) {
         Some(cid) => {
             let c = consumers.get_mut(&cid).expect("picked");
@@ -1392,19 +1541,20 @@ fn try_direct(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, m: QMsg, fx: 
 
 /// The next consumer (round-robin) with capacity.
 #[inline]
-fn pick_consumer(q: &mut Queue, consumers: &IdMap<ConsumerEntry>) -> Option<u64> {
+fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
+    let Consumers { map: consumers, pool } = consumers;
     let n = q.consumers.len();
     if n == 0 {
         return None;
     }
     if q.cfg.single_active {
         let cid = q.consumers[0];
-        return consumers.get(&cid).filter(|c| c.has_capacity()).map(|_| cid);
+        return consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)).then_some(cid);
     }
     for k in 0..n {
         let i = (q.rr + k) % n;
         let cid = q.consumers[i];
-        if consumers.get(&cid).is_some_and(|c| c.has_capacity()) {
+        if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
             q.rr = (i + 1) % n;
             return Some(cid);
         }
@@ -1415,39 +1565,48 @@ fn pick_consumer(q: &mut Queue, consumers: &IdMap<ConsumerEntry>) -> Option<u64>
 /// Delivers `m` to consumer `c`.
 #[inline]
 fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
-    let mut message = Message::clone(&m.message);
-    if q.cfg.quorum && m.returns > 0 {
-        message.headers.insert("x-delivery-count", HeaderValue::I64(m.returns as i64));
-    }
+    let tag = c.next_tag;
+    c.next_tag += 1;
+    let exchange = match &m.exchange {
+        Some(e) => e.clone(),
+        None => q.empty.clone(),
+    };
+    let routing_key = match &m.routing_key {
+        Some(k) => k.clone(),
+        None => q.name.clone(),
+    };
+    let redelivered = m.redelivered;
+    let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
+    let message = if c.auto_ack {
+        m.message
+    } else {
+        let shared = m.message.clone();
+        c.live += 1;
+        c.unacked.push_back(Some(m));
+        c.outbox.delivered_upto.store(tag, Ordering::Release);
+        shared
+    };
+    let message = match quorum_count {
+        Some(n) => {
+            let mut copy = Message::clone(&message);
+            copy.headers.insert("x-delivery-count", HeaderValue::I64(n as i64));
+            Arc::new(copy)
+        }
+        None => message,
+    };
     let item = OutItem {
         message,
-        tag: 0,
-        redelivered: m.redelivered,
-        exchange: match &m.exchange {
-            Some(e) => e.clone(),
-            None => q.empty.clone(),
-        },
-        routing_key: match &m.routing_key {
-            Some(k) => k.clone(),
-            None => q.name.clone(),
-        },
+        tag,
+        redelivered,
+        exchange,
+        routing_key,
     };
-    let mut item = item;
-    if c.auto_ack {
-        item.tag = c.next_tag;
-        c.next_tag += 1;
-    } else {
-        item.tag = c.next_tag;
-        c.next_tag += 1;
-        c.live += 1;
-        c.unacked.push_back((item.tag, Some(m)));
-    }
     c.outbox.push(item, fx);
 }
 
 /// Moves ready messages to consumers with capacity; expired ones stay for
 /// [`State::expire`].
-fn dispatch(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, fx: &mut Effects) {
+fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
     while q.ready > 0 {
         if q.expiring > 0 {
             let now = Instant::now();

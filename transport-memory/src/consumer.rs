@@ -3,13 +3,14 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use futures_core::Stream;
 use switchyard_core::transport::{Cancel, CancelHandle, DeliveryStream};
-use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Result, Subscription};
+use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Message, Result, Subscription};
 
 use crate::broker::{Broker, End, OutItem, Outbox, Settle};
 
@@ -19,6 +20,7 @@ use crate::broker::{Broker, End, OutItem, Outbox, Settle};
 pub(crate) struct Channel {
     broker: Arc<Broker>,
     cid: u64,
+    outbox: Arc<Outbox>,
 }
 
 impl Drop for Channel {
@@ -38,6 +40,18 @@ impl Channel {
 #[async_trait]
 impl Acker for Channel {
     async fn ack(&self, tag: u64) -> Result<()> {
+        let o = &self.outbox;
+        if o.fast_ack(tag) {
+            if o.lazy && o.local_len.load(Ordering::Relaxed) > 0 {
+                // The application still has deliveries buffered: top the
+                // window up when they run out.
+                o.owed.store(true, Ordering::Relaxed);
+            } else {
+                let cid = self.cid;
+                self.broker.with(|st, fx| st.refill(cid, fx));
+            }
+            return Ok(());
+        }
         self.settle(tag, Settle::Ack)
     }
     async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
@@ -75,10 +89,13 @@ impl DeliveriesStream {
             queue: self.queue.clone(),
             consumer_tag: self.consumer_tag.clone(),
         };
+        // Unique for auto-ack deliveries (moved out); shared with the
+        // broker's unacked copy otherwise (cloned here, off the broker lock).
+        let message = Arc::try_unwrap(item.message).unwrap_or_else(|m| Message::clone(&m));
         if self.auto_ack {
-            Delivery::auto_acked(item.message, info)
+            Delivery::auto_acked(message, info)
         } else {
-            Delivery::new(item.message, info, self.channel.clone())
+            Delivery::new(message, info, self.channel.clone())
         }
     }
 }
@@ -89,10 +106,15 @@ impl Stream for DeliveriesStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some(item) = this.local.pop_front() {
+            this.outbox.local_len.store(this.local.len(), Ordering::Relaxed);
             return Poll::Ready(Some(Ok(this.make(item))));
         }
         if this.done {
             return Poll::Ready(None);
+        }
+        if this.outbox.owed.load(Ordering::Relaxed) {
+            let cid = this.channel.cid;
+            this.channel.broker.with(|st, fx| st.refill(cid, fx));
         }
         let mut o = this.outbox.inner.lock();
         if o.buf.is_empty() {
@@ -118,6 +140,7 @@ impl Stream for DeliveriesStream {
             std::mem::swap(&mut o.buf, &mut this.local);
             drop(o);
             let item = this.local.pop_front().expect("swapped a non-empty buffer");
+            this.outbox.local_len.store(this.local.len(), Ordering::Relaxed);
             Poll::Ready(Some(Ok(this.make(item))))
         }
     }
@@ -144,7 +167,11 @@ pub(crate) fn subscription(
     outbox: Arc<Outbox>,
     auto_ack: bool,
 ) -> Subscription {
-    let channel = Arc::new(Channel { broker, cid });
+    let channel = Arc::new(Channel {
+        broker,
+        cid,
+        outbox: outbox.clone(),
+    });
     let stream = DeliveriesStream {
         channel: channel.clone(),
         outbox,

@@ -394,28 +394,42 @@ async fn exclusive_queue_goes_with_its_connection(ctx: &Ctx<'_>) -> Result<(), S
 }
 
 async fn unused_queue_expires(ctx: &Ctx<'_>) -> Result<(), String> {
-    let mut spec = QueueSpec::new(ctx.queue_name("unused"));
-    spec.arguments.expires = Some(Duration::from_millis(300));
-    let unused = ctx.declare_queue(spec).await?;
-    let mut spec = QueueSpec::new(ctx.queue_name("used"));
-    spec.arguments.expires = Some(Duration::from_millis(300));
-    let used = ctx.declare_queue(spec).await?;
-    let sub = ctx.consume(&used, ConsumeOptions::default()).await?;
-    let expired = |q: &str| {
-        let q = q.to_owned();
-        async move { matches!(ctx.transport().queue_info(&q).await, Err(e) if e.code() == "queue_not_found") }
+    let expiring = |suffix: &str| {
+        let mut spec = QueueSpec::new(ctx.queue_name(suffix));
+        spec.arguments.expires = Some(Duration::from_millis(300));
+        ctx.declare_queue(spec)
     };
-    let gone = eventually(WAIT, || expired(&unused)).await;
-    ensure(gone, || {
-        format!("queue '{unused}' with x-expires 300ms and no consumer should be deleted")
+    let unused = expiring("unused").await?;
+    let used = expiring("used").await?;
+    let polled = expiring("polled").await?;
+    let sub = ctx.consume(&used, ConsumeOptions::default()).await?;
+    let exists = |q: String| async move {
+        match ctx.transport().queue_info(&q).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == "queue_not_found" => Ok(false),
+            Err(e) => Err(format!("queue_info '{q}': {e}")),
+        }
+    };
+    // On RabbitMQ a passive declare (queue_info) renews the lease, so
+    // "unused" and "used" are not looked at while the time runs.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ensure(exists(polled.clone()).await?, || {
+            format!("queue '{polled}' inspected every 100ms must not expire (queue_info renews the lease)")
+        })?;
+    }
+    ensure(!exists(unused.clone()).await?, || {
+        format!("queue '{unused}' with x-expires 300ms, unused for 1s, should be deleted")
     })?;
-    // A queue with a consumer is in use: it does not expire.
-    ensure(!expired(&used).await, || {
+    ensure(exists(used.clone()).await?, || {
         format!("queue '{used}' with a consumer must not expire")
     })?;
     cancel(&sub).await.ctx("cancel")?;
-    let gone = eventually(WAIT, || expired(&used)).await;
-    ensure(gone, || {
-        format!("queue '{used}' with x-expires 300ms should be deleted once its consumer is gone")
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ensure(!exists(used.clone()).await?, || {
+        format!("queue '{used}' should expire 300ms after its consumer is gone (still there after 1s)")
+    })?;
+    ensure(!exists(polled.clone()).await?, || {
+        format!("queue '{polled}' should expire once no longer inspected (still there after 1s)")
     })
 }

@@ -52,6 +52,13 @@ pub(crate) fn cases() -> Vec<Case> {
             DeadLettering
         ),
         case!(dead_letter::x_death_lists_newest_first, DeadLettering),
+        case!(dead_letter::missing_dead_letter_exchange_drops, DeadLettering),
+        case!(
+            dead_letter::lower_of_queue_and_message_ttl_applies,
+            MessageTtl,
+            DeadLettering
+        ),
+        case!(dead_letter::requeue_does_not_reset_the_ttl, MessageTtl, DeadLettering),
     ]
 }
 
@@ -402,4 +409,95 @@ async fn x_death_lists_newest_first(ctx: &Ctx<'_>) -> Result<(), String> {
         h.get_str("x-first-death-reason"),
         Some("rejected"),
     )
+}
+
+async fn missing_dead_letter_exchange_drops(ctx: &Ctx<'_>) -> Result<(), String> {
+    let missing = ctx.exchange_name("no-such-dlx");
+    let src = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src")).dead_letter(missing, None))
+        .await?;
+    ctx.publish(&Destination::queue(src.as_str()), "x").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default()).await?;
+    take(&mut sub, 1)
+        .await?
+        .remove(0)
+        .reject(false)
+        .await
+        .ctx("reject with a dead-letter exchange that does not exist")?;
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    // Dropped: neither requeued nor an error.
+    ensure_eq("depth", ctx.depth(&src).await?, 0)
+}
+
+async fn lower_of_queue_and_message_ttl_applies(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (dlx, dlq) = dlx(ctx, &["dead"]).await?;
+    let long_queue = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("queue-60s"))
+                .dead_letter(dlx.clone(), Some("dead"))
+                .message_ttl(Duration::from_secs(60)),
+        )
+        .await?;
+    let short_queue = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("queue-100ms"))
+                .dead_letter(dlx.clone(), Some("dead"))
+                .message_ttl(Duration::from_millis(100)),
+        )
+        .await?;
+    ctx.publish_message(
+        &Destination::queue(long_queue.as_str()),
+        Message::new("message-50ms").with_expiration(Duration::from_millis(50)),
+    )
+    .await?;
+    ctx.wait_depth(&long_queue, 0).await?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "message-50ms")?;
+    check_x_death(
+        &d,
+        1,
+        "expired",
+        &long_queue,
+        "",
+        &[long_queue.as_str()],
+        Some("50"),
+        since,
+    )?;
+    ctx.publish_message(
+        &Destination::queue(short_queue.as_str()),
+        Message::new("message-60s").with_expiration(Duration::from_secs(60)),
+    )
+    .await?;
+    ctx.wait_depth(&short_queue, 0).await?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "message-60s")?;
+    check_x_death(
+        &d,
+        1,
+        "expired",
+        &short_queue,
+        "",
+        &[short_queue.as_str()],
+        Some("60000"),
+        since,
+    )
+}
+
+async fn requeue_does_not_reset_the_ttl(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s.message_ttl(Duration::from_millis(200))).await?;
+    ctx.publish(&Destination::queue(src.as_str()), "held").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default().prefetch(1)).await?;
+    let held = take(&mut sub, 1).await?.remove(0);
+    cancel(&sub).await.ctx("cancel")?;
+    // Held unacked past the queue TTL, then requeued: it has expired and is
+    // dead-lettered instead of being delivered again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.nack(true).await.ctx("nack with requeue")?;
+    ctx.wait_depth(&src, 0).await?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "held")?;
+    check_x_death(&d, 1, "expired", &src, "", &[src.as_str()], None, since)
 }

@@ -58,11 +58,24 @@
 //! | module | what it pins |
 //! |---|---|
 //! | `routing` | default/direct/topic/fanout/headers exchanges, topic corners, headers value classes, e2e bindings, unbind |
-//! | `admin` | idempotent and conflicting declarations, exclusive, auto-delete, server-named, depth/purge/delete counts |
+//! | `admin` | idempotent/conflicting declarations, exclusive, auto-delete, x-expires, server-named, depth/purge/delete counts |
 //! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, cancel, queue deleted under a consumer, auto-ack |
 //! | `dead_letter` | reject, per-message TTL (head only), queue TTL, max-length, reject-publish, `x-death` |
 //! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
 //! | `runtime` | Worker, RPC, graceful shutdown |
+//!
+//! # Writing a scenario
+//!
+//! A scenario is an `async fn name(ctx: &Ctx<'_>) -> Result<(), String>` in
+//! its area's module, registered in that module's `cases()` with the
+//! crate-private `case!(area::name, Cap...)` macro and listed in
+//! [`conformance_tests!`](crate::conformance_tests). It declares through
+//! [`Ctx`] (unique names, deleted afterwards), fails with a reason that says
+//! what RabbitMQ does ([`ensure`], [`ensure_eq`], [`expect_code`],
+//! [`Context::ctx`]), waits with [`WAIT`] for what must happen and
+//! [`QUIET`] for what must not, and never relies on a sleep being long
+//! enough for something to happen. Futures must be `Send`: cancel a
+//! subscription with [`cancel`] rather than awaiting `Subscription::cancel`.
 
 use std::fmt;
 use std::future::Future;
@@ -495,6 +508,9 @@ macro_rules! conformance_tests {
                 reject_publish_dlx_nacks_and_dead_letters,
                 x_death_count_increments_per_queue_and_reason,
                 x_death_lists_newest_first,
+                missing_dead_letter_exchange_drops,
+                lower_of_queue_and_message_ttl_applies,
+                requeue_does_not_reset_the_ttl,
             ],
             features: [
                 priorities_highest_first_fifo_within_equal,
