@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec};
-use switchyard_memory::MemoryBroker;
+use switchyard_memory::{MemoryBroker, MemoryTransport};
 
 const PREFETCH: u16 = 100;
 const CAPACITY: usize = 100;
@@ -56,8 +56,12 @@ async fn memory(n: u64, body: Bytes) -> Duration {
         got
     });
     let send = tokio::spawn(async move {
+        // `Publisher::publish` on the transport itself (as `&dyn Transport` or
+        // `&MemoryTransport`); calling it on the `Arc` adds core's forwarding
+        // impl for `Arc<P>`, one more boxed future per publish.
+        let publisher: &MemoryTransport = &producer;
         for _ in 0..n {
-            producer
+            publisher
                 .publish(&dest, Message::new(body.clone()))
                 .await
                 .expect("publish");

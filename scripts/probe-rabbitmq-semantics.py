@@ -676,10 +676,99 @@ def properties():
     fact("header values after dead-lettering", {k: p.headers.get(k) for k in sorted(headers)})
 
 
+# --- max-length-bytes, auto-delete exchange, single active consumer, quorum delivery limit ---
+def extras():
+    dl = q("extras-dl")
+    mb = q("maxbytes", arguments={"x-max-length-bytes": 10, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dl})
+    for b in ["aaaa", "bbbb", "cccc"]:
+        pub("", mb, b)
+    fact("x-max-length-bytes 10, three 4-byte bodies: queue", drain(mb))
+    res = []
+    while True:
+        m, p, b = CH.basic_get(dl, auto_ack=True)
+        if m is None:
+            break
+        res.append((b.decode(), p.headers["x-death"].value[0].value["reason"].value))
+    fact("  dead letters (body, reason)", res)
+    # auto-delete exchange
+    ax = f"sy-probe.{RUN}.adx"
+    DECLARED_X.append(ax)
+    CH.exchange_declare(ax, "direct", auto_delete=True)
+    time.sleep(0.2)
+    fact("auto-delete exchange never bound", error_of(lambda c, ch: ch.exchange_declare(ax, "direct", auto_delete=True,
+                                                                                       passive=True)))
+    aq = q("adx-q")
+    CH.queue_bind(aq, ax, "k")
+    CH.queue_bind(aq, ax, "j")
+    CH.queue_unbind(aq, ax, "k")
+    fact("auto-delete exchange, one of two bindings removed", error_of(
+        lambda c, ch: ch.exchange_declare(ax, "direct", auto_delete=True, passive=True)))
+    CH.queue_unbind(aq, ax, "j")
+    time.sleep(0.2)
+    fact("auto-delete exchange, last binding removed", error_of(
+        lambda c, ch: ch.exchange_declare(ax, "direct", auto_delete=True, passive=True)))
+    # single active consumer
+    sac = q("sac", arguments={"x-single-active-consumer": True})
+    ca, cb = conn(), conn()
+    cha, chb = ca.channel(), cb.channel()
+    got = {"A": [], "B": []}
+    ta = cha.basic_consume(sac, lambda a, m, p, b: (got["A"].append(b.decode()), a.basic_ack(m.delivery_tag)))
+    chb.basic_consume(sac, lambda a, m, p, b: (got["B"].append(b.decode()), a.basic_ack(m.delivery_tag)))
+    for i in range(4):
+        pub("", sac, str(i))
+    ca.process_data_events(0.5)
+    cb.process_data_events(0.5)
+    fact("single active consumer, two consumers, 4 messages", dict(got))
+    cha.basic_cancel(ta)
+    time.sleep(0.3)
+    for i in range(4, 6):
+        pub("", sac, str(i))
+    ca.process_data_events(0.5)
+    cb.process_data_events(1.0)
+    fact("  after the active one cancels, 2 more", dict(got))
+    ca.close()
+    cb.close()
+    # quorum queue delivery limit
+    qq = q("quorum", durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2,
+                                              "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dl})
+    pub("", qq, "poison")
+    seen = []
+    for _ in range(5):
+        time.sleep(0.2)
+        m, p, b = CH.basic_get(qq)
+        if m is None:
+            break
+        seen.append((m.redelivered, (p.headers or {}).get("x-delivery-count")))
+        CH.basic_nack(m.delivery_tag, requeue=True)
+    time.sleep(0.3)
+    fact("quorum queue, x-delivery-limit 2, nack(requeue) each time: deliveries (redelivered, x-delivery-count)", seen)
+    m, p, b = CH.basic_get(dl, auto_ack=True)
+    fact("  dead letter", (b and b.decode(), p and p.headers))
+    # the same through basic.consume (basic.get above reports x-delivery-count 0 on the first delivery)
+    qq2 = q("quorum-consume", durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2})
+    pub("", qq2, "poison")
+    seen = []
+
+    def on_message(a, m, p, b):
+        seen.append((m.redelivered, (p.headers or {}).get("x-delivery-count")))
+        a.basic_nack(m.delivery_tag, requeue=True)
+
+    cq = conn()
+    chq = cq.channel()
+    chq.basic_qos(prefetch_count=1)
+    chq.basic_consume(qq2, on_message)
+    end = time.time() + 2
+    while time.time() < end:
+        cq.process_data_events(0.1)
+    cq.close()
+    fact("quorum queue, x-delivery-limit 2, consumer nacking with requeue: deliveries (redelivered, x-delivery-count)",
+         seen)
+
+
 def main():
     fact("broker version", C._impl.server_properties.get("version"))
     steps = [topic, headers_exchange, e2e_and_unbind, declarations, delivery, round_robin, dead_lettering,
-             priorities, properties]
+             priorities, properties, extras]
     only = sys.argv[1:]
     try:
         for step in steps:

@@ -112,7 +112,8 @@ async fn consume_all(consumer: LapinTransport, queue: String, n: usize, limit: D
         // redelivers it, which the duplicate count shows.
         let _ = d.ack().await;
     }
-    let _ = sub.cancel().await;
+    let cancel = sub.cancel_handle();
+    let _ = cancel.cancel().await;
     let _ = consumer.close().await;
     (seen.len(), duplicates)
 }

@@ -9,7 +9,8 @@
 //!    "added" figure is the median of the per-pair differences).
 //! 2. Through the Worker on the memory transport: N messages published,
 //!    then a Worker drains the queue (prefetch 100, concurrency 32); 7
-//!    alternating drains, medians.
+//!    alternating drains, medians; on a current-thread runtime and on a
+//!    2-thread runtime.
 //!
 //! Flags after `--`: a number (calls per round, default 100000), `--layers`
 //! (each layer alone), `--direct-only` (skip the Worker runs).
@@ -97,6 +98,13 @@ async fn round<H: Handler>(svc: &mut H, env: &Envelope, n: u32) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
+async fn fut_size<H: Handler>(mut h: H, env: &Envelope) -> usize {
+    let fut = h.ready().await.unwrap().call(env.clone());
+    let n = std::mem::size_of_val(&fut);
+    fut.await.unwrap();
+    n
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -169,9 +177,17 @@ fn main() {
          Worker: 7 alternating drains of {wn} messages, medians"
     );
     let report = |label: &str, (bare, stack, added): (f64, f64, f64)| {
-        println!("  {label:<58} bare {bare:>8.1} ns/msg   stack {stack:>8.1} ns/msg   added {added:>8.1} ns/msg");
+        println!("  {label:<75} bare {bare:>7.1} ns/msg   stack {stack:>7.1} ns/msg   added {added:>7.1} ns/msg");
     };
     let layers = std::env::args().any(|a| a == "--layers");
+    rt.block_on(async {
+        println!(
+            "  future sizes: bare {} bytes, full stack {} bytes, every layer {} bytes",
+            fut_size(bare(), &env).await,
+            fut_size(full_stack(bare(), null.clone()), &env).await,
+            fut_size(every_layer(bare(), null.clone()), &env).await
+        );
+    });
     rt.block_on(async {
         report(
             "direct, full stack, no-op metrics recorder",
@@ -220,17 +236,19 @@ fn main() {
         if direct_only {
             return;
         }
-        mt.block_on(async {
-            let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..7 {
-                let x = worker_ns(bare(), wn).await;
-                let y = worker_ns(full_stack(bare(), null.clone()), wn).await;
-                b.push(x);
-                s.push(y);
-                d.push(y - x);
-            }
-            report(label, (median(b), median(s), median(d)));
-        });
+        for (flavor, rt) in [("current-thread", &rt), ("2 threads", &mt)] {
+            rt.block_on(async {
+                let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..7 {
+                    let x = worker_ns(bare(), wn).await;
+                    let y = worker_ns(full_stack(bare(), null.clone()), wn).await;
+                    b.push(x);
+                    s.push(y);
+                    d.push(y - x);
+                }
+                report(&format!("{label}, {flavor}"), (median(b), median(s), median(d)));
+            });
+        }
     };
     through_worker("Worker + memory transport, full stack, no-op recorder");
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()

@@ -35,11 +35,14 @@
 //! }
 //! ```
 
+use std::future::Future;
 use std::io::Read;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready};
+use pin_project_lite::pin_project;
 use switchyard_core::{Envelope, Error, HandlerError, Message, Outcome};
 use tower::{Layer, Service};
 
@@ -220,24 +223,63 @@ pub fn decode_message(msg: &Message, max: usize) -> Result<Option<Message>, Erro
     Ok(Some(out))
 }
 
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Handling { #[pin] fut: F },
+        Failed { error: Option<HandlerError> },
+    }
+}
+
+pin_project! {
+    /// The future of [`Compression`] around a handler: the handler's, or
+    /// the decode failure (kept small: no inline `Outcome`).
+    pub struct DecompressFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+impl<F> Future for DecompressFuture<F>
+where
+    F: Future<Output = Result<Outcome, HandlerError>>,
+{
+    type Output = Result<Outcome, HandlerError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Handling { fut } => fut.poll(cx),
+            StateProj::Failed { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| HandlerError::decode("body could not be decoded")))),
+        }
+    }
+}
+
 impl<S> Service<Envelope> for Compression<S>
 where
     S: Service<Envelope, Response = Outcome, Error = HandlerError>,
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = Either<Ready<Result<Outcome, HandlerError>>, S::Future>;
+    type Future = DecompressFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        match decode_message(env.message(), self.cfg.max_decompressed) {
-            Ok(None) => Either::Right(self.inner.call(env)),
-            Ok(Some(m)) => Either::Right(self.inner.call(env.with_message(m))),
-            Err(e) => Either::Left(futures_util::future::ready(Err(HandlerError::from(e)))),
-        }
+        let state = match decode_message(env.message(), self.cfg.max_decompressed) {
+            Ok(None) => State::Handling {
+                fut: self.inner.call(env),
+            },
+            Ok(Some(m)) => State::Handling {
+                fut: self.inner.call(env.with_message(m)),
+            },
+            Err(e) => State::Failed {
+                error: Some(HandlerError::from(e)),
+            },
+        };
+        DecompressFuture { state }
     }
 }
 

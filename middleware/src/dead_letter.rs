@@ -46,9 +46,13 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 use switchyard_core::headers::{
     ERROR, ERROR_KIND, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE, ORIGINAL_ROUTING_KEY, RETRY_COUNT, X_DEATH,
@@ -209,14 +213,79 @@ pub fn dead_letter_message(env: &Envelope, err: &HandlerError) -> Message {
     msg
 }
 
+async fn publish_dead_letter(cfg: Arc<Config>, env: Envelope, err: HandlerError) -> Result<Outcome, HandlerError> {
+    let msg = dead_letter_message(&env, &err);
+    // the original routing key, also after a broker-delayed retry re-routed the message
+    let rk = cfg.routing_key.clone().unwrap_or_else(|| {
+        msg.headers
+            .get_str(ORIGINAL_ROUTING_KEY)
+            .map_or_else(|| env.info().routing_key.clone(), Arc::from)
+    });
+    let dest = Destination::new(cfg.exchange.clone(), rk);
+    match cfg.publisher.publish(&dest, msg).await {
+        Ok(()) => {
+            tracing::info!(queue = env.queue(), kind = err.kind().as_str(), error = err.message(), dlx = %dest, "dead-lettered");
+            Ok(Outcome::DeadLettered)
+        }
+        Err(e) => {
+            tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; leaving it to the Worker");
+            Err(err)
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Handling { #[pin] fut: F, env: Option<Envelope>, cfg: Option<Arc<Config>> },
+        Publishing { fut: BoxFuture<Result<Outcome, HandlerError>> },
+    }
+}
+
+pin_project! {
+    /// The future of [`DeadLetter`]: the handler's future, then (only for a
+    /// final failure) the publish of the dead letter.
+    pub struct DeadLetterFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+impl<F> Future for DeadLetterFuture<F>
+where
+    F: Future<Output = Result<Outcome, HandlerError>>,
+{
+    type Output = Result<Outcome, HandlerError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let publishing = match self.as_mut().project().state.project() {
+                StateProj::Handling { fut, env, cfg } => {
+                    let err = match std::task::ready!(fut.poll(cx)) {
+                        Ok(out) => return Poll::Ready(Ok(out)),
+                        Err(e) => e,
+                    };
+                    let (Some(env), Some(cfg)) = (env.take(), cfg.take()) else {
+                        return Poll::Ready(Err(err));
+                    };
+                    if !is_final(&cfg, &env, &err) {
+                        return Poll::Ready(Err(err));
+                    }
+                    Box::pin(publish_dead_letter(cfg, env, err))
+                }
+                StateProj::Publishing { fut } => return fut.as_mut().poll(cx),
+            };
+            self.as_mut().project().state.set(State::Publishing { fut: publishing });
+        }
+    }
+}
+
 impl<S> Service<Envelope> for DeadLetter<S>
 where
     S: Service<Envelope, Response = Outcome, Error = HandlerError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = BoxFuture<Result<Outcome, HandlerError>>;
+    type Future = DeadLetterFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -224,34 +293,13 @@ where
 
     fn call(&mut self, env: Envelope) -> Self::Future {
         let fut = self.inner.call(env.clone());
-        let cfg = self.config.clone();
-        Box::pin(async move {
-            let err = match fut.await {
-                Ok(out) => return Ok(out),
-                Err(e) => e,
-            };
-            if !is_final(&cfg, &env, &err) {
-                return Err(err);
-            }
-            let msg = dead_letter_message(&env, &err);
-            // the original routing key, also after a broker-delayed retry re-routed the message
-            let rk = cfg.routing_key.clone().unwrap_or_else(|| {
-                msg.headers
-                    .get_str(ORIGINAL_ROUTING_KEY)
-                    .map_or_else(|| env.info().routing_key.clone(), Arc::from)
-            });
-            let dest = Destination::new(cfg.exchange.clone(), rk);
-            match cfg.publisher.publish(&dest, msg).await {
-                Ok(()) => {
-                    tracing::info!(queue = env.queue(), kind = err.kind().as_str(), error = err.message(), dlx = %dest, "dead-lettered");
-                    Ok(Outcome::DeadLettered)
-                }
-                Err(e) => {
-                    tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; leaving it to the Worker");
-                    Err(err)
-                }
-            }
-        })
+        DeadLetterFuture {
+            state: State::Handling {
+                fut,
+                env: Some(env),
+                cfg: Some(self.config.clone()),
+            },
+        }
     }
 }
 

@@ -50,18 +50,21 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use pin_project_lite::pin_project;
 use switchyard_core::headers::{ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, RETRY_COUNT};
 use switchyard_core::{
     Admin, Destination, Envelope, FailureKind, HandlerError, HeaderValue, Outcome, Publisher, QueueSpec,
 };
 use tower::{Layer, Service, ServiceExt};
 
-use crate::util::{rand_f64, take_ready, BoxFuture};
+use crate::util::{rand_f64, BoxFuture};
 
 /// How long to wait before each retry.
 #[derive(Debug, Clone, PartialEq)]
@@ -467,6 +470,130 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     }
 }
 
+/// Decides and carries out what follows a failed attempt: give up, retry
+/// in-process (sleep, call again) until an attempt succeeds or the policy
+/// gives up, or republish through the broker.
+async fn after_failure<S>(
+    mut inner: S,
+    policy: Arc<RetryPolicy>,
+    mode: Mode,
+    mut env: Envelope,
+    mut err: HandlerError,
+) -> Result<Outcome, HandlerError>
+where
+    S: Service<Envelope, Response = Outcome, Error = HandlerError>,
+{
+    loop {
+        let kind = err.kind();
+        let made = env.retry_count().saturating_add(env.attempt());
+        let Some(kp) = policy.policy_for(kind) else {
+            return Err(err);
+        };
+        if made >= kp.max_attempts {
+            tracing::debug!(
+                queue = env.queue(),
+                kind = kind.as_str(),
+                attempts = made,
+                "retries exhausted"
+            );
+            return Err(exhausted(err, made - 1));
+        }
+        let retry = made - 1;
+        match &mode {
+            Mode::InProcess => {
+                let delay = kp.backoff.jittered_delay(retry);
+                tracing::debug!(
+                    queue = env.queue(),
+                    kind = kind.as_str(),
+                    attempt = made,
+                    ?delay,
+                    "retrying in-process"
+                );
+                tokio::time::sleep(delay).await;
+                env = env.next_attempt();
+                match inner.ready().await?.call(env.clone()).await {
+                    Ok(out) => return Ok(out),
+                    Err(e) => err = e,
+                }
+            }
+            Mode::Broker(b) => {
+                let delay = kp.backoff.delay(retry);
+                tracing::debug!(
+                    queue = env.queue(),
+                    kind = kind.as_str(),
+                    attempt = made,
+                    ?delay,
+                    "retrying through the broker"
+                );
+                return match b.republish(&env, delay).await {
+                    Ok(()) => Ok(Outcome::Retried),
+                    Err(e) => {
+                        tracing::warn!(queue = env.queue(), error = %e, "could not schedule a delayed retry; requeueing");
+                        Err(
+                            HandlerError::retry(format!("could not schedule a delayed retry ({e}) after: {err}"))
+                                .with_source(e),
+                        )
+                    }
+                };
+            }
+        }
+    }
+}
+
+struct Pending<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    mode: Mode,
+    env: Envelope,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, F> {
+        First { #[pin] fut: F, pending: Option<Pending<S>> },
+        Again { fut: BoxFuture<Result<Outcome, HandlerError>> },
+    }
+}
+
+pin_project! {
+    /// The future of [`Retry`]: the first attempt inline (no allocation when
+    /// it succeeds or its failure is not retried), then a boxed
+    /// continuation for retries.
+    pub struct RetryFuture<S, F> {
+        #[pin]
+        state: State<S, F>,
+    }
+}
+
+impl<S> Future for RetryFuture<S, S::Future>
+where
+    S: Service<Envelope, Response = Outcome, Error = HandlerError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Output = Result<Outcome, HandlerError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let again = match self.as_mut().project().state.project() {
+                StateProj::First { fut, pending } => {
+                    let err = match std::task::ready!(fut.poll(cx)) {
+                        Ok(out) => return Poll::Ready(Ok(out)),
+                        Err(e) => e,
+                    };
+                    let Some(p) = pending.take() else {
+                        return Poll::Ready(Err(err));
+                    };
+                    if p.policy.policy_for(err.kind()).is_none() {
+                        return Poll::Ready(Err(err));
+                    }
+                    Box::pin(after_failure(p.inner, p.policy, p.mode, p.env, err))
+                }
+                StateProj::Again { fut } => return fut.as_mut().poll(cx),
+            };
+            self.as_mut().project().state.set(State::Again { fut: again });
+        }
+    }
+}
+
 impl<S> Service<Envelope> for Retry<S>
 where
     S: Service<Envelope, Response = Outcome, Error = HandlerError> + Clone + Send + 'static,
@@ -474,76 +601,26 @@ where
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = BoxFuture<Result<Outcome, HandlerError>>;
+    type Future = RetryFuture<S, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        let policy = self.policy.clone();
-        let mode = self.mode.clone();
-        Box::pin(async move {
-            let mut env = env;
-            let mut fut = inner.call(env.clone());
-            loop {
-                let err = match fut.await {
-                    Ok(out) => return Ok(out),
-                    Err(e) => e,
-                };
-                let kind = err.kind();
-                let made = env.retry_count().saturating_add(env.attempt());
-                let Some(kp) = policy.policy_for(kind) else {
-                    return Err(err);
-                };
-                if made >= kp.max_attempts {
-                    tracing::debug!(
-                        queue = env.queue(),
-                        kind = kind.as_str(),
-                        attempts = made,
-                        "retries exhausted"
-                    );
-                    return Err(exhausted(err, made - 1));
-                }
-                let retry = made - 1;
-                match &mode {
-                    Mode::InProcess => {
-                        let delay = kp.backoff.jittered_delay(retry);
-                        tracing::debug!(
-                            queue = env.queue(),
-                            kind = kind.as_str(),
-                            attempt = made,
-                            ?delay,
-                            "retrying in-process"
-                        );
-                        tokio::time::sleep(delay).await;
-                        env = env.next_attempt();
-                        fut = inner.ready().await?.call(env.clone());
-                    }
-                    Mode::Broker(b) => {
-                        let delay = kp.backoff.delay(retry);
-                        tracing::debug!(
-                            queue = env.queue(),
-                            kind = kind.as_str(),
-                            attempt = made,
-                            ?delay,
-                            "retrying through the broker"
-                        );
-                        return match b.republish(&env, delay).await {
-                            Ok(()) => Ok(Outcome::Retried),
-                            Err(e) => {
-                                tracing::warn!(queue = env.queue(), error = %e, "could not schedule a delayed retry; requeueing");
-                                Err(HandlerError::retry(format!(
-                                    "could not schedule a delayed retry ({e}) after: {err}"
-                                ))
-                                .with_source(e))
-                            }
-                        };
-                    }
-                }
-            }
-        })
+        let fut = self.inner.call(env.clone());
+        let inner = self.inner.clone();
+        RetryFuture {
+            state: State::First {
+                fut,
+                pending: Some(Pending {
+                    inner,
+                    policy: self.policy.clone(),
+                    mode: self.mode.clone(),
+                    env,
+                }),
+            },
+        }
     }
 }
 

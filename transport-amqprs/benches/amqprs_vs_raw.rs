@@ -246,6 +246,9 @@ async fn main() {
         ("publish persistent 50k (msg/s)", PERSISTENT_N, true),
         ("publish transient 100k (msg/s)", TRANSIENT_N, false),
     ] {
+        if !wants("publish") {
+            continue;
+        }
         let (mut r, mut s) = (Vec::new(), Vec::new());
         for run in 0..runs {
             let d = raw_publish(&raw, &q, n, persistent).await;
@@ -259,7 +262,7 @@ async fn main() {
         results.push((label.into(), r, s));
     }
 
-    {
+    if wants("consume") {
         let label = "consume 100k prefetch 100 manual ack (msg/s)";
         let (mut r, mut s) = (Vec::new(), Vec::new());
         for run in 0..runs {
@@ -282,7 +285,7 @@ async fn main() {
     let sy_dyn: Arc<dyn Transport> = Arc::new(sy.clone());
     let client = RpcClient::new(sy_dyn).await.unwrap();
     let (mut r50, mut s50, mut r99, mut s99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for run in 0..runs {
+    for run in 0..if wants("rpc") { runs } else { 0 } {
         let r = raw_rpc(&raw, &rpcq, RPC_N).await;
         let s = sy_rpc(&client, &rpcq, RPC_N).await;
         r50.push(pct(&r, 0.5).as_secs_f64() * 1e6);
@@ -294,8 +297,10 @@ async fn main() {
             r50[run], r99[run], s50[run], s99[run]
         );
     }
-    results.push(("rpc 2000 sequential p50 (us)".into(), r50, s50));
-    results.push(("rpc 2000 sequential p99 (us)".into(), r99, s99));
+    if wants("rpc") {
+        results.push(("rpc 2000 sequential p50 (us)".into(), r50, s50));
+        results.push(("rpc 2000 sequential p99 (us)".into(), r99, s99));
+    }
     server.abort();
 
     println!("\nmedians of {runs} interleaved runs");

@@ -475,13 +475,16 @@ impl Cancel for Canceller {
         (self.on_cancel)();
         let current = self.shared.current_channel();
         self.shared.finish(End::Client);
-        if let Some(acker) = current {
+        let Some(acker) = current else { return Ok(()) };
+        let shared = self.shared.clone();
+        crate::transport::detached(async move {
             acker
                 .channel
-                .basic_cancel(BasicCancelArguments::new(self.shared.tag()))
+                .basic_cancel(BasicCancelArguments::new(shared.tag()))
                 .await
-                .map_err(|e| acker.state.error(e, Subject::Queue(&self.shared.queue)))?;
-        }
-        Ok(())
+                .map(|_| ())
+                .map_err(|e| acker.state.error(e, Subject::Queue(&shared.queue)))
+        })
+        .await
     }
 }

@@ -205,7 +205,9 @@ impl PubPool {
                 message: "the connection is closed".into(),
             });
         }
-        let fresh = PubChannel::open(&self.conn, self.confirms, self.resubmit.clone()).await?;
+        let (conn, confirms, resubmit) = (self.conn.clone(), self.confirms, self.resubmit.clone());
+        let fresh =
+            crate::transport::detached(async move { PubChannel::open(&conn, confirms, resubmit).await }).await?;
         *slot.current.lock() = fresh.clone();
         let again = pc.retire(None, "channel closed").await;
         if !again.is_empty() {

@@ -34,6 +34,18 @@ use crate::convert::{check_short, headers_to_table, to_basic_properties};
 use crate::errors::{client_error, Subject};
 use crate::publish::{PubPool, Resubmit};
 
+/// Runs `f` on its own task, so that dropping the caller's future (a
+/// timeout, a `select!`) never cancels an amqprs request mid-flight: amqprs
+/// then leaks responders keyed by method type (issue #196) or panics on the
+/// internal acknowledgements it `unwrap`s.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Error::transport(format!("internal task failed: {e}")))?
+}
+
 /// The direct reply-to pseudo queue.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -588,6 +600,10 @@ impl AmqprsTransport {
     /// Connects with an explicit [`AmqprsConfig`].
     pub async fn connect_with(cfg: AmqprsConfig) -> Result<Self> {
         cfg.validate()?;
+        detached(Self::connect_now(cfg)).await
+    }
+
+    async fn connect_now(cfg: AmqprsConfig) -> Result<Self> {
         let state = StateWatch::new(format!("amqprs:{}", cfg.connection_name));
         let mut last = None;
         let mut conn = None;
@@ -700,13 +716,15 @@ impl Publisher for AmqprsTransport {
 #[async_trait]
 impl Consumer for AmqprsTransport {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
-        Ok(self.inner.consume_inner(queue, options).await?.0)
+        let (inner, queue) = (self.inner.clone(), queue.to_owned());
+        Ok(detached(async move { inner.consume_inner(&queue, options).await })
+            .await?
+            .0)
     }
 }
 
-#[async_trait]
-impl Admin for AmqprsTransport {
-    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<()> {
+impl AmqprsTransport {
+    async fn declare_exchange_now(&self, spec: &ExchangeSpec) -> Result<()> {
         let mut lease = self.inner.admin().await?;
         let r = declare_exchange_on(lease.channel(), lease.state(), spec).await;
         lease.done();
@@ -722,7 +740,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo> {
+    async fn declare_queue_now(&self, spec: &QueueSpec) -> Result<QueueInfo> {
         let mut lease = self.inner.admin().await?;
         let r = declare_queue_on(lease.channel(), lease.state(), spec).await;
         lease.done();
@@ -738,7 +756,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn bind(&self, binding: &Binding) -> Result<()> {
+    async fn bind_now(&self, binding: &Binding) -> Result<()> {
         let mut lease = self.inner.admin().await?;
         let r = bind_on(lease.channel(), lease.state(), binding).await;
         lease.done();
@@ -754,7 +772,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn unbind(&self, b: &Binding) -> Result<()> {
+    async fn unbind_now(&self, b: &Binding) -> Result<()> {
         check_short("exchange name", &b.source)?;
         check_short("binding destination", &b.destination)?;
         check_short("routing key", &b.routing_key)?;
@@ -779,7 +797,7 @@ impl Admin for AmqprsTransport {
         r
     }
 
-    async fn delete_exchange(&self, name: &str) -> Result<()> {
+    async fn delete_exchange_now(&self, name: &str) -> Result<()> {
         check_short("exchange name", name)?;
         let mut lease = self.inner.admin().await?;
         let r = lease
@@ -794,7 +812,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn delete_queue(&self, name: &str) -> Result<u32> {
+    async fn delete_queue_now(&self, name: &str) -> Result<u32> {
         check_short("queue name", name)?;
         let mut lease = self.inner.admin().await?;
         let r = lease.channel().queue_delete(QueueDeleteArguments::new(name)).await;
@@ -807,7 +825,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn purge_queue(&self, name: &str) -> Result<u32> {
+    async fn purge_queue_now(&self, name: &str) -> Result<u32> {
         check_short("queue name", name)?;
         let mut lease = self.inner.admin().await?;
         let r = lease.channel().queue_purge(QueuePurgeArguments::new(name)).await;
@@ -816,7 +834,7 @@ impl Admin for AmqprsTransport {
             .map_err(|e| lease.error(e, Subject::Queue(name)))
     }
 
-    async fn queue_info(&self, name: &str) -> Result<QueueInfo> {
+    async fn queue_info_now(&self, name: &str) -> Result<QueueInfo> {
         check_short("queue name", name)?;
         let mut lease = self.inner.admin().await?;
         let mut args = QueueDeclareArguments::new(name);
@@ -834,7 +852,7 @@ impl Admin for AmqprsTransport {
         }
     }
 
-    async fn exchange_exists(&self, name: &str) -> Result<bool> {
+    async fn exchange_exists_now(&self, name: &str) -> Result<bool> {
         if name.is_empty() {
             return Ok(true);
         }
@@ -851,6 +869,54 @@ impl Admin for AmqprsTransport {
                 other => Err(other),
             },
         }
+    }
+}
+
+#[async_trait]
+impl Admin for AmqprsTransport {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<()> {
+        let (t, a) = (self.clone(), spec.clone());
+        detached(async move { t.declare_exchange_now(&a).await }).await
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo> {
+        let (t, a) = (self.clone(), spec.clone());
+        detached(async move { t.declare_queue_now(&a).await }).await
+    }
+
+    async fn bind(&self, binding: &Binding) -> Result<()> {
+        let (t, a) = (self.clone(), binding.clone());
+        detached(async move { t.bind_now(&a).await }).await
+    }
+
+    async fn unbind(&self, b: &Binding) -> Result<()> {
+        let (t, a) = (self.clone(), b.clone());
+        detached(async move { t.unbind_now(&a).await }).await
+    }
+
+    async fn delete_exchange(&self, name: &str) -> Result<()> {
+        let (t, a) = (self.clone(), name.to_owned());
+        detached(async move { t.delete_exchange_now(&a).await }).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<u32> {
+        let (t, a) = (self.clone(), name.to_owned());
+        detached(async move { t.delete_queue_now(&a).await }).await
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u32> {
+        let (t, a) = (self.clone(), name.to_owned());
+        detached(async move { t.purge_queue_now(&a).await }).await
+    }
+
+    async fn queue_info(&self, name: &str) -> Result<QueueInfo> {
+        let (t, a) = (self.clone(), name.to_owned());
+        detached(async move { t.queue_info_now(&a).await }).await
+    }
+
+    async fn exchange_exists(&self, name: &str) -> Result<bool> {
+        let (t, a) = (self.clone(), name.to_owned());
+        detached(async move { t.exchange_exists_now(&a).await }).await
     }
 }
 
@@ -944,13 +1010,18 @@ impl Transport for AmqprsTransport {
         }
         let live = self.inner.live.write().take();
         if let Some(live) = live {
-            let again = live.pubs.retire_all("transport closed").await;
-            for p in again {
-                let e = self.inner.shutdown_error();
-                p.complete(Err(e));
-            }
-            live.pubs.close().await;
-            let _ = live.conn.clone().close().await;
+            let inner = self.inner.clone();
+            detached(async move {
+                let again = live.pubs.retire_all("transport closed").await;
+                for p in again {
+                    let e = inner.shutdown_error();
+                    p.complete(Err(e));
+                }
+                live.pubs.close().await;
+                let _ = live.conn.clone().close().await;
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
     }
@@ -959,7 +1030,8 @@ impl Transport for AmqprsTransport {
         let opts = ConsumeOptions::default()
             .auto_ack(true)
             .prefetch(self.inner.cfg.default_prefetch);
-        let (replies, shared) = self.inner.consume_inner(DIRECT_REPLY_TO, opts).await?;
+        let inner = self.inner.clone();
+        let (replies, shared) = detached(async move { inner.consume_inner(DIRECT_REPLY_TO, opts).await }).await?;
         Ok(ReplyChannel {
             reply_to: DIRECT_REPLY_TO.into(),
             replies,

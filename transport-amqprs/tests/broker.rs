@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use switchyard_amqprs::{AmqprsConfig, AmqprsTransport};
-use switchyard_core::{Admin, Destination, Message, Publisher, QueueSpec, QueueType, Transport};
+use switchyard_core::{Admin, Consumer, Destination, Message, Publisher, QueueSpec, QueueType, Transport};
 
 fn url() -> String {
     std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
@@ -47,15 +47,37 @@ async fn admin_calls_dropped_mid_flight_do_not_break_the_channel() {
         let _ = tokio::time::timeout(Duration::from_micros(i * 20), t.declare_queue(&spec)).await;
     }
     for _ in 0..20 {
-        let info = t.declare_queue(&QueueSpec::new(q.clone())).await.expect("declare after cancellations");
+        let info = t
+            .declare_queue(&QueueSpec::new(q.clone()))
+            .await
+            .expect("declare after cancellations");
         assert_eq!(info.name, q);
         assert_eq!(t.queue_info(&q).await.expect("queue_info").name, q);
     }
+    let dest = Destination::queue(q.as_str());
+    for i in 0..50u64 {
+        let _ = tokio::time::timeout(Duration::from_micros(i * 20), t.publish(&dest, Message::new("x"))).await;
+        let opts = switchyard_core::ConsumeOptions::default();
+        let _ = tokio::time::timeout(Duration::from_micros(i * 40), t.consume(&q, opts)).await;
+    }
+    t.publish(&dest, Message::new("after"))
+        .await
+        .expect("publish after cancellations");
+    let mut sub = t
+        .consume(&q, switchyard_core::ConsumeOptions::default())
+        .await
+        .expect("consume after cancellations");
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+    assert!(matches!(d, Ok(Some(Ok(_)))), "no delivery after cancellations");
+    drop(sub);
     t.health_check().await.expect("healthy");
     t.delete_queue(&q).await.unwrap();
     t.close().await.unwrap();
     assert_eq!(t.health_check().await.unwrap_err().code(), "shutdown");
-    let e = t.publish(&Destination::queue(q.as_str()), Message::new("x")).await.unwrap_err();
+    let e = t
+        .publish(&Destination::queue(q.as_str()), Message::new("x"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "shutdown");
 }
 
@@ -88,7 +110,10 @@ async fn quorum_queue_with_arguments_and_connection_name_in_the_broker() {
     if let Ok(out) = out {
         if out.status.success() {
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(text.contains(&name), "connection name '{name}' not listed by the broker");
+            assert!(
+                text.contains(&name),
+                "connection name '{name}' not listed by the broker"
+            );
             assert!(!text.contains("guest:guest"));
         }
     }

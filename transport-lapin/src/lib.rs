@@ -270,7 +270,8 @@ struct ConsumerShared {
     options: ConsumeOptions,
     tx: mpsc::UnboundedSender<Item>,
     coalescer: Mutex<Option<AckCoalescer>>,
-    channel: Mutex<Option<Channel>>,
+    /// The current channel and the connection it belongs to.
+    channel: Mutex<Option<(Channel, Weak<Conn>)>>,
     /// Serialises (re)starts of this consumer.
     restart: tokio::sync::Mutex<()>,
     cancelled: AtomicBool,
@@ -291,7 +292,10 @@ impl ConsumerShared {
     }
 
     fn live_channel(&self) -> Option<Channel> {
-        self.channel.lock().as_ref().filter(|c| c.status().connected()).cloned()
+        let g = self.channel.lock();
+        let (ch, conn) = g.as_ref()?;
+        let alive = ch.status().connected() && conn.upgrade().is_some_and(|c| c.connected());
+        alive.then(|| ch.clone())
     }
 
     fn coalescer(&self) -> Option<AckCoalescer> {
@@ -606,7 +610,7 @@ impl Shared {
                 };
                 self.topology.replay(&declarer).await?;
                 for (id, cs) in self.consumers.entries() {
-                    match self.start_consumer(&conn, &cs.sink, true).await {
+                    match self.start_consumer(&conn, &cs.sink).await {
                         Ok(()) => {}
                         Err(e @ (Error::QueueNotFound { .. } | Error::ResourceLocked { .. })) => {
                             tracing::warn!(queue = %cs.queue, error = %e, "consumer could not be restarted after reconnect");
@@ -684,12 +688,12 @@ impl Shared {
 
     /// (Re)starts `cs` on `conn`: a channel of its own, QoS, basic.consume,
     /// a fresh coalescer epoch, and a pump task feeding its stream.
-    async fn start_consumer(self: &Arc<Self>, conn: &Arc<Conn>, cs: &Arc<ConsumerShared>, force: bool) -> Result<()> {
+    async fn start_consumer(self: &Arc<Self>, conn: &Arc<Conn>, cs: &Arc<ConsumerShared>) -> Result<()> {
         let _guard = cs.restart.lock().await;
         if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
             return Ok(());
         }
-        if !force && cs.live_channel().is_some() {
+        if cs.live_channel().is_some() {
             return Ok(());
         }
         let subject = Subject::Queue(&cs.queue);
@@ -739,7 +743,7 @@ impl Shared {
             };
             Some(c)
         };
-        *cs.channel.lock() = Some(ch.clone());
+        *cs.channel.lock() = Some((ch.clone(), Arc::downgrade(conn)));
         tokio::spawn(pump(Arc::downgrade(self), cs.clone(), consumer, ch, acker));
         Ok(())
     }
@@ -765,16 +769,29 @@ impl Shared {
             ended: AtomicBool::new(false),
             reply,
         });
-        loop {
-            let conn = self.wait_conn(deadline).await?;
-            match self.start_consumer(&conn, &cs, true).await {
-                Ok(()) => break,
-                Err(e) if e.is_transient() && !conn.connected() => self.suspect().await,
-                Err(e) => return Err(e),
-            }
-        }
+        // Registered first, so that a recovery racing with this start
+        // restarts it too (starts are serialised and skip a live channel).
         let id = self.consumers.register(queue, options, cs.clone());
         *cs.id.lock() = Some(id);
+        loop {
+            let started = match self.wait_conn(deadline).await {
+                Ok(conn) => match self.start_consumer(&conn, &cs).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_transient() && !conn.connected() => {
+                        self.suspect().await;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = started {
+                self.consumers.remove(id);
+                cs.ended.store(true, Ordering::Release);
+                return Err(e);
+            }
+            break;
+        }
         let cancel = CancelHandle::new(Arc::new(CancelImpl {
             shared: Arc::downgrade(self),
             cs: cs.clone(),
@@ -1045,6 +1062,10 @@ async fn pump(
 ) {
     let acker = coalescer.as_ref().map(|c| c.acker());
     let mut failure: Option<lapin::Error> = None;
+    // Deliveries of one consumer mostly share exchange and routing key:
+    // reuse the shared strings instead of allocating two per message.
+    let mut last_exchange: Arc<str> = Arc::from("");
+    let mut last_routing_key: Arc<str> = Arc::from("");
     loop {
         tokio::select! {
             _ = cs.tx.closed() => {
@@ -1063,11 +1084,17 @@ async fn pump(
             item = consumer.next() => match item {
                 Some(Ok(d)) => {
                     let tag = d.delivery_tag;
+                    if *last_exchange != *d.exchange.as_str() {
+                        last_exchange = d.exchange.as_str().into();
+                    }
+                    if *last_routing_key != *d.routing_key.as_str() {
+                        last_routing_key = d.routing_key.as_str().into();
+                    }
                     let info = DeliveryInfo {
                         delivery_tag: tag,
                         redelivered: d.redelivered,
-                        exchange: d.exchange.as_str().into(),
-                        routing_key: d.routing_key.as_str().into(),
+                        exchange: last_exchange.clone(),
+                        routing_key: last_routing_key.clone(),
                         queue: cs.queue.clone(),
                         consumer_tag: cs.tag.clone(),
                     };
@@ -1142,7 +1169,7 @@ async fn restarter(weak: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Arc<Consu
             s.lost.notify_one();
             continue;
         };
-        if let Err(err) = s.start_consumer(&conn, &cs, false).await {
+        if let Err(err) = s.start_consumer(&conn, &cs).await {
             if !err.is_transient() {
                 if let Some(id) = *cs.id.lock() {
                     s.consumers.remove(id);
@@ -1290,7 +1317,11 @@ impl Publisher for LapinTransport {
             .map(convert::to_properties)
             .collect::<Result<Vec<_>>>()?;
         let deadline = Instant::now() + s.config.recovery.publish_wait_timeout;
-        let conn = s.wait_conn(deadline).await?;
+        let conn = match s.wait_conn(deadline).await {
+            Ok(c) => c,
+            Err(Error::ConnectionClosed { message }) => return Err(deadline_error(dest, &message)),
+            Err(e) => return Err(e),
+        };
         // Pipeline everything on one channel, then collect the confirms.
         let mut retry = Vec::new();
         let mut first_error = None;
@@ -1643,16 +1674,19 @@ impl Transport for LapinTransport {
         }
         s.state.set(ConnectionState::Closed);
         let conn = s.current.lock().take();
-        let _ = s.shutdown.send(true);
+        let mut result = Ok(());
         if let Some(c) = conn {
             if c.connected() {
-                c.connection
-                    .close(200, "closed by application".into())
-                    .await
-                    .map_err(|e| map_error(&e, Subject::Other))?;
+                match c.connection.close(200, "closed by application".into()).await {
+                    Ok(()) => {}
+                    // Already closed (by the broker, or concurrently): nothing left to do.
+                    Err(e) if matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) => {}
+                    Err(e) => result = Err(map_error(&e, Subject::Other)),
+                }
             }
         }
-        Ok(())
+        let _ = s.shutdown.send(true);
+        result
     }
 
     async fn open_reply_channel(&self) -> Result<ReplyChannel> {

@@ -111,6 +111,7 @@ pub(crate) struct Broker {
 pub(crate) struct Effects {
     wakes: Vec<Waker>,
     timers: Vec<(Arc<str>, u64, Instant)>,
+    leases: Vec<(Arc<str>, u64, Instant)>,
     drained: bool,
 }
 
@@ -141,13 +142,23 @@ impl Broker {
         if fx.drained {
             self.drained.notify_waiters();
         }
-        if fx.timers.is_empty() {
+        if fx.timers.is_empty() && fx.leases.is_empty() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            // No runtime: expiry then happens lazily on the next operation.
+            // No runtime: message expiry then happens lazily on the next
+            // operation (and x-expires not at all).
             return;
         };
+        for (queue, uid, at) in fx.leases {
+            let weak: Weak<Broker> = Arc::downgrade(self);
+            handle.spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                if let Some(b) = weak.upgrade() {
+                    b.with(|st, fx| st.lease_expired(&queue, uid, at, fx));
+                }
+            });
+        }
         for (queue, uid, at) in fx.timers {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
@@ -167,8 +178,10 @@ pub(crate) struct OutItem {
     pub(crate) message: Arc<Message>,
     pub(crate) tag: u64,
     pub(crate) redelivered: bool,
-    pub(crate) exchange: Arc<str>,
-    pub(crate) routing_key: Arc<str>,
+    /// `None`: the default exchange.
+    pub(crate) exchange: Option<Arc<str>>,
+    /// `None`: the consumer's queue name (default exchange).
+    pub(crate) routing_key: Option<Arc<str>>,
 }
 
 /// How a consumer ended.
@@ -339,8 +352,6 @@ impl QueueCfg {
 
 pub(crate) struct Queue {
     name: Arc<str>,
-    /// `""`, this queue's own copy (see `QMsg::routing_key`).
-    empty: Arc<str>,
     uid: u64,
     spec: QueueSpec,
     owner: Option<u64>,
@@ -356,6 +367,8 @@ pub(crate) struct Queue {
     timer: Option<Instant>,
     delivered: u64,
     flow_waiting: bool,
+    /// `x-expires`: when the queue is deleted unless used before.
+    lease_until: Option<Instant>,
 }
 
 impl Queue {
@@ -399,6 +412,19 @@ impl Queue {
     fn over_limit(&self, extra_len: u64, extra_bytes: u64) -> bool {
         self.cfg.max_length.is_some_and(|n| self.ready as u64 + extra_len > n)
             || self.cfg.max_bytes.is_some_and(|n| self.ready_bytes + extra_bytes > n)
+    }
+
+    /// Renews the `x-expires` lease of an unused queue.
+    fn touch(&mut self, fx: &mut Effects) {
+        if let Some(expires) = self.spec.arguments.expires {
+            if self.consumers.is_empty() {
+                let at = Instant::now() + expires;
+                self.lease_until = Some(at);
+                fx.leases.push((self.name.clone(), self.uid, at));
+            } else {
+                self.lease_until = None;
+            }
+        }
     }
 
     /// True if publishers to this queue should wait for its consumers.
@@ -588,6 +614,8 @@ pub(crate) struct State {
     reply_to: HashMap<Arc<str>, u64>,
     next_id: u64,
     next_seq: u64,
+    /// Set by `deliver_to_queue` when the queue is backlogged (flow control).
+    flow_hint: Option<Arc<str>>,
 }
 
 fn shutdown() -> Error {
@@ -627,6 +655,7 @@ impl State {
             reply_to: HashMap::new(),
             next_id: 1,
             next_seq: 1,
+            flow_hint: None,
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -880,7 +909,9 @@ impl State {
                 ));
             }
             self.expire(&spec.name, fx);
-            return Ok(self.queues[spec.name.as_str()].info());
+            let q = self.queues.get_mut(spec.name.as_str()).expect("exists");
+            q.touch(fx);
+            return Ok(q.info());
         }
         let name: Arc<str> = if spec.name.is_empty() {
             loop {
@@ -918,7 +949,6 @@ impl State {
         let cfg = QueueCfg::from_spec(spec);
         let q = Queue {
             name: name.clone(),
-            empty: Arc::from(""),
             uid: self.next_id + 1,
             owner: spec.exclusive.then_some(conn),
             levels: (0..cfg.levels).map(|_| VecDeque::new()).collect(),
@@ -934,8 +964,11 @@ impl State {
             timer: None,
             delivered: 0,
             flow_waiting: false,
+            lease_until: None,
         };
         self.next_id += 1;
+        let mut q = q;
+        q.touch(fx);
         let info = q.info();
         self.queues.insert(name, q);
         Ok(info)
@@ -945,7 +978,9 @@ impl State {
         self.check_conn(conn)?;
         self.queue_for(conn, name)?;
         self.expire(name, fx);
-        Ok(self.queues[name].info())
+        let q = self.queues.get_mut(name).expect("checked");
+        q.touch(fx);
+        Ok(q.info())
     }
 
     pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
@@ -1021,18 +1056,14 @@ impl State {
             priority: 0,
         };
         let mut flow = None;
+        self.flow_hint = None;
         // Fast path: the default exchange routes to the queue named by the key.
         let routed = if default {
             match self.deliver_to_queue(routing_key, m, expires, 0, fx) {
                 (Routed::Unroutable, Some(m)) if routing_key.starts_with(REPLY_TO) => {
                     self.deliver_reply(routing_key, m, fx)
                 }
-                (r, _) => {
-                    if self.queues.get(&**routing_key).is_some_and(Queue::backlogged) {
-                        flow = Some(routing_key.clone());
-                    }
-                    r
-                }
+                (r, _) => r,
             }
         } else {
             let Some(ex) = self.exchanges.get(&**exchange) else {
@@ -1048,12 +1079,11 @@ impl State {
             }
             let mut targets = Vec::new();
             self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
-            let r = self.deliver_all(&targets, m, expires, 0, fx);
-            flow = targets
-                .into_iter()
-                .find(|t| self.queues.get(&**t).is_some_and(Queue::backlogged));
-            r
+            self.deliver_all(&targets, m, expires, 0, fx)
         };
+        if let Some(q) = self.flow_hint.take() {
+            flow = Some(q);
+        }
         match routed {
             Routed::Ok => Ok(flow),
             Routed::Unroutable if mandatory => Err(Error::Unroutable {
@@ -1150,8 +1180,8 @@ impl State {
                 message: m.message,
                 tag: 0,
                 redelivered: false,
-                exchange: m.exchange.unwrap_or_else(|| Arc::from("")),
-                routing_key: m.routing_key.unwrap_or_else(|| key.clone()),
+                exchange: m.exchange,
+                routing_key: Some(m.routing_key.unwrap_or_else(|| key.clone())),
             },
             fx,
         );
@@ -1196,6 +1226,9 @@ impl State {
             if q.expiring == 0 && q.cfg.max_length.is_none() && q.cfg.max_bytes.is_none() {
                 // Fast path: nothing to expire or drop.
                 dispatch(q, &mut self.consumers, fx);
+                if q.backlogged() {
+                    self.flow_hint = Some(q.name.clone());
+                }
                 return (Routed::Ok, None);
             }
         }
@@ -1213,6 +1246,9 @@ impl State {
             }
         }
         self.after_change(name, fx);
+        if let Some(q) = self.queues.get(name).filter(|q| q.backlogged()) {
+            self.flow_hint = Some(q.name.clone());
+        }
         (Routed::Ok, None)
     }
 
@@ -1366,6 +1402,7 @@ impl State {
         let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
         q.consumers.push(cid);
         q.had_consumer = true;
+        q.lease_until = None;
         q.exclusive_consumer = exclusive;
         let qname = q.name.clone();
         self.consumers.insert(
@@ -1422,6 +1459,16 @@ impl State {
         if q.consumers.is_empty() && q.had_consumer && q.spec.auto_delete {
             let n = q.name.clone();
             self.remove_queue(&n, fx);
+        } else if q.consumers.is_empty() {
+            q.touch(fx);
+        }
+    }
+
+    /// An `x-expires` lease ran out: deletes the queue if it is still unused.
+    fn lease_expired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
+        let Some(q) = self.queues.get(name) else { return };
+        if q.uid == uid && q.consumers.is_empty() && q.lease_until == Some(at) {
+            self.remove_queue(name, fx);
         }
     }
 
@@ -1567,14 +1614,8 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
 fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
     let tag = c.next_tag;
     c.next_tag += 1;
-    let exchange = match &m.exchange {
-        Some(e) => e.clone(),
-        None => q.empty.clone(),
-    };
-    let routing_key = match &m.routing_key {
-        Some(k) => k.clone(),
-        None => q.name.clone(),
-    };
+    let exchange = m.exchange.clone();
+    let routing_key = m.routing_key.clone();
     let redelivered = m.redelivered;
     let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
     let message = if c.auto_ack {
@@ -1691,4 +1732,82 @@ fn is_cycle(queue: &str, deaths: &[HeaderValue]) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Arc<Broker>, u64, u64, Arc<Outbox>) {
+        let b = Broker::new();
+        let (conn, cid, outbox) = b.with(|st, fx| {
+            let conn = st.open_conn();
+            st.declare_queue(conn, &QueueSpec::new("q"), fx).unwrap();
+            for i in 0..3 {
+                st.publish(conn, &Arc::from(""), &Arc::from("q"), Message::new(format!("{i}")), false, fx)
+                    .unwrap();
+            }
+            let (cid, _, outbox) = st.consume(conn, "q", 100, false, false, fx).unwrap();
+            (conn, cid, outbox)
+        });
+        (b, conn, cid, outbox)
+    }
+
+    #[test]
+    fn unknown_and_double_settlements_fail() {
+        let (b, _conn, cid, outbox) = setup();
+        // The lock-free path takes the lowest unsettled tag, once.
+        assert!(!outbox.fast_ack(2), "2 is not the lowest unsettled tag");
+        assert!(outbox.fast_ack(1));
+        assert!(!outbox.fast_ack(1));
+        assert!(!outbox.fast_ack(4), "never delivered");
+        b.with(|st, fx| {
+            assert_eq!(st.settle(cid, 1, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
+            assert_eq!(st.settle(cid, 99, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
+            assert_eq!(st.settle(cid, 0, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
+            st.settle(cid, 3, Settle::Ack, fx).unwrap();
+            assert_eq!(st.settle(cid, 3, Settle::Requeue, fx).unwrap_err().code(), "settle_failed");
+        });
+        // A hole (3 settled before 2) turns the lock-free path off...
+        assert!(!outbox.fast_ack(2));
+        b.with(|st, fx| {
+            st.settle(cid, 2, Settle::Ack, fx).unwrap();
+            let c = &st.consumers[&cid];
+            assert_eq!((c.live, c.unacked.len(), c.holes), (0, 0, 0));
+        });
+        // ...until it is filled.
+        assert!(!outbox.holes.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn released_channel_requeues_and_refuses_later_acks() {
+        let (b, _conn, cid, outbox) = setup();
+        b.with(|st, fx| st.release_channel(cid, fx));
+        assert!(!outbox.fast_ack(1));
+        b.with(|st, fx| {
+            assert_eq!(st.settle(cid, 1, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
+            let q = &st.queues["q"];
+            assert_eq!(q.ready, 3);
+            assert!(q.levels[0].iter().all(|m| m.redelivered));
+        });
+    }
+
+    #[test]
+    fn message_allocations_are_reused() {
+        let (b, conn, cid, outbox) = setup();
+        // The application took the deliveries (the stream drops its shares).
+        outbox.inner.lock().buf.clear();
+        assert!(outbox.fast_ack(1));
+        b.with(|st, fx| {
+            st.refill(cid, fx);
+            assert_eq!(st.consumers.pool.len(), 1);
+            let slot = Arc::as_ptr(&st.consumers.pool[0]);
+            st.publish(conn, &Arc::from(""), &Arc::from("q"), Message::new("new"), false, fx)
+                .unwrap();
+            assert!(st.consumers.pool.is_empty());
+            let reused = st.consumers[&cid].unacked.back().unwrap().as_ref().unwrap();
+            assert_eq!(Arc::as_ptr(&reused.message), slot);
+            assert_eq!(&reused.message.body[..], b"new");
+        });
+    }
 }

@@ -75,6 +75,8 @@ struct DeliveriesStream {
     local: VecDeque<OutItem>,
     queue: Arc<str>,
     consumer_tag: Arc<str>,
+    /// `""` (the default exchange), this consumer's own copy.
+    empty: Arc<str>,
     auto_ack: bool,
     done: bool,
 }
@@ -84,8 +86,8 @@ impl DeliveriesStream {
         let info = DeliveryInfo {
             delivery_tag: item.tag,
             redelivered: item.redelivered,
-            exchange: item.exchange,
-            routing_key: item.routing_key,
+            exchange: item.exchange.unwrap_or_else(|| self.empty.clone()),
+            routing_key: item.routing_key.unwrap_or_else(|| self.queue.clone()),
             queue: self.queue.clone(),
             consumer_tag: self.consumer_tag.clone(),
         };
@@ -178,6 +180,7 @@ pub(crate) fn subscription(
         local: VecDeque::new(),
         queue: queue.clone(),
         consumer_tag: consumer_tag.clone(),
+        empty: Arc::from(""),
         auto_ack,
         done: false,
     };

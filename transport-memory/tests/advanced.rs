@@ -597,3 +597,121 @@ async fn direct_reply_to_round_trip() {
         .unwrap_err();
     assert_eq!(e.code(), "unroutable");
 }
+
+#[tokio::test]
+async fn unused_queue_expires_and_use_renews_the_lease() {
+    let b = MemoryBroker::new();
+    let t = b.connect();
+    let mut spec = QueueSpec::new("lease");
+    spec.arguments.expires = Some(Duration::from_millis(120));
+    t.declare_queue(&spec).await.unwrap();
+    // Inspecting renews the lease.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t.queue_info("lease").await.unwrap();
+    }
+    // A consumer keeps it alive.
+    let sub = t.consume("lease", ConsumeOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t.queue_info("lease").await.is_ok());
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(t.queue_info("lease").await.unwrap_err().code(), "queue_not_found");
+    // Untouched from the start: gone.
+    t.declare_queue(&spec).await.unwrap();
+    t.publish(&Destination::queue("lease"), Message::new("x")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(t.queue_info("lease").await.unwrap_err().code(), "queue_not_found");
+}
+
+#[tokio::test]
+async fn publishing_to_a_deep_queue_without_consumers_does_not_wait() {
+    let t = MemoryTransport::new();
+    t.declare_queue(&QueueSpec::new("deep")).await.unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..20_000 {
+        t.publish(&Destination::queue("deep"), Message::new("x")).await.unwrap();
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(t.queue_info("deep").await.unwrap().message_count, 20_000);
+}
+
+#[tokio::test]
+async fn a_stalled_consumer_holds_publishers_only_briefly() {
+    let t = MemoryTransport::new();
+    t.declare_queue(&QueueSpec::new("deep")).await.unwrap();
+    // Takes 10 and never acks: the queue backs up behind it.
+    let mut sub = t.consume("deep", ConsumeOptions::default().prefetch(10)).await.unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..10_000 {
+        t.publish(&Destination::queue("deep"), Message::new("x")).await.unwrap();
+    }
+    // Flow control waits at most ~20 ms per stalled publish once past the
+    // high-water mark, and only while deliveries stall.
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    assert_eq!(t.queue_info("deep").await.unwrap().message_count, 9_990);
+    let d = recv(&mut sub).await;
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn large_prefetch_windows_refill_after_batched_acks() {
+    let t = MemoryTransport::new();
+    t.declare_queue(&QueueSpec::new("q")).await.unwrap();
+    for i in 0..100 {
+        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+    }
+    let mut sub = t.consume("q", ConsumeOptions::default().prefetch(20)).await.unwrap();
+    // A batch consumer: take a whole window, then ack it all, then ask for more.
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            batch.push(recv(&mut sub).await);
+        }
+        nothing(&mut sub, 30).await;
+        for d in batch {
+            seen.push(body(&d).parse::<u32>().unwrap());
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
+}
+
+#[tokio::test]
+async fn acks_out_of_order_and_mixed_settlements_keep_the_window_exact() {
+    let t = MemoryTransport::new();
+    t.declare_queue(&QueueSpec::new("q")).await.unwrap();
+    for i in 0..60 {
+        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+    }
+    let mut sub = t.consume("q", ConsumeOptions::default().prefetch(16)).await.unwrap();
+    let mut window = Vec::new();
+    for _ in 0..16 {
+        window.push(recv(&mut sub).await);
+    }
+    nothing(&mut sub, 30).await;
+    // Settle from the back: acks, one requeue, one reject.
+    let last = window.pop().unwrap();
+    last.nack(true).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert!(d.info.redelivered);
+    assert_eq!(body(&d), "15");
+    window.push(d);
+    window.remove(3).reject(false).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(body(&d), "16");
+    window.push(d);
+    nothing(&mut sub, 30).await;
+    while let Some(d) = window.pop() {
+        d.ack().await.unwrap();
+    }
+    let mut rest = 0;
+    while rest < 60 - 17 {
+        recv(&mut sub).await.ack().await.unwrap();
+        rest += 1;
+    }
+    nothing(&mut sub, 30).await;
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
+}

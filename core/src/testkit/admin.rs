@@ -20,6 +20,8 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(admin::exclusive_consumer_locks_the_queue, Exclusive),
         case!(admin::exclusive_queue_goes_with_its_connection, Exclusive),
         case!(admin::unused_queue_expires),
+        case!(admin::auto_delete_exchange_goes_with_its_last_binding),
+        case!(admin::deleting_removes_bindings),
         case!(admin::auto_delete_queue_goes_with_its_last_consumer),
         case!(admin::server_named_queue),
         case!(admin::missing_queue_and_exchange_operations),
@@ -432,4 +434,59 @@ async fn unused_queue_expires(ctx: &Ctx<'_>) -> Result<(), String> {
     ensure(!exists(polled.clone()).await?, || {
         format!("queue '{polled}' should expire once no longer inspected (still there after 1s)")
     })
+}
+
+async fn auto_delete_exchange_goes_with_its_last_binding(ctx: &Ctx<'_>) -> Result<(), String> {
+    let ex = ctx.exchange_name("ad");
+    let t = ctx.transport();
+    t.declare_exchange(&ExchangeSpec::direct(ex.clone()).auto_delete(true))
+        .await
+        .ctx("declare an auto-delete exchange")?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Never bound: it stays.
+    ensure_eq(
+        "auto-delete exchange that was never bound exists",
+        t.exchange_exists(&ex).await.ctx("exchange_exists")?,
+        true,
+    )?;
+    let q = ctx.queue("q").await?;
+    ctx.bind(&q, &ex, "k").await?;
+    ctx.bind(&q, &ex, "j").await?;
+    t.unbind(&Binding::queue(q.clone(), ex.clone(), "k"))
+        .await
+        .ctx("unbind k")?;
+    ensure_eq(
+        "auto-delete exchange with one binding left exists",
+        t.exchange_exists(&ex).await.ctx("exchange_exists")?,
+        true,
+    )?;
+    t.unbind(&Binding::queue(q.clone(), ex.clone(), "j"))
+        .await
+        .ctx("unbind j")?;
+    let gone = eventually(WAIT, || async { matches!(t.exchange_exists(&ex).await, Ok(false)) }).await;
+    ensure(gone, || {
+        format!("auto-delete exchange '{ex}' should be deleted when its last binding is removed")
+    })
+}
+
+async fn deleting_removes_bindings(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let ex = ctx.exchange("x", ExchangeKind::Direct).await?;
+    let q = ctx.queue("q").await?;
+    let dest = Destination::new(ex.as_str(), "k");
+    ctx.bind(&q, &ex, "k").await?;
+    // Deleting the exchange removes its bindings: a new exchange of the
+    // same name routes nowhere.
+    t.delete_exchange(&ex).await.ctx("delete exchange")?;
+    t.declare_exchange(&ExchangeSpec::direct(ex.clone()))
+        .await
+        .ctx("redeclare exchange")?;
+    ctx.publish(&dest, "after-exchange-recreated").await?;
+    ensure_eq("depth after the exchange was recreated", ctx.depth(&q).await?, 0)?;
+    // Deleting the queue removes its bindings too.
+    ctx.bind(&q, &ex, "k").await?;
+    t.delete_queue(&q).await.ctx("delete queue")?;
+    ctx.declare_queue(QueueSpec::new(q.clone())).await?;
+    ctx.publish(&dest, "after-queue-recreated").await?;
+    ensure_eq("depth after the queue was recreated", ctx.depth(&q).await?, 0)
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::support::*;
 use super::{case, expect_nothing, Case};
 use crate::message::{unix_now, HeaderValue, Headers, Message};
-use crate::topology::{Destination, ExchangeKind, Overflow, QueueSpec};
+use crate::topology::{Destination, ExchangeKind, Overflow, QueueSpec, QueueType};
 use crate::transport::{ConsumeOptions, Delivery};
 
 /// The dead-lettering scenarios.
@@ -53,6 +53,12 @@ pub(crate) fn cases() -> Vec<Case> {
         ),
         case!(dead_letter::x_death_lists_newest_first, DeadLettering),
         case!(dead_letter::missing_dead_letter_exchange_drops, DeadLettering),
+        case!(dead_letter::max_length_bytes_drops_head, MaxLength, DeadLettering),
+        case!(
+            dead_letter::quorum_delivery_limit_dead_letters,
+            QuorumQueues,
+            DeadLettering
+        ),
         case!(
             dead_letter::lower_of_queue_and_message_ttl_applies,
             MessageTtl,
@@ -500,4 +506,58 @@ async fn requeue_does_not_reset_the_ttl(ctx: &Ctx<'_>) -> Result<(), String> {
     let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
     ensure_eq("dead letter", body(&d).as_str(), "held")?;
     check_x_death(&d, 1, "expired", &src, "", &[src.as_str()], None, since)
+}
+
+async fn max_length_bytes_drops_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |mut s| {
+        s.arguments.max_length_bytes = Some(10);
+        s
+    })
+    .await?;
+    // Three 4-byte bodies exceed 10 bytes: the oldest is dropped.
+    ctx.publish_all(&Destination::queue(src.as_str()), &["aaaa", "bbbb", "cccc"])
+        .await?;
+    ensure_eq(
+        "queue keeps the newest",
+        ctx.drain(&src).await?,
+        vec!["bbbb".to_string(), "cccc".into()],
+    )?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dropped head", body(&d).as_str(), "aaaa")?;
+    check_x_death(&d, 1, "maxlen", &src, "", &[src.as_str()], None, since)
+}
+
+async fn quorum_delivery_limit_dead_letters(ctx: &Ctx<'_>) -> Result<(), String> {
+    let since = unix_now();
+    let (src, dlq) = ttl_source(ctx, |s| s.queue_type(QueueType::Quorum).delivery_limit(2)).await?;
+    ctx.publish(&Destination::queue(src.as_str()), "poison").await?;
+    let mut sub = ctx.consume(&src, ConsumeOptions::default().prefetch(1)).await?;
+    // A delivery limit of 2 allows the first delivery and two redeliveries;
+    // quorum queues number the redeliveries in x-delivery-count (a long),
+    // absent on the first delivery to a consumer.
+    for n in 0..3i64 {
+        let d = take(&mut sub, 1).await?.remove(0);
+        ensure_eq("redelivered", d.info.redelivered, n > 0)?;
+        let want = if n == 0 { None } else { Some(&HeaderValue::I64(n)) };
+        ensure_eq(
+            &format!("x-delivery-count of delivery {}", n + 1),
+            d.message.headers.get("x-delivery-count"),
+            want,
+        )?;
+        d.nack(true).await.ctx("nack with requeue")?;
+    }
+    expect_nothing(&mut sub, QUIET)
+        .await
+        .map_err(|e| format!("past the delivery limit: {e}"))?;
+    cancel(&sub).await.ctx("cancel")?;
+    let d = dead_letters(ctx, &dlq, 1).await?.remove(0);
+    ensure_eq("dead letter", body(&d).as_str(), "poison")?;
+    ensure(!d.message.headers.contains_key("x-delivery-count"), || {
+        format!(
+            "the dead letter should carry no x-delivery-count, got {:?}",
+            d.message.headers.get("x-delivery-count")
+        )
+    })?;
+    check_x_death(&d, 1, "delivery_limit", &src, "", &[src.as_str()], None, since)
 }

@@ -5,7 +5,7 @@
 
 use super::support::*;
 use super::{case, expect_nothing, Case};
-use crate::topology::Destination;
+use crate::topology::{Destination, QueueSpec};
 use crate::transport::{ConsumeOptions, Subscription};
 
 /// The delivery scenarios.
@@ -16,12 +16,14 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(delivery::reject_requeue_redelivers),
         case!(delivery::reject_without_requeue_and_no_dlx_drops),
         case!(delivery::prefetch_bounds_in_flight),
+        case!(delivery::prefetch_is_per_consumer),
         case!(delivery::competing_consumers_share_round_robin),
         case!(delivery::cancel_ends_the_stream),
         case!(delivery::unacked_stay_settleable_after_cancel),
         case!(delivery::queue_deleted_under_consumer),
         case!(delivery::auto_ack_consumer),
         case!(delivery::closing_a_connection_requeues_its_unacked),
+        case!(delivery::single_active_consumer),
     ]
 }
 
@@ -295,4 +297,68 @@ async fn closing_a_connection_requeues_its_unacked(ctx: &Ctx<'_>) -> Result<(), 
         drain_flags(ctx, &q).await?,
         vec![("1".to_string(), true), ("2".into(), true), ("3".into(), false)],
     )
+}
+
+async fn single_active_consumer(ctx: &Ctx<'_>) -> Result<(), String> {
+    let mut spec = QueueSpec::new(ctx.queue_name("sac"));
+    spec.arguments.single_active_consumer = true;
+    let q = ctx.declare_queue(spec).await?;
+    let other = ctx.connect().await;
+    let mut a = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut b = other
+        .consume(&q, ConsumeOptions::default().prefetch(10))
+        .await
+        .ctx("consume from a second connection")?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish_all(&dest, &["0", "1", "2", "3"]).await?;
+    // Only the first consumer is active.
+    let got = take_bodies(&mut a, 4)
+        .await
+        .map_err(|e| format!("active consumer: {e}"))?;
+    ensure_eq(
+        "active consumer",
+        got,
+        vec!["0".to_string(), "1".into(), "2".into(), "3".into()],
+    )?;
+    expect_nothing(&mut b, QUIET)
+        .await
+        .map_err(|e| format!("the standby consumer must get nothing: {e}"))?;
+    ensure_eq(
+        "consumer_count counts the standby consumer",
+        ctx.transport().queue_info(&q).await.ctx("queue_info")?.consumer_count,
+        2,
+    )?;
+    // When the active one goes, the standby takes over.
+    cancel(&a).await.ctx("cancel the active consumer")?;
+    ctx.publish_all(&dest, &["4", "5"]).await?;
+    let got = take_bodies(&mut b, 2)
+        .await
+        .map_err(|e| format!("standby consumer: {e}"))?;
+    ensure_eq("consumer that took over", got, vec!["4".to_string(), "5".into()])?;
+    cancel(&b).await.ctx("cancel")
+}
+
+async fn prefetch_is_per_consumer(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    ctx.publish_all(&Destination::queue(q.as_str()), &["0", "1", "2", "3"])
+        .await?;
+    // Two consumers on one transport, prefetch 1 each: one delivery each.
+    let mut a = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let mut b = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let da = take(&mut a, 1).await.map_err(|e| format!("consumer A: {e}"))?;
+    let db = take(&mut b, 1).await.map_err(|e| format!("consumer B: {e}"))?;
+    expect_nothing(&mut a, QUIET)
+        .await
+        .map_err(|e| format!("consumer A with prefetch 1: {e}"))?;
+    expect_nothing(&mut b, QUIET)
+        .await
+        .map_err(|e| format!("consumer B with prefetch 1: {e}"))?;
+    ensure_eq("depth with one unacked per consumer", ctx.depth(&q).await?, 2)?;
+    for d in da.into_iter().chain(db) {
+        d.ack().await.ctx("ack")?;
+    }
+    take_bodies(&mut a, 1).await?;
+    take_bodies(&mut b, 1).await?;
+    cancel(&a).await.ctx("cancel")?;
+    cancel(&b).await.ctx("cancel")
 }

@@ -58,9 +58,9 @@
 //! | module | what it pins |
 //! |---|---|
 //! | `routing` | default/direct/topic/fanout/headers exchanges, topic corners, headers value classes, e2e bindings, unbind |
-//! | `admin` | idempotent/conflicting declarations, exclusive, auto-delete, x-expires, server-named, depth/purge/delete counts |
-//! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, cancel, queue deleted under a consumer, auto-ack |
-//! | `dead_letter` | reject, per-message TTL (head only), queue TTL, max-length, reject-publish, `x-death` |
+//! | `admin` | idempotent/conflicting declarations, exclusive, auto-delete queues and exchanges, x-expires, server-named, counts |
+//! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, single active consumer, cancel, auto-ack |
+//! | `dead_letter` | reject, TTLs (per-message only at the head), max-length(-bytes), reject-publish, quorum delivery limit, `x-death` |
 //! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
 //! | `runtime` | Worker, RPC, graceful shutdown |
 //!
@@ -475,6 +475,8 @@ macro_rules! conformance_tests {
                 exclusive_consumer_locks_the_queue,
                 exclusive_queue_goes_with_its_connection,
                 unused_queue_expires,
+                auto_delete_exchange_goes_with_its_last_binding,
+                deleting_removes_bindings,
                 auto_delete_queue_goes_with_its_last_consumer,
                 server_named_queue,
                 missing_queue_and_exchange_operations,
@@ -489,12 +491,14 @@ macro_rules! conformance_tests {
                 reject_requeue_redelivers,
                 reject_without_requeue_and_no_dlx_drops,
                 prefetch_bounds_in_flight,
+                prefetch_is_per_consumer,
                 competing_consumers_share_round_robin,
                 cancel_ends_the_stream,
                 unacked_stay_settleable_after_cancel,
                 queue_deleted_under_consumer,
                 auto_ack_consumer,
                 closing_a_connection_requeues_its_unacked,
+                single_active_consumer,
             ],
             dead_letter: [
                 rejected_message_gets_x_death,
@@ -509,6 +513,8 @@ macro_rules! conformance_tests {
                 x_death_count_increments_per_queue_and_reason,
                 x_death_lists_newest_first,
                 missing_dead_letter_exchange_drops,
+                max_length_bytes_drops_head,
+                quorum_delivery_limit_dead_letters,
                 lower_of_queue_and_message_ttl_applies,
                 requeue_does_not_reset_the_ttl,
             ],
