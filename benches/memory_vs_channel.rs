@@ -129,7 +129,11 @@ fn main() {
             "memory" => rt.block_on(memory(n, (*body).clone())),
             _ => rt.block_on(channel(n, (*body).clone())),
         };
-        println!("{only}: {n} messages in {:.3} s = {:.0} msg/s", d.as_secs_f64(), rate(n, d));
+        println!(
+            "{only}: {n} messages in {:.3} s = {:.0} msg/s",
+            d.as_secs_f64(),
+            rate(n, d)
+        );
         return;
     }
     // Warm-up (allocator, thread pool), then the best of three runs each.

@@ -384,9 +384,11 @@ impl Subscription {
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }
-    /// Cancels the consumer.
-    pub async fn cancel(&self) -> Result<()> {
-        self.cancel.cancel().await
+    /// Cancels the consumer. The returned future holds only the cancel
+    /// handle, so it is `Send` and may be awaited in spawned tasks.
+    pub fn cancel(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let handle = self.cancel.clone();
+        async move { handle.cancel().await }
     }
     /// The next delivery; `None` once the consumer has ended.
     pub async fn next(&mut self) -> Option<Result<Delivery>> {

@@ -1,7 +1,7 @@
 //! Per-message overhead of a full middleware stack over a bare handler.
 //!
 //! Run: `cargo bench -p switchyard-middleware --bench stack_overhead`
-//! (optionally `-- <messages>`; default 200000 direct calls, 50000 through the Worker).
+//! (the figures of a run on the project machine are in the README, "Middleware").
 //!
 //! 1. Direct: the services are called in a loop with a pre-built Envelope
 //!    (`ready().await` then `call(env.clone()).await`), on a current-thread
@@ -12,8 +12,13 @@
 //!    alternating drains, medians; on a current-thread runtime and on a
 //!    2-thread runtime.
 //!
-//! Flags after `--`: a number (calls per round, default 100000), `--layers`
-//! (each layer alone), `--direct-only` (skip the Worker runs).
+//! Times are CPU time by default (the thread's for direct calls, the
+//! process's for the Worker runs), so that other programs competing for the
+//! machine's cores do not count; `--wall` measures wall-clock time instead.
+//!
+//! Flags after `--`: a number (calls per round, default 100000; the Worker
+//! drains a fifth of it), `--layers` (each layer alone), `--direct-only`
+//! (skip the Worker runs), `--wall`.
 //!
 //! The "full stack" is the issue's: tracing, metrics, dead-letter, retry
 //! (in-process policy), timeout, compression off (the decompression layer on
@@ -89,13 +94,43 @@ where
         .service(h)
 }
 
-async fn round<H: Handler>(svc: &mut H, env: &Envelope, n: u32) -> f64 {
-    let t = Instant::now();
+/// CPU time of `clock` (thread or process) in nanoseconds.
+fn cpu_ns(clock: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}
+
+/// Which clock a measurement uses.
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall,
+    Cpu,
+}
+
+struct Timer(Clock, Instant, f64);
+
+impl Timer {
+    fn start(c: Clock, cpu: libc::clockid_t) -> Self {
+        Timer(c, Instant::now(), cpu_ns(cpu))
+    }
+    fn ns(&self, cpu: libc::clockid_t) -> f64 {
+        match self.0 {
+            Clock::Wall => self.1.elapsed().as_nanos() as f64,
+            Clock::Cpu => cpu_ns(cpu) - self.2,
+        }
+    }
+}
+
+async fn round<H: Handler>(svc: &mut H, env: &Envelope, n: u32, clock: Clock) -> f64 {
+    let t = Timer::start(clock, libc::CLOCK_THREAD_CPUTIME_ID);
     for _ in 0..n {
         let out = svc.ready().await.unwrap().call(env.clone()).await;
         black_box(out.unwrap());
     }
-    t.elapsed().as_nanos() as f64 / n as f64
+    t.ns(libc::CLOCK_THREAD_CPUTIME_ID) / n as f64
 }
 
 async fn fut_size<H: Handler>(mut h: H, env: &Envelope) -> usize {
@@ -113,13 +148,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Alternates rounds of the bare handler and the stack (so that load
 /// changes on the machine hit both alike) and returns the medians of
 /// (bare, stack, stack - bare of the same pair).
-async fn direct<A: Handler, B: Handler>(mut bare: A, mut stack: B, env: &Envelope, n: u32) -> (f64, f64, f64) {
-    round(&mut bare, env, n / 10).await;
-    round(&mut stack, env, n / 10).await;
+async fn direct<A: Handler, B: Handler>(
+    mut bare: A,
+    mut stack: B,
+    env: &Envelope,
+    n: u32,
+    clock: Clock,
+) -> (f64, f64, f64) {
+    round(&mut bare, env, n / 10, clock).await;
+    round(&mut stack, env, n / 10, clock).await;
     let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..9 {
-        let x = round(&mut bare, env, n).await;
-        let y = round(&mut stack, env, n).await;
+        let x = round(&mut bare, env, n, clock).await;
+        let y = round(&mut stack, env, n, clock).await;
         b.push(x);
         s.push(y);
         d.push(y - x);
@@ -127,7 +168,7 @@ async fn direct<A: Handler, B: Handler>(mut bare: A, mut stack: B, env: &Envelop
     (median(b), median(s), median(d))
 }
 
-async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
+async fn worker_ns<H: Handler>(h: H, n: u32, clock: Clock) -> f64 {
     let broker = switchyard_memory::MemoryBroker::new();
     let t: Arc<dyn Transport> = broker.connect();
     t.declare_queue(&QueueSpec::new("bench")).await.unwrap();
@@ -140,7 +181,7 @@ async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
         .await
         .unwrap();
     }
-    let start = Instant::now();
+    let start = Timer::start(clock, libc::CLOCK_PROCESS_CPUTIME_ID);
     let w = Worker::new(t.clone())
         .route_with("bench", h, RouteConfig::default().prefetch(100).concurrency(32))
         .start()
@@ -153,7 +194,7 @@ async fn worker_ns<H: Handler>(h: H, n: u32) -> f64 {
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let ns = start.elapsed().as_nanos() as f64 / n as f64;
+    let ns = start.ns(libc::CLOCK_PROCESS_CPUTIME_ID) / n as f64;
     w.shutdown().await.unwrap();
     ns
 }
@@ -172,9 +213,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let clock = if std::env::args().any(|a| a == "--wall") {
+        Clock::Wall
+    } else {
+        Clock::Cpu
+    };
     println!(
-        "stack_overhead: direct calls: 9 alternating rounds of {n} (bare, stack), medians; \
-         Worker: 7 alternating drains of {wn} messages, medians"
+        "stack_overhead: {} time; direct calls: 9 alternating rounds of {n} (bare, stack), medians; \
+         Worker: 7 alternating drains of {wn} messages, medians",
+        match clock {
+            Clock::Wall => "wall-clock",
+            Clock::Cpu => "CPU (thread CPU time for direct calls, process CPU time for the Worker)",
+        }
     );
     let report = |label: &str, (bare, stack, added): (f64, f64, f64)| {
         println!("  {label:<75} bare {bare:>7.1} ns/msg   stack {stack:>7.1} ns/msg   added {added:>7.1} ns/msg");
@@ -191,39 +241,45 @@ fn main() {
     rt.block_on(async {
         report(
             "direct, full stack, no-op metrics recorder",
-            direct(bare(), full_stack(bare(), null.clone()), &env, n).await,
+            direct(bare(), full_stack(bare(), null.clone()), &env, n, clock).await,
         );
         report(
             "direct, every consume layer, no-op metrics recorder",
-            direct(bare(), every_layer(bare(), null.clone()), &env, n).await,
+            direct(bare(), every_layer(bare(), null.clone()), &env, n, clock).await,
         );
         if layers {
             let one = |name: &str, r| report(&format!("direct, {name} alone"), r);
-            one("trace", direct(bare(), TraceLayer::new().layer(bare()), &env, n).await);
+            one(
+                "trace",
+                direct(bare(), TraceLayer::new().layer(bare()), &env, n, clock).await,
+            );
             one(
                 "metrics (no-op)",
-                direct(bare(), MetricsLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), MetricsLayer::new().layer(bare()), &env, n, clock).await,
             );
             let dl = DeadLetterLayer::new(null.clone(), "dlx");
-            one("dead-letter", direct(bare(), dl.layer(bare()), &env, n).await);
+            one("dead-letter", direct(bare(), dl.layer(bare()), &env, n, clock).await);
             let retry = RetryLayer::in_process(RetryPolicy::exponential(3, Duration::from_millis(10)));
-            one("retry", direct(bare(), retry.layer(bare()), &env, n).await);
+            one("retry", direct(bare(), retry.layer(bare()), &env, n, clock).await);
             let timeout = TimeoutLayer::new(Duration::from_secs(30));
-            one("timeout", direct(bare(), timeout.layer(bare()), &env, n).await);
+            one("timeout", direct(bare(), timeout.layer(bare()), &env, n, clock).await);
             one(
                 "decompression (off)",
-                direct(bare(), DecompressionLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), DecompressionLayer::new().layer(bare()), &env, n, clock).await,
             );
             one(
                 "catch-panic",
-                direct(bare(), CatchPanicLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), CatchPanicLayer::new().layer(bare()), &env, n, clock).await,
             );
             one(
                 "correlation",
-                direct(bare(), CorrelationLayer::new().layer(bare()), &env, n).await,
+                direct(bare(), CorrelationLayer::new().layer(bare()), &env, n, clock).await,
             );
             let dedup = DedupLayer::new(MemoryDedupStore::new(10_000)).key_fn(|_| None);
-            one("dedup (no key)", direct(bare(), dedup.layer(bare()), &env, n).await);
+            one(
+                "dedup (no key)",
+                direct(bare(), dedup.layer(bare()), &env, n, clock).await,
+            );
         }
     });
     let direct_only = std::env::args().any(|a| a == "--direct-only");
@@ -240,8 +296,8 @@ fn main() {
             rt.block_on(async {
                 let (mut b, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..7 {
-                    let x = worker_ns(bare(), wn).await;
-                    let y = worker_ns(full_stack(bare(), null.clone()), wn).await;
+                    let x = worker_ns(bare(), wn, clock).await;
+                    let y = worker_ns(full_stack(bare(), null.clone()), wn, clock).await;
                     b.push(x);
                     s.push(y);
                     d.push(y - x);
@@ -257,7 +313,7 @@ fn main() {
     rt.block_on(async {
         report(
             "direct, full stack, Prometheus recorder",
-            direct(bare(), full_stack(bare(), null.clone()), &env, n).await,
+            direct(bare(), full_stack(bare(), null.clone()), &env, n, clock).await,
         );
     });
     through_worker("Worker + memory transport, full stack, Prometheus recorder");

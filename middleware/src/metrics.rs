@@ -346,11 +346,24 @@ mod tests {
         let snapshotter = recorder.snapshotter();
         let _guard = ::metrics::set_default_local_recorder(&recorder);
         let layer = MetricsLayer::new();
-        let h = layer.layer(handler_fn(|e: Envelope| async move {
-            if e.body().is_empty() {
-                Err(HandlerError::decode("empty"))
-            } else {
-                Ok(())
+        let inside = recorder.snapshotter();
+        let h = layer.layer(handler_fn(move |e: Envelope| {
+            // while the handler runs, the delivery is in flight
+            let in_flight = inside
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .find_map(|(k, _, _, v)| match v {
+                    DebugValue::Gauge(g) if k.key().name() == names::IN_FLIGHT => Some(g.0),
+                    _ => None,
+                });
+            assert_eq!(in_flight, Some(1.0));
+            async move {
+                if e.body().is_empty() {
+                    Err(HandlerError::decode("empty"))
+                } else {
+                    Ok(())
+                }
             }
         }));
         for body in ["a", "b", ""] {

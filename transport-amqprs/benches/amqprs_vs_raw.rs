@@ -230,6 +230,9 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // BENCH_ONLY=publish|consume|rpc runs one group.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wants = |group: &str| only.is_empty() || only == group;
     let raw = raw_connection("bench raw amqprs").await;
     let cfg = AmqprsConfig::from_url(&url())
         .unwrap()

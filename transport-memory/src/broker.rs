@@ -95,9 +95,11 @@ pub(crate) const FLOW_HIGH: usize = 2048;
 /// A publisher held by flow control resumes once the queue is down to this
 /// many ready messages...
 pub(crate) const FLOW_LOW: usize = 1024;
-/// ...or once its consumers have taken nothing for this long (a stalled or
-/// slow consumer never blocks publishers for longer).
-pub(crate) const FLOW_STALL: Duration = Duration::from_millis(20);
+/// ...or once its consumers have taken nothing for this long; flow control
+/// is then off for that queue until its consumers have taken another
+/// [`FLOW_HIGH`] messages, so a slow or stalled consumer never holds
+/// publishers back (only a fast one paces them).
+pub(crate) const FLOW_STALL: Duration = Duration::from_millis(2);
 
 /// The broker: state behind one lock.
 pub(crate) struct Broker {
@@ -369,6 +371,8 @@ pub(crate) struct Queue {
     flow_waiting: bool,
     /// `x-expires`: when the queue is deleted unless used before.
     lease_until: Option<Instant>,
+    /// Flow control is off until `delivered` reaches this.
+    flow_resume_at: u64,
 }
 
 impl Queue {
@@ -429,7 +433,7 @@ impl Queue {
 
     /// True if publishers to this queue should wait for its consumers.
     fn backlogged(&self) -> bool {
-        self.ready > FLOW_HIGH && !self.consumers.is_empty()
+        self.ready > FLOW_HIGH && !self.consumers.is_empty() && self.delivered >= self.flow_resume_at
     }
 
     fn info(&self) -> QueueInfo {
@@ -875,7 +879,10 @@ impl State {
 
     /// The queue `name`, checking exclusivity for `conn`.
     fn queue_for(&self, conn: u64, name: &str) -> Result<&Queue> {
-        let q = self.queues.get(name).ok_or_else(|| Error::QueueNotFound { queue: name.to_owned() })?;
+        let q = self
+            .queues
+            .get(name)
+            .ok_or_else(|| Error::QueueNotFound { queue: name.to_owned() })?;
         if q.owner.is_some_and(|o| o != conn) {
             return Err(locked(name));
         }
@@ -896,10 +903,7 @@ impl State {
                 }
                 a
             };
-            if q.spec.durable != spec.durable
-                || q.spec.auto_delete != spec.auto_delete
-                || norm(&q.spec) != norm(spec)
-            {
+            if q.spec.durable != spec.durable || q.spec.auto_delete != spec.auto_delete || norm(&q.spec) != norm(spec) {
                 return Err(refused(
                     &spec.name,
                     format!(
@@ -942,7 +946,10 @@ impl State {
             });
         }
         if a.max_priority == Some(0) {
-            return Err(refused(&name, "invalid arg 'x-max-priority': must be between 1 and 255"));
+            return Err(refused(
+                &name,
+                "invalid arg 'x-max-priority': must be between 1 and 255",
+            ));
         }
         let mut stored = spec.clone();
         stored.name = name.to_string();
@@ -965,6 +972,7 @@ impl State {
             delivered: 0,
             flow_waiting: false,
             lease_until: None,
+            flow_resume_at: 0,
         };
         self.next_id += 1;
         let mut q = q;
@@ -1146,7 +1154,10 @@ impl State {
             let hit = match ex.spec.kind {
                 ExchangeKind::Direct => b.key == key,
                 ExchangeKind::Fanout => true,
-                ExchangeKind::Topic => b.topic.as_ref().is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
+                ExchangeKind::Topic => b
+                    .topic
+                    .as_ref()
+                    .is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
                 ExchangeKind::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
             };
             if !hit {
@@ -1311,11 +1322,19 @@ impl State {
     /// number of deliveries the queue has made so far (to detect a stall).
     pub(crate) fn flow_status(&mut self, queue: &str) -> Option<u64> {
         let q = self.queues.get_mut(queue)?;
-        if q.ready <= FLOW_LOW || q.consumers.is_empty() {
+        if q.ready <= FLOW_LOW || q.consumers.is_empty() || q.delivered < q.flow_resume_at {
             return None;
         }
         q.flow_waiting = true;
         Some(q.delivered)
+    }
+
+    /// Flow control on `queue` found its consumers stalled: off until they
+    /// have taken [`FLOW_HIGH`] more messages.
+    pub(crate) fn flow_stalled(&mut self, queue: &str) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.flow_resume_at = q.delivered + FLOW_HIGH as u64;
+        }
     }
 
     fn timer_fired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
@@ -1421,7 +1440,8 @@ impl State {
         let id = switchyard_core::message::new_id();
         let name: Arc<str> = Arc::from(format!("{REPLY_TO}.g1h2AA5r{}", &id[..24]));
         let outbox = Outbox::new(false);
-        self.consumers.insert(cid, ConsumerEntry::new(name.clone(), 0, conn, 0, true, outbox.clone()));
+        self.consumers
+            .insert(cid, ConsumerEntry::new(name.clone(), 0, conn, 0, true, outbox.clone()));
         self.reply_to.insert(name.clone(), cid);
         self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
         Ok((cid, name, outbox))
@@ -1480,7 +1500,9 @@ impl State {
         if c.active {
             self.cancel(cid, &unseen, fx);
         }
-        let Some(mut c) = self.consumers.remove(&cid) else { return };
+        let Some(mut c) = self.consumers.remove(&cid) else {
+            return;
+        };
         c.outbox.end(End::Cancelled, fx);
         // Later acks through this channel fail (slow path, entry gone).
         c.outbox.delivered_upto.store(0, Ordering::Release);
@@ -1544,7 +1566,9 @@ impl State {
     /// Puts an unacked message back at its original position, redelivered
     /// (or dead-letters it past a quorum queue's delivery limit).
     fn requeue(&mut self, queue: &Arc<str>, uid: u64, mut m: QMsg, fx: &mut Effects) {
-        let Some(q) = self.queues.get_mut(&**queue).filter(|q| q.uid == uid) else { return };
+        let Some(q) = self.queues.get_mut(&**queue).filter(|q| q.uid == uid) else {
+            return;
+        };
         m.redelivered = true;
         if q.cfg.quorum {
             m.returns += 1;
@@ -1596,7 +1620,10 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
     }
     if q.cfg.single_active {
         let cid = q.consumers[0];
-        return consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)).then_some(cid);
+        return consumers
+            .get_mut(&cid)
+            .is_some_and(|c| c.has_capacity(pool))
+            .then_some(cid);
     }
     for k in 0..n {
         let i = (q.rr + k) % n;
@@ -1744,8 +1771,15 @@ mod tests {
             let conn = st.open_conn();
             st.declare_queue(conn, &QueueSpec::new("q"), fx).unwrap();
             for i in 0..3 {
-                st.publish(conn, &Arc::from(""), &Arc::from("q"), Message::new(format!("{i}")), false, fx)
-                    .unwrap();
+                st.publish(
+                    conn,
+                    &Arc::from(""),
+                    &Arc::from("q"),
+                    Message::new(format!("{i}")),
+                    false,
+                    fx,
+                )
+                .unwrap();
             }
             let (cid, _, outbox) = st.consume(conn, "q", 100, false, false, fx).unwrap();
             (conn, cid, outbox)
@@ -1766,7 +1800,10 @@ mod tests {
             assert_eq!(st.settle(cid, 99, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
             assert_eq!(st.settle(cid, 0, Settle::Ack, fx).unwrap_err().code(), "settle_failed");
             st.settle(cid, 3, Settle::Ack, fx).unwrap();
-            assert_eq!(st.settle(cid, 3, Settle::Requeue, fx).unwrap_err().code(), "settle_failed");
+            assert_eq!(
+                st.settle(cid, 3, Settle::Requeue, fx).unwrap_err().code(),
+                "settle_failed"
+            );
         });
         // A hole (3 settled before 2) turns the lock-free path off...
         assert!(!outbox.fast_ack(2));

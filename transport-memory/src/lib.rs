@@ -62,7 +62,7 @@ use switchyard_core::{
     Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::broker::{Broker, FLOW_STALL, REPLY_TO};
 
@@ -110,7 +110,9 @@ pub struct MemoryTransport {
 
 impl fmt::Debug for MemoryTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryTransport").field("connection", &self.conn).finish()
+        f.debug_struct("MemoryTransport")
+            .field("connection", &self.conn)
+            .finish()
     }
 }
 
@@ -182,7 +184,8 @@ impl Publisher for MemoryTransport {
 /// Publisher flow control, like RabbitMQ's credit flow: a publish that left
 /// a queue with consumers more than [`FLOW_HIGH`](broker::FLOW_HIGH) messages deep waits until
 /// the consumers have brought it down to [`FLOW_LOW`](broker::FLOW_LOW), or until they have
-/// taken nothing for [`FLOW_STALL`]. The message is already enqueued (and
+/// taken nothing for [`FLOW_STALL`] (then flow control is off for that queue
+/// until they have taken [`FLOW_HIGH`](broker::FLOW_HIGH) more). The message is already enqueued (and
 /// thus confirmed); only the return is delayed, so memory stays bounded and
 /// a fast producer does not starve its consumers of CPU.
 async fn flow_wait(broker: &Arc<Broker>, queue: &str) {
@@ -192,14 +195,17 @@ async fn flow_wait(broker: &Arc<Broker>, queue: &str) {
         let notified = broker.drained.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(delivered) = broker.state.lock().flow_status(queue) else { return };
+        let Some(delivered) = broker.state.lock().flow_status(queue) else {
+            return;
+        };
         if last != Some(delivered) {
             last = Some(delivered);
             since = Instant::now();
         } else if since.elapsed() >= FLOW_STALL {
+            broker.state.lock().flow_stalled(queue);
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(2), notified).await;
+        let _ = tokio::time::timeout(FLOW_STALL, notified).await;
     }
 }
 
@@ -207,16 +213,9 @@ async fn flow_wait(broker: &Arc<Broker>, queue: &str) {
 impl Consumer for MemoryTransport {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
         let conn = self.conn;
-        let (cid, queue, outbox) = self.broker.with(|st, fx| {
-            st.consume(
-                conn,
-                queue,
-                options.prefetch,
-                options.auto_ack,
-                options.exclusive,
-                fx,
-            )
-        })?;
+        let (cid, queue, outbox) = self
+            .broker
+            .with(|st, fx| st.consume(conn, queue, options.prefetch, options.auto_ack, options.exclusive, fx))?;
         let tag: Arc<str> = if options.consumer_tag.is_empty() {
             Arc::from(format!("amq.ctag-{}", &switchyard_core::message::new_id()[..22]))
         } else {

@@ -94,7 +94,11 @@ impl HeadersPattern {
                 "any" => XMatch::Any,
                 "all-with-x" => XMatch::AllWithX,
                 "any-with-x" => XMatch::AnyWithX,
-                other => return Err(format!("invalid x-match field value '{other}'; expected all, any, all-with-x, or any-with-x")),
+                other => {
+                    return Err(format!(
+                        "invalid x-match field value '{other}'; expected all, any, all-with-x, or any-with-x"
+                    ))
+                }
             },
             Some(other) => return Err(format!("invalid x-match field value {other:?}")),
         };
@@ -147,7 +151,10 @@ pub(crate) fn value_matches(p: &HeaderValue, d: &HeaderValue) -> bool {
     if matches!(p, HeaderValue::Void) {
         return true;
     }
-    if let (Some(a), Some(b)) = (p.as_i64().filter(|_| !matches!(p, HeaderValue::Timestamp(_))), d.as_i64()) {
+    if let (Some(a), Some(b)) = (
+        p.as_i64().filter(|_| !matches!(p, HeaderValue::Timestamp(_))),
+        d.as_i64(),
+    ) {
         if !matches!(d, HeaderValue::Timestamp(_)) {
             return a == b;
         }
@@ -252,8 +259,14 @@ mod tests {
         assert!(value_matches(&HeaderValue::I32(1), &HeaderValue::F64(1.0)));
         assert!(value_matches(&HeaderValue::F64(1.0), &HeaderValue::U8(1)));
         assert!(!value_matches(&HeaderValue::I32(2), &HeaderValue::I64((1 << 32) + 2)));
-        assert!(value_matches(&"1".into(), &HeaderValue::Bytes(bytes::Bytes::from_static(b"1"))));
-        assert!(value_matches(&HeaderValue::Bytes(bytes::Bytes::from_static(b"1")), &"1".into()));
+        assert!(value_matches(
+            &"1".into(),
+            &HeaderValue::Bytes(bytes::Bytes::from_static(b"1"))
+        ));
+        assert!(value_matches(
+            &HeaderValue::Bytes(bytes::Bytes::from_static(b"1")),
+            &"1".into()
+        ));
         assert!(value_matches(&HeaderValue::Bool(true), &HeaderValue::Bool(true)));
         assert!(!value_matches(&HeaderValue::Bool(true), &HeaderValue::Bool(false)));
         assert!(!value_matches(&HeaderValue::Bool(true), &HeaderValue::I8(1)));

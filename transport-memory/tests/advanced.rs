@@ -29,7 +29,10 @@ fn body(d: &Delivery) -> String {
 }
 
 async fn bodies(t: &MemoryTransport, queue: &str) -> Vec<String> {
-    let mut sub = t.consume(queue, ConsumeOptions::default().auto_ack(true)).await.unwrap();
+    let mut sub = t
+        .consume(queue, ConsumeOptions::default().auto_ack(true))
+        .await
+        .unwrap();
     let mut out = Vec::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(30), sub.next()).await {
         out.push(body(&d));
@@ -47,7 +50,11 @@ async fn with_dlx(t: &MemoryTransport, spec: QueueSpec) {
 }
 
 fn death(m: &Message) -> &Headers {
-    let deaths = m.headers.get("x-death").and_then(HeaderValue::as_array).expect("x-death array");
+    let deaths = m
+        .headers
+        .get("x-death")
+        .and_then(HeaderValue::as_array)
+        .expect("x-death array");
     deaths[0].as_table().expect("x-death entry is a table")
 }
 
@@ -61,7 +68,9 @@ async fn reject_dead_letters_with_x_death() {
         .with_header("tenant", "acme")
         .with_priority(3)
         .with_expiration(Duration::from_secs(60));
-    t.publish(&Destination::new("events", "order.created"), m).await.unwrap();
+    t.publish(&Destination::new("events", "order.created"), m)
+        .await
+        .unwrap();
     let mut sub = t.consume("work", ConsumeOptions::default()).await.unwrap();
     recv(&mut sub).await.reject(false).await.unwrap();
 
@@ -89,7 +98,10 @@ async fn reject_dead_letters_with_x_death() {
     assert_eq!(m.headers.get_str("x-first-death-reason"), Some("rejected"));
     assert_eq!(m.headers.get_str("x-first-death-queue"), Some("work"));
     assert_eq!(m.headers.get_str("x-first-death-exchange"), Some("events"));
-    assert!(!m.headers.contains_key("x-last-death-reason"), "3.10 has no x-last-death-*");
+    assert!(
+        !m.headers.contains_key("x-last-death-reason"),
+        "3.10 has no x-last-death-*"
+    );
     d.ack().await.unwrap();
 }
 
@@ -98,9 +110,13 @@ async fn dead_lettered_again_increments_count_and_keeps_first_death() {
     let t = MemoryTransport::new();
     // work -> (reject) dlx -> dead ; dead -> (reject) default exchange -> work
     t.declare_exchange(&ExchangeSpec::direct("dlx")).await.unwrap();
-    t.declare_queue(&QueueSpec::new("dead").dead_letter("", Some("work"))).await.unwrap();
+    t.declare_queue(&QueueSpec::new("dead").dead_letter("", Some("work")))
+        .await
+        .unwrap();
     t.bind(&Binding::queue("dead", "dlx", "dead")).await.unwrap();
-    t.declare_queue(&QueueSpec::new("work").dead_letter("dlx", Some("dead"))).await.unwrap();
+    t.declare_queue(&QueueSpec::new("work").dead_letter("dlx", Some("dead")))
+        .await
+        .unwrap();
     t.publish(&Destination::queue("work"), Message::new("m")).await.unwrap();
     let mut work = t.consume("work", ConsumeOptions::default()).await.unwrap();
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
@@ -108,7 +124,12 @@ async fn dead_lettered_again_increments_count_and_keeps_first_death() {
     recv(&mut dead).await.reject(false).await.unwrap();
     recv(&mut work).await.reject(false).await.unwrap();
     let d = recv(&mut dead).await;
-    let deaths = d.message.headers.get("x-death").and_then(HeaderValue::as_array).unwrap();
+    let deaths = d
+        .message
+        .headers
+        .get("x-death")
+        .and_then(HeaderValue::as_array)
+        .unwrap();
     assert_eq!(deaths.len(), 2, "one entry per (queue, reason)");
     let first = deaths[0].as_table().unwrap();
     assert_eq!(first.get_str("queue"), Some("work"), "most recent first");
@@ -126,7 +147,9 @@ async fn dead_letter_without_routing_key_override_uses_original_key() {
     t.declare_exchange(&ExchangeSpec::topic("dlx")).await.unwrap();
     t.declare_queue(&QueueSpec::new("dead")).await.unwrap();
     t.bind(&Binding::queue("dead", "dlx", "#")).await.unwrap();
-    t.declare_queue(&QueueSpec::new("work").dead_letter("dlx", None)).await.unwrap();
+    t.declare_queue(&QueueSpec::new("work").dead_letter("dlx", None))
+        .await
+        .unwrap();
     t.publish(&Destination::queue("work"), Message::new("m")).await.unwrap();
     let mut work = t.consume("work", ConsumeOptions::default()).await.unwrap();
     recv(&mut work).await.nack(false).await.unwrap();
@@ -140,10 +163,18 @@ async fn per_message_ttl_expires_only_at_head() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work")).await;
     let w = Destination::queue("work");
-    t.publish(&w, Message::new("long").with_expiration(Duration::from_secs(60))).await.unwrap();
-    t.publish(&w, Message::new("short").with_expiration(Duration::from_millis(30))).await.unwrap();
+    t.publish(&w, Message::new("long").with_expiration(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    t.publish(&w, Message::new("short").with_expiration(Duration::from_millis(30)))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(t.queue_info("work").await.unwrap().message_count, 2, "short is not at the head");
+    assert_eq!(
+        t.queue_info("work").await.unwrap().message_count,
+        2,
+        "short is not at the head"
+    );
     assert_eq!(t.queue_info("dead").await.unwrap().message_count, 0);
     let mut sub = t.consume("work", ConsumeOptions::default()).await.unwrap();
     let d = recv(&mut sub).await;
@@ -163,9 +194,12 @@ async fn per_message_ttl_expires_only_at_head() {
 async fn expired_head_is_dead_lettered_eagerly_by_timer() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work")).await;
-    t.publish(&Destination::queue("work"), Message::new("short").with_expiration(Duration::from_millis(30)))
-        .await
-        .unwrap();
+    t.publish(
+        &Destination::queue("work"),
+        Message::new("short").with_expiration(Duration::from_millis(30)),
+    )
+    .await
+    .unwrap();
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
     let d = recv(&mut dead).await;
     assert_eq!(body(&d), "short");
@@ -178,7 +212,9 @@ async fn queue_ttl_expires_everything_and_lower_ttl_wins() {
     with_dlx(&t, QueueSpec::new("work").message_ttl(Duration::from_millis(60))).await;
     let w = Destination::queue("work");
     t.publish(&w, Message::new("a")).await.unwrap();
-    t.publish(&w, Message::new("b").with_expiration(Duration::from_secs(60))).await.unwrap();
+    t.publish(&w, Message::new("b").with_expiration(Duration::from_secs(60)))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 0);
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
@@ -221,7 +257,9 @@ async fn expired_dead_letter_cycle_is_dropped() {
 #[tokio::test]
 async fn rejected_dead_letter_back_to_same_queue_is_not_a_cycle() {
     let t = MemoryTransport::new();
-    t.declare_queue(&QueueSpec::new("loop").dead_letter("", Some("loop"))).await.unwrap();
+    t.declare_queue(&QueueSpec::new("loop").dead_letter("", Some("loop")))
+        .await
+        .unwrap();
     t.publish(&Destination::queue("loop"), Message::new("m")).await.unwrap();
     let mut sub = t.consume("loop", ConsumeOptions::default()).await.unwrap();
     recv(&mut sub).await.reject(false).await.unwrap();
@@ -235,7 +273,9 @@ async fn max_length_drop_head_dead_letters_oldest() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work").max_length(2, Overflow::DropHead)).await;
     for i in 1..=4 {
-        t.publish(&Destination::queue("work"), Message::new(format!("m{i}"))).await.unwrap();
+        t.publish(&Destination::queue("work"), Message::new(format!("m{i}")))
+            .await
+            .unwrap();
     }
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 2);
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
@@ -268,7 +308,10 @@ async fn reject_publish_refuses_without_dead_lettering() {
     let w = Destination::queue("work");
     t.publish(&w, Message::new("m1")).await.unwrap();
     let e = t.publish(&w, Message::new("m2")).await.unwrap_err();
-    assert!(matches!(&e, Error::PublishUnconfirmed { routing_key, .. } if routing_key == "work"), "{e}");
+    assert!(
+        matches!(&e, Error::PublishUnconfirmed { routing_key, .. } if routing_key == "work"),
+        "{e}"
+    );
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 1);
     assert_eq!(t.queue_info("dead").await.unwrap().message_count, 0);
 }
@@ -279,7 +322,10 @@ async fn reject_publish_dlx_refuses_and_dead_letters() {
     with_dlx(&t, QueueSpec::new("work").max_length(1, Overflow::RejectPublishDlx)).await;
     let w = Destination::queue("work");
     t.publish(&w, Message::new("m1")).await.unwrap();
-    assert_eq!(t.publish(&w, Message::new("m2")).await.unwrap_err().code(), "publish_unconfirmed");
+    assert_eq!(
+        t.publish(&w, Message::new("m2")).await.unwrap_err().code(),
+        "publish_unconfirmed"
+    );
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
     let d = recv(&mut dead).await;
     assert_eq!(body(&d), "m2");
@@ -327,8 +373,12 @@ async fn priorities_highest_first_fifo_within_and_clamped_to_max() {
 async fn without_max_priority_the_queue_is_fifo() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
-    t.publish(&Destination::queue("q"), Message::new("a").with_priority(1)).await.unwrap();
-    t.publish(&Destination::queue("q"), Message::new("b").with_priority(9)).await.unwrap();
+    t.publish(&Destination::queue("q"), Message::new("a").with_priority(1))
+        .await
+        .unwrap();
+    t.publish(&Destination::queue("q"), Message::new("b").with_priority(9))
+        .await
+        .unwrap();
     assert_eq!(bodies(&t, "q").await, vec!["a", "b"]);
 }
 
@@ -341,7 +391,11 @@ async fn exclusive_queue_belongs_to_its_connection() {
     assert!(info.name.starts_with("amq.gen-"), "{}", info.name);
     let q = info.name.as_str();
     for e in [
-        other.consume(q, ConsumeOptions::default()).await.map(|_| ()).unwrap_err(),
+        other
+            .consume(q, ConsumeOptions::default())
+            .await
+            .map(|_| ())
+            .unwrap_err(),
         other.queue_info(q).await.map(|_| ()).unwrap_err(),
         other.purge_queue(q).await.map(|_| ()).unwrap_err(),
         other.delete_queue(q).await.map(|_| ()).unwrap_err(),
@@ -351,13 +405,19 @@ async fn exclusive_queue_belongs_to_its_connection() {
             .map(|_| ())
             .unwrap_err(),
     ] {
-        assert!(matches!(&e, Error::ResourceLocked { resource, .. } if resource == q), "{e}");
+        assert!(
+            matches!(&e, Error::ResourceLocked { resource, .. } if resource == q),
+            "{e}"
+        );
     }
     // Others may publish to it.
     other.publish(&Destination::queue(q), Message::new("x")).await.unwrap();
     assert_eq!(owner.queue_info(q).await.unwrap().message_count, 1);
     // Redeclaring with another exclusivity is locked too.
-    let e = owner.declare_queue(&QueueSpec::new(q).durable(false).auto_delete(true)).await.unwrap_err();
+    let e = owner
+        .declare_queue(&QueueSpec::new(q).durable(false).auto_delete(true))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "resource_locked");
     owner.close().await.unwrap();
     assert_eq!(other.queue_info(q).await.unwrap_err().code(), "queue_not_found");
@@ -397,7 +457,10 @@ async fn exclusive_consumer_locks_the_queue() {
     sub.cancel().await.unwrap();
     let _plain = t.consume("q", ConsumeOptions::default()).await.unwrap();
     assert_eq!(
-        t.consume("q", ConsumeOptions::default().exclusive(true)).await.unwrap_err().code(),
+        t.consume("q", ConsumeOptions::default().exclusive(true))
+            .await
+            .unwrap_err()
+            .code(),
         "resource_locked"
     );
 }
@@ -431,12 +494,18 @@ async fn redeclare_is_idempotent_and_conflicts_are_precondition_failed() {
         spec.clone().max_priority(3),
     ] {
         let e = t.declare_queue(&bad).await.unwrap_err();
-        assert!(matches!(&e, Error::PreconditionFailed { resource, .. } if resource == "q"), "{e}");
+        assert!(
+            matches!(&e, Error::PreconditionFailed { resource, .. } if resource == "q"),
+            "{e}"
+        );
     }
     t.declare_exchange(&ExchangeSpec::topic("x")).await.unwrap();
     t.declare_exchange(&ExchangeSpec::topic("x")).await.unwrap();
     for bad in [ExchangeSpec::direct("x"), ExchangeSpec::topic("x").durable(false)] {
-        assert_eq!(t.declare_exchange(&bad).await.unwrap_err().code(), "precondition_failed");
+        assert_eq!(
+            t.declare_exchange(&bad).await.unwrap_err().code(),
+            "precondition_failed"
+        );
     }
 }
 
@@ -454,26 +523,50 @@ async fn headers_exchange_routes_on_values() {
     ]
     .into_iter()
     .collect();
-    let any: Headers = [("x-match", HeaderValue::from("any")), ("format", "zip".into()), ("v", 7i64.into())]
-        .into_iter()
-        .collect();
+    let any: Headers = [
+        ("x-match", HeaderValue::from("any")),
+        ("format", "zip".into()),
+        ("v", 7i64.into()),
+    ]
+    .into_iter()
+    .collect();
     let void: Headers = [("flag", HeaderValue::Void)].into_iter().collect();
-    t.bind(&Binding::queue("all", "h", "").with_arguments(all)).await.unwrap();
-    t.bind(&Binding::queue("any", "h", "").with_arguments(any)).await.unwrap();
-    t.bind(&Binding::queue("void", "h", "").with_arguments(void)).await.unwrap();
-    let h = Destination::new("h", "ignored");
-    t.publish(&h, Message::new("1").with_header("format", "pdf").with_header("v", HeaderValue::I8(2)))
+    t.bind(&Binding::queue("all", "h", "").with_arguments(all))
         .await
         .unwrap();
-    t.publish(&h, Message::new("2").with_header("format", "pdf").with_header("v", "2")).await.unwrap();
-    t.publish(&h, Message::new("3").with_header("v", HeaderValue::U16(7))).await.unwrap();
-    t.publish(&h, Message::new("4").with_header("flag", false)).await.unwrap();
+    t.bind(&Binding::queue("any", "h", "").with_arguments(any))
+        .await
+        .unwrap();
+    t.bind(&Binding::queue("void", "h", "").with_arguments(void))
+        .await
+        .unwrap();
+    let h = Destination::new("h", "ignored");
+    t.publish(
+        &h,
+        Message::new("1")
+            .with_header("format", "pdf")
+            .with_header("v", HeaderValue::I8(2)),
+    )
+    .await
+    .unwrap();
+    t.publish(&h, Message::new("2").with_header("format", "pdf").with_header("v", "2"))
+        .await
+        .unwrap();
+    t.publish(&h, Message::new("3").with_header("v", HeaderValue::U16(7)))
+        .await
+        .unwrap();
+    t.publish(&h, Message::new("4").with_header("flag", false))
+        .await
+        .unwrap();
     assert_eq!(bodies(&t, "all").await, vec!["1"]);
     assert_eq!(bodies(&t, "any").await, vec!["3"]);
     assert_eq!(bodies(&t, "void").await, vec!["4"]);
     let bad: Headers = [("x-match", "most")].into_iter().collect();
     assert_eq!(
-        t.bind(&Binding::queue("all", "h", "").with_arguments(bad)).await.unwrap_err().code(),
+        t.bind(&Binding::queue("all", "h", "").with_arguments(bad))
+            .await
+            .unwrap_err()
+            .code(),
         "precondition_failed"
     );
 }
@@ -488,7 +581,9 @@ async fn exchange_to_exchange_and_alternate_exchange() {
     t.bind(&Binding::queue("q", "fan", "")).await.unwrap();
     // Also bound directly: still one copy.
     t.bind(&Binding::queue("q", "src", "#")).await.unwrap();
-    t.publish(&Destination::new("src", "a.b"), Message::new("1")).await.unwrap();
+    t.publish(&Destination::new("src", "a.b"), Message::new("1"))
+        .await
+        .unwrap();
     assert_eq!(bodies(&t, "q").await, vec!["1"]);
 
     t.declare_exchange(&ExchangeSpec::fanout("ae")).await.unwrap();
@@ -539,7 +634,9 @@ async fn connection_close_requeues_unacked_in_original_order() {
     let c2 = b.connect();
     c1.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 1..=3 {
-        c1.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        c1.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = c2.consume("q", ConsumeOptions::default().prefetch(2)).await.unwrap();
     let _d1 = recv(&mut sub).await;
@@ -552,10 +649,7 @@ async fn connection_close_requeues_unacked_in_original_order() {
         let d = recv(&mut sub).await;
         got.push((body(&d), d.info.redelivered));
     }
-    assert_eq!(
-        got,
-        vec![("1".into(), true), ("2".into(), true), ("3".into(), false)]
-    );
+    assert_eq!(got, vec![("1".into(), true), ("2".into(), true), ("3".into(), false)]);
 }
 
 #[tokio::test]
@@ -570,7 +664,9 @@ async fn direct_reply_to_round_trip() {
     publisher
         .publish(
             &Destination::queue("rpc"),
-            Message::new("ping").with_reply_to(rc.reply_to.clone()).with_correlation_id("c1"),
+            Message::new("ping")
+                .with_reply_to(rc.reply_to.clone())
+                .with_correlation_id("c1"),
         )
         .await
         .unwrap();
@@ -579,7 +675,10 @@ async fn direct_reply_to_round_trip() {
     let reply_to = req.message.properties.reply_to.clone().unwrap();
     assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
     server
-        .publish(&Destination::queue(reply_to.as_str()), Message::new("pong").with_correlation_id("c1"))
+        .publish(
+            &Destination::queue(reply_to.as_str()),
+            Message::new("pong").with_correlation_id("c1"),
+        )
         .await
         .unwrap();
     req.ack().await.unwrap();
@@ -619,7 +718,9 @@ async fn unused_queue_expires_and_use_renews_the_lease() {
     assert_eq!(t.queue_info("lease").await.unwrap_err().code(), "queue_not_found");
     // Untouched from the start: gone.
     t.declare_queue(&spec).await.unwrap();
-    t.publish(&Destination::queue("lease"), Message::new("x")).await.unwrap();
+    t.publish(&Destination::queue("lease"), Message::new("x"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(t.queue_info("lease").await.unwrap_err().code(), "queue_not_found");
 }
@@ -646,9 +747,9 @@ async fn a_stalled_consumer_holds_publishers_only_briefly() {
     for _ in 0..10_000 {
         t.publish(&Destination::queue("deep"), Message::new("x")).await.unwrap();
     }
-    // Flow control waits at most ~20 ms per stalled publish once past the
-    // high-water mark, and only while deliveries stall.
-    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    // Flow control gives up after a couple of milliseconds without
+    // deliveries and stays off while the consumer is stalled.
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
     assert_eq!(t.queue_info("deep").await.unwrap().message_count, 9_990);
     let d = recv(&mut sub).await;
     d.ack().await.unwrap();
@@ -659,7 +760,9 @@ async fn large_prefetch_windows_refill_after_batched_acks() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..100 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(20)).await.unwrap();
     // A batch consumer: take a whole window, then ack it all, then ask for more.
@@ -684,7 +787,9 @@ async fn acks_out_of_order_and_mixed_settlements_keep_the_window_exact() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..60 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(16)).await.unwrap();
     let mut window = Vec::new();

@@ -27,7 +27,10 @@ fn body(d: &Delivery) -> String {
 }
 
 async fn drain(t: &MemoryTransport, queue: &str) -> Vec<String> {
-    let mut sub = t.consume(queue, ConsumeOptions::default().auto_ack(true)).await.unwrap();
+    let mut sub = t
+        .consume(queue, ConsumeOptions::default().auto_ack(true))
+        .await
+        .unwrap();
     let mut out = Vec::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(30), sub.next()).await {
         out.push(body(&d));
@@ -61,8 +64,14 @@ async fn default_exchange_routes_by_queue_name() {
 async fn default_exchange_cannot_be_bound_or_deleted() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
-    assert_eq!(t.bind(&Binding::queue("q", "", "q")).await.unwrap_err().code(), "precondition_failed");
-    assert_eq!(t.unbind(&Binding::queue("q", "", "q")).await.unwrap_err().code(), "precondition_failed");
+    assert_eq!(
+        t.bind(&Binding::queue("q", "", "q")).await.unwrap_err().code(),
+        "precondition_failed"
+    );
+    assert_eq!(
+        t.unbind(&Binding::queue("q", "", "q")).await.unwrap_err().code(),
+        "precondition_failed"
+    );
     assert_eq!(t.delete_exchange("").await.unwrap_err().code(), "precondition_failed");
     assert!(t.exchange_exists("").await.unwrap());
     assert_eq!(
@@ -89,13 +98,27 @@ async fn direct_fanout_topic_routing() {
     // Binding twice is idempotent: one copy per publish.
     t.bind(&Binding::queue("qc", "t", "#.deleted")).await.unwrap();
 
-    t.publish(&Destination::new("d", "red"), Message::new("d-red")).await.unwrap();
-    t.publish(&Destination::new("d", "green"), Message::new("d-green")).await.unwrap();
-    t.publish(&Destination::new("f", "whatever"), Message::new("f")).await.unwrap();
-    t.publish(&Destination::new("t", "session.created"), Message::new("t1")).await.unwrap();
-    t.publish(&Destination::new("t", "session.created.v2"), Message::new("t2")).await.unwrap();
-    t.publish(&Destination::new("t", "memory.x.deleted"), Message::new("t3")).await.unwrap();
-    t.publish(&Destination::new("t", "deleted"), Message::new("t4")).await.unwrap();
+    t.publish(&Destination::new("d", "red"), Message::new("d-red"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("d", "green"), Message::new("d-green"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("f", "whatever"), Message::new("f"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("t", "session.created"), Message::new("t1"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("t", "session.created.v2"), Message::new("t2"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("t", "memory.x.deleted"), Message::new("t3"))
+        .await
+        .unwrap();
+    t.publish(&Destination::new("t", "deleted"), Message::new("t4"))
+        .await
+        .unwrap();
 
     assert_eq!(drain(&t, "qa").await, vec!["d-red", "f"]);
     assert_eq!(drain(&t, "qb").await, vec!["t1"]);
@@ -114,8 +137,14 @@ async fn unbind_and_delete_exchange_stop_routing() {
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 1);
     t.delete_exchange("d").await.unwrap();
     assert!(!t.exchange_exists("d").await.unwrap());
-    let e = t.publish(&Destination::new("d", "k"), Message::new("3")).await.unwrap_err();
-    assert!(matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "d"), "{e}");
+    let e = t
+        .publish(&Destination::new("d", "k"), Message::new("3"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "d"),
+        "{e}"
+    );
     // Deleting a missing exchange is not an error.
     t.delete_exchange("d").await.unwrap();
 }
@@ -127,7 +156,10 @@ async fn missing_entities_give_clear_errors() {
     assert!(matches!(&e, Error::QueueNotFound { queue } if queue == "nope"), "{e}");
     let e = t.queue_info("nope").await.unwrap_err();
     assert_eq!(e.code(), "queue_not_found");
-    let e = t.publish(&Destination::new("nope", "k"), Message::new("x")).await.unwrap_err();
+    let e = t
+        .publish(&Destination::new("nope", "k"), Message::new("x"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "exchange_not_found");
     let e = t.bind(&Binding::queue("nope", "amq.direct", "k")).await.unwrap_err();
     assert_eq!(e.code(), "queue_not_found");
@@ -170,7 +202,9 @@ async fn prefetch_bounds_unacked_deliveries() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..10 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(3)).await.unwrap();
     let mut held = Vec::new();
@@ -199,7 +233,9 @@ async fn prefetch_zero_is_unlimited() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..50 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(0)).await.unwrap();
     let mut held = Vec::new();
@@ -216,7 +252,9 @@ async fn competing_consumers_share_round_robin() {
     let mut a = t.consume("q", ConsumeOptions::default().prefetch(0)).await.unwrap();
     let mut b = t.consume("q", ConsumeOptions::default().prefetch(0)).await.unwrap();
     for i in 0..6 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut got_a = Vec::new();
     let mut got_b = Vec::new();
@@ -238,7 +276,9 @@ async fn nack_requeue_goes_back_to_original_position_redelivered() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..4 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(2)).await.unwrap();
     let d0 = recv(&mut sub).await;
@@ -297,7 +337,13 @@ async fn settling_after_connection_close_fails_and_message_is_requeued() {
     let mut sub = other.consume("q", ConsumeOptions::default()).await.unwrap();
     let d = recv(&mut sub).await;
     assert!(d.info.redelivered);
-    assert_eq!(t.publish(&Destination::queue("q"), Message::new("y")).await.unwrap_err().code(), "shutdown");
+    assert_eq!(
+        t.publish(&Destination::queue("q"), Message::new("y"))
+            .await
+            .unwrap_err()
+            .code(),
+        "shutdown"
+    );
     assert_eq!(t.health_check().await.unwrap_err().code(), "shutdown");
     other.health_check().await.unwrap();
 }
@@ -308,7 +354,9 @@ async fn auto_ack_needs_no_settlement() {
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     let mut sub = t.consume("q", ConsumeOptions::default().auto_ack(true)).await.unwrap();
     for i in 0..20 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     for i in 0..20 {
         let d = recv(&mut sub).await;
@@ -354,7 +402,9 @@ async fn purge_counts_ready_only_and_delete_returns_ready_count() {
     let t = b.connect();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     for i in 0..5 {
-        t.publish(&Destination::queue("q"), Message::new(i.to_string())).await.unwrap();
+        t.publish(&Destination::queue("q"), Message::new(i.to_string()))
+            .await
+            .unwrap();
     }
     let mut sub = t.consume("q", ConsumeOptions::default().prefetch(2)).await.unwrap();
     let d = recv(&mut sub).await;
@@ -363,7 +413,11 @@ async fn purge_counts_ready_only_and_delete_returns_ready_count() {
     assert_eq!(t.purge_queue("q").await.unwrap(), 3);
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
     d.nack(true).await.unwrap();
-    assert_eq!(t.delete_queue("q").await.unwrap(), 0, "the requeued message went to the consumer");
+    assert_eq!(
+        t.delete_queue("q").await.unwrap(),
+        0,
+        "the requeued message went to the consumer"
+    );
     assert!(recv(&mut sub).await.message.body.len() == 1);
     match tokio::time::timeout(Duration::from_secs(1), sub.next()).await.unwrap() {
         Some(Err(Error::ConsumerCancelled { queue })) => assert_eq!(queue, "q"),
