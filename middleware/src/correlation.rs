@@ -4,17 +4,17 @@
 //!
 //! One [`CorrelationLayer`] wraps both sides:
 //!
-//! - around a handler, it holds the correlation id of the delivery being
-//!   handled (its `correlation_id`, or its `message_id` when it has none) in
-//!   a task-local for the duration of the call ([`current`]);
+//! - around a handler, it makes the correlation id of the delivery being
+//!   handled (its `correlation_id`, or its `message_id` when it has none)
+//!   current while the handler runs ([`current`]);
 //! - around a publisher ([`PublisherService`](crate::publish::PublisherService)),
 //!   it sets a missing `message_id` to a new id and a missing
 //!   `correlation_id` to the current one (inside a handler) or else to the
 //!   message's own id, so a chain of messages shares one correlation id.
 //!
-//! The task-local is visible to the handler's own future; work the handler
-//! spawns onto other tasks must carry the id itself (read [`current`] and
-//! use [`scope`]).
+//! The id is visible to the handler's own future (it is set around each
+//! poll); work the handler spawns onto other tasks must carry it itself
+//! (read [`current`] and use [`scope`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -40,19 +40,21 @@
 //! }
 //! ```
 
+use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use pin_project_lite::pin_project;
 use switchyard_core::message::new_id;
 use switchyard_core::{Envelope, HandlerError, Outcome};
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
 use crate::publish::PublishRequest;
 
-/// What the task-local holds: the handled delivery (its id is read only
-/// when something is published), or an id set by [`scope`].
+/// What is current while a handler runs: the handled delivery (its id is
+/// read only when something is published), or an id set by [`scope`].
 #[derive(Clone, Debug)]
 pub enum Current {
     /// The delivery being handled.
@@ -70,21 +72,66 @@ impl Current {
     }
 }
 
-tokio::task_local! {
-    static CURRENT: Current;
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
 }
 
-/// The correlation id of the message being handled by the current task (its
-/// `correlation_id`, or its `message_id` when it has none), if a
-/// [`Correlation`] service is handling one.
+/// Swaps `slot` with the thread's current value (in on enter, back on exit).
+fn swap_current(slot: &mut Option<Current>) {
+    // `try_with` fails only while the thread is being torn down
+    let _ = CURRENT.try_with(|c| {
+        if let Ok(mut cur) = c.try_borrow_mut() {
+            std::mem::swap(&mut *cur, slot);
+        }
+    });
+}
+
+/// Restores the previous value when a poll ends (also by unwinding).
+struct Restore<'a>(&'a mut Option<Current>);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        swap_current(self.0);
+    }
+}
+
+/// The correlation id of the message being handled (its `correlation_id`,
+/// or its `message_id` when it has none), if a [`Correlation`] service is
+/// handling one: it is current while the handler's future is polled.
 pub fn current() -> Option<Arc<str>> {
-    CURRENT.try_with(Current::id).ok().flatten()
+    CURRENT
+        .try_with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().and_then(Current::id)))
+        .ok()
+        .flatten()
+}
+
+pin_project! {
+    /// A future polled with a correlation id (or delivery) as the current
+    /// one: the future of [`Correlation`] and of [`scope`].
+    pub struct Scoped<F> {
+        #[pin]
+        inner: F,
+        current: Option<Current>,
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        swap_current(this.current);
+        let _restore = Restore(this.current);
+        this.inner.poll(cx)
+    }
 }
 
 /// Runs `fut` with `id` as the current correlation id (for work a handler
-/// moves to another task).
-pub fn scope<F: Future>(id: Option<Arc<str>>, fut: F) -> TaskLocalFuture<Current, F> {
-    CURRENT.scope(Current::Id(id), fut)
+/// moves to another task: `tokio::spawn(correlation::scope(correlation::current(), work))`).
+pub fn scope<F: Future>(id: Option<Arc<str>>, fut: F) -> Scoped<F> {
+    Scoped {
+        inner: fut,
+        current: Some(Current::Id(id)),
+    }
 }
 
 /// Sets ids on published messages and propagates the handled message's
@@ -120,14 +167,21 @@ where
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = TaskLocalFuture<Current, S::Future>;
+    type Future = Scoped<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
-        CURRENT.scope(Current::Delivery(env.clone()), self.inner.call(env))
+        // current during `call` too (a handler_fn closure runs there)
+        let mut slot = Some(Current::Delivery(env.clone()));
+        swap_current(&mut slot);
+        let inner = {
+            let _restore = Restore(&mut slot);
+            self.inner.call(env)
+        };
+        Scoped { inner, current: slot }
     }
 }
 

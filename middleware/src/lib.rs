@@ -16,7 +16,7 @@
 //! | [`circuit_breaker`] | fail fast (requeue) while the handler keeps failing | — |
 //! | [`dedup`] | idempotent consumption by message id or a key | — |
 //! | [`catch_panic`] | a panic becomes a `panic` failure | — |
-//! | [`correlation`] | the handled message's correlation id, task-local | sets `message_id` / `correlation_id` |
+//! | [`correlation`] | the handled message's correlation id is current while the handler runs | sets `message_id` / `correlation_id` |
 //! | [`limit`] | tower's concurrency and rate limits, re-exported | — |
 //!
 //! Order matters. The recommended stack, outermost first:

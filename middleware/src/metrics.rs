@@ -341,14 +341,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_handling_and_publishing() {
+    async fn in_flight_counts_the_running_handler() {
         let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let _guard = ::metrics::set_default_local_recorder(&recorder);
-        let layer = MetricsLayer::new();
         let inside = recorder.snapshotter();
-        let h = layer.layer(handler_fn(move |e: Envelope| {
-            // while the handler runs, the delivery is in flight
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let h = MetricsLayer::new().layer(handler_fn(move |_e: Envelope| {
             let in_flight = inside
                 .snapshot()
                 .into_vec()
@@ -357,13 +354,33 @@ mod tests {
                     DebugValue::Gauge(g) if k.key().name() == names::IN_FLIGHT => Some(g.0),
                     _ => None,
                 });
-            assert_eq!(in_flight, Some(1.0));
-            async move {
-                if e.body().is_empty() {
-                    Err(HandlerError::decode("empty"))
-                } else {
-                    Ok(())
-                }
+            async move { assert_eq!(in_flight, Some(1.0), "in flight while the handler runs") }
+        }));
+        // (the debugging recorder's snapshot resets the gauge to 0, so the decrement shows as -1)
+        h.oneshot(Envelope::for_test(Message::new("x"), "q")).await.unwrap();
+        let after = recorder
+            .snapshotter()
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(k, _, _, v)| match v {
+                DebugValue::Gauge(g) if k.key().name() == names::IN_FLIGHT => Some(g.0),
+                _ => None,
+            });
+        assert_eq!(after, Some(-1.0), "decremented when the handling ended");
+    }
+
+    #[tokio::test]
+    async fn records_handling_and_publishing() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let layer = MetricsLayer::new();
+        let h = layer.layer(handler_fn(move |e: Envelope| async move {
+            if e.body().is_empty() {
+                Err(HandlerError::decode("empty"))
+            } else {
+                Ok(())
             }
         }));
         for body in ["a", "b", ""] {

@@ -6,8 +6,8 @@
 //! attempt, and records the outcome (`ack`, `reply`, `retry`,
 //! `dead_letter`, or the failure kind) when the call ends. It extracts the
 //! W3C `traceparent` / `tracestate` headers of the delivery and makes the
-//! handling a child of that trace; the [`TraceContext`] is held in a
-//! task-local ([`current`]) while the handler runs.
+//! handling a child of that trace; the [`TraceContext`] is current
+//! ([`current`]) while the handler's future is polled.
 //!
 //! Around a publisher, [`Trace`] injects `traceparent` (and `tracestate`)
 //! into messages that carry none: the current handling's context when the
@@ -31,6 +31,7 @@
 //!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -40,7 +41,6 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use switchyard_core::headers::{TRACEPARENT, TRACESTATE};
 use switchyard_core::{Envelope, HandlerError, Headers, Outcome};
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::field::{display, Empty};
 use tracing::Span;
@@ -190,20 +190,62 @@ fn hex_u8(s: &[u8]) -> Option<u8> {
     Some((hex_digit(s[0])? << 4) | hex_digit(s[1])?)
 }
 
-tokio::task_local! {
-    static CURRENT: Option<TraceContext>;
+thread_local! {
+    static CURRENT: RefCell<Option<TraceContext>> = const { RefCell::new(None) };
+}
+
+/// Swaps `slot` with the thread's current context (in on enter, back on exit).
+fn swap_current(slot: &mut Option<TraceContext>) {
+    // `try_with` fails only while the thread is being torn down
+    let _ = CURRENT.try_with(|c| {
+        if let Ok(mut cur) = c.try_borrow_mut() {
+            std::mem::swap(&mut *cur, slot);
+        }
+    });
+}
+
+/// Restores the previous context when a poll ends (also by unwinding).
+struct Restore<'a>(&'a mut Option<TraceContext>);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        swap_current(self.0);
+    }
 }
 
 /// The trace context of the delivery the current task is handling, if a
-/// [`Trace`] service is handling one.
+/// [`Trace`] service is handling one (it is current while the handler's
+/// future is polled).
 pub fn current() -> Option<TraceContext> {
-    CURRENT.try_with(|c| c.clone()).ok().flatten()
+    CURRENT
+        .try_with(|c| c.try_borrow().ok().and_then(|c| c.clone()))
+        .ok()
+        .flatten()
+}
+
+pin_project! {
+    /// A future polled with a trace context as the current one; see [`scope`].
+    pub struct Scoped<F> {
+        #[pin]
+        inner: F,
+        ctx: Option<TraceContext>,
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        swap_current(this.ctx);
+        let _restore = Restore(this.ctx);
+        this.inner.poll(cx)
+    }
 }
 
 /// Runs `fut` with `ctx` as the current trace context (for work a handler
-/// moves to another task).
-pub fn scope<F: Future>(ctx: Option<TraceContext>, fut: F) -> TaskLocalFuture<Option<TraceContext>, F> {
-    CURRENT.scope(ctx, fut)
+/// moves to another task: `tokio::spawn(trace::scope(trace::current(), work))`).
+pub fn scope<F: Future>(ctx: Option<TraceContext>, fut: F) -> Scoped<F> {
+    Scoped { inner: fut, ctx }
 }
 
 /// Traces deliveries and propagates W3C trace context; see the
@@ -235,11 +277,12 @@ pub struct Trace<S> {
 
 pin_project! {
     /// The future of [`Trace`] around a handler: polls the handler inside
-    /// its span and records the outcome.
+    /// its span, with its trace context current, and records the outcome.
     pub struct TraceFuture<F> {
         #[pin]
         inner: F,
         span: Span,
+        ctx: Option<TraceContext>,
     }
 }
 
@@ -251,7 +294,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _enter = this.span.enter();
-        let out = std::task::ready!(this.inner.poll(cx));
+        swap_current(this.ctx);
+        let restore = Restore(this.ctx);
+        let out = this.inner.poll(cx);
+        drop(restore);
+        let out = std::task::ready!(out);
         if !this.span.is_disabled() {
             match &out {
                 Ok(o) => {
@@ -274,7 +321,7 @@ where
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = TaskLocalFuture<Option<TraceContext>, TraceFuture<S::Future>>;
+    type Future = TraceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -308,11 +355,19 @@ where
                 span.record("parent_span_id", display(format_args!("{:016x}", p.span_id)));
             }
         }
+        // current during `call` too (a handler_fn closure runs there)
+        let mut slot = Some(ctx);
+        swap_current(&mut slot);
         let fut = {
+            let _restore = Restore(&mut slot);
             let _enter = span.enter();
             self.inner.call(env)
         };
-        CURRENT.scope(Some(ctx), TraceFuture { inner: fut, span })
+        TraceFuture {
+            inner: fut,
+            span,
+            ctx: slot,
+        }
     }
 }
 
@@ -605,6 +660,23 @@ mod tests {
         assert_eq!(out.trace_id, ctx.trace_id);
         assert_eq!(out.span_id, ctx.span_id, "the publish's parent is the handling span");
         assert_eq!(out.state.as_deref(), Some("vendor=1"));
+    }
+
+    #[tokio::test]
+    async fn scopes_nest_restore_and_cross_spawn() {
+        let a = TraceContext::new_root();
+        let b = a.child();
+        let (a2, b2) = (a.clone(), b.clone());
+        scope(Some(a.clone()), async move {
+            assert_eq!(current(), Some(a2.clone()));
+            scope(Some(b2.clone()), async { assert_eq!(current(), Some(b2)) }).await;
+            assert_eq!(current(), Some(a2.clone()), "restored after the inner scope");
+            let moved = tokio::spawn(scope(current(), async { current() })).await.unwrap();
+            assert_eq!(moved, Some(a2), "carried to a spawned task explicitly");
+            assert_eq!(tokio::spawn(async { current() }).await.unwrap(), None, "not implicitly");
+        })
+        .await;
+        assert_eq!(current(), None);
     }
 
     #[tokio::test]

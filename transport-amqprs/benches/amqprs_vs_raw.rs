@@ -198,6 +198,17 @@ async fn sy_rpc(client: &RpcClient, queue: &str, n: usize) -> Vec<Duration> {
     lat
 }
 
+/// CPU time (user + system) this process has used, from /proc (Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // stat fields 14 and 15 (utime, stime, in 1/100 s) are the 12th and 13th after the ')'.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -270,16 +281,24 @@ async fn main() {
         let (mut r, mut s) = (Vec::new(), Vec::new());
         for run in 0..runs {
             raw_publish(&raw, &q, CONSUME_N, false).await;
+            let c0 = cpu_time();
             let d = raw_consume(&raw, &q, CONSUME_N).await;
+            let raw_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONSUME_N as f64;
             r.push(CONSUME_N as f64 / d.as_secs_f64());
             tokio::time::sleep(Duration::from_millis(300)).await;
             purge(&raw, &q).await;
             raw_publish(&raw, &q, CONSUME_N, false).await;
+            let c0 = cpu_time();
             let d = sy_consume(&sy, &q, CONSUME_N).await;
+            let sy_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONSUME_N as f64;
             s.push(CONSUME_N as f64 / d.as_secs_f64());
             tokio::time::sleep(Duration::from_millis(300)).await;
             purge(&raw, &q).await;
-            eprintln!("{label} run {run}: raw {:.0}, switchyard {:.0}", r[run], s[run]);
+            eprintln!(
+                "{label} run {run}: raw {:.0}, switchyard {:.0} (client CPU per message: raw {raw_cpu:.1}us, \
+                 switchyard {sy_cpu:.1}us)",
+                r[run], s[run]
+            );
         }
         results.push((label.into(), r, s));
     }

@@ -31,9 +31,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use switchyard_core::rpc::RpcClient;
 use switchyard_core::settings::Settings;
-use switchyard_core::{
-    Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec, Transport,
-};
+use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
 use switchyard_lapin::{LapinConfig, LapinTransport};
 
 const BODY: usize = 256;
@@ -110,7 +108,9 @@ async fn raw_publish(conn: &Connection, q: &str, n: usize, persistent: bool) -> 
 
 async fn ours_publish(t: &LapinTransport, q: &str, n: usize, persistent: bool) -> Duration {
     let body = bytes::Bytes::from(vec![b'x'; BODY]);
-    let msgs: Vec<Message> = (0..n).map(|_| Message::new(body.clone()).persistent(persistent)).collect();
+    let msgs: Vec<Message> = (0..n)
+        .map(|_| Message::new(body.clone()).persistent(persistent))
+        .collect();
     let start = Instant::now();
     t.publish_batch(&Destination::queue(q), msgs).await.unwrap();
     start.elapsed()
@@ -124,7 +124,12 @@ async fn raw_consume(conn: &Connection, q: &str, n: usize) -> Duration {
     let ch = conn.create_channel().await.unwrap();
     ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
     let mut consumer = ch
-        .basic_consume(q.into(), "raw-bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            q.into(),
+            "raw-bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let start = Instant::now();
@@ -138,10 +143,7 @@ async fn raw_consume(conn: &Connection, q: &str, n: usize) -> Duration {
 }
 
 async fn ours_consume(t: &LapinTransport, q: &str, n: usize) -> Duration {
-    let mut sub = t
-        .consume(q, ConsumeOptions::default().prefetch(100))
-        .await
-        .unwrap();
+    let mut sub = t.consume(q, ConsumeOptions::default().prefetch(100)).await.unwrap();
     let start = Instant::now();
     for _ in 0..n {
         let d = sub.next().await.unwrap().unwrap();
@@ -270,10 +272,15 @@ fn main() {
 }
 
 async fn run() {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let settings = Settings::default().with_url(url());
     let config = LapinConfig::from_settings(&settings).connection_name("switchyard bench lapin");
-    let ours = LapinTransport::connect_with(&settings, config).await.expect("switchyard connect");
+    let ours = LapinTransport::connect_with(&settings, config)
+        .await
+        .expect("switchyard connect");
     let raw = raw_connection("raw bench lapin").await;
     let admin = raw.create_channel().await.unwrap();
     let responder_conn = Arc::new(raw_connection("raw bench responder").await);
@@ -292,45 +299,73 @@ async fn run() {
 
     for run in 1..=runs {
         let q = format!("bench.lapin.{}.{run}", std::process::id());
-        // Persistent, confirmed, pipelined.
-        declare(&admin, &q).await;
-        let r = raw_publish(&raw, &q, PERSISTENT_N, true).await;
-        delete(&admin, &q).await;
-        ours.declare_queue(&QueueSpec::new(&q)).await.unwrap();
-        let o = ours_publish(&ours, &q, PERSISTENT_N, true).await;
-        ours.delete_queue(&q).await.unwrap();
-        persistent.raw.push(PERSISTENT_N as f64 / r.as_secs_f64());
-        persistent.ours.push(PERSISTENT_N as f64 / o.as_secs_f64());
-
-        // Transient, confirmed, pipelined.
-        declare(&admin, &q).await;
-        let r = raw_publish(&raw, &q, TRANSIENT_N, false).await;
-        delete(&admin, &q).await;
-        ours.declare_queue(&QueueSpec::new(&q)).await.unwrap();
-        let o = ours_publish(&ours, &q, TRANSIENT_N, false).await;
-        ours.delete_queue(&q).await.unwrap();
-        transient.raw.push(TRANSIENT_N as f64 / r.as_secs_f64());
-        transient.ours.push(TRANSIENT_N as f64 / o.as_secs_f64());
-
-        // Consume with prefetch 100 and manual acks.
-        declare(&admin, &q).await;
-        fill(&raw, &q, CONSUME_N).await;
-        let r = raw_consume(&raw, &q, CONSUME_N).await;
-        delete(&admin, &q).await;
-        declare(&admin, &q).await;
-        fill(&raw, &q, CONSUME_N).await;
-        let o = ours_consume(&ours, &q, CONSUME_N).await;
-        delete(&admin, &q).await;
-        consume.raw.push(CONSUME_N as f64 / r.as_secs_f64());
-        consume.ours.push(CONSUME_N as f64 / o.as_secs_f64());
-
-        // Sequential RPC.
-        let r = raw_rpc(&raw, &rpc_queue, RPC_N).await;
-        let o = ours_rpc(&rpc_client, &rpc_queue, RPC_N).await;
-        rpc_p50.raw.push(pct(&r, 0.5));
-        rpc_p50.ours.push(pct(&o, 0.5));
-        rpc_p99.raw.push(pct(&r, 0.99));
-        rpc_p99.ours.push(pct(&o, 0.99));
+        // Alternate which side goes first so that warm-up and drift
+        // favour neither.
+        let raw_first = run % 2 == 1;
+        for side in if raw_first { [true, false] } else { [false, true] } {
+            // Persistent, confirmed, pipelined.
+            declare(&admin, &q).await;
+            let d = if side {
+                raw_publish(&raw, &q, PERSISTENT_N, true).await
+            } else {
+                ours_publish(&ours, &q, PERSISTENT_N, true).await
+            };
+            delete(&admin, &q).await;
+            let rate = PERSISTENT_N as f64 / d.as_secs_f64();
+            if side {
+                persistent.raw.push(rate)
+            } else {
+                persistent.ours.push(rate)
+            }
+        }
+        for side in if raw_first { [true, false] } else { [false, true] } {
+            // Transient, confirmed, pipelined.
+            declare(&admin, &q).await;
+            let d = if side {
+                raw_publish(&raw, &q, TRANSIENT_N, false).await
+            } else {
+                ours_publish(&ours, &q, TRANSIENT_N, false).await
+            };
+            delete(&admin, &q).await;
+            let rate = TRANSIENT_N as f64 / d.as_secs_f64();
+            if side {
+                transient.raw.push(rate)
+            } else {
+                transient.ours.push(rate)
+            }
+        }
+        for side in if raw_first { [true, false] } else { [false, true] } {
+            // Consume with prefetch 100 and manual acks.
+            declare(&admin, &q).await;
+            fill(&raw, &q, CONSUME_N).await;
+            let d = if side {
+                raw_consume(&raw, &q, CONSUME_N).await
+            } else {
+                ours_consume(&ours, &q, CONSUME_N).await
+            };
+            delete(&admin, &q).await;
+            let rate = CONSUME_N as f64 / d.as_secs_f64();
+            if side {
+                consume.raw.push(rate)
+            } else {
+                consume.ours.push(rate)
+            }
+        }
+        for side in if raw_first { [true, false] } else { [false, true] } {
+            // Sequential RPC.
+            let lat = if side {
+                raw_rpc(&raw, &rpc_queue, RPC_N).await
+            } else {
+                ours_rpc(&rpc_client, &rpc_queue, RPC_N).await
+            };
+            if side {
+                rpc_p50.raw.push(pct(&lat, 0.5));
+                rpc_p99.raw.push(pct(&lat, 0.99));
+            } else {
+                rpc_p50.ours.push(pct(&lat, 0.5));
+                rpc_p99.ours.push(pct(&lat, 0.99));
+            }
+        }
 
         println!(
             "run {run}: persistent {:.0} vs {:.0} msg/s, transient {:.0} vs {:.0} msg/s, consume {:.0} vs {:.0} msg/s, rpc p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us (raw vs ours)",
@@ -356,10 +391,25 @@ async fn run() {
         let ratio = o / r;
         println!("| {name} | {r:.0} {unit} | {o:.0} {unit} | {ratio:.2}x | {target} |");
     };
-    row("publish 50k persistent 256 B, confirmed", &mut persistent, "msg/s", ">= 0.95x");
-    row("publish 100k transient 256 B, confirmed", &mut transient, "msg/s", ">= 0.95x");
+    row(
+        "publish 50k persistent 256 B, confirmed",
+        &mut persistent,
+        "msg/s",
+        ">= 0.95x",
+    );
+    row(
+        "publish 100k transient 256 B, confirmed",
+        &mut transient,
+        "msg/s",
+        ">= 0.95x",
+    );
     row("consume 100k, prefetch 100, manual ack", &mut consume, "msg/s", ">= 2x");
-    row("rpc p50 (2,000 sequential)", &mut rpc_p50, "us", "<= 1.1x (lower is better)");
+    row(
+        "rpc p50 (2,000 sequential)",
+        &mut rpc_p50,
+        "us",
+        "<= 1.1x (lower is better)",
+    );
     row("rpc p99 (2,000 sequential)", &mut rpc_p99, "us", "-");
 
     drop(rpc_client);

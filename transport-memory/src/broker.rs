@@ -126,7 +126,7 @@ impl Broker {
     }
 
     /// Runs `f` under the lock, then wakes consumers and arms TTL timers.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Effects) -> R) -> R {
         let mut fx = Effects::default();
         let r = {
@@ -598,7 +598,11 @@ impl std::ops::DerefMut for Consumers {
 fn recycle(pool: &mut Vec<Arc<Message>>, mut m: Arc<Message>) {
     if pool.len() < POOL_MAX {
         if let Some(inner) = Arc::get_mut(&mut m) {
-            *inner = Message::default();
+            // Release what may be large now; the rest is overwritten on reuse.
+            inner.body = bytes::Bytes::new();
+            if !inner.headers.is_empty() {
+                inner.headers = Headers::new();
+            }
             pool.push(m);
         }
     }
@@ -1032,6 +1036,7 @@ impl State {
 
     // ----- publishing --------------------------------------------------
 
+    #[inline(always)]
     pub(crate) fn publish(
         &mut self,
         conn: u64,

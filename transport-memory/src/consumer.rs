@@ -82,6 +82,7 @@ struct DeliveriesStream {
 }
 
 impl DeliveriesStream {
+    #[inline(always)]
     fn make(&self, item: OutItem) -> Delivery {
         let info = DeliveryInfo {
             delivery_tag: item.tag,

@@ -140,6 +140,7 @@ impl MemoryTransport {
 
     /// Publishes under the broker lock; returns a queue to wait on when
     /// flow control applies.
+    #[inline(always)]
     fn publish_sync(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<Option<Arc<str>>> {
         let conn = self.conn;
         self.broker.with(|st, fx| {
