@@ -1364,24 +1364,28 @@ impl Publisher for LapinTransport {
                         }
                     }
                 }
-                for (i, c) in confirms {
-                    match tokio::time::timeout_at(deadline, c).await {
-                        Err(_) => {
-                            first_error.get_or_insert(deadline_error(dest, "the broker sent no confirm"));
-                        }
-                        Ok(Ok(c)) => {
-                            if let Err(e) = confirmation(c, dest) {
-                                first_error.get_or_insert(e);
+                // One deadline over all the confirms (a timer per confirm
+                // would cost more than the confirm itself).
+                let collect = async {
+                    for (i, c) in confirms {
+                        match c.await {
+                            Ok(c) => {
+                                if let Err(e) = confirmation(c, dest) {
+                                    first_error.get_or_insert(e);
+                                }
+                            }
+                            Err(e) if s.retryable(&e, &conn, dest) => retry.push(i),
+                            Err(e) => {
+                                first_error.get_or_insert(map_error(&e, Subject::Publish {
+                                    exchange: dest.exchange(),
+                                    routing_key: dest.routing_key(),
+                                }));
                             }
                         }
-                        Ok(Err(e)) if s.retryable(&e, &conn, dest) => retry.push(i),
-                        Ok(Err(e)) => {
-                            first_error.get_or_insert(map_error(&e, Subject::Publish {
-                                exchange: dest.exchange(),
-                                routing_key: dest.routing_key(),
-                            }));
-                        }
                     }
+                };
+                if tokio::time::timeout_at(deadline, collect).await.is_err() {
+                    return Err(deadline_error(dest, "the broker sent no confirm"));
                 }
             }
             Err(_) => retry.extend(0..messages.len()),
