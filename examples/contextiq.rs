@@ -40,8 +40,8 @@ use switchyard::middleware::retry::{RetryLayer, RetryPolicy};
 use switchyard::rpc::RpcClient;
 use switchyard::worker::{RouteConfig, Worker};
 use switchyard::{
-    handler_fn, headers, Destination, Envelope, ExchangeSpec, HandlerError, Json, Message,
-    PublisherExt, QueueSpec, Settings, Topology, Transport,
+    handler_fn, headers, Destination, Envelope, ExchangeSpec, HandlerError, Json, Message, PublisherExt, QueueSpec,
+    Settings, Topology, Transport,
 };
 use tower::ServiceBuilder;
 
@@ -115,7 +115,11 @@ fn topology() -> Topology {
         .exchange(ExchangeSpec::topic(CONSOLIDATION))
         .exchange(ExchangeSpec::topic(EVENTS))
         .exchange(ExchangeSpec::topic(DLX))
-        .bound_queue(q(EXTRACTION_REQUESTS).max_priority(10), EXTRACTION, "extraction.request")
+        .bound_queue(
+            q(EXTRACTION_REQUESTS).max_priority(10),
+            EXTRACTION,
+            "extraction.request",
+        )
         .bound_queue(q(EXTRACTION_RESULTS), EXTRACTION, "extraction.result")
         .bound_queue(q(CONSOLIDATION_REQUESTS), CONSOLIDATION, "consolidation.request")
         .bound_queue(q(CONSOLIDATION_RESULTS), CONSOLIDATION, "consolidation.result")
@@ -285,7 +289,10 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
                     tokio::time::sleep(Duration::from_millis(req.work_ms)).await;
                 }
                 let priority = env.message().properties.priority.unwrap_or(0);
-                observed.extraction_order.lock().push((req.session_id.clone(), priority));
+                observed
+                    .extraction_order
+                    .lock()
+                    .push((req.session_id.clone(), priority));
                 observed.count(EXTRACTION_REQUESTS);
                 let result = ExtractionResult {
                     session_id: req.session_id.clone(),
@@ -484,7 +491,11 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
     println!("  {:<26} {:>8} {:>8} {:>8}", "queue", "handled", "expected", "left");
     for ((q, n), (_, left)) in expected.iter().zip(&depths) {
         let got = observed.get(q);
-        let mark = if got == *n && *left == 0 { "" } else { "  <-- unexpected" };
+        let mark = if got == *n && *left == 0 {
+            ""
+        } else {
+            "  <-- unexpected"
+        };
         ok &= got == *n && *left == 0;
         println!("  {q:<26} {got:>8} {n:>8} {left:>8}{mark}");
     }
@@ -501,9 +512,16 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
             .take(SESSIONS.len())
             .map(|(s, p)| format!("{s}(p{p})"))
             .collect::<Vec<_>>(),
-        if priorities_ok { "highest first" } else { "NOT highest first" }
+        if priorities_ok {
+            "highest first"
+        } else {
+            "NOT highest first"
+        }
     );
-    println!("  session events seen by analytics: {:?}", observed.session_events.lock());
+    println!(
+        "  session events seen by analytics: {:?}",
+        observed.session_events.lock()
+    );
     println!(
         "  webhooks fired (session.created only): {:?}",
         observed.webhooks.lock()
@@ -533,6 +551,13 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
     }
     rpc.close().await?;
     transport.close().await?;
-    println!("{}", if ok { "result: OK" } else { "result: UNEXPECTED (see above)" });
+    println!(
+        "{}",
+        if ok {
+            "result: OK"
+        } else {
+            "result: UNEXPECTED (see above)"
+        }
+    );
     Ok(ok)
 }

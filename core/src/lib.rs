@@ -33,8 +33,8 @@ pub use codec::{Codec, JsonCodec};
 pub use envelope::{headers, Envelope};
 pub use error::{Error, Result};
 pub use handler::{handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outcome};
-pub use settings::Settings;
 pub use message::{HeaderValue, Headers, Message, Properties};
+pub use settings::Settings;
 pub use topology::{
     Binding, Destination, ExchangeKind, ExchangeSpec, Overflow, QueueArguments, QueueInfo, QueueSpec, QueueType,
     Topology,
