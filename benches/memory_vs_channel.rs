@@ -9,7 +9,10 @@
 //! tasks.
 //!
 //! Run: `cargo bench --bench memory_vs_channel` (set `SWITCHYARD_BENCH_N` for
-//! another message count). Prints both rates, the ratio and the machine.
+//! another message count). After a warm-up, five interleaved runs of each;
+//! prints the best rate of each side, their ratio, the median process CPU
+//! time per message of each (a load-independent check on a shared machine)
+//! and the machine (nproc, date, kernel, load average, CPU).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use switchyard_memory::{MemoryBroker, MemoryTransport};
 const PREFETCH: u16 = 100;
 const CAPACITY: usize = 100;
 const BODY: usize = 256;
+const RUNS: usize = 5;
 
 fn count() -> u64 {
     std::env::var("SWITCHYARD_BENCH_N")
@@ -123,53 +127,100 @@ fn main() {
     let body = Bytes::from(vec![0x5au8; BODY]);
     let body = Arc::new(body);
 
-    // `SWITCHYARD_BENCH_ONLY=memory` (or `channel`) runs one side, for profiling.
+    // `SWITCHYARD_BENCH_ONLY=memory` (or `channel`) runs one side three times, for profiling.
     if let Ok(only) = std::env::var("SWITCHYARD_BENCH_ONLY") {
-        let d = match only.as_str() {
-            "memory" => rt.block_on(memory(n, (*body).clone())),
-            _ => rt.block_on(channel(n, (*body).clone())),
-        };
-        println!(
-            "{only}: {n} messages in {:.3} s = {:.0} msg/s",
-            d.as_secs_f64(),
-            rate(n, d)
-        );
+        for _ in 0..3 {
+            let d = match only.as_str() {
+                "memory" => rt.block_on(memory(n, (*body).clone())),
+                _ => rt.block_on(channel(n, (*body).clone())),
+            };
+            println!(
+                "{only}: {n} messages in {:.3} s = {:.0} msg/s",
+                d.as_secs_f64(),
+                rate(n, d)
+            );
+        }
         return;
     }
-    // Warm-up (allocator, thread pool), then the best of three runs each.
+    // Warm-up (allocator, thread pool), then RUNS interleaved runs of each;
+    // the machine is shared, so the best run of each side is compared, and
+    // the process CPU time per message is shown as a load-independent check.
     rt.block_on(memory(n.min(50_000), (*body).clone()));
     rt.block_on(channel(n.min(50_000), (*body).clone()));
     let mut mem = Vec::new();
     let mut chan = Vec::new();
-    for _ in 0..3 {
-        mem.push(rt.block_on(memory(n, (*body).clone())));
-        chan.push(rt.block_on(channel(n, (*body).clone())));
+    for _ in 0..RUNS {
+        let cpu = cpu_time();
+        let wall = rt.block_on(memory(n, (*body).clone()));
+        mem.push((wall, cpu_time().saturating_sub(cpu)));
+        let cpu = cpu_time();
+        let wall = rt.block_on(channel(n, (*body).clone()));
+        chan.push((wall, cpu_time().saturating_sub(cpu)));
     }
-    let best = |v: &[Duration]| *v.iter().min().expect("three runs");
+    let best = |v: &[(Duration, Duration)]| v.iter().map(|r| r.0).min().expect("runs");
+    let cpu_median = |v: &[(Duration, Duration)]| {
+        let mut c: Vec<Duration> = v.iter().map(|r| r.1).collect();
+        c.sort();
+        c[c.len() / 2]
+    };
+    let runs = |v: &[(Duration, Duration)]| {
+        v.iter()
+            .map(|r| format!("{:.3}s", r.0.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let (m, c) = (best(&mem), best(&chan));
     let (mr, cr) = (rate(n, m), rate(n, c));
+    let (mc, cc) = (cpu_median(&mem), cpu_median(&chan));
+    let per_msg = |d: Duration| d.as_nanos() as f64 / n as f64;
     println!("memory_vs_channel: {n} messages, {BODY}-byte bodies, 1 producer task, 1 consumer task");
     println!(
-        "  memory transport (publish -> next -> ack, prefetch {PREFETCH}, manual ack): {:>12.0} msg/s  ({:.3} s, best of 3; runs {:?})",
-        mr,
+        "  memory transport (publish -> next -> ack, prefetch {PREFETCH}, manual ack): {mr:>10.0} msg/s  \
+         (best of {RUNS}: {:.3} s; runs {}; CPU {:.0} ns/msg)",
         m.as_secs_f64(),
-        mem.iter().map(|d| format!("{:.3}s", d.as_secs_f64())).collect::<Vec<_>>()
+        runs(&mem),
+        per_msg(mc)
     );
     println!(
-        "  tokio mpsc bounded({CAPACITY}):                                      {:>12.0} msg/s  ({:.3} s, best of 3; runs {:?})",
-        cr,
+        "  tokio mpsc bounded({CAPACITY}):                                     {cr:>10.0} msg/s  \
+         (best of {RUNS}: {:.3} s; runs {}; CPU {:.0} ns/msg)",
         c.as_secs_f64(),
-        chan.iter().map(|d| format!("{:.3}s", d.as_secs_f64())).collect::<Vec<_>>()
+        runs(&chan),
+        per_msg(cc)
     );
     println!("  ratio memory/channel: {:.2} (target >= 0.50)", mr / cr);
     println!(
-        "  machine: nproc={} tokio worker threads={} date={} kernel={}",
+        "  CPU time per message, channel/memory: {:.2} (median process CPU time, user + system)",
+        per_msg(cc) / per_msg(mc)
+    );
+    println!(
+        "  machine: nproc={} tokio worker threads={} date={} kernel={} load average (1 min)={}",
         sh("nproc", &[]),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        sh("uname", &["-sr"])
+        sh("uname", &["-sr"]),
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".into())
     );
     println!("  cpu: {}", cpu_model());
+}
+
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`;
+/// zero elsewhere).
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses): utime is the
+    // 14th field overall, stime the 15th, in clock ticks (100 per second on Linux).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return Duration::ZERO;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 fn cpu_model() -> String {

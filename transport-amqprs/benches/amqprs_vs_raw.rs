@@ -265,13 +265,21 @@ async fn main() {
         }
         let (mut r, mut s) = (Vec::new(), Vec::new());
         for run in 0..runs {
+            let c0 = cpu_time();
             let d = raw_publish(&raw, &q, n, persistent).await;
+            let raw_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / n as f64;
             r.push(n as f64 / d.as_secs_f64());
             purge(&raw, &q).await;
+            let c0 = cpu_time();
             let d = sy_publish(&sy, &q, n, persistent).await;
+            let sy_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / n as f64;
             s.push(n as f64 / d.as_secs_f64());
             purge(&raw, &q).await;
-            eprintln!("{label} run {run}: raw {:.0}, switchyard {:.0}", r[run], s[run]);
+            eprintln!(
+                "{label} run {run}: raw {:.0}, switchyard {:.0} (client CPU per message: raw {raw_cpu:.1}us, \
+                 switchyard {sy_cpu:.1}us)",
+                r[run], s[run]
+            );
         }
         results.push((label.into(), r, s));
     }

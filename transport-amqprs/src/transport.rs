@@ -530,8 +530,10 @@ async fn supervise(weak: Weak<Inner>, mut conn: Connection, shutdown: Arc<Notify
             }
             return;
         }
-        if inner.state.last_error().is_none() {
-            inner.state.set_last_error("network failure");
+        if !inner.state.last_error().is_some_and(|e| e.starts_with("broker closed")) {
+            inner
+                .state
+                .set_last_error("connection lost (network failure or missed heartbeats)");
         }
         inner.state.set(ConnectionState::Reconnecting { attempt: 1 });
         let old = inner.live.write().take();
@@ -554,6 +556,15 @@ async fn supervise(weak: Weak<Inner>, mut conn: Connection, shutdown: Arc<Notify
             inner.state.set(ConnectionState::Reconnecting { attempt });
             match open_connection(&inner.cfg, &inner.state).await {
                 Ok(c) => match inner.restore(c.clone()).await {
+                    Ok(()) if inner.is_closed() => {
+                        // close() ran while we were restoring.
+                        let live = inner.live.write().take();
+                        if let Some(l) = live {
+                            l.pubs.close().await;
+                        }
+                        let _ = c.close().await;
+                        return;
+                    }
                     Ok(()) => {
                         inner.state.set(ConnectionState::Connected);
                         for p in std::mem::take(&mut again) {

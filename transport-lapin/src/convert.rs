@@ -98,6 +98,32 @@ fn value_from_amqp(v: &AMQPValue) -> HeaderValue {
     }
 }
 
+/// Checks that `m` converts ([`to_properties`] would succeed) without
+/// building anything: short strings of at most 255 bytes, header names too.
+pub(crate) fn validate(m: &Message) -> Result<()> {
+    let p = &m.properties;
+    for (field, v) in [
+        ("content_type", &p.content_type),
+        ("content_encoding", &p.content_encoding),
+        ("correlation_id", &p.correlation_id),
+        ("reply_to", &p.reply_to),
+        ("message_id", &p.message_id),
+        ("kind (type)", &p.kind),
+        ("app_id", &p.app_id),
+        ("user_id", &p.user_id),
+    ] {
+        if let Some(v) = v {
+            if v.len() > 255 {
+                short(field, v)?;
+            }
+        }
+    }
+    if !m.headers.is_empty() {
+        headers_to_table(&m.headers)?;
+    }
+    Ok(())
+}
+
 /// The AMQP basic properties of `m` (delivery mode always set: 2 persistent, 1 transient).
 pub(crate) fn to_properties(m: &Message) -> Result<BasicProperties> {
     let p = &m.properties;

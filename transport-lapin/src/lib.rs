@@ -1330,10 +1330,10 @@ impl Publisher for LapinTransport {
 
     async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
         let s = &self.shared;
-        let props = messages
-            .iter()
-            .map(convert::to_properties)
-            .collect::<Result<Vec<_>>>()?;
+        // Refuse bad input before publishing anything.
+        for m in &messages {
+            convert::validate(m)?;
+        }
         let deadline = Instant::now() + s.config.recovery.publish_wait_timeout;
         let conn = match s.wait_conn(deadline).await {
             Ok(c) => c,
@@ -1346,14 +1346,15 @@ impl Publisher for LapinTransport {
         match conn.publish_channel().await {
             Ok(ch) => {
                 let mut confirms = Vec::with_capacity(messages.len());
-                for (i, (m, p)) in messages.iter().zip(&props).enumerate() {
+                for (i, m) in messages.iter().enumerate() {
+                    let p = convert::to_properties(m)?;
                     match ch
                         .basic_publish(
                             dest.exchange().into(),
                             dest.routing_key().into(),
                             BasicPublishOptions::default(),
                             &m.body,
-                            p.clone(),
+                            p,
                         )
                         .await
                     {
@@ -1401,7 +1402,7 @@ impl Publisher for LapinTransport {
                 &ChannelSource::Pool,
                 dest,
                 &messages[i].body,
-                props[i].clone(),
+                convert::to_properties(&messages[i])?,
                 PublishOptions::default(),
             )
             .await?;

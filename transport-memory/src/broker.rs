@@ -863,8 +863,11 @@ impl State {
         if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
             return Err(refused("", "operation not permitted on the default exchange"));
         }
-        self.check_bind_ends(conn, b)?;
-        let src = self.exchanges.get_mut(b.source.as_str()).expect("checked above");
+        // RabbitMQ 3.10 answers unbind-ok even when the binding, its queue or
+        // its exchange does not exist.
+        let Some(src) = self.exchanges.get_mut(b.source.as_str()) else {
+            return Ok(());
+        };
         let before = src.binds.len();
         src.binds.retain(|x| {
             !(x.dest_is_exchange == b.destination_is_exchange

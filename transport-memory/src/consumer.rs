@@ -42,14 +42,18 @@ impl Acker for Channel {
     async fn ack(&self, tag: u64) -> Result<()> {
         let o = &self.outbox;
         if o.fast_ack(tag) {
-            if o.lazy && o.local_len.load(Ordering::Relaxed) > 0 {
-                // The application still has deliveries buffered: top the
-                // window up when they run out.
-                o.owed.store(true, Ordering::Relaxed);
-            } else {
-                let cid = self.cid;
-                self.broker.with(|st, fx| st.refill(cid, fx));
+            if o.lazy {
+                // While the application still has deliveries buffered, the
+                // stream tops the window up when they run out. (SeqCst on
+                // `owed` and `local_len`, here and in the stream: at least
+                // one side sees the other's write, so no refill is lost.)
+                o.owed.store(true, Ordering::SeqCst);
+                if o.local_len.load(Ordering::SeqCst) > 0 {
+                    return Ok(());
+                }
             }
+            let cid = self.cid;
+            self.broker.with(|st, fx| st.refill(cid, fx));
             return Ok(());
         }
         self.settle(tag, Settle::Ack)
@@ -109,13 +113,15 @@ impl Stream for DeliveriesStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some(item) = this.local.pop_front() {
-            this.outbox.local_len.store(this.local.len(), Ordering::Relaxed);
+            if this.local.is_empty() {
+                this.outbox.local_len.store(0, Ordering::SeqCst);
+            }
             return Poll::Ready(Some(Ok(this.make(item))));
         }
         if this.done {
             return Poll::Ready(None);
         }
-        if this.outbox.owed.load(Ordering::Relaxed) {
+        if this.outbox.owed.load(Ordering::SeqCst) {
             let cid = this.channel.cid;
             this.channel.broker.with(|st, fx| st.refill(cid, fx));
         }
@@ -143,7 +149,9 @@ impl Stream for DeliveriesStream {
             std::mem::swap(&mut o.buf, &mut this.local);
             drop(o);
             let item = this.local.pop_front().expect("swapped a non-empty buffer");
-            this.outbox.local_len.store(this.local.len(), Ordering::Relaxed);
+            if !this.local.is_empty() {
+                this.outbox.local_len.store(this.local.len(), Ordering::SeqCst);
+            }
             Poll::Ready(Some(Ok(this.make(item))))
         }
     }

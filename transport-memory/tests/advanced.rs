@@ -820,3 +820,41 @@ async fn acks_out_of_order_and_mixed_settlements_keep_the_window_exact() {
     nothing(&mut sub, 30).await;
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_from_other_tasks_never_stall_a_large_window() {
+    let b = MemoryBroker::new();
+    let producer = b.connect();
+    let consumer = b.connect();
+    producer.declare_queue(&QueueSpec::new("q")).await.unwrap();
+    let n = 20_000u32;
+    let mut sub = consumer
+        .consume("q", ConsumeOptions::default().prefetch(64))
+        .await
+        .unwrap();
+    let publisher = tokio::spawn(async move {
+        for i in 0..n {
+            producer
+                .publish(&Destination::queue("q"), Message::new(i.to_string()))
+                .await
+                .unwrap();
+        }
+        producer
+    });
+    let mut acks = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("no stall")
+            .unwrap()
+            .unwrap();
+        // Settled elsewhere, out of the consumer loop (as a worker does).
+        acks.push(tokio::spawn(async move { d.ack().await }));
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    let producer = publisher.await.unwrap();
+    let info = producer.queue_info("q").await.unwrap();
+    assert_eq!((info.message_count, info.consumer_count), (0, 1));
+}

@@ -166,6 +166,10 @@ async fn missing_entities_give_clear_errors() {
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     let e = t.bind(&Binding::queue("q", "nope", "k")).await.unwrap_err();
     assert_eq!(e.code(), "exchange_not_found");
+    // Unbinding what does not exist is fine (as on RabbitMQ 3.10).
+    t.unbind(&Binding::queue("q", "nope", "k")).await.unwrap();
+    t.unbind(&Binding::queue("nope", "amq.direct", "k")).await.unwrap();
+    t.unbind(&Binding::queue("q", "amq.direct", "k")).await.unwrap();
     assert_eq!(t.delete_queue("nope").await.unwrap(), 0);
 }
 
@@ -424,4 +428,30 @@ async fn purge_counts_ready_only_and_delete_returns_ready_count() {
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     assert!(sub.next().await.is_none());
+}
+
+#[tokio::test]
+async fn topic_empty_words_and_empty_key_through_the_broker() {
+    let t = MemoryTransport::new();
+    t.declare_exchange(&ExchangeSpec::topic("t")).await.unwrap();
+    for (q, pattern) in [
+        ("hash", "#"),
+        ("star", "*"),
+        ("a-star", "a.*"),
+        ("a-hash", "a.#"),
+        ("empty", ""),
+    ] {
+        t.declare_queue(&QueueSpec::new(q)).await.unwrap();
+        t.bind(&Binding::queue(q, "t", pattern)).await.unwrap();
+    }
+    for key in ["", "a", "a.", "a.b.c", "."] {
+        t.publish(&Destination::new("t", key), Message::new(format!("[{key}]")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(drain(&t, "hash").await, vec!["[]", "[a]", "[a.]", "[a.b.c]", "[.]"]);
+    assert_eq!(drain(&t, "star").await, vec!["[a]"]);
+    assert_eq!(drain(&t, "a-star").await, vec!["[a.]"]);
+    assert_eq!(drain(&t, "a-hash").await, vec!["[a]", "[a.]", "[a.b.c]"]);
+    assert_eq!(drain(&t, "empty").await, vec!["[]"]);
 }
