@@ -8,8 +8,8 @@ use switchyard::handler::{Body, Text};
 use switchyard::memory::MemoryBroker;
 use switchyard::worker::{ConsumerStatus, RouteConfig, Worker, WorkerHandle};
 use switchyard::{
-    handler_fn, ConsumeOptions, DeliveryInfo, Destination, ExchangeSpec, HandlerError, Json, Message, Publisher,
-    QueueSpec, Transport,
+    handler_fn, ConsumeOptions, DeliveryInfo, Destination, ExchangeSpec, HandlerError, Json, Message, QueueSpec,
+    Transport,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

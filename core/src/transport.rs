@@ -85,19 +85,6 @@ pub trait PublisherExt: Publisher {
 
 impl<P: Publisher + ?Sized> PublisherExt for P {}
 
-#[async_trait]
-impl<P: Publisher + ?Sized> Publisher for Arc<P> {
-    async fn publish_with(&self, dest: &Destination, message: Message, options: PublishOptions) -> Result<()> {
-        (**self).publish_with(dest, message, options).await
-    }
-    async fn publish(&self, dest: &Destination, message: Message) -> Result<()> {
-        (**self).publish(dest, message).await
-    }
-    async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
-        (**self).publish_batch(dest, messages).await
-    }
-}
-
 /// Options of a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumeOptions {

@@ -18,7 +18,7 @@ use switchyard_core::headers::{ERROR, ERROR_KIND};
 use switchyard_core::worker::Worker;
 use switchyard_core::{
     handler_fn, Binding, ConsumeOptions, Destination, Envelope, ExchangeSpec, HandlerError, Message, Outcome,
-    Publisher, QueueSpec, Transport,
+    QueueSpec, Transport,
 };
 use switchyard_middleware::prelude::*;
 use tower::{Layer, Service, ServiceBuilder};

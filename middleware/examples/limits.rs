@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_core::worker::{RouteConfig, Worker};
-use switchyard_core::{handler_fn, Destination, Envelope, Message, Publisher, QueueSpec, Transport};
+use switchyard_core::{handler_fn, Destination, Envelope, Message, QueueSpec, Transport};
 use switchyard_middleware::limit::{self, ConcurrencyLimitLayer, RateLimitLayer};
 use tower::ServiceBuilder;
 
