@@ -58,7 +58,10 @@ async fn connect() -> Option<LapinTransport> {
 }
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?} failed: {}",
@@ -182,9 +185,15 @@ async fn close_all_connections_three_times_loses_nothing() {
         generations.0.generation(),
         generations.1.generation()
     );
-    assert!(closed_at.iter().all(|&c| c < n), "every close happened mid-run: {closed_at:?}");
+    assert!(
+        closed_at.iter().all(|&c| c < n),
+        "every close happened mid-run: {closed_at:?}"
+    );
     assert_eq!(distinct, n, "every message id received at least once");
-    assert!(generations.0.generation() >= 2 && generations.1.generation() >= 2, "both recovered");
+    assert!(
+        generations.0.generation() >= 2 && generations.1.generation() >= 2,
+        "both recovered"
+    );
     // The admin connection was closed too and recovers for the clean-up.
     admin.delete_queue(&queue).await.expect("delete queue");
     admin.close().await.unwrap();
@@ -244,7 +253,9 @@ async fn killed_consumer_acks_no_unfinished_message() {
     let msgs = (0..n)
         .map(|i| Message::new("m").with_message_id(i.to_string()).persistent(true))
         .collect();
-    t.publish_batch(&Destination::queue(queue.as_str()), msgs).await.unwrap();
+    t.publish_batch(&Destination::queue(queue.as_str()), msgs)
+        .await
+        .unwrap();
 
     for kill_by_drop in [false, true] {
         let consumer = connect().await.expect("connect");
@@ -312,9 +323,16 @@ async fn killed_consumer_acks_no_unfinished_message() {
             unfinished_ids.len(),
             back.len()
         );
-        assert!(finished.is_disjoint(&back), "a finished message came back: {:?}", finished.intersection(&back));
+        assert!(
+            finished.is_disjoint(&back),
+            "a finished message came back: {:?}",
+            finished.intersection(&back)
+        );
         assert!(unfinished_ids.is_subset(&back), "an unfinished message was acked");
-        assert!(unfinished_ids.is_subset(&redelivered), "unfinished messages come back redelivered");
+        assert!(
+            unfinished_ids.is_subset(&redelivered),
+            "unfinished messages come back redelivered"
+        );
         // Closing the checker requeues everything it held.
         checker.close().await.unwrap();
         drop((sub, held, unfinished));

@@ -98,6 +98,25 @@ async fn reply_carries_the_request_correlation_id() {
         cid.as_bytes(),
         "the handler saw the id the reply carries"
     );
+    // The client sets its own correlation id, whatever the request carried.
+    let reply = client
+        .call(
+            &Destination::queue("echo-cid"),
+            Message::new("?").with_correlation_id("mine"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let cid = reply.properties.correlation_id.clone().unwrap();
+    assert_ne!(cid, "mine", "the client sets a fresh correlation id");
+    assert_eq!(&reply.body[..], cid.as_bytes());
+    // A reply that does not decode is a decode error for call_json.
+    let e = client
+        .call_json::<_, u32>(&Destination::queue("echo-cid"), &1u32, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "decode_failed");
+    assert_eq!(client.pending_calls(), 0);
     h.shutdown().await.unwrap();
 }
 
@@ -165,6 +184,10 @@ async fn timeout_is_rpc_timeout_and_leaves_no_waiter() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(client.late_replies(), 1);
+    // A call dropped before its reply also leaves nothing behind.
+    let fut = client.call(&dest, Message::new("dropped"), Duration::from_secs(5));
+    assert!(tokio::time::timeout(Duration::from_millis(10), fut).await.is_err());
+    assert_eq!(client.pending_calls(), 0, "a dropped call removes its waiter");
     // The client still works afterwards.
     let ok: ExtractionResult = client
         .call_json(

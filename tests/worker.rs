@@ -26,21 +26,36 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `q` has a consumer.
+async fn wait_for_consumer(t: &Arc<dyn Transport>, q: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.queue_info(q).await.unwrap().consumer_count == 0 {
+        assert!(Instant::now() < deadline, "timed out waiting for a consumer on {q}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn depth(t: &Arc<dyn Transport>, q: &str) -> u32 {
     t.queue_info(q).await.unwrap().message_count
 }
 
-/// Reads everything in `q` with an auto-ack consumer.
-async fn drain(t: &Arc<dyn Transport>, q: &str) -> Vec<Message> {
+/// Reads everything in `q` with an auto-ack consumer: each message with its
+/// `redelivered` flag.
+async fn drain_flagged(t: &Arc<dyn Transport>, q: &str) -> Vec<(Message, bool)> {
     let mut sub = t
         .consume(q, ConsumeOptions::default().auto_ack(true).prefetch(0))
         .await
         .unwrap();
     let mut out = Vec::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-        out.push(d.message);
+        out.push((d.message, d.info.redelivered));
     }
     out
+}
+
+/// Reads everything in `q` with an auto-ack consumer.
+async fn drain(t: &Arc<dyn Transport>, q: &str) -> Vec<Message> {
+    drain_flagged(t, q).await.into_iter().map(|(m, _)| m).collect()
 }
 
 async fn publish_n(t: &Arc<dyn Transport>, q: &str, n: usize) {
@@ -133,8 +148,13 @@ async fn shutdown_deadline_aborts_slow_handlers_and_requeues() {
     h.shutdown().await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
     assert_eq!(h.stats("stuck").unwrap().requeued, 2);
-    let rest = drain(&t, "stuck").await;
+    assert_eq!(t.queue_info("stuck").await.unwrap().consumer_count, 0);
+    let rest = drain_flagged(&t, "stuck").await;
     assert_eq!(rest.len(), 2);
+    assert!(
+        rest.iter().all(|(_, redelivered)| *redelivered),
+        "aborted deliveries were requeued"
+    );
 }
 
 #[tokio::test]
@@ -165,6 +185,21 @@ async fn run_until_a_token_is_cancelled() {
         .unwrap()
         .unwrap();
     assert_eq!(t.queue_info("q").await.unwrap().consumer_count, 0);
+
+    // A consumer that fails (its queue deleted) ends `run_until` with its error.
+    t.declare_queue(&QueueSpec::new("r")).await.unwrap();
+    let worker = Worker::new(t.clone())
+        .route("q", handler_fn(|| async {}))
+        .route("r", handler_fn(|| async {}));
+    let run = tokio::spawn(worker.run_until(std::future::pending()));
+    wait_for_consumer(&t, "r").await;
+    t.delete_queue("r").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), "consumer_cancelled");
 }
 
 #[tokio::test]
@@ -190,12 +225,22 @@ async fn several_queues_and_stopping_one() {
         .start()
         .await
         .unwrap();
+    assert_eq!(h.queues(), vec!["orders", "emails", "audit"]);
     for q in ["orders", "emails", "audit"] {
         publish_n(&t, q, 4).await;
     }
     wait_for("all handled", || counts.iter().all(|c| c.load(Ordering::SeqCst) == 4)).await;
     h.stop("emails").await.unwrap();
     assert_eq!(h.status("emails"), Some(ConsumerStatus::Stopped));
+    let report = h.report();
+    assert_eq!(report.len(), 3);
+    assert_eq!(
+        (report[1].0.as_str(), &report[1].1),
+        ("emails", &ConsumerStatus::Stopped)
+    );
+    assert_eq!(report[0].1, ConsumerStatus::Running);
+    assert_eq!(h.status("audit"), Some(ConsumerStatus::Running));
+    assert_eq!(h.stop("nope").await.unwrap_err().code(), "invalid_config");
     assert_eq!(t.queue_info("emails").await.unwrap().consumer_count, 0);
     for q in ["orders", "emails", "audit"] {
         publish_n(&t, q, 2).await;
@@ -210,6 +255,7 @@ async fn several_queues_and_stopping_one() {
     for q in ["orders", "audit"] {
         assert_eq!(h.stats(q).unwrap().acked, 6);
     }
+    assert_eq!(h.stats("emails").unwrap().handled, 4);
 }
 
 #[tokio::test]
@@ -388,7 +434,8 @@ async fn transient_errors_requeue_and_redeliver() {
     wait_for("ack", || h.stats("q").unwrap().acked == 1).await;
     h.shutdown().await.unwrap();
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
-    assert_eq!(h.stats("q").unwrap().requeued, 2);
+    let s = h.stats("q").unwrap();
+    assert_eq!((s.requeued, s.failed, s.acked, s.handled), (2, 2, 1, 3));
 }
 
 #[tokio::test]
@@ -443,6 +490,13 @@ async fn missing_queue_fails_start_and_deleted_queue_ends_the_consumer() {
         0,
         "the consumer already started was cancelled"
     );
+    let e = Worker::new(t.clone())
+        .route("present", handler_fn(|| async {}))
+        .route("present", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_config", "one route per queue");
 
     let h: WorkerHandle = Worker::new(t.clone())
         .route("present", handler_fn(|| async {}))
@@ -490,26 +544,4 @@ async fn auto_ack_routes_count_failures_and_settle_nothing() {
     let s = h.stats("events").unwrap();
     assert_eq!((s.failed, s.acked, s.rejected, s.requeued), (1, 0, 0, 0));
     assert_eq!(depth(&t, "events").await, 0);
-}
-
-/// Runs the `runtime::` scenarios of the conformance suite on memory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_conformance_scenarios_pass_on_memory() {
-    struct Factory(MemoryBroker);
-    // The trait is async-trait; written out by hand (no async-trait dev-dependency here).
-    impl switchyard_core::testkit::TransportFactory for Factory {
-        fn connect<'a, 'b>(
-            &'a self,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Transport>> + Send + 'b>>
-        where
-            'a: 'b,
-            Self: 'b,
-        {
-            let t: Arc<dyn Transport> = self.0.connect();
-            Box::pin(async move { t })
-        }
-    }
-    let report = switchyard_core::testkit::run_suite(&Factory(MemoryBroker::new()), Some("runtime::")).await;
-    assert_eq!(report.results.len(), 8, "every runtime scenario ran");
-    report.assert_ok();
 }

@@ -29,33 +29,16 @@ use futures_util::future::CatchUnwind;
 use futures_util::FutureExt;
 use pin_project_lite::pin_project;
 use switchyard_core::{Envelope, HandlerError, Outcome};
-use tower::{Layer, Service};
+use tower::Service;
 
-/// Turns handler panics into `panic` failures; see the [module docs](self).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CatchPanicLayer {
-    _priv: (),
-}
+use crate::util::stateless_layer;
 
-impl CatchPanicLayer {
-    /// The layer.
-    pub fn new() -> Self {
-        CatchPanicLayer { _priv: () }
-    }
-}
-
-impl<S> Layer<S> for CatchPanicLayer {
-    type Service = CatchPanic<S>;
-    fn layer(&self, inner: S) -> CatchPanic<S> {
-        CatchPanic { inner }
-    }
-}
-
-/// The service of [`CatchPanicLayer`].
-#[derive(Debug, Clone)]
-pub struct CatchPanic<S> {
-    inner: S,
-}
+stateless_layer!(
+    /// Turns handler panics into `panic` failures; see the [module docs](self).
+    CatchPanicLayer =>
+    /// The service of [`CatchPanicLayer`].
+    CatchPanic
+);
 
 /// The panic message of a caught panic payload.
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -141,7 +124,7 @@ mod tests {
     use super::*;
     use std::task::Poll;
     use switchyard_core::{handler_fn, FailureKind, Message};
-    use tower::ServiceExt;
+    use tower::{Layer, ServiceExt};
 
     #[derive(Clone)]
     struct PanicsInCall;

@@ -49,9 +49,10 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use switchyard_core::message::new_id;
 use switchyard_core::{Envelope, HandlerError, Outcome};
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::publish::PublishRequest;
+use crate::util::{enter_ambient, read_ambient, stateless_layer};
 
 /// What is current while a handler runs: the handled delivery (its id is
 /// read only when something is published), or an id set by [`scope`].
@@ -76,33 +77,11 @@ thread_local! {
     static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
 }
 
-/// Swaps `slot` with the thread's current value (in on enter, back on exit).
-fn swap_current(slot: &mut Option<Current>) {
-    // `try_with` fails only while the thread is being torn down
-    let _ = CURRENT.try_with(|c| {
-        if let Ok(mut cur) = c.try_borrow_mut() {
-            std::mem::swap(&mut *cur, slot);
-        }
-    });
-}
-
-/// Restores the previous value when a poll ends (also by unwinding).
-struct Restore<'a>(&'a mut Option<Current>);
-
-impl Drop for Restore<'_> {
-    fn drop(&mut self) {
-        swap_current(self.0);
-    }
-}
-
 /// The correlation id of the message being handled (its `correlation_id`,
 /// or its `message_id` when it has none), if a [`Correlation`] service is
 /// handling one: it is current while the handler's future is polled.
 pub fn current() -> Option<Arc<str>> {
-    CURRENT
-        .try_with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().and_then(Current::id)))
-        .ok()
-        .flatten()
+    read_ambient(&CURRENT, Current::id)
 }
 
 pin_project! {
@@ -119,8 +98,7 @@ impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        swap_current(this.current);
-        let _restore = Restore(this.current);
+        let _restore = enter_ambient(&CURRENT, this.current);
         this.inner.poll(cx)
     }
 }
@@ -134,32 +112,13 @@ pub fn scope<F: Future>(id: Option<Arc<str>>, fut: F) -> Scoped<F> {
     }
 }
 
-/// Sets ids on published messages and propagates the handled message's
-/// correlation id; see the [module docs](self).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CorrelationLayer {
-    _priv: (),
-}
-
-impl CorrelationLayer {
-    /// The layer.
-    pub fn new() -> Self {
-        CorrelationLayer { _priv: () }
-    }
-}
-
-impl<S> Layer<S> for CorrelationLayer {
-    type Service = Correlation<S>;
-    fn layer(&self, inner: S) -> Correlation<S> {
-        Correlation { inner }
-    }
-}
-
-/// The service of [`CorrelationLayer`].
-#[derive(Debug, Clone)]
-pub struct Correlation<S> {
-    inner: S,
-}
+stateless_layer!(
+    /// Sets ids on published messages and propagates the handled message's
+    /// correlation id; see the [module docs](self).
+    CorrelationLayer =>
+    /// The service of [`CorrelationLayer`].
+    Correlation
+);
 
 impl<S> Service<Envelope> for Correlation<S>
 where
@@ -176,9 +135,8 @@ where
     fn call(&mut self, env: Envelope) -> Self::Future {
         // current during `call` too (a handler_fn closure runs there)
         let mut slot = Some(Current::Delivery(env.clone()));
-        swap_current(&mut slot);
         let inner = {
-            let _restore = Restore(&mut slot);
+            let _restore = enter_ambient(&CURRENT, &mut slot);
             self.inner.call(env)
         };
         Scoped { inner, current: slot }
@@ -218,7 +176,7 @@ mod tests {
     use crate::publish::tests::Recorder;
     use crate::publish::{PublisherService, ServicePublisher};
     use switchyard_core::{handler_fn, Destination, Message, Publisher};
-    use tower::{ServiceBuilder, ServiceExt};
+    use tower::{Layer, ServiceBuilder, ServiceExt};
 
     #[tokio::test]
     async fn ids_are_set_when_missing_and_kept_when_present() {

@@ -41,12 +41,12 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use switchyard_core::headers::{TRACEPARENT, TRACESTATE};
 use switchyard_core::{Envelope, HandlerError, Headers, Outcome};
-use tower::{Layer, Service};
+use tower::Service;
 use tracing::field::{display, Empty};
 use tracing::Span;
 
 use crate::publish::PublishRequest;
-use crate::util::rand_u64;
+use crate::util::{enter_ambient, rand_u64, read_ambient, stateless_layer};
 
 /// A W3C trace context: trace id, the id of the span it belongs to, flags
 /// and the vendor `tracestate`.
@@ -194,33 +194,11 @@ thread_local! {
     static CURRENT: RefCell<Option<TraceContext>> = const { RefCell::new(None) };
 }
 
-/// Swaps `slot` with the thread's current context (in on enter, back on exit).
-fn swap_current(slot: &mut Option<TraceContext>) {
-    // `try_with` fails only while the thread is being torn down
-    let _ = CURRENT.try_with(|c| {
-        if let Ok(mut cur) = c.try_borrow_mut() {
-            std::mem::swap(&mut *cur, slot);
-        }
-    });
-}
-
-/// Restores the previous context when a poll ends (also by unwinding).
-struct Restore<'a>(&'a mut Option<TraceContext>);
-
-impl Drop for Restore<'_> {
-    fn drop(&mut self) {
-        swap_current(self.0);
-    }
-}
-
 /// The trace context of the delivery the current task is handling, if a
 /// [`Trace`] service is handling one (it is current while the handler's
 /// future is polled).
 pub fn current() -> Option<TraceContext> {
-    CURRENT
-        .try_with(|c| c.try_borrow().ok().and_then(|c| c.clone()))
-        .ok()
-        .flatten()
+    read_ambient(&CURRENT, |c| Some(c.clone()))
 }
 
 pin_project! {
@@ -236,8 +214,7 @@ impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        swap_current(this.ctx);
-        let _restore = Restore(this.ctx);
+        let _restore = enter_ambient(&CURRENT, this.ctx);
         this.inner.poll(cx)
     }
 }
@@ -248,32 +225,13 @@ pub fn scope<F: Future>(ctx: Option<TraceContext>, fut: F) -> Scoped<F> {
     Scoped { inner: fut, ctx }
 }
 
-/// Traces deliveries and propagates W3C trace context; see the
-/// [module docs](self).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceLayer {
-    _priv: (),
-}
-
-impl TraceLayer {
-    /// The layer.
-    pub fn new() -> Self {
-        TraceLayer { _priv: () }
-    }
-}
-
-impl<S> Layer<S> for TraceLayer {
-    type Service = Trace<S>;
-    fn layer(&self, inner: S) -> Trace<S> {
-        Trace { inner }
-    }
-}
-
-/// The service of [`TraceLayer`].
-#[derive(Debug, Clone)]
-pub struct Trace<S> {
-    inner: S,
-}
+stateless_layer!(
+    /// Traces deliveries and propagates W3C trace context; see the
+    /// [module docs](self).
+    TraceLayer =>
+    /// The service of [`TraceLayer`].
+    Trace
+);
 
 pin_project! {
     /// The future of [`Trace`] around a handler: polls the handler inside
@@ -294,8 +252,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _enter = this.span.enter();
-        swap_current(this.ctx);
-        let restore = Restore(this.ctx);
+        let restore = enter_ambient(&CURRENT, this.ctx);
         let out = this.inner.poll(cx);
         drop(restore);
         let out = std::task::ready!(out);
@@ -357,9 +314,8 @@ where
         }
         // current during `call` too (a handler_fn closure runs there)
         let mut slot = Some(ctx);
-        swap_current(&mut slot);
         let fut = {
-            let _restore = Restore(&mut slot);
+            let _restore = enter_ambient(&CURRENT, &mut slot);
             let _enter = span.enter();
             self.inner.call(env)
         };
@@ -430,9 +386,10 @@ pub mod otel {
     use opentelemetry::propagation::{Extractor, Injector};
     use switchyard_core::headers::TRACEPARENT;
     use switchyard_core::{Envelope, HandlerError, Headers, Outcome};
-    use tower::{Layer, Service};
+    use tower::Service;
 
     use crate::publish::PublishRequest;
+    use crate::util::stateless_layer;
 
     /// Writes OpenTelemetry fields into message headers.
     #[derive(Debug)]
@@ -467,32 +424,13 @@ pub mod otel {
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
     }
 
-    /// Propagates OpenTelemetry context through message headers; see the
-    /// [module docs](self).
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct OtelPropagationLayer {
-        _priv: (),
-    }
-
-    impl OtelPropagationLayer {
-        /// The layer.
-        pub fn new() -> Self {
-            OtelPropagationLayer { _priv: () }
-        }
-    }
-
-    impl<S> Layer<S> for OtelPropagationLayer {
-        type Service = OtelPropagation<S>;
-        fn layer(&self, inner: S) -> OtelPropagation<S> {
-            OtelPropagation { inner }
-        }
-    }
-
-    /// The service of [`OtelPropagationLayer`].
-    #[derive(Debug, Clone)]
-    pub struct OtelPropagation<S> {
-        inner: S,
-    }
+    stateless_layer!(
+        /// Propagates OpenTelemetry context through message headers; see the
+        /// [module docs](self).
+        OtelPropagationLayer =>
+        /// The service of [`OtelPropagationLayer`].
+        OtelPropagation
+    );
 
     impl<S> Service<Envelope> for OtelPropagation<S>
     where
@@ -545,7 +483,7 @@ pub mod otel {
         use opentelemetry::propagation::TextMapPropagator;
         use std::sync::Arc;
         use switchyard_core::{handler_fn, Destination, Message, Publisher};
-        use tower::ServiceExt;
+        use tower::{Layer, ServiceExt};
 
         /// Carries a tenant string in the `x-tenant` header as a context value.
         #[derive(Debug)]
@@ -598,7 +536,7 @@ mod tests {
     use crate::publish::tests::Recorder;
     use crate::publish::{PublisherService, ServicePublisher};
     use switchyard_core::{handler_fn, Destination, Message, Publisher};
-    use tower::ServiceExt;
+    use tower::{Layer, ServiceExt};
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -1,4 +1,5 @@
-//! Small shared helpers: boxed futures, a fast PRNG, readiness plumbing.
+//! Small shared helpers: boxed futures, a fast PRNG, readiness plumbing,
+//! per-thread "current" values scoped to a future's polls.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -46,3 +47,77 @@ pub(crate) fn take_ready<S: Clone>(slot: &mut S) -> S {
     let clone = slot.clone();
     std::mem::replace(slot, clone)
 }
+
+/// A per-thread "current value" (the correlation id, the trace context) that
+/// a future makes current only while it is polled.
+pub(crate) type Ambient<T> = std::thread::LocalKey<std::cell::RefCell<Option<T>>>;
+
+/// Swaps `slot` with the thread's current value in `key` (in on enter, back on exit).
+fn swap_ambient<T>(key: &'static Ambient<T>, slot: &mut Option<T>) {
+    // `try_with` fails only while the thread is being torn down
+    let _ = key.try_with(|c| {
+        if let Ok(mut cur) = c.try_borrow_mut() {
+            std::mem::swap(&mut *cur, slot);
+        }
+    });
+}
+
+/// Makes `slot` the current value of `key` until the guard drops (also by
+/// unwinding), which puts the previous value back and `slot`'s into `slot`.
+pub(crate) fn enter_ambient<'a, T>(key: &'static Ambient<T>, slot: &'a mut Option<T>) -> AmbientGuard<'a, T> {
+    swap_ambient(key, slot);
+    AmbientGuard { key, slot }
+}
+
+/// Restores the previous value of an [`Ambient`] when dropped; see [`enter_ambient`].
+pub(crate) struct AmbientGuard<'a, T: 'static> {
+    key: &'static Ambient<T>,
+    slot: &'a mut Option<T>,
+}
+
+impl<T> Drop for AmbientGuard<'_, T> {
+    fn drop(&mut self) {
+        swap_ambient(self.key, self.slot);
+    }
+}
+
+/// Reads the current value of `key` (none while the thread is torn down or
+/// the value is being swapped).
+pub(crate) fn read_ambient<T, R>(key: &'static Ambient<T>, f: impl FnOnce(&T) -> Option<R>) -> Option<R> {
+    key.try_with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().and_then(f)))
+        .ok()
+        .flatten()
+}
+
+/// Declares a layer without configuration (`$layer`, made by `new()` or
+/// `default()`) whose service `$service` only holds the inner service.
+macro_rules! stateless_layer {
+    ($(#[$layer_doc:meta])* $layer:ident => $(#[$service_doc:meta])* $service:ident) => {
+        $(#[$layer_doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $layer {
+            _priv: (),
+        }
+
+        impl $layer {
+            /// The layer.
+            pub fn new() -> Self {
+                $layer { _priv: () }
+            }
+        }
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service { inner }
+            }
+        }
+
+        $(#[$service_doc])*
+        #[derive(Debug, Clone)]
+        pub struct $service<S> {
+            inner: S,
+        }
+    };
+}
+pub(crate) use stateless_layer;

@@ -42,10 +42,7 @@ async fn in_process_retry_acks_after_transient_failures_without_requeueing() {
         },
     ));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(&Destination::new("shop", "order.created"), Message::new("o1"))
-        .await
-        .unwrap();
+    s.publish_to_shop("order.created", Message::new("o1")).await;
     let st = handled(&w, "orders", 1).await;
     assert_eq!((st.acked, st.requeued, st.rejected), (1, 0, 0));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -81,13 +78,8 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
             }
         }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(
-            &Destination::new("shop", "order.created"),
-            Message::new("body-1").with_header("tenant", "acme"),
-        )
-        .await
-        .unwrap();
+    s.publish_to_shop("order.created", Message::new("body-1").with_header("tenant", "acme"))
+        .await;
     let st = handled(&w, "orders", 3).await;
     assert_eq!(
         (st.acked, st.requeued, st.rejected),
@@ -137,13 +129,8 @@ async fn exhausted_retries_inside_dead_letter_go_to_the_dlx_with_reasons() {
             Err::<(), _>(HandlerError::retry("payment gateway down"))
         }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(
-            &Destination::new("shop", "order.paid"),
-            Message::new("o2").with_message_id("m-2"),
-        )
-        .await
-        .unwrap();
+    s.publish_to_shop("order.paid", Message::new("o2").with_message_id("m-2"))
+        .await;
     let st = handled(&w, "orders", 3).await;
     assert_eq!((st.acked, st.requeued, st.rejected), (3, 0, 0));
     eventually("dead letter", || async { ready_count(&s.transport, "dead").await == 1 }).await;
@@ -279,13 +266,8 @@ async fn replay_returns_dead_letters_to_their_origin_without_reason_headers() {
         }
     }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(
-            &Destination::new("shop", "order.created"),
-            Message::new("o3").with_header("tenant", "acme"),
-        )
-        .await
-        .unwrap();
+    s.publish_to_shop("order.created", Message::new("o3").with_header("tenant", "acme"))
+        .await;
     handled(&w, "orders", 1).await;
     eventually("dead letter", || async { ready_count(&s.transport, "dead").await == 1 }).await;
     let report =
@@ -376,10 +358,7 @@ async fn timeout_requeues_a_slow_handler() {
         }
     }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(&Destination::new("shop", "order.x"), Message::new("slow"))
-        .await
-        .unwrap();
+    s.publish_to_shop("order.x", Message::new("slow")).await;
     let st = handled(&w, "orders", 2).await;
     assert_eq!(
         (st.requeued, st.acked),
@@ -405,10 +384,7 @@ async fn open_circuit_requeues_without_calling_the_handler() {
     }));
     let w = start_with(&s.transport, "orders", h, RouteConfig::default().concurrency(1)).await;
     for i in 0..3 {
-        s.transport
-            .publish(&Destination::new("shop", "order.x"), Message::new(format!("m{i}")))
-            .await
-            .unwrap();
+        s.publish_to_shop("order.x", Message::new(format!("m{i}"))).await;
     }
     eventually("6 requeues", || async { stats(&w, "orders").requeued >= 6 }).await;
     assert_eq!(stats(&w, "orders").acked, 0);
@@ -432,13 +408,8 @@ async fn duplicates_are_acked_without_handling() {
     }));
     let w = start(&s.transport, "orders", h).await;
     for id in ["a", "b", "a", "a", "b"] {
-        s.transport
-            .publish(
-                &Destination::new("shop", "order.x"),
-                Message::new("x").with_message_id(id),
-            )
-            .await
-            .unwrap();
+        s.publish_to_shop("order.x", Message::new("x").with_message_id(id))
+            .await;
     }
     let st = handled(&w, "orders", 5).await;
     assert_eq!(st.acked, 5);
@@ -533,10 +504,7 @@ async fn correlation_and_trace_context_cross_from_consumed_to_published_messages
             }))
     })
     .await;
-    s.transport
-        .publish(&Destination::new("shop", "order.x"), m)
-        .await
-        .unwrap();
+    s.publish_to_shop("order.x", m).await;
     handled(&w, "orders", 1).await;
     w.shutdown().await.unwrap();
     let out = drain(&s.transport, "next").await.remove(0);
@@ -562,10 +530,7 @@ async fn kinds_the_worker_requeues_are_left_to_it() {
         }
     }));
     let w = start(&s.transport, "orders", h).await;
-    s.transport
-        .publish(&Destination::new("shop", "order.x"), Message::new("t"))
-        .await
-        .unwrap();
+    s.publish_to_shop("order.x", Message::new("t")).await;
     let st = handled(&w, "orders", 2).await;
     assert_eq!((st.requeued, st.acked), (1, 1));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -599,10 +564,7 @@ async fn tower_limits_hold_messages_in_the_broker() {
         .layer(ConcurrencyLimitLayer::new(2))
         .service(rate_limited);
     for i in 0..12 {
-        s.transport
-            .publish(&Destination::new("shop", "order.x"), Message::new(format!("m{i}")))
-            .await
-            .unwrap();
+        s.publish_to_shop("order.x", Message::new(format!("m{i}"))).await;
     }
     let started = std::time::Instant::now();
     let w = start_with(

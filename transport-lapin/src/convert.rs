@@ -82,9 +82,7 @@ fn value_from_amqp(v: &AMQPValue) -> HeaderValue {
         AMQPValue::LongLongInt(x) => HeaderValue::I64(*x),
         AMQPValue::Float(x) => HeaderValue::F32(*x),
         AMQPValue::Double(x) => HeaderValue::F64(*x),
-        AMQPValue::DecimalValue(d) => {
-            HeaderValue::F64(d.value as f64 / 10f64.powi(d.scale as i32))
-        }
+        AMQPValue::DecimalValue(d) => HeaderValue::F64(d.value as f64 / 10f64.powi(d.scale as i32)),
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
             Ok(text) => HeaderValue::String(text.to_owned()),

@@ -5,40 +5,13 @@
 use std::time::Duration;
 
 use switchyard_core::{
-    Admin, Binding, ConsumeOptions, Consumer, Delivery, Destination, Error, ExchangeSpec, HeaderValue, Headers,
-    Message, Overflow, Publisher, QueueSpec, QueueType, Subscription, Transport,
+    Admin, Binding, ConsumeOptions, Consumer, Destination, Error, ExchangeSpec, HeaderValue, Headers, Message,
+    Overflow, Publisher, QueueSpec, QueueType, Transport,
 };
 use switchyard_memory::{MemoryBroker, MemoryTransport};
 
-async fn recv(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(2), sub.next())
-        .await
-        .expect("a delivery within 2s")
-        .expect("stream open")
-        .expect("no error")
-}
-
-async fn nothing(sub: &mut Subscription, ms: u64) {
-    if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(ms), sub.next()).await {
-        panic!("unexpected delivery: {d:?}");
-    }
-}
-
-fn body(d: &Delivery) -> String {
-    String::from_utf8(d.message.body.to_vec()).unwrap()
-}
-
-async fn bodies(t: &MemoryTransport, queue: &str) -> Vec<String> {
-    let mut sub = t
-        .consume(queue, ConsumeOptions::default().auto_ack(true))
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(30), sub.next()).await {
-        out.push(body(&d));
-    }
-    out
-}
+mod common;
+use common::{body, drain, nothing, recv};
 
 /// A DLX `dlx` (direct) bound to queue `dead` with key `dead`, and a work
 /// queue built from `spec` dead-lettering to it.
@@ -283,7 +256,7 @@ async fn max_length_drop_head_dead_letters_oldest() {
     let b = recv(&mut dead).await;
     assert_eq!((body(&a), body(&b)), ("m1".into(), "m2".into()));
     assert_eq!(death(&a.message).get_str("reason"), Some("maxlen"));
-    assert_eq!(bodies(&t, "work").await, vec!["m3", "m4"]);
+    assert_eq!(drain(&t, "work").await, vec!["m3", "m4"]);
 }
 
 #[tokio::test]
@@ -330,7 +303,7 @@ async fn reject_publish_dlx_refuses_and_dead_letters() {
     let d = recv(&mut dead).await;
     assert_eq!(body(&d), "m2");
     assert_eq!(death(&d.message).get_str("reason"), Some("maxlen"));
-    assert_eq!(bodies(&t, "work").await, vec!["m1"]);
+    assert_eq!(drain(&t, "work").await, vec!["m1"]);
 }
 
 #[tokio::test]
@@ -342,7 +315,7 @@ async fn max_length_bytes_is_honoured() {
     let w = Destination::queue("work");
     t.publish(&w, Message::new("123456")).await.unwrap();
     t.publish(&w, Message::new("abcdef")).await.unwrap();
-    assert_eq!(bodies(&t, "work").await, vec!["abcdef"]);
+    assert_eq!(drain(&t, "work").await, vec!["abcdef"]);
 }
 
 #[tokio::test]
@@ -379,7 +352,7 @@ async fn without_max_priority_the_queue_is_fifo() {
     t.publish(&Destination::queue("q"), Message::new("b").with_priority(9))
         .await
         .unwrap();
-    assert_eq!(bodies(&t, "q").await, vec!["a", "b"]);
+    assert_eq!(drain(&t, "q").await, vec!["a", "b"]);
 }
 
 #[tokio::test]
@@ -558,9 +531,9 @@ async fn headers_exchange_routes_on_values() {
     t.publish(&h, Message::new("4").with_header("flag", false))
         .await
         .unwrap();
-    assert_eq!(bodies(&t, "all").await, vec!["1"]);
-    assert_eq!(bodies(&t, "any").await, vec!["3"]);
-    assert_eq!(bodies(&t, "void").await, vec!["4"]);
+    assert_eq!(drain(&t, "all").await, vec!["1"]);
+    assert_eq!(drain(&t, "any").await, vec!["3"]);
+    assert_eq!(drain(&t, "void").await, vec!["4"]);
     let bad: Headers = [("x-match", "most")].into_iter().collect();
     assert_eq!(
         t.bind(&Binding::queue("all", "h", "").with_arguments(bad))
@@ -584,7 +557,7 @@ async fn exchange_to_exchange_and_alternate_exchange() {
     t.publish(&Destination::new("src", "a.b"), Message::new("1"))
         .await
         .unwrap();
-    assert_eq!(bodies(&t, "q").await, vec!["1"]);
+    assert_eq!(drain(&t, "q").await, vec!["1"]);
 
     t.declare_exchange(&ExchangeSpec::fanout("ae")).await.unwrap();
     t.declare_queue(&QueueSpec::new("unrouted")).await.unwrap();
@@ -599,7 +572,7 @@ async fn exchange_to_exchange_and_alternate_exchange() {
     )
     .await
     .unwrap();
-    assert_eq!(bodies(&t, "unrouted").await, vec!["2"]);
+    assert_eq!(drain(&t, "unrouted").await, vec!["2"]);
 }
 
 #[tokio::test]

@@ -3,40 +3,12 @@
 use std::time::Duration;
 
 use switchyard_core::{
-    Admin, Binding, ConsumeOptions, Consumer, Delivery, Destination, Error, ExchangeSpec, Message, Publisher,
-    QueueSpec, Subscription,
+    Admin, Binding, ConsumeOptions, Consumer, Destination, Error, ExchangeSpec, Message, Publisher, QueueSpec,
 };
 use switchyard_memory::{MemoryBroker, MemoryTransport};
 
-async fn recv(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(2), sub.next())
-        .await
-        .expect("a delivery within 2s")
-        .expect("stream open")
-        .expect("no error")
-}
-
-async fn nothing(sub: &mut Subscription) {
-    if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
-        panic!("unexpected delivery: {d:?}");
-    }
-}
-
-fn body(d: &Delivery) -> String {
-    String::from_utf8(d.message.body.to_vec()).unwrap()
-}
-
-async fn drain(t: &MemoryTransport, queue: &str) -> Vec<String> {
-    let mut sub = t
-        .consume(queue, ConsumeOptions::default().auto_ack(true))
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(30), sub.next()).await {
-        out.push(body(&d));
-    }
-    out
-}
+mod common;
+use common::{body, drain, nothing, recv};
 
 #[tokio::test]
 async fn default_exchange_routes_by_queue_name() {
@@ -215,12 +187,12 @@ async fn prefetch_bounds_unacked_deliveries() {
     for _ in 0..3 {
         held.push(recv(&mut sub).await);
     }
-    nothing(&mut sub).await;
+    nothing(&mut sub, 50).await;
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 7);
     held.remove(0).ack().await.unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(body(&d), "3");
-    nothing(&mut sub).await;
+    nothing(&mut sub, 50).await;
     held.push(d);
     for d in held {
         d.ack().await.unwrap();
@@ -319,7 +291,7 @@ async fn reject_without_requeue_and_no_dlx_drops() {
     t.publish(&Destination::queue("q"), Message::new("x")).await.unwrap();
     let mut sub = t.consume("q", ConsumeOptions::default()).await.unwrap();
     recv(&mut sub).await.reject(false).await.unwrap();
-    nothing(&mut sub).await;
+    nothing(&mut sub, 50).await;
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
 }
 

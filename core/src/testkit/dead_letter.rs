@@ -95,6 +95,29 @@ fn str_field<'h>(table: &'h Headers, key: &str, what: &str) -> Result<&'h str, S
         .ok_or_else(|| format!("{what}: '{key}' should be a string, got {:?}", table.get(key)))
 }
 
+/// Reads `expected.len()` dead letters from `dlq`: their bodies are
+/// `expected`, in order, and each carries one x-death for `reason` from
+/// `src` (published through the default exchange, without an expiration).
+async fn first_deaths_in_order(
+    ctx: &Ctx<'_>,
+    dlq: &str,
+    src: &str,
+    reason: &str,
+    expected: &[&str],
+    since: u64,
+) -> Result<(), String> {
+    let got = dead_letters(ctx, dlq, expected.len()).await?;
+    ensure_eq(
+        "dead letters in order",
+        got.iter().map(body).collect::<Vec<_>>(),
+        expected.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+    )?;
+    for d in &got {
+        check_x_death(d, 1, reason, src, "", &[src], None, since)?;
+    }
+    Ok(())
+}
+
 /// Checks the x-death record and x-first-death-* headers of `d`.
 ///
 /// `count` must be an [`HeaderValue::I64`] (RabbitMQ writes a long) and
@@ -266,17 +289,8 @@ async fn queue_ttl_dead_letters_expired(ctx: &Ctx<'_>) -> Result<(), String> {
     ctx.publish_all(&Destination::queue(src.as_str()), &["q1", "q2"])
         .await?;
     ctx.wait_depth(&src, 0).await?;
-    let got = dead_letters(ctx, &dlq, 2).await?;
-    ensure_eq(
-        "dead letters in order",
-        got.iter().map(body).collect::<Vec<_>>(),
-        vec!["q1".to_string(), "q2".into()],
-    )?;
-    for d in &got {
-        // No original-expiration: the message itself had none.
-        check_x_death(d, 1, "expired", &src, "", &[src.as_str()], None, since)?;
-    }
-    Ok(())
+    // No original-expiration: the messages themselves had none.
+    first_deaths_in_order(ctx, &dlq, &src, "expired", &["q1", "q2"], since).await
 }
 
 async fn max_length_drops_head(ctx: &Ctx<'_>) -> Result<(), String> {
@@ -289,16 +303,8 @@ async fn max_length_drops_head(ctx: &Ctx<'_>) -> Result<(), String> {
         ctx.drain(&src).await?,
         vec!["m3".to_string(), "m4".into()],
     )?;
-    let got = dead_letters(ctx, &dlq, 2).await?;
-    ensure_eq(
-        "dropped heads, dead-lettered in order",
-        got.iter().map(body).collect::<Vec<_>>(),
-        vec!["m1".to_string(), "m2".into()],
-    )?;
-    for d in &got {
-        check_x_death(d, 1, "maxlen", &src, "", &[src.as_str()], None, since)?;
-    }
-    Ok(())
+    // The dropped heads, dead-lettered in order.
+    first_deaths_in_order(ctx, &dlq, &src, "maxlen", &["m1", "m2"], since).await
 }
 
 async fn max_length_counts_ready_only(ctx: &Ctx<'_>) -> Result<(), String> {

@@ -74,13 +74,6 @@ impl Core {
     pub(crate) fn dead(&self, q: &str) -> Vec<Message> {
         self.state.lock().queues.get(q).map_or(Vec::new(), |q| q.dead.clone())
     }
-    pub(crate) fn ready_messages(&self, q: &str) -> Vec<(Message, bool)> {
-        self.state
-            .lock()
-            .queues
-            .get(q)
-            .map_or(Vec::new(), |q| q.ready.iter().cloned().collect())
-    }
 }
 
 struct FakeAcker {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::worker::{RouteConfig, RouteStats, Worker, WorkerHandle};
-use switchyard_core::{Binding, ConsumeOptions, Delivery, ExchangeSpec, Handler, Message, QueueSpec, Transport};
+use switchyard_core::{
+    Binding, ConsumeOptions, Delivery, Destination, ExchangeSpec, Handler, Message, QueueSpec, Transport,
+};
 use switchyard_memory::MemoryBroker;
 
 /// A broker with: exchange `shop` (topic) -> queue `orders` (binding `order.*`),
@@ -32,6 +34,16 @@ pub async fn setup() -> Setup {
         .unwrap();
     transport.bind(&Binding::queue("dead", "app.dlx", "")).await.unwrap();
     Setup { broker, transport }
+}
+
+impl Setup {
+    /// Publishes `m` to exchange `shop` with `routing_key` (`order.*` reaches `orders`).
+    pub async fn publish_to_shop(&self, routing_key: &str, m: Message) {
+        self.transport
+            .publish(&Destination::new("shop", routing_key), m)
+            .await
+            .unwrap();
+    }
 }
 
 pub async fn start<H: Handler>(t: &Arc<dyn Transport>, queue: &str, h: H) -> WorkerHandle {
