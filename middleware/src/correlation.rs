@@ -52,7 +52,7 @@ use switchyard_core::{Envelope, HandlerError, Outcome};
 use tower::Service;
 
 use crate::publish::PublishRequest;
-use crate::util::{enter_ambient, read_ambient, stateless_layer};
+use crate::util::{edit_publish_requests, enter_ambient, read_ambient, stateless_layer};
 
 /// What is current while a handler runs: the handled delivery (its id is
 /// read only when something is published), or an id set by [`scope`].
@@ -143,32 +143,22 @@ where
     }
 }
 
-impl<S> Service<PublishRequest> for Correlation<S>
-where
-    S: Service<PublishRequest>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+/// Gives a published message a message id and a correlation id (the current
+/// one, else its own message id) unless it has them.
+fn set_ids(req: &mut PublishRequest) {
+    let p = &mut req.message.properties;
+    if p.message_id.is_none() {
+        p.message_id = Some(new_id());
     }
-
-    fn call(&mut self, mut req: PublishRequest) -> S::Future {
-        let p = &mut req.message.properties;
-        if p.message_id.is_none() {
-            p.message_id = Some(new_id());
-        }
-        if p.correlation_id.is_none() {
-            p.correlation_id = match current() {
-                Some(c) => Some(c.to_string()),
-                None => p.message_id.clone(),
-            };
-        }
-        self.inner.call(req)
+    if p.correlation_id.is_none() {
+        p.correlation_id = match current() {
+            Some(c) => Some(c.to_string()),
+            None => p.message_id.clone(),
+        };
     }
 }
+
+edit_publish_requests!(Correlation, set_ids);
 
 #[cfg(test)]
 mod tests {

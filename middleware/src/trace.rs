@@ -46,7 +46,7 @@ use tracing::field::{display, Empty};
 use tracing::Span;
 
 use crate::publish::PublishRequest;
-use crate::util::{enter_ambient, rand_u64, read_ambient, stateless_layer};
+use crate::util::{edit_publish_requests, enter_ambient, rand_u64, read_ambient, stateless_layer};
 
 /// A W3C trace context: trace id, the id of the span it belongs to, flags
 /// and the vendor `tracestate`.
@@ -327,31 +327,21 @@ where
     }
 }
 
-impl<S> Service<PublishRequest> for Trace<S>
-where
-    S: Service<PublishRequest>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+/// Gives a published message a `traceparent` (a child of the current trace
+/// context, else a new root) unless it has one.
+fn inject_current(req: &mut PublishRequest) {
+    if !req.message.headers.contains_key(TRACEPARENT) {
+        let ctx = current().unwrap_or_else(TraceContext::new_root);
+        ctx.inject(&mut req.message.headers);
     }
-
-    fn call(&mut self, mut req: PublishRequest) -> S::Future {
-        if !req.message.headers.contains_key(TRACEPARENT) {
-            let ctx = current().unwrap_or_else(TraceContext::new_root);
-            ctx.inject(&mut req.message.headers);
-        }
-        tracing::trace!(
-            exchange = req.destination.exchange(),
-            routing_key = req.destination.routing_key(),
-            "publishing"
-        );
-        self.inner.call(req)
-    }
+    tracing::trace!(
+        exchange = req.destination.exchange(),
+        routing_key = req.destination.routing_key(),
+        "publishing"
+    );
 }
+
+edit_publish_requests!(Trace, inject_current);
 
 /// OpenTelemetry propagation of message headers (cargo feature
 /// `opentelemetry`).
@@ -389,7 +379,7 @@ pub mod otel {
     use tower::Service;
 
     use crate::publish::PublishRequest;
-    use crate::util::stateless_layer;
+    use crate::util::{edit_publish_requests, stateless_layer};
 
     /// Writes OpenTelemetry fields into message headers.
     #[derive(Debug)]
@@ -454,25 +444,15 @@ pub mod otel {
         }
     }
 
-    impl<S> Service<PublishRequest> for OtelPropagation<S>
-    where
-        S: Service<PublishRequest>,
-    {
-        type Response = S::Response;
-        type Error = S::Error;
-        type Future = S::Future;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-            self.inner.poll_ready(cx)
-        }
-
-        fn call(&mut self, mut req: PublishRequest) -> S::Future {
-            if !req.message.headers.contains_key(TRACEPARENT) {
-                inject(&opentelemetry::Context::current(), &mut req.message.headers);
-            }
-            self.inner.call(req)
+    /// Injects the current OpenTelemetry context into a published message
+    /// that has no `traceparent` yet.
+    fn inject_current(req: &mut PublishRequest) {
+        if !req.message.headers.contains_key(TRACEPARENT) {
+            inject(&opentelemetry::Context::current(), &mut req.message.headers);
         }
     }
+
+    edit_publish_requests!(OtelPropagation, inject_current);
 
     #[cfg(test)]
     mod tests {

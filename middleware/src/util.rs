@@ -121,3 +121,30 @@ macro_rules! stateless_layer {
     };
 }
 pub(crate) use stateless_layer;
+
+/// Implements `Service<PublishRequest>` for `$service<S>` (a service with an
+/// `inner` field): `$edit`, a `fn(&mut PublishRequest)`, changes each request
+/// before the inner publisher gets it.
+macro_rules! edit_publish_requests {
+    ($service:ident, $edit:expr) => {
+        impl<S> tower::Service<$crate::publish::PublishRequest> for $service<S>
+        where
+            S: tower::Service<$crate::publish::PublishRequest>,
+        {
+            type Response = S::Response;
+            type Error = S::Error;
+            type Future = S::Future;
+
+            fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, mut req: $crate::publish::PublishRequest) -> S::Future {
+                let edit: fn(&mut $crate::publish::PublishRequest) = $edit;
+                edit(&mut req);
+                self.inner.call(req)
+            }
+        }
+    };
+}
+pub(crate) use edit_publish_requests;
