@@ -55,5 +55,7 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 log "cargo test (workspace, all features)"
 cargo test --workspace --all-features
 
-log "the contextiq example on the memory transport"
+log "the contextiq example on the memory transport, then on RabbitMQ through lapin and amqprs"
 cargo run --quiet --example contextiq
+cargo run --quiet --example contextiq -- --transport lapin
+cargo run --quiet --example contextiq -- --transport amqprs

@@ -364,8 +364,14 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Replaces the password of a URL (if any) with `***`. Text that is not a
-/// URL but contains `@` has everything before its last `@` hidden.
+/// Replaces the password of a URL (if any) with `***`.
+///
+/// The user information ends at the **last** `@` after `://`, so a password
+/// holding unencoded `@`, `/`, `?` or `#` is still hidden. When the user
+/// information holds `/`, `?` or `#` (a URL [`parse_amqp_url`] rejects),
+/// everything between `://` and the last `@` is hidden, user included. Text
+/// that is not a URL but contains `@` has everything before its last `@`
+/// hidden.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         // Not a URL: if it might hold credentials, hide all before the '@'.
@@ -375,18 +381,24 @@ pub fn redact_url(url: &str) -> String {
         };
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
-    let userinfo = &authority[..at];
-    let user = match userinfo.find(':') {
-        Some(c) => format!("{}:***", &userinfo[..c]),
-        None => userinfo.to_owned(),
+    let userinfo = &rest[..at];
+    let user = if userinfo.contains(URL_DELIMITERS) {
+        "***".to_owned()
+    } else {
+        match userinfo.find(':') {
+            Some(c) => format!("{}:***", &userinfo[..c]),
+            None => userinfo.to_owned(),
+        }
     };
     format!("{}://{}{}", &url[..scheme_end], user, &rest[at..])
 }
+
+/// The characters that end a URL's authority; unencoded in the user
+/// information they make the URL ambiguous.
+const URL_DELIMITERS: [char; 3] = ['/', '?', '#'];
 
 /// Parses an AMQP URL (`amqp[s]://[user[:password]@]host[:port][/vhost][?query]`).
 ///
@@ -402,15 +414,22 @@ pub fn parse_amqp_url(variable: &str, url: &str) -> Result<Endpoint> {
         "amqps" => true,
         _ => return Err(bad("scheme must be amqp or amqps")),
     };
+    // The user information ends at the last '@': a password may hold '@'.
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    };
+    if userinfo.is_some_and(|ui| ui.contains(URL_DELIMITERS)) {
+        return Err(bad(
+            "the user or password holds an unencoded '/', '?' or '#' (or the vhost or query holds '@'): \
+             percent-encode them ('/' is %2F, '?' is %3F, '#' is %23, '@' is %40)",
+        ));
+    }
     let rest = rest.split('#').next().unwrap_or("");
     let (before_query, _query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, path) = match before_query.find('/') {
+    let (hostport, path) = match before_query.find('/') {
         Some(i) => (&before_query[..i], Some(&before_query[i + 1..])),
         None => (before_query, None),
-    };
-    let (userinfo, hostport) = match authority.rfind('@') {
-        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-        None => (None, authority),
     };
     let (user, password) = match userinfo {
         None => ("guest".to_owned(), "guest".to_owned()),
@@ -1098,6 +1117,45 @@ mod tests {
                 assert!(t.contains("u:***@"), "{t}");
             }
         }
+    }
+
+    #[test]
+    fn passwords_with_unencoded_delimiters_are_rejected_and_never_printed() {
+        for (url, secret) in [
+            ("amqp://u:pa#ss@host:5672/%2F", "pa#ss"),
+            ("amqp://u:pa/ss@host/", "pa/ss"),
+            ("amqp://u:pa?ss@host/", "pa?ss"),
+            ("amqp://admin:1234/xyz@rabbit.internal", "1234/xyz"),
+            ("amqp://admin:1234/xyz@rabbit.internal:5672/", "1234/xyz"),
+        ] {
+            let e = one("RABBITMQ_URL", url).unwrap_err();
+            assert_eq!(e.code(), "invalid_config");
+            for t in [e.to_string(), format!("{e:?}")] {
+                assert!(!t.contains(secret), "password leaked: {t}");
+                assert!(t.contains("percent-encode"), "{t}");
+                assert!(t.contains("RABBITMQ_URL"), "{t}");
+            }
+            let e = parse_amqp_url("X", url).unwrap_err();
+            assert!(!format!("{e} {e:?}").contains(secret), "{e:?}");
+            // Never validated, still never printed.
+            let s = Settings::default().with_url(url);
+            for t in [s.effective_url_redacted(), format!("{s:?}"), s.to_string(), redact_url(url)] {
+                assert!(!t.contains(secret), "password leaked: {t}");
+                assert!(t.contains("amqp://***@"), "{t}");
+            }
+        }
+        // An unencoded '@' in the password is unambiguous: accepted and hidden.
+        let s = one("RABBITMQ_URL", "amqp://u:p@ss@host:5673/vh").unwrap();
+        let ep = s.endpoint().unwrap();
+        assert_eq!((ep.user.as_str(), ep.password.expose()), ("u", "p@ss"));
+        assert_eq!((ep.host.as_str(), ep.port, ep.vhost.as_str()), ("host", 5673, "vh"));
+        assert_eq!(s.effective_url_redacted(), "amqp://u:***@host:5673/vh");
+        assert!(!format!("{s:?} {s}").contains("p@ss"));
+        // The percent-encoded forms work.
+        let ep = parse_amqp_url("X", "amqp://admin:1234%2Fxyz@rabbit.internal").unwrap();
+        assert_eq!((ep.password.expose(), ep.host.as_str()), ("1234/xyz", "rabbit.internal"));
+        let ep = parse_amqp_url("X", "amqp://u:pa%23s%3Fs@host/%2F").unwrap();
+        assert_eq!((ep.password.expose(), ep.vhost.as_str()), ("pa#s?s", "/"));
     }
 
     #[test]
