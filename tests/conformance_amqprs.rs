@@ -15,7 +15,7 @@ use switchyard_core::testkit::{factory_fn, TransportFactory};
 use switchyard_core::Transport;
 
 fn config() -> AmqprsConfig {
-    let url = std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into());
+    let url = switchyard_core::testkit::rabbitmq_url();
     let settings = Settings::default()
         .with_url(url)
         .with_connection_attempts(1)
@@ -31,13 +31,7 @@ async fn factory() -> Option<impl TransportFactory> {
         Ok(t) => {
             let _ = t.close().await;
         }
-        Err(e) => {
-            if std::env::var("SWITCHYARD_REQUIRE_RABBITMQ").as_deref() == Ok("1") {
-                panic!("RabbitMQ unreachable and SWITCHYARD_REQUIRE_RABBITMQ=1: {e}");
-            }
-            println!("skipped: RabbitMQ unreachable ({e})");
-            return None;
-        }
+        Err(e) => return switchyard_core::testkit::broker_unreachable(e),
     }
     Some(factory_fn(move || {
         let config = config.clone();

@@ -25,7 +25,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 const N: usize = 20_000;
 
 fn url() -> String {
-    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+    switchyard_core::testkit::rabbitmq_url()
 }
 
 fn config(name: &str) -> AmqprsConfig {
@@ -40,13 +40,7 @@ fn config(name: &str) -> AmqprsConfig {
 async fn connect(name: &str) -> Option<AmqprsTransport> {
     match AmqprsTransport::connect_with(config(name)).await {
         Ok(t) => Some(t),
-        Err(e) => {
-            if std::env::var("SWITCHYARD_REQUIRE_RABBITMQ").as_deref() == Ok("1") {
-                panic!("RabbitMQ unreachable: {e}");
-            }
-            eprintln!("skipped: RabbitMQ unreachable");
-            None
-        }
+        Err(e) => switchyard_core::testkit::broker_unreachable(e),
     }
 }
 

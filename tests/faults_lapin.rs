@@ -34,7 +34,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 const CONNECTION_NAME: &str = "switchyard fault test";
 
 fn settings() -> Settings {
-    let url = std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into());
+    let url = switchyard_core::testkit::rabbitmq_url();
     Settings::default()
         .with_url(url)
         .with_connection_attempts(1)
@@ -47,13 +47,7 @@ async fn connect() -> Option<LapinTransport> {
     config.recovery.publish_wait_timeout = Duration::from_secs(60);
     match LapinTransport::connect_with(&s, config).await {
         Ok(t) => Some(t),
-        Err(e) => {
-            if std::env::var("SWITCHYARD_REQUIRE_RABBITMQ").as_deref() == Ok("1") {
-                panic!("RabbitMQ unreachable and SWITCHYARD_REQUIRE_RABBITMQ=1: {e}");
-            }
-            println!("skipped: RabbitMQ unreachable ({e})");
-            None
-        }
+        Err(e) => switchyard_core::testkit::broker_unreachable(e),
     }
 }
 

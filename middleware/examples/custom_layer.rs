@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // your layer composes with the built-in ones like any tower layer
     let handler = ServiceBuilder::new()
-        .layer(DeadLetterLayer::new(transport.clone(), "app.dlx"))
+        .layer(DeadLetterLayer::new(transport.clone(), "app.dlx").routing_key("dead_letter"))
         .layer(RequireHeaderLayer::new("tenant"))
         .service(handler_fn(|env: Envelope| async move {
             println!(

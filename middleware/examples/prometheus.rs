@@ -41,7 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // ... and on the consumer side (outside dead-letter, so it sees its outcome)
     let handler = ServiceBuilder::new()
         .layer(MetricsLayer::new())
-        .layer(DeadLetterLayer::new(transport.clone(), "app.dlx"))
+        .layer(DeadLetterLayer::new(transport.clone(), "app.dlx").routing_key("dead_letter"))
         .service(handler_fn(|env: Envelope| async move {
             tokio::time::sleep(Duration::from_millis(2)).await;
             if env.body().starts_with(b"bad") {

@@ -211,7 +211,7 @@ pub fn decode_message(msg: &Message, max: usize) -> Result<Option<Message>, Erro
     let Some(ce) = msg.properties.content_encoding.as_deref() else {
         return Ok(None);
     };
-    if ce.trim().is_empty() || ce.trim().eq_ignore_ascii_case("identity") {
+    if switchyard_core::codec::is_identity_encoding(ce) {
         return Ok(None);
     }
     let enc = Encoding::parse(ce)

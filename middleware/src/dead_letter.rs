@@ -23,8 +23,26 @@
 //! [`DeadLetterLayer::always`]. Other failures pass through unchanged and the
 //! Worker settles them (a transient failure is requeued).
 //!
-//! If the dead letter cannot be published, the original failure is
-//! returned, so the Worker rejects or requeues it: nothing is lost.
+//! The dead letter is published **mandatory** and with publisher confirms,
+//! so the original is acknowledged only once a queue has taken the dead
+//! letter. If it cannot be published:
+//!
+//! - a transient error (connection lost, publish not confirmed) fails the
+//!   delivery as transient: the Worker requeues it, and dead-lettering is
+//!   tried again when it comes back;
+//! - any other error — above all `unroutable`, when no queue is bound to the
+//!   dead-letter exchange for the routing key used, or a missing exchange —
+//!   is a configuration error that would repeat: the delivery fails as
+//!   permanent (the original failure when it already is one) and the Worker
+//!   rejects it, so the queue's own dead-letter exchange takes it if it has
+//!   one (give every queue an `x-dead-letter-exchange` as a safety net; a
+//!   queue without one drops it, as RabbitMQ does). The error is logged.
+//!
+//! **Routing key.** Without [`DeadLetterLayer::routing_key`] the dead letter
+//! keeps the message's original routing key, which a fanout DLX ignores but
+//! a direct or topic DLX must have a binding for. With the usual
+//! `dead_letter` queue bound by the key `dead_letter`, set
+//! `.routing_key("dead_letter")`.
 //!
 //! [`replay`] and [`replay_queue`] send dead letters back to their original
 //! destination with these headers (and RabbitMQ's `x-death`) removed.
@@ -59,8 +77,8 @@ use switchyard_core::headers::{
 };
 use switchyard_core::message::unix_now;
 use switchyard_core::{
-    ConsumeOptions, Consumer, Destination, Envelope, Error, FailureKind, HandlerError, HeaderValue, Message, Outcome,
-    Publisher, Result,
+    ConsumeOptions, Consumer, Delivery, Destination, Envelope, Error, FailureKind, HandlerError, HeaderValue, Message,
+    Outcome, PublishOptions, Publisher, Result,
 };
 use tower::{Layer, Service};
 
@@ -100,7 +118,10 @@ impl fmt::Debug for DeadLetterLayer {
 impl DeadLetterLayer {
     /// Dead-letters through `publisher` to `exchange`, keeping the original
     /// routing key (the `x-original-routing-key` header when a broker-delayed
-    /// retry re-routed the message).
+    /// retry re-routed the message). A direct or topic `exchange` must have a
+    /// binding for that key, or the dead letter is unroutable and the
+    /// delivery rejected instead: bind the dead-letter queue with the
+    /// original keys, or set [`routing_key`](Self::routing_key).
     pub fn new(publisher: Arc<dyn Publisher>, exchange: impl Into<Arc<str>>) -> Self {
         DeadLetterLayer {
             config: Arc::new(Config {
@@ -222,15 +243,38 @@ async fn publish_dead_letter(cfg: Arc<Config>, env: Envelope, err: HandlerError)
             .map_or_else(|| env.info().routing_key.clone(), Arc::from)
     });
     let dest = Destination::new(cfg.exchange.clone(), rk);
-    match cfg.publisher.publish(&dest, msg).await {
+    // mandatory: a dead letter that no queue takes is an error, never a silent loss
+    match cfg.publisher.publish_with(&dest, msg, PublishOptions::mandatory()).await {
         Ok(()) => {
             tracing::info!(queue = env.queue(), kind = err.kind().as_str(), error = err.message(), dlx = %dest, "dead-lettered");
             Ok(Outcome::DeadLettered)
         }
-        Err(e) => {
-            tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; leaving it to the Worker");
-            Err(err)
+        Err(e) if e.is_transient() => {
+            tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; requeueing the delivery");
+            Err(
+                HandlerError::retry(format!("could not publish the dead letter to {dest} ({e}) after: {}", err.message()))
+                    .with_source(e),
+            )
         }
+        Err(e) => {
+            tracing::error!(queue = env.queue(), error = %e, dlx = %dest,
+                "dead letter not accepted (no queue bound for it?); rejecting the delivery to the queue's own dead-letter exchange, if any");
+            Err(rejected(&env, err, &e))
+        }
+    }
+}
+
+/// A failure the Worker rejects without requeue: `err` itself when the
+/// Worker already rejects it, else a permanent failure with `err` as source.
+fn rejected(env: &Envelope, err: HandlerError, cause: &Error) -> HandlerError {
+    match err.kind() {
+        FailureKind::Permanent | FailureKind::Decode => err,
+        FailureKind::Panic if env.redelivered() => err,
+        _ => HandlerError::new(
+            FailureKind::Permanent,
+            format!("{} (could not be dead-lettered: {cause})", err.message()),
+        )
+        .with_source(err),
     }
 }
 
@@ -304,7 +348,8 @@ where
 }
 
 /// Removes the dead-letter headers (`x-error`, `x-error-kind`,
-/// `x-original-*`, `x-failed-at`, `x-retry-count`, `x-death`) from `msg`.
+/// `x-original-*`, `x-failed-at`, `x-retry-count`) and RabbitMQ's
+/// (`x-death`, `x-first-death-*`, `x-last-death-*`) from `msg`.
 /// A replayed message has no per-message TTL.
 pub fn strip_dead_letter_headers(msg: &mut Message) {
     for k in [
@@ -320,26 +365,38 @@ pub fn strip_dead_letter_headers(msg: &mut Message) {
     ] {
         msg.headers.remove(k);
     }
+    msg.headers
+        .retain(|k, _| !k.starts_with("x-first-death-") && !k.starts_with("x-last-death-"));
 }
 
-/// Where a dead letter was originally published (its `x-original-exchange`
-/// and `x-original-routing-key` headers).
+/// Where a dead letter was originally published: its
+/// `x-original-exchange` and `x-original-routing-key` headers (written by
+/// [`DeadLetter`] and the broker-delayed retry), or else, for a message
+/// RabbitMQ dead-lettered itself (a rejected, expired or overflowing
+/// message), the exchange and first routing key of its latest death
+/// (`x-death[0]`).
 pub fn original_destination(msg: &Message) -> Option<Destination> {
-    let ex = msg.headers.get_str(ORIGINAL_EXCHANGE).unwrap_or("");
-    let rk = msg.headers.get_str(ORIGINAL_ROUTING_KEY)?;
-    Some(Destination::new(ex, rk))
+    if let Some(rk) = msg.headers.get_str(ORIGINAL_ROUTING_KEY) {
+        let ex = msg.headers.get_str(ORIGINAL_EXCHANGE).unwrap_or("");
+        return Some(Destination::new(ex, rk));
+    }
+    let death = msg.headers.get(X_DEATH)?.as_array()?.first()?.as_table()?;
+    let rk = death.get("routing-keys")?.as_array()?.first()?.as_str()?;
+    Some(Destination::new(death.get_str("exchange").unwrap_or(""), rk))
 }
 
-/// Republishes one dead letter to its original destination with the
-/// dead-letter headers stripped; returns where it went.
+/// Republishes one dead letter to its original destination (see
+/// [`original_destination`]) with the dead-letter headers stripped; returns
+/// where it went. The publish is mandatory: a destination that routes
+/// nowhere is an error, not a silent loss.
 ///
-/// Fails with `decode_failed` if the message has no
-/// `x-original-routing-key` header (it is not a switchyard dead letter), and
-/// with the publisher's error if the publish fails.
+/// Fails with `decode_failed` if the message names no original destination
+/// (it is not a dead letter), and with the publisher's error (`unroutable`
+/// among them) if the publish fails.
 pub async fn replay(publisher: &dyn Publisher, mut message: Message) -> Result<Destination> {
     let dest = original_destination(&message).ok_or_else(|| {
         Error::decode(format!(
-            "message {} has no {ORIGINAL_ROUTING_KEY} header: not a switchyard dead letter, cannot replay",
+            "message {} has no {ORIGINAL_ROUTING_KEY} or {X_DEATH} header: not a dead letter, cannot replay",
             message
                 .properties
                 .message_id
@@ -348,7 +405,9 @@ pub async fn replay(publisher: &dyn Publisher, mut message: Message) -> Result<D
         ))
     })?;
     strip_dead_letter_headers(&mut message);
-    publisher.publish(&dest, message).await?;
+    publisher
+        .publish_with(&dest, message, PublishOptions::mandatory())
+        .await?;
     Ok(dest)
 }
 
@@ -382,7 +441,14 @@ pub struct ReplayReport {
 
 /// Drains the dead-letter queue `queue`: each message is replayed to its
 /// original destination (see [`replay`]) and then acknowledged. Messages
-/// that cannot be replayed are requeued on the dead-letter queue at the end.
+/// that cannot be replayed (not a dead letter, unroutable, missing
+/// exchange) are requeued on the dead-letter queue at the end.
+///
+/// A transient error (connection trouble, an unconfirmed publish) ends the
+/// run with that error, and so does a failed consume or acknowledgement;
+/// before returning, every message taken and not replayed — the current one
+/// included — is requeued, so nothing is left unsettled or lost. A message
+/// whose acknowledgement failed after its replay may be replayed twice.
 pub async fn replay_queue(
     consumer: &dyn Consumer,
     publisher: &dyn Publisher,
@@ -390,33 +456,54 @@ pub async fn replay_queue(
     options: ReplayOptions,
 ) -> Result<ReplayReport> {
     let mut sub = consumer.consume(queue, ConsumeOptions::default().prefetch(100)).await?;
-    let cancel = sub.cancel_handle();
     let mut report = ReplayReport::default();
     let mut keep = Vec::new();
-    while report.replayed < options.max {
+    let outcome = loop {
+        if report.replayed >= options.max {
+            break Ok(());
+        }
         let d = match tokio::time::timeout(options.idle, sub.next()).await {
             Ok(Some(Ok(d))) => d,
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(None) | Err(_) => break,
+            Ok(Some(Err(e))) => break Err(e),
+            Ok(None) | Err(_) => break Ok(()),
         };
         match replay(publisher, d.message.clone()).await {
-            Ok(_) => {
-                d.ack().await?;
-                report.replayed += 1;
-            }
+            Ok(_) => match d.ack().await {
+                Ok(()) => report.replayed += 1,
+                Err(e) => break Err(e),
+            },
             Err(e) => {
                 tracing::warn!(queue, error = %e, "dead letter not replayed");
                 report.skipped += 1;
                 keep.push(d);
+                if e.is_transient() {
+                    break Err(e);
+                }
             }
         }
+    };
+    let cancelled = sub.cancel_handle().cancel().await;
+    requeue_all(queue, keep).await;
+    // deliveries the consumer had buffered but not handed out yet
+    let mut buffered = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+        buffered.push(d);
     }
-    cancel.cancel().await?;
-    for d in keep {
-        d.nack(true).await?;
-    }
+    requeue_all(queue, buffered).await;
     drop(sub);
+    outcome?;
+    cancelled?;
     Ok(report)
+}
+
+/// Nacks (requeues) every delivery, logging (not stopping at) failures.
+async fn requeue_all(queue: &str, deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        let tag = d.info.delivery_tag;
+        if let Err(e) = d.nack(true).await {
+            tracing::warn!(queue, delivery_tag = tag, error = %e, "could not requeue a dead letter; the broker requeues it when the channel closes");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -472,7 +559,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publish_failure_returns_the_original_error() {
+    async fn transient_publish_failure_requeues() {
         let rec = Arc::new(Recorder::default());
         rec.fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let svc = DeadLetterLayer::new(rec.clone(), "dlx").layer(handler_fn(|_e: Envelope| async {
@@ -482,7 +569,8 @@ mod tests {
             .oneshot(Envelope::for_test(Message::new("x"), "q"))
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), FailureKind::Decode);
+        assert_eq!(e.kind(), FailureKind::Transient, "{e}");
+        assert!(e.message().contains("bad json"), "{e}");
     }
 
     #[tokio::test]

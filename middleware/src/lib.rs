@@ -35,7 +35,7 @@
 //!     let _service = switchyard_core::handler::boxed(ServiceBuilder::new()
 //!         .layer(TraceLayer::new())                      // outermost: the span sees the final outcome
 //!         .layer(MetricsLayer::new())                    // counts what the Worker will do
-//!         .layer(DeadLetterLayer::new(publisher, "app.dlx")) // final failures -> DLX, ack
+//!         .layer(DeadLetterLayer::new(publisher, "app.dlx").routing_key("dead_letter")) // final failures -> DLX, ack
 //!         .layer(RetryLayer::in_process(RetryPolicy::exponential(4, Duration::from_millis(50))))
 //!         .layer(CatchPanicLayer::new())                 // panics become retryable failures
 //!         .layer(TimeoutLayer::new(Duration::from_secs(30)))

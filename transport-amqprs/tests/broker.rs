@@ -11,7 +11,7 @@ use switchyard_amqprs::{AmqprsConfig, AmqprsTransport};
 use switchyard_core::{Admin, Consumer, Destination, Message, Publisher, QueueSpec, QueueType, Transport};
 
 fn url() -> String {
-    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+    switchyard_core::testkit::rabbitmq_url()
 }
 
 async fn connect(name: &str) -> Option<AmqprsTransport> {
@@ -21,13 +21,7 @@ async fn connect(name: &str) -> Option<AmqprsTransport> {
         .connection_attempts(1, Duration::from_millis(100));
     match AmqprsTransport::connect_with(cfg).await {
         Ok(t) => Some(t),
-        Err(e) => {
-            if std::env::var("SWITCHYARD_REQUIRE_RABBITMQ").as_deref() == Ok("1") {
-                panic!("RabbitMQ unreachable: {e}");
-            }
-            eprintln!("skipped: RabbitMQ unreachable");
-            None
-        }
+        Err(e) => switchyard_core::testkit::broker_unreachable(e),
     }
 }
 

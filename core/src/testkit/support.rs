@@ -304,3 +304,25 @@ impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
         self.map_err(|e| format!("{what}: {e}"))
     }
 }
+
+/// The RabbitMQ URL broker tests connect to: `RABBITMQ_URL`, or the local
+/// default `amqp://guest:guest@127.0.0.1:5672/`.
+pub fn rabbitmq_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+}
+
+/// True when the run requires a reachable broker (`SWITCHYARD_REQUIRE_RABBITMQ=1`, as `scripts/test.sh` sets).
+pub fn rabbitmq_required() -> bool {
+    std::env::var("SWITCHYARD_REQUIRE_RABBITMQ").as_deref() == Ok("1")
+}
+
+/// What a broker test does when it cannot connect: panics with `error` when
+/// the broker is required ([`rabbitmq_required`]), otherwise prints
+/// `skipped: RabbitMQ unreachable (error)` and returns `None`.
+pub fn broker_unreachable<T>(error: impl std::fmt::Display) -> Option<T> {
+    if rabbitmq_required() {
+        panic!("RabbitMQ unreachable and SWITCHYARD_REQUIRE_RABBITMQ=1: {error}");
+    }
+    println!("skipped: RabbitMQ unreachable ({error})");
+    None
+}
