@@ -545,3 +545,131 @@ async fn auto_ack_routes_count_failures_and_settle_nothing() {
     assert_eq!((s.failed, s.acked, s.rejected, s.requeued), (1, 0, 0, 0));
     assert_eq!(depth(&t, "events").await, 0);
 }
+
+#[tokio::test]
+async fn replies_go_through_the_reply_publisher() {
+    use switchyard::middleware::{PublishRequest, PublisherService, ServicePublisher};
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("rp.math")).await.unwrap();
+    t.declare_queue(&QueueSpec::new("rp.answers")).await.unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    // A publisher stack on the same transport: a layer that counts and tags.
+    let replies = ServicePublisher::new(
+        tower::ServiceBuilder::new()
+            .map_request(move |mut r: PublishRequest| {
+                seen2.fetch_add(1, Ordering::SeqCst);
+                r.message = r.message.with_header("x-via", "reply-stack");
+                r
+            })
+            .service(PublisherService::new(t.clone())),
+    )
+    .into_dyn();
+    let h = Worker::new(t.clone())
+        .reply_publisher(replies)
+        .route("rp.math", handler_fn(|Json(n): Json<i64>| async move { Json(n + 1) }))
+        .start()
+        .await
+        .unwrap();
+    t.publish(
+        &Destination::queue("rp.math"),
+        Message::json(&41)
+            .unwrap()
+            .with_reply_to("rp.answers")
+            .with_correlation_id("c-9"),
+    )
+    .await
+    .unwrap();
+    wait_for("1 reply", || h.stats("rp.math").unwrap().replied == 1).await;
+    h.shutdown().await.unwrap();
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the reply went through the reply publisher"
+    );
+    let answers = drain(&t, "rp.answers").await;
+    assert_eq!(answers.len(), 1);
+    assert_eq!(&answers[0].body[..], b"42");
+    assert_eq!(answers[0].properties.correlation_id.as_deref(), Some("c-9"));
+    assert_eq!(answers[0].headers.get_str("x-via"), Some("reply-stack"));
+}
+
+#[tokio::test]
+async fn a_missing_queue_fails_start_before_an_auto_ack_route_takes_messages() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("aa.events")).await.unwrap();
+    publish_n(&t, "aa.events", 5).await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let handled2 = handled.clone();
+    let e = Worker::new(t.clone())
+        .route_with(
+            "aa.events",
+            handler_fn(move || {
+                handled2.fetch_add(1, Ordering::SeqCst);
+                async {}
+            }),
+            RouteConfig::default().auto_ack(true).prefetch(0),
+        )
+        .route("aa.absent", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "queue_not_found");
+    assert!(e.to_string().contains("aa.absent"), "{e}");
+    let info = t.queue_info("aa.events").await.unwrap();
+    assert_eq!(
+        (info.message_count, info.consumer_count),
+        (5, 0),
+        "no message lost, no consumer left"
+    );
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    assert_eq!(drain(&t, "aa.events").await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_worker_without_routes_fails_to_start() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    let e = Worker::new(t.clone()).start().await.unwrap_err();
+    assert_eq!(e.code(), "invalid_config");
+    assert!(e.to_string().contains("no routes"), "{e}");
+    // run_until does not return Ok at once as if it had served and stopped.
+    let e = tokio::time::timeout(
+        Duration::from_secs(5),
+        Worker::new(t).run_until(std::future::pending::<()>()),
+    )
+    .await
+    .expect("fails at once")
+    .unwrap_err();
+    assert_eq!(e.code(), "invalid_config");
+}
+
+#[tokio::test]
+async fn charset_content_encodings_are_plain_bodies_through_decompression() {
+    use switchyard::middleware::DecompressionLayer;
+    use tower::Layer;
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("ce.jobs")).await.unwrap();
+    let sum = Arc::new(AtomicUsize::new(0));
+    let sum2 = sum.clone();
+    let handler = DecompressionLayer::new().layer(handler_fn(move |Json(n): Json<usize>| {
+        sum2.fetch_add(n, Ordering::SeqCst);
+        async {}
+    }));
+    let h = Worker::new(t.clone()).route("ce.jobs", handler).start().await.unwrap();
+    // kombu/Celery and pika publishers put the charset in content_encoding.
+    let encodings = ["utf-8", "UTF-8", "utf8", "binary", "7bit", "8bit", "identity", ""];
+    for (i, enc) in encodings.iter().enumerate() {
+        let m = Message::json(&(i + 1)).unwrap().with_content_encoding(*enc);
+        t.publish(&Destination::queue("ce.jobs"), m).await.unwrap();
+    }
+    let n = encodings.len() as u64;
+    wait_for("all handled", || h.stats("ce.jobs").unwrap().handled == n).await;
+    h.shutdown().await.unwrap();
+    let s = h.stats("ce.jobs").unwrap();
+    assert_eq!((s.acked, s.rejected, s.failed), (n, 0, 0));
+    assert_eq!(sum.load(Ordering::SeqCst), (1..=encodings.len()).sum::<usize>());
+}

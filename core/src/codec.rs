@@ -97,15 +97,19 @@ fn check_decodable(codec: &dyn Codec, message: &Message) -> Result<()> {
 /// ```
 pub fn is_identity_encoding(content_encoding: &str) -> bool {
     let e = content_encoding.trim();
-    e.is_empty() || ["identity", "utf-8", "utf8", "binary", "7bit", "8bit"].iter().any(|i| e.eq_ignore_ascii_case(i))
+    e.is_empty()
+        || ["identity", "utf-8", "utf8", "binary", "7bit", "8bit"]
+            .iter()
+            .any(|i| e.eq_ignore_ascii_case(i))
 }
 
 /// Strips serde_json's `" at line L column C"` suffix.
 fn strip_position(msg: &str) -> &str {
     match msg.rfind(" at line ") {
-        Some(i) if msg[i + 9..].split_once(" column ").is_some_and(|(l, c)| {
-            !l.is_empty() && !c.is_empty() && l.bytes().chain(c.bytes()).all(|b| b.is_ascii_digit())
-        }) =>
+        Some(i)
+            if msg[i + 9..].split_once(" column ").is_some_and(|(l, c)| {
+                !l.is_empty() && !c.is_empty() && l.bytes().chain(c.bytes()).all(|b| b.is_ascii_digit())
+            }) =>
         {
             &msg[..i]
         }
@@ -288,7 +292,9 @@ mod tests {
 
     #[test]
     fn charset_and_identity_content_encodings_are_not_compression() {
-        for enc in ["utf-8", "UTF-8", "utf8", "binary", "7bit", "8BIT", "identity", "Identity", "", " utf-8 "] {
+        for enc in [
+            "utf-8", "UTF-8", "utf8", "binary", "7bit", "8BIT", "identity", "Identity", "", " utf-8 ",
+        ] {
             assert!(is_identity_encoding(enc), "{enc}");
             let m = Message::new(r#"{"session_id":"s","n":1}"#)
                 .with_content_type("application/json")
@@ -322,16 +328,37 @@ mod tests {
     fn decode_errors_never_quote_the_body() {
         let secret = "4111111111111111";
         let bodies = [
-            (format!(r#"{{"number":"{secret}","kind":"Visa","pair":[1,2]}}"#), "invalid type: string, expected u64"),
-            (format!(r#"{{"number":1,"kind":"{secret}","pair":[1,2]}}"#), "unknown variant"),
-            (format!(r#"{{"number":1,"kind":"Visa","pair":[1,2],"{secret}":1}}"#), "unknown field"),
-            (r#"{"number":1,"kind":"Visa","pair":[1]}"#.to_owned(), "invalid length, expected a tuple of size 2"),
-            (format!(r#"{{"number":{secret}.5,"kind":"Visa","pair":[1,2]}}"#), "invalid type: floating point"),
-            (format!(r#"{{"number":1,"kind":"Visa","pair":[1,{secret}]}}"#), "invalid value: integer"),
-            (format!(r#"{{"number":1,"kind":"Visa"}}"#), "missing field `pair`"),
+            (
+                format!(r#"{{"number":"{secret}","kind":"Visa","pair":[1,2]}}"#),
+                "invalid type: string, expected u64",
+            ),
+            (
+                format!(r#"{{"number":1,"kind":"{secret}","pair":[1,2]}}"#),
+                "unknown variant",
+            ),
+            (
+                format!(r#"{{"number":1,"kind":"Visa","pair":[1,2],"{secret}":1}}"#),
+                "unknown field",
+            ),
+            (
+                r#"{"number":1,"kind":"Visa","pair":[1]}"#.to_owned(),
+                "invalid length, expected a tuple of size 2",
+            ),
+            (
+                format!(r#"{{"number":{secret}.5,"kind":"Visa","pair":[1,2]}}"#),
+                "invalid type: floating point",
+            ),
+            (
+                format!(r#"{{"number":1,"kind":"Visa","pair":[1,{secret}]}}"#),
+                "invalid value: integer",
+            ),
+            (r#"{"number":1,"kind":"Visa"}"#.to_owned(), "missing field `pair`"),
             (format!(r#"{{"number":"{secret}"#), "truncated JSON"),
             (format!(r#"{{"number":{secret}x}}"#), "malformed JSON"),
-            (format!(r#"{{"number":1,"kind":"Visa","pair":[1,2]}} "{secret}""#), "trailing"),
+            (
+                format!(r#"{{"number":1,"kind":"Visa","pair":[1,2]}} "{secret}""#),
+                "trailing",
+            ),
         ];
         for (body, want) in &bodies {
             let m = Message::new(body.clone()).with_content_type("application/json");
@@ -350,6 +377,9 @@ mod tests {
         let e = JsonCodec.from_message::<Card>(&m).unwrap_err();
         assert!(e.to_string().contains("at line 1 column"), "{e}");
         // A custom message could embed anything: replaced by a generic text.
-        assert_eq!(data_error_text(&format!("card {secret} is blocked")), "the body does not match the expected type");
+        assert_eq!(
+            data_error_text(&format!("card {secret} is blocked")),
+            "the body does not match the expected type"
+        );
     }
 }

@@ -253,12 +253,26 @@ pub trait FromEnvelope: Sized {
     /// Extracts the value; an error fails the delivery with that error
     /// (decode failures dead-letter).
     fn from_envelope(env: &Envelope) -> Result<Self, HandlerError>;
+
+    /// What the `Option<Self>` extractor yields: `Ok(None)` when the value
+    /// is absent. The default treats any failure of
+    /// [`from_envelope`](FromEnvelope::from_envelope) as "absent"; an
+    /// extractor whose absence can be told apart from a bad value overrides
+    /// it so that a bad value still fails (as [`Json`] does: only an empty
+    /// body is absent).
+    fn from_envelope_optional(env: &Envelope) -> Result<Option<Self>, HandlerError> {
+        Ok(Self::from_envelope(env).ok())
+    }
 }
 
 /// A JSON body (extractor) or a JSON reply (return value).
 ///
 /// As an extractor it checks the content type (absent or JSON) and decodes;
 /// a malformed body is a [`FailureKind::Decode`] failure.
+///
+/// `Option<Json<T>>` is `None` only when the body is absent (empty or only
+/// whitespace); a non-empty body that does not decode still fails with
+/// [`FailureKind::Decode`] (it is never silently acked as `None`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Json<T>(pub T);
 
@@ -268,6 +282,13 @@ impl<T: DeserializeOwned> FromEnvelope for Json<T> {
             .from_message(env.message())
             .map(Json)
             .map_err(HandlerError::from)
+    }
+
+    fn from_envelope_optional(env: &Envelope) -> Result<Option<Self>, HandlerError> {
+        if env.body().iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        Self::from_envelope(env).map(Some)
     }
 }
 
@@ -295,9 +316,14 @@ impl FromEnvelope for DeliveryInfo {
     }
 }
 
+/// An optional argument: `None` when the value is absent, as decided by
+/// [`FromEnvelope::from_envelope_optional`]. For [`Json`] that means an
+/// empty body (a malformed one still fails with [`FailureKind::Decode`]);
+/// for the other extractors any extraction failure (e.g. [`Text`] on a body
+/// that is not UTF-8) is `None`.
 impl<T: FromEnvelope> FromEnvelope for Option<T> {
     fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
-        Ok(T::from_envelope(env).ok())
+        T::from_envelope_optional(env)
     }
 }
 
@@ -506,6 +532,41 @@ mod tests {
         let e = h.oneshot(env(r#"{"id":1}"#, Some("text/plain"))).await.unwrap_err();
         assert_eq!(e.kind(), FailureKind::Decode);
         assert!(e.message().contains("text/plain"));
+    }
+
+    #[tokio::test]
+    async fn optional_json_is_none_only_for_an_absent_body() {
+        let h = handler_fn(|body: Option<Json<Req>>| async move {
+            match body {
+                Some(Json(r)) => Outcome::Reply(Message::new(r.id.to_string())),
+                None => Outcome::Ack,
+            }
+        });
+        for absent in ["", "  \n"] {
+            assert_eq!(h.clone().oneshot(env(absent, None)).await.unwrap(), Outcome::Ack);
+        }
+        match h
+            .clone()
+            .oneshot(env(r#"{"id":7}"#, Some("application/json")))
+            .await
+            .unwrap()
+        {
+            Outcome::Reply(m) => assert_eq!(&m.body[..], b"7"),
+            o => panic!("unexpected {o:?}"),
+        }
+        // A malformed, mistyped or wrongly typed body is not "absent".
+        for (body, ct) in [
+            ("{oops", None),
+            (r#"{"id":"x"}"#, None),
+            (r#"{"id":1}"#, Some("text/plain")),
+        ] {
+            let e = h.clone().oneshot(env(body, ct)).await.unwrap_err();
+            assert_eq!(e.kind(), FailureKind::Decode, "{body}");
+        }
+        // Other extractors keep "failure = absent".
+        let t = handler_fn(|t: Option<Text>| async move { assert!(t.is_none()) });
+        let bad_utf8 = Envelope::for_test(Message::new(vec![0xff, 0xfe]), "q");
+        assert_eq!(t.oneshot(bad_utf8).await.unwrap(), Outcome::Ack);
     }
 
     #[tokio::test]

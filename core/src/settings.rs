@@ -1139,7 +1139,12 @@ mod tests {
             assert!(!format!("{e} {e:?}").contains(secret), "{e:?}");
             // Never validated, still never printed.
             let s = Settings::default().with_url(url);
-            for t in [s.effective_url_redacted(), format!("{s:?}"), s.to_string(), redact_url(url)] {
+            for t in [
+                s.effective_url_redacted(),
+                format!("{s:?}"),
+                s.to_string(),
+                redact_url(url),
+            ] {
                 assert!(!t.contains(secret), "password leaked: {t}");
                 assert!(t.contains("amqp://***@"), "{t}");
             }
@@ -1153,7 +1158,10 @@ mod tests {
         assert!(!format!("{s:?} {s}").contains("p@ss"));
         // The percent-encoded forms work.
         let ep = parse_amqp_url("X", "amqp://admin:1234%2Fxyz@rabbit.internal").unwrap();
-        assert_eq!((ep.password.expose(), ep.host.as_str()), ("1234/xyz", "rabbit.internal"));
+        assert_eq!(
+            (ep.password.expose(), ep.host.as_str()),
+            ("1234/xyz", "rabbit.internal")
+        );
         let ep = parse_amqp_url("X", "amqp://u:pa%23s%3Fs@host/%2F").unwrap();
         assert_eq!((ep.password.expose(), ep.vhost.as_str()), ("pa#s?s", "/"));
     }

@@ -51,8 +51,11 @@ pub trait Publisher: Send + Sync {
     }
 
     /// Publishes several messages to `dest`, pipelined where the transport
-    /// can, and returns once all are confirmed. On failure the error names
-    /// the first message that failed; earlier ones may have been delivered.
+    /// can, and returns once all are confirmed. On failure it returns the
+    /// error of the first message that failed, as is (the error does not
+    /// say which message it was); messages before it may have been
+    /// delivered, and whether later ones were sent depends on the transport
+    /// (this default stops at the first failure).
     async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
         for m in messages {
             self.publish(dest, m).await?;
@@ -542,4 +545,46 @@ pub fn unsupported<T>(feature: &str) -> Result<T> {
     Err(Error::Unsupported {
         feature: feature.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+
+    /// Fails the publish of the body `fail`; records the others.
+    struct FailOn {
+        fail: &'static str,
+        sent: Mutex<Vec<Bytes>>,
+    }
+
+    #[async_trait]
+    impl Publisher for FailOn {
+        async fn publish_with(&self, dest: &Destination, message: Message, _: PublishOptions) -> Result<()> {
+            if message.body == self.fail.as_bytes() {
+                return Err(Error::ExchangeNotFound {
+                    exchange: dest.exchange().to_owned(),
+                });
+            }
+            self.sent.lock().push(message.body);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn default_publish_batch_returns_the_first_error_as_is_and_stops() {
+        let p = FailOn {
+            fail: "b",
+            sent: Mutex::new(Vec::new()),
+        };
+        let batch = ["a", "b", "c"].map(Message::new).to_vec();
+        let e = p.publish_batch(&Destination::new("ex", "rk"), batch).await.unwrap_err();
+        // The error is the failing publish's own: same variant, no index added.
+        assert!(
+            matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "ex"),
+            "{e:?}"
+        );
+        assert_eq!(*p.sent.lock(), vec![Bytes::from("a")]);
+    }
 }

@@ -2,11 +2,14 @@
 //!
 //! After `failure_threshold` counted failures within `window` the breaker
 //! **opens**: deliveries fail fast with a transient failure (the Worker
-//! requeues them) without calling the handler, optionally after a
-//! `fail_fast_pause` so that requeued messages do not spin. After `open_for`
-//! the breaker is **half-open**: up to `half_open_probes` deliveries go
-//! through as probes; if they all succeed it **closes**, if one fails it
-//! opens again.
+//! requeues them) without calling the handler, each after a
+//! `fail_fast_pause` (1 s by default, never past the moment the breaker
+//! half-opens) so that requeued messages do not spin through the broker.
+//! After `open_for` the breaker is **half-open**: up to `half_open_probes`
+//! deliveries go through as probes; if they all succeed it **closes**, if one
+//! fails with a counted kind it opens again. A probe that fails with a kind
+//! that does not count (a permanent or decode failure: the message's fault)
+//! proves nothing: it frees its probe slot and the next delivery probes.
 //!
 //! By default transient, timeout and panic failures count (a sick
 //! dependency); permanent and decode failures are about the message, not the
@@ -51,9 +54,12 @@ pub struct CircuitBreakerConfig {
     window: Duration,
     open_for: Duration,
     half_open_probes: u32,
-    fail_fast_pause: Option<Duration>,
+    fail_fast_pause: Duration,
     counts: Arc<dyn Fn(FailureKind) -> bool + Send + Sync>,
 }
+
+/// Default of [`CircuitBreakerConfig::fail_fast_pause`].
+pub const DEFAULT_FAIL_FAST_PAUSE: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for CircuitBreakerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,14 +75,14 @@ impl fmt::Debug for CircuitBreakerConfig {
 
 impl CircuitBreakerConfig {
     /// Opens after `failure_threshold` counted failures within `window`;
-    /// stays open 10 s; one probe; no pause.
+    /// stays open 10 s; one probe; a 1 s fail-fast pause.
     pub fn new(failure_threshold: u32, window: Duration) -> Self {
         CircuitBreakerConfig {
             failure_threshold: failure_threshold.max(1),
             window,
             open_for: Duration::from_secs(10),
             half_open_probes: 1,
-            fail_fast_pause: None,
+            fail_fast_pause: DEFAULT_FAIL_FAST_PAUSE,
             counts: Arc::new(|k: FailureKind| k.is_retryable()),
         }
     }
@@ -90,10 +96,13 @@ impl CircuitBreakerConfig {
         self.half_open_probes = n.max(1);
         self
     }
-    /// Waits this long before failing a delivery fast (so requeued
-    /// deliveries do not spin through the broker).
+    /// Waits this long before failing a delivery fast, so that requeued
+    /// deliveries do not spin through the broker (default 1 s). The pause
+    /// never runs past the moment the breaker half-opens. `Duration::ZERO`
+    /// fails at once: the Worker then requeues in a tight loop while the
+    /// breaker is open.
     pub fn fail_fast_pause(mut self, d: Duration) -> Self {
-        self.fail_fast_pause = Some(d);
+        self.fail_fast_pause = d;
         self
     }
     /// Chooses which failure kinds count towards opening.
@@ -137,8 +146,13 @@ struct Shared {
 }
 
 enum Admit {
-    Call { probe: bool },
-    Reject,
+    Call {
+        probe: bool,
+    },
+    /// Fail fast after this pause.
+    Reject {
+        pause: Duration,
+    },
 }
 
 impl Shared {
@@ -146,7 +160,9 @@ impl Shared {
         let mut st = self.state.lock();
         if let State::Open { until } = *st {
             if now < until {
-                return Admit::Reject;
+                // wake up no later than the breaker half-opens
+                let pause = self.cfg.fail_fast_pause.min(until - now);
+                return Admit::Reject { pause };
             }
             tracing::info!("circuit breaker half-open: probing");
             *st = State::HalfOpen {
@@ -161,10 +177,14 @@ impl Shared {
                     *in_flight += 1;
                     Admit::Call { probe: true }
                 } else {
-                    Admit::Reject
+                    Admit::Reject {
+                        pause: self.cfg.fail_fast_pause,
+                    }
                 }
             }
-            State::Open { .. } => Admit::Reject,
+            State::Open { .. } => Admit::Reject {
+                pause: self.cfg.fail_fast_pause,
+            },
         }
     }
 
@@ -197,6 +217,9 @@ impl Shared {
                 *in_flight = in_flight.saturating_sub(1);
                 if counted {
                     self.open(&mut st, now);
+                } else if failed.is_some() {
+                    // a failure that does not count (the message's fault)
+                    // says nothing about the dependency: free the slot only
                 } else {
                     *successes += 1;
                     if *successes >= self.cfg.half_open_probes {
@@ -355,18 +378,15 @@ where
     fn call(&mut self, env: Envelope) -> Self::Future {
         let shared = self.shared.clone();
         match shared.admit(Instant::now()) {
-            Admit::Reject => {
-                let pause = shared.cfg.fail_fast_pause;
-                Box::pin(async move {
-                    if let Some(p) = pause {
-                        tokio::time::sleep(p).await;
-                    }
-                    Err(HandlerError::retry(format!(
-                        "circuit breaker open: delivery from '{}' requeued without calling the handler",
-                        env.queue()
-                    )))
-                })
-            }
+            Admit::Reject { pause } => Box::pin(async move {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                Err(HandlerError::retry(format!(
+                    "circuit breaker open: delivery from '{}' requeued without calling the handler",
+                    env.queue()
+                )))
+            }),
             Admit::Call { probe } => {
                 let fut = self.inner.call(env);
                 Box::pin(async move {
@@ -439,6 +459,29 @@ mod tests {
         healthy.store(true, Ordering::SeqCst);
         assert_eq!(svc.clone().oneshot(env("x")).await.unwrap(), Outcome::Ack);
         assert_eq!(h.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_fast_pauses_by_default_but_not_past_half_open() {
+        let layer = CircuitBreakerLayer::new(
+            CircuitBreakerConfig::new(1, Duration::from_secs(10)).open_for(Duration::from_millis(300)),
+        );
+        let svc = layer.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::retry("x"))
+        }));
+        let env = || Envelope::for_test(Message::new("x"), "q");
+        svc.clone().oneshot(env()).await.unwrap_err();
+        let t0 = Instant::now();
+        svc.clone().oneshot(env()).await.unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::from_millis(300), "paused until half-open");
+        let long = CircuitBreakerLayer::new(CircuitBreakerConfig::new(1, Duration::from_secs(10)));
+        let svc = long.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::retry("x"))
+        }));
+        svc.clone().oneshot(env()).await.unwrap_err();
+        let t0 = Instant::now();
+        svc.clone().oneshot(env()).await.unwrap_err();
+        assert_eq!(t0.elapsed(), DEFAULT_FAIL_FAST_PAUSE);
     }
 
     #[tokio::test(start_paused = true)]

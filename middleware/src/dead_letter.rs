@@ -45,7 +45,10 @@
 //! `.routing_key("dead_letter")`.
 //!
 //! [`replay`] and [`replay_queue`] send dead letters back to their original
-//! destination with these headers (and RabbitMQ's `x-death`) removed.
+//! destination with these headers (and RabbitMQ's `x-death`,
+//! `x-first-death-*`) removed. Messages RabbitMQ dead-lettered itself (a
+//! queue's `x-dead-letter-exchange`) carry no `x-original-*` headers; they go
+//! back to the exchange and routing key of their latest `x-death` entry.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -244,17 +247,22 @@ async fn publish_dead_letter(cfg: Arc<Config>, env: Envelope, err: HandlerError)
     });
     let dest = Destination::new(cfg.exchange.clone(), rk);
     // mandatory: a dead letter that no queue takes is an error, never a silent loss
-    match cfg.publisher.publish_with(&dest, msg, PublishOptions::mandatory()).await {
+    match cfg
+        .publisher
+        .publish_with(&dest, msg, PublishOptions::mandatory())
+        .await
+    {
         Ok(()) => {
             tracing::info!(queue = env.queue(), kind = err.kind().as_str(), error = err.message(), dlx = %dest, "dead-lettered");
             Ok(Outcome::DeadLettered)
         }
         Err(e) if e.is_transient() => {
             tracing::warn!(queue = env.queue(), error = %e, dlx = %dest, "could not publish dead letter; requeueing the delivery");
-            Err(
-                HandlerError::retry(format!("could not publish the dead letter to {dest} ({e}) after: {}", err.message()))
-                    .with_source(e),
-            )
+            Err(HandlerError::retry(format!(
+                "could not publish the dead letter to {dest} ({e}) after: {}",
+                err.message()
+            ))
+            .with_source(e))
         }
         Err(e) => {
             tracing::error!(queue = env.queue(), error = %e, dlx = %dest,

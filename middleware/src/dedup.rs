@@ -1,11 +1,28 @@
 //! De-duplication: idempotent consumption.
 //!
-//! [`Dedup`] computes a key for each delivery (its `message_id` by default,
-//! or a key function) and asks a [`DedupStore`] whether that key was already
-//! handled. A duplicate is acknowledged without calling the handler. A key
-//! is remembered only after the handler succeeded (`Ack` or `Reply`), so a
-//! message that failed, was retried or dead-lettered (and is later
-//! replayed) is handled again. Deliveries without a key pass through.
+//! [`Dedup`] computes a key for each delivery and asks a [`DedupStore`]
+//! whether that key was already handled. A duplicate is acknowledged without
+//! calling the handler. A key is remembered only after the handler succeeded
+//! (`Ack` or `Reply`), so a message that failed, was retried or
+//! dead-lettered (and is later replayed) is handled again. Deliveries without
+//! a key pass through.
+//!
+//! **The key** is, by default, the queue the delivery came from *and* its
+//! `message_id` ([`default_key`]): one layer (one store) may serve several
+//! routes, and the copies of one event that a fanout or topic exchange puts
+//! in several queues are each handled once per queue — a copy in another
+//! queue is not a duplicate. A [key function](DedupLayer::key_fn) replaces
+//! it entirely: its key is used as is, shared by every route the layer
+//! serves (include the queue in it unless that is what you want).
+//!
+//! **Copies in flight.** Before handling, the layer reserves the key
+//! ([`DedupStore::try_reserve`]); a second copy that arrives while the first
+//! is still being handled (concurrency above 1, or several consumers
+//! sharing a store) waits [`in_flight_pause`](DedupLayer::in_flight_pause)
+//! (100 ms by default) and checks again: acknowledged if the first copy
+//! succeeded meanwhile, handled if it failed, otherwise failed as transient
+//! (the Worker requeues it). The reservation is released when the handling
+//! ends, also when it fails or is aborted.
 //!
 //! The default store, [`MemoryDedupStore`], keeps the most recent
 //! `capacity` keys (least recently seen evicted first), optionally each for
@@ -25,7 +42,7 @@
 //!     .service(handler_fn(|_env: Envelope| async {})));
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -38,6 +55,19 @@ use tower::{Layer, Service};
 
 use crate::util::{take_ready, BoxFuture};
 
+/// What [`DedupStore::try_reserve`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Neither handled nor in flight: the key is now reserved for the
+    /// caller, who handles the delivery, [inserts](DedupStore::insert) the
+    /// key if that succeeded, and [releases](DedupStore::release) it.
+    Reserved,
+    /// Already handled: a duplicate.
+    Duplicate,
+    /// Another copy is being handled right now.
+    InFlight,
+}
+
 /// Where handled keys are remembered.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
@@ -45,12 +75,44 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn contains(&self, key: &str) -> Result<bool, Error>;
     /// Remembers that `key` was handled.
     async fn insert(&self, key: &str) -> Result<(), Error>;
+
+    /// Reserves `key` for one copy about to be handled, unless it was
+    /// handled or another copy holds it. The default implementation tracks
+    /// nothing in flight: [`Reservation::Duplicate`] if
+    /// [`contains`](Self::contains), else [`Reservation::Reserved`]. A shared
+    /// store should reserve atomically (e.g. Redis `SET key NX PX ttl`) with
+    /// an expiry, so that a crashed consumer's reservation does not last.
+    async fn try_reserve(&self, key: &str) -> Result<Reservation, Error> {
+        Ok(if self.contains(key).await? {
+            Reservation::Duplicate
+        } else {
+            Reservation::Reserved
+        })
+    }
+
+    /// Ends the reservation of `key` (after [`insert`](Self::insert) when
+    /// the handling succeeded). The default does nothing.
+    async fn release(&self, key: &str) -> Result<(), Error> {
+        let _ = key;
+        Ok(())
+    }
+}
+
+/// The default de-duplication key: the delivery's queue and `message_id`
+/// (`<queue length>:<queue>:<message id>`, so that no two pairs give the
+/// same key); `None` without a `message_id`.
+pub fn default_key(env: &Envelope) -> Option<String> {
+    let id = env.message_id()?;
+    let queue = env.queue();
+    Some(format!("{}:{queue}:{id}", queue.len()))
 }
 
 struct Lru {
     map: HashMap<Arc<str>, (u64, Instant)>,
     order: VecDeque<(Arc<str>, u64)>,
     next: u64,
+    /// Keys reserved by a copy being handled.
+    in_flight: HashSet<Box<str>>,
 }
 
 /// An in-memory store of the most recent `capacity` keys, least recently
@@ -81,6 +143,7 @@ impl MemoryDedupStore {
                 map: HashMap::new(),
                 order: VecDeque::new(),
                 next: 0,
+                in_flight: HashSet::new(),
             }),
         }
     }
@@ -118,9 +181,7 @@ impl MemoryDedupStore {
         }
     }
 
-    /// Synchronous [`DedupStore::contains`].
-    pub fn contains_now(&self, key: &str) -> bool {
-        let mut lru = self.lru.lock();
+    fn seen(&self, lru: &mut Lru, key: &str) -> bool {
         let Some((k, (_, at))) = lru.map.get_key_value(key).map(|(k, v)| (k.clone(), *v)) else {
             return false;
         };
@@ -128,14 +189,38 @@ impl MemoryDedupStore {
             lru.map.remove(key);
             return false;
         }
-        self.touch(&mut lru, k, at);
+        self.touch(lru, k, at);
         true
+    }
+
+    /// Synchronous [`DedupStore::contains`].
+    pub fn contains_now(&self, key: &str) -> bool {
+        let mut lru = self.lru.lock();
+        self.seen(&mut lru, key)
     }
 
     /// Synchronous [`DedupStore::insert`].
     pub fn insert_now(&self, key: &str) {
         let mut lru = self.lru.lock();
         self.touch(&mut lru, Arc::from(key), Instant::now());
+    }
+
+    /// Synchronous [`DedupStore::try_reserve`]: handled keys first, then
+    /// keys in flight.
+    pub fn try_reserve_now(&self, key: &str) -> Reservation {
+        let mut lru = self.lru.lock();
+        if self.seen(&mut lru, key) {
+            Reservation::Duplicate
+        } else if lru.in_flight.insert(Box::from(key)) {
+            Reservation::Reserved
+        } else {
+            Reservation::InFlight
+        }
+    }
+
+    /// Synchronous [`DedupStore::release`].
+    pub fn release_now(&self, key: &str) {
+        self.lru.lock().in_flight.remove(key);
     }
 }
 
@@ -148,9 +233,19 @@ impl DedupStore for MemoryDedupStore {
         self.insert_now(key);
         Ok(())
     }
+    async fn try_reserve(&self, key: &str) -> Result<Reservation, Error> {
+        Ok(self.try_reserve_now(key))
+    }
+    async fn release(&self, key: &str) -> Result<(), Error> {
+        self.release_now(key);
+        Ok(())
+    }
 }
 
 type KeyFn = Arc<dyn Fn(&Envelope) -> Option<String> + Send + Sync>;
+
+/// Default of [`DedupLayer::in_flight_pause`].
+pub const DEFAULT_IN_FLIGHT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Acknowledges duplicates without calling the handler; see the
 /// [module docs](self).
@@ -158,6 +253,7 @@ type KeyFn = Arc<dyn Fn(&Envelope) -> Option<String> + Send + Sync>;
 pub struct DedupLayer {
     store: Arc<dyn DedupStore>,
     key: Option<KeyFn>,
+    pause: Duration,
 }
 
 impl fmt::Debug for DedupLayer {
@@ -167,19 +263,32 @@ impl fmt::Debug for DedupLayer {
 }
 
 impl DedupLayer {
-    /// De-duplicates by `message_id` in `store`.
+    /// De-duplicates by queue and `message_id` ([`default_key`]) in `store`.
     pub fn new(store: impl DedupStore) -> Self {
         Self::with_store(Arc::new(store))
     }
 
-    /// De-duplicates by `message_id` in a shared store.
+    /// De-duplicates by queue and `message_id` ([`default_key`]) in a shared store.
     pub fn with_store(store: Arc<dyn DedupStore>) -> Self {
-        DedupLayer { store, key: None }
+        DedupLayer {
+            store,
+            key: None,
+            pause: DEFAULT_IN_FLIGHT_PAUSE,
+        }
     }
 
-    /// De-duplicates by the key `f` computes (`None`: never a duplicate).
+    /// De-duplicates by the key `f` computes (`None`: never a duplicate),
+    /// used as is: the queue is part of it only if `f` puts it there.
     pub fn key_fn(mut self, f: impl Fn(&Envelope) -> Option<String> + Send + Sync + 'static) -> Self {
         self.key = Some(Arc::new(f));
+        self
+    }
+
+    /// How long a copy that finds another copy in flight waits before
+    /// checking again (and, if that copy is still in flight, failing as
+    /// transient so that the Worker requeues it). Default 100 ms.
+    pub fn in_flight_pause(mut self, pause: Duration) -> Self {
+        self.pause = pause;
         self
     }
 }
@@ -191,6 +300,7 @@ impl<S> Layer<S> for DedupLayer {
             inner,
             store: self.store.clone(),
             key: self.key.clone(),
+            pause: self.pause,
         }
     }
 }
@@ -201,12 +311,46 @@ pub struct Dedup<S> {
     inner: S,
     store: Arc<dyn DedupStore>,
     key: Option<KeyFn>,
+    pause: Duration,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Dedup<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dedup").field("inner", &self.inner).finish()
     }
+}
+
+/// Releases a reservation if the handling is dropped before it ends
+/// (aborted at shutdown, or by an outer timeout).
+struct ReservationGuard {
+    store: Arc<dyn DedupStore>,
+    key: Option<String>,
+}
+
+impl ReservationGuard {
+    async fn release(mut self) {
+        if let Some(key) = self.key.take() {
+            if let Err(e) = self.store.release(&key).await {
+                tracing::warn!(key = %key, error = %e, "could not release a de-duplication reservation");
+            }
+        }
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.release(&key).await;
+            });
+        }
+    }
+}
+
+fn store_failed(e: Error) -> HandlerError {
+    HandlerError::retry(format!("de-duplication store failed: {e}")).with_source(e)
 }
 
 impl<S> Service<Envelope> for Dedup<S>
@@ -225,29 +369,45 @@ where
     fn call(&mut self, env: Envelope) -> Self::Future {
         let key = match &self.key {
             Some(f) => f(&env),
-            None => env.message_id().map(str::to_owned),
+            None => default_key(&env),
         };
         let Some(key) = key else {
             return Box::pin(self.inner.call(env));
         };
         let mut inner = take_ready(&mut self.inner);
         let store = self.store.clone();
+        let pause = self.pause;
         Box::pin(async move {
-            let seen = store
-                .contains(&key)
-                .await
-                .map_err(|e| HandlerError::retry(format!("de-duplication store failed: {e}")).with_source(e))?;
-            if seen {
-                tracing::debug!(queue = env.queue(), key = %key, "duplicate acknowledged without handling");
-                return Ok(Outcome::Ack);
+            let mut claim = store.try_reserve(&key).await.map_err(store_failed)?;
+            if claim == Reservation::InFlight {
+                tokio::time::sleep(pause).await;
+                claim = store.try_reserve(&key).await.map_err(store_failed)?;
             }
-            let out = inner.call(env).await?;
-            if matches!(out, Outcome::Ack | Outcome::Reply(_)) {
+            match claim {
+                Reservation::Reserved => {}
+                Reservation::Duplicate => {
+                    tracing::debug!(queue = env.queue(), key = %key, "duplicate acknowledged without handling");
+                    return Ok(Outcome::Ack);
+                }
+                Reservation::InFlight => {
+                    tracing::debug!(queue = env.queue(), key = %key, "a copy is being handled; requeueing this one");
+                    return Err(HandlerError::retry(format!(
+                        "another copy of this message (de-duplication key '{key}') is being handled"
+                    )));
+                }
+            }
+            let guard = ReservationGuard {
+                store: store.clone(),
+                key: Some(key.clone()),
+            };
+            let out = inner.call(env).await;
+            if matches!(out, Ok(Outcome::Ack | Outcome::Reply(_))) {
                 if let Err(e) = store.insert(&key).await {
                     tracing::warn!(key = %key, error = %e, "could not remember a handled message");
                 }
             }
-            Ok(out)
+            guard.release().await;
+            out
         })
     }
 }
@@ -258,6 +418,26 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use switchyard_core::{handler_fn, Message};
     use tower::ServiceExt;
+
+    #[test]
+    fn reservations_and_the_default_key() {
+        let s = MemoryDedupStore::new(10);
+        assert_eq!(s.try_reserve_now("k"), Reservation::Reserved);
+        assert_eq!(s.try_reserve_now("k"), Reservation::InFlight);
+        s.release_now("k");
+        assert_eq!(
+            s.try_reserve_now("k"),
+            Reservation::Reserved,
+            "released after a failure"
+        );
+        s.insert_now("k");
+        s.release_now("k");
+        assert_eq!(s.try_reserve_now("k"), Reservation::Duplicate);
+        let env = |q: &str| Envelope::for_test(Message::new("x").with_message_id("m-1"), q);
+        assert_eq!(default_key(&env("orders")).as_deref(), Some("6:orders:m-1"));
+        assert_ne!(default_key(&env("audit")), default_key(&env("orders")));
+        assert_eq!(default_key(&Envelope::for_test(Message::new("x"), "q")), None);
+    }
 
     #[test]
     fn lru_evicts_least_recently_seen_and_expires() {

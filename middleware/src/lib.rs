@@ -127,7 +127,7 @@ pub use circuit_breaker::{
 pub use compression::{Compression, CompressionLayer, DecompressionLayer, Encoding};
 pub use correlation::{Correlation, CorrelationLayer};
 pub use dead_letter::{DeadLetter, DeadLetterLayer};
-pub use dedup::{Dedup, DedupLayer, DedupStore, MemoryDedupStore};
+pub use dedup::{Dedup, DedupLayer, DedupStore, MemoryDedupStore, Reservation};
 pub use metrics::{Metrics, MetricsLayer};
 pub use publish::{PublishRequest, PublisherService, ServicePublisher};
 pub use retry::{Backoff, Retry, RetryLayer, RetryPolicy};

@@ -6,7 +6,13 @@
 //! - **In-process** ([`RetryLayer::in_process`]): the delivery stays
 //!   unacknowledged while the layer sleeps and calls the handler again with
 //!   [`Envelope::next_attempt`]. Simple and fast for short delays; the held
-//!   deliveries count against the consumer's prefetch.
+//!   deliveries count against the consumer's prefetch. The attempt count
+//!   lives only in this process: if the delivery is aborted while the layer
+//!   waits between attempts (the Worker's shutdown deadline passes, the
+//!   process stops, the connection drops), the broker redelivers it and
+//!   counting starts again from the first attempt (`x-retry-count` is not
+//!   incremented). Keep in-process delays short — well under the Worker's
+//!   shutdown timeout — and use the broker-delayed mode for long ones.
 //! - **Broker-delayed** ([`RetryLayer::broker_delayed`]): the layer
 //!   republishes the message, body untouched and `x-retry-count`
 //!   incremented, to a wait queue `<source>.retry.<ms>` that it declares
@@ -18,7 +24,11 @@
 //!   `x-original-exchange` / `x-original-routing-key` (the broker's
 //!   dead-lettering re-routes through the default exchange) so a later
 //!   dead letter still names the original destination. Jitter does not
-//!   apply in this mode: each distinct delay is one queue.
+//!   apply in this mode: each distinct delay is one queue. The republish is
+//!   mandatory and confirmed: if the wait queue was deleted since the layer
+//!   declared it, the layer declares it again and republishes once; if that
+//!   fails too, the delivery fails as transient (the Worker requeues it) —
+//!   the original is acknowledged only once the retry is in a wait queue.
 //!
 //! In both modes, permanent and decode failures are never retried. When a
 //! kind's attempts are exhausted the layer gives up with a **permanent**
@@ -60,7 +70,8 @@ use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use switchyard_core::headers::{ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, RETRY_COUNT};
 use switchyard_core::{
-    Admin, Destination, Envelope, FailureKind, HandlerError, HeaderValue, Outcome, Publisher, QueueSpec,
+    Admin, Destination, Envelope, Error, FailureKind, HandlerError, HeaderValue, Outcome, PublishOptions, Publisher,
+    QueueSpec,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -342,17 +353,28 @@ struct BrokerDelay {
 }
 
 impl BrokerDelay {
+    /// Declares the wait queue `wait` unless this layer already did.
+    async fn declare(&self, wait: &str, source: &str, delay: Duration) -> switchyard_core::Result<()> {
+        if self.declared.lock().contains(wait) {
+            return Ok(());
+        }
+        let spec = QueueSpec::new(wait)
+            .durable(self.durable)
+            .message_ttl(delay)
+            .dead_letter("", Some(source));
+        self.admin.declare_queue(&spec).await?;
+        self.declared.lock().insert(wait.to_owned());
+        Ok(())
+    }
+
+    /// Publishes the retry to its wait queue, mandatory: if the queue was
+    /// deleted since this layer declared it, the publish is returned
+    /// (unroutable), so the queue is declared again and the retry published
+    /// once more; a second failure is returned.
     async fn republish(&self, env: &Envelope, delay: Duration) -> switchyard_core::Result<()> {
         let source = env.queue();
         let wait = wait_queue_name(source, delay);
-        if !self.declared.lock().contains(&wait) {
-            let spec = QueueSpec::new(wait.clone())
-                .durable(self.durable)
-                .message_ttl(delay)
-                .dead_letter("", Some(source));
-            self.admin.declare_queue(&spec).await?;
-            self.declared.lock().insert(wait.clone());
-        }
+        self.declare(&wait, source, delay).await?;
         let mut msg = env.message().clone();
         msg.headers
             .insert(RETRY_COUNT, HeaderValue::I64(i64::from(env.retry_count()) + 1));
@@ -360,7 +382,17 @@ impl BrokerDelay {
             msg.headers.insert(ORIGINAL_EXCHANGE, &*env.info().exchange);
             msg.headers.insert(ORIGINAL_ROUTING_KEY, &*env.info().routing_key);
         }
-        self.publisher.publish(&Destination::queue(wait), msg).await
+        let dest = Destination::queue(wait.clone());
+        let mandatory = PublishOptions::mandatory();
+        match self.publisher.publish_with(&dest, msg.clone(), mandatory).await {
+            Err(Error::Unroutable { .. }) => {
+                tracing::info!(queue = source, wait_queue = %wait, "wait queue gone; declaring it again");
+                self.declared.lock().remove(&wait);
+                self.declare(&wait, source, delay).await?;
+                self.publisher.publish_with(&dest, msg, mandatory).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -399,7 +431,10 @@ impl fmt::Debug for RetryLayer {
 
 impl RetryLayer {
     /// Retries in-process: sleeps, then calls the handler again with the
-    /// next attempt.
+    /// next attempt. The attempt count is lost if the delivery is aborted
+    /// while waiting (shutdown, crash): it is redelivered and counted from
+    /// the start. For delays that are not short, use
+    /// [`broker_delayed`](Self::broker_delayed).
     pub fn in_process(policy: RetryPolicy) -> Self {
         RetryLayer {
             policy: Arc::new(policy),

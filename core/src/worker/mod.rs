@@ -12,7 +12,7 @@
 //! | handler result | what the Worker does |
 //! |---|---|
 //! | `Ok(Ack)`, `Ok(Retried)`, `Ok(DeadLettered)` | ack |
-//! | `Ok(Reply(m))`, request has `reply_to` | publish `m` to the default exchange with routing key `reply_to` and the request's correlation id, then ack; if that publish fails: nack with requeue |
+//! | `Ok(Reply(m))`, request has `reply_to` | publish `m` (through [`Worker::reply_publisher`] if set, else the transport) to the default exchange with routing key `reply_to` and the request's correlation id, then ack; if that publish fails: nack with requeue |
 //! | `Ok(Reply(m))`, no `reply_to` | ack (the reply is dropped, logged at debug) |
 //! | `Err` of kind `Transient` or `Timeout` | nack with requeue |
 //! | `Err` of kind `Permanent` or `Decode` | reject without requeue (dead-letters if the queue has a DLX) |
@@ -82,7 +82,7 @@ use crate::error::{Error, Result};
 use crate::handler::{boxed, BoxHandler, FailureKind, Handler, HandlerError, Outcome};
 use crate::settings::{Settings, DEFAULT_PREFETCH};
 use crate::topology::Destination;
-use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Settler, Subscription, Transport};
+use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Publisher, Settler, Subscription, Transport};
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -256,6 +256,7 @@ pub struct Worker {
     routes: Vec<Route>,
     shutdown_timeout: Duration,
     default_prefetch: u16,
+    reply_publisher: Option<Arc<dyn Publisher>>,
 }
 
 impl fmt::Debug for Worker {
@@ -267,6 +268,7 @@ impl fmt::Debug for Worker {
                 &self.routes.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>(),
             )
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("custom_reply_publisher", &self.reply_publisher.is_some())
             .finish()
     }
 }
@@ -280,6 +282,7 @@ impl Worker {
             routes: Vec::new(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             default_prefetch: DEFAULT_PREFETCH,
+            reply_publisher: None,
         }
     }
 
@@ -321,17 +324,46 @@ impl Worker {
         self
     }
 
+    /// Publishes handler replies through `publisher` instead of straight
+    /// through the transport. Pass a publisher stack built on the same
+    /// transport (tracing, correlation, compression, metrics layers) so that
+    /// replies get the same treatment as other published messages. Default:
+    /// the transport itself.
+    ///
+    /// Replies go to the default exchange with the request's `reply_to` as
+    /// routing key ([`Destination::queue`]) and carry its correlation id.
+    pub fn reply_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
+        self.reply_publisher = Some(publisher);
+        self
+    }
+
     /// Subscribes every route and starts consuming. Returns once every
-    /// consumer is subscribed; a missing queue fails with `queue_not_found`
-    /// (and the consumers already subscribed are cancelled, their buffered
-    /// deliveries requeued).
+    /// consumer is subscribed.
+    ///
+    /// Fails with `invalid_config` when the Worker has no routes or routes a
+    /// queue twice. Every routed queue is checked
+    /// ([`queue_info`](crate::transport::Admin::queue_info)) before any is
+    /// consumed, so a missing queue fails with `queue_not_found` without
+    /// taking a message from the others. Should a subscription still fail
+    /// (e.g. the queue was deleted meanwhile), the consumers already
+    /// subscribed are cancelled and their buffered deliveries requeued;
+    /// deliveries of an auto-ack route cannot be requeued and are logged
+    /// as lost.
     pub async fn start(self) -> Result<WorkerHandle> {
         let Worker {
             transport,
             routes,
             shutdown_timeout,
+            reply_publisher,
             ..
         } = self;
+        if routes.is_empty() {
+            return Err(Error::InvalidConfig {
+                variable: "route".into(),
+                value: String::new(),
+                reason: "worker has no routes: add one with Worker::route before starting it".into(),
+            });
+        }
         // Handlers are not `Sync`: keep them out of every borrow held across
         // an await so that this future (and `run`) stays `Send`.
         let (specs, handlers): (Vec<(String, RouteConfig)>, Vec<BoxHandler>) =
@@ -346,6 +378,19 @@ impl Worker {
                 });
             }
         }
+        // Check every queue before consuming any: a later missing queue must
+        // not make the earlier consumers take (auto-ack: lose) messages.
+        for (queue, _) in &specs {
+            match transport.queue_info(queue).await {
+                Err(e @ Error::QueueNotFound { .. }) => {
+                    tracing::error!(queue = %queue, code = e.code(), error = %e, "worker could not start");
+                    return Err(e);
+                }
+                // Anything else is left to `consume` to report.
+                Err(e) => tracing::debug!(queue = %queue, error = %e, "queue check failed; subscribing anyway"),
+                Ok(_) => {}
+            }
+        }
         let mut subs = Vec::with_capacity(specs.len());
         for (queue, config) in &specs {
             let options = ConsumeOptions {
@@ -358,8 +403,8 @@ impl Worker {
                 Ok(s) => subs.push(s),
                 Err(e) => {
                     tracing::error!(queue = %queue, code = e.code(), error = %e, "worker could not subscribe");
-                    for s in subs {
-                        cancel_and_requeue(s, Instant::now() + DRAIN_GRACE).await;
+                    for (s, (q, _)) in subs.into_iter().zip(&specs) {
+                        cancel_and_requeue(q, s, Instant::now() + DRAIN_GRACE).await;
                     }
                     return Err(e);
                 }
@@ -379,6 +424,7 @@ impl Worker {
             let cx = Arc::new(RouteCtx {
                 queue,
                 transport: transport.clone(),
+                reply_publisher: reply_publisher.clone(),
                 state: state.clone(),
                 concurrency: config.effective_concurrency(),
                 shutdown_timeout,
@@ -629,6 +675,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 struct RouteCtx {
     queue: String,
     transport: Arc<dyn Transport>,
+    /// Publishes replies; `None`: the transport.
+    reply_publisher: Option<Arc<dyn Publisher>>,
     state: Arc<ConsumerState>,
     concurrency: usize,
     shutdown_timeout: Duration,
@@ -772,11 +820,26 @@ async fn requeue_unstarted(cx: &RouteCtx, d: Delivery) {
     }
 }
 
-/// Cancels a subscription that will not be used and requeues what it had buffered.
-async fn cancel_and_requeue(mut sub: Subscription, until: Instant) {
+/// Cancels a subscription that will not be used and requeues what it had
+/// buffered. Auto-ack deliveries cannot be requeued: they are counted and
+/// logged as lost.
+async fn cancel_and_requeue(queue: &str, mut sub: Subscription, until: Instant) {
     let _ = sub.cancel_handle().cancel().await;
+    let (mut requeued, mut lost) = (0u32, 0u32);
     while let Ok(Some(Ok(d))) = tokio::time::timeout_at(until, sub.next()).await {
-        let _ = d.nack(true).await;
+        if !d.needs_settlement() {
+            lost += 1;
+        } else if d.nack(true).await.is_ok() {
+            requeued += 1;
+        } else {
+            tracing::warn!(queue = %queue, "requeueing a buffered delivery failed; the broker requeues it on close");
+        }
+    }
+    if lost > 0 {
+        tracing::error!(queue = %queue, lost, requeued,
+            "worker start failed: auto-ack deliveries already received were dropped (messages lost)");
+    } else if requeued > 0 {
+        tracing::info!(queue = %queue, requeued, "worker start failed: buffered deliveries requeued");
     }
 }
 
@@ -861,7 +924,12 @@ async fn settle(
                 if let Some(cid) = correlation_id {
                     reply.properties.correlation_id = Some(cid);
                 }
-                match cx.transport.publish(&Destination::queue(rt.as_str()), reply).await {
+                let dest = Destination::queue(rt.as_str());
+                let published = match &cx.reply_publisher {
+                    Some(p) => p.publish(&dest, reply).await,
+                    None => cx.transport.publish(&dest, reply).await,
+                };
+                match published {
                     Ok(()) => {
                         inc(&cx.counters().replied);
                         tracing::debug!(queue = %cx.queue, delivery_tag = tag, reply_to = %rt, "reply published");
