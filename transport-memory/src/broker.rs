@@ -219,6 +219,11 @@ pub(crate) struct Outbox {
     pub(crate) local_len: AtomicUsize,
     /// An ack skipped the refill: refill when the buffer runs dry.
     pub(crate) owed: AtomicBool,
+    /// The broker found this consumer's window full (under its lock): an
+    /// in-order ack must top it up. While it is clear, nothing waits for
+    /// this consumer's window (any ready message would have been offered
+    /// to it), so a lazy in-order ack need not take the broker lock.
+    pub(crate) starved: AtomicBool,
     /// Lazy refill allowed (manual ack, prefetch >= [`LAZY_PREFETCH`]).
     pub(crate) lazy: bool,
 }
@@ -246,6 +251,7 @@ impl Outbox {
             holes: AtomicBool::new(false),
             local_len: AtomicUsize::new(0),
             owed: AtomicBool::new(false),
+            starved: AtomicBool::new(false),
             lazy,
         })
     }
@@ -258,7 +264,7 @@ impl Outbox {
             && tag <= self.delivered_upto.load(Ordering::Acquire)
             && self
                 .acked_upto
-                .compare_exchange(tag.wrapping_sub(1), tag, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(tag.wrapping_sub(1), tag, Ordering::SeqCst, Ordering::Acquire)
                 .is_ok()
     }
 
@@ -486,6 +492,18 @@ impl ConsumerEntry {
         if self.auto_ack || self.prefetch == 0 {
             return true;
         }
+        self.reconcile(pool);
+        if self.live < self.prefetch {
+            return true;
+        }
+        // Full: ask the next in-order ack to refill. (SeqCst store, then
+        // look at `acked_upto` again; the acker does the reverse, so an ack
+        // racing with this check is seen by one side or the other.)
+        if self.outbox.starved.load(Ordering::Relaxed) {
+            // Already asked (only a refill clears it, under the lock).
+            return false;
+        }
+        self.outbox.starved.store(true, Ordering::SeqCst);
         self.reconcile(pool);
         self.live < self.prefetch
     }
@@ -1566,6 +1584,7 @@ impl State {
         let Consumers { map, pool } = &mut self.consumers;
         let Some(c) = map.get_mut(&cid) else { return };
         c.outbox.owed.store(false, Ordering::Relaxed);
+        c.outbox.starved.store(false, Ordering::SeqCst);
         c.reconcile(pool);
         let queue = c.queue.clone();
         self.after_change(&queue, fx);
@@ -1691,6 +1710,13 @@ fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
                 .and_then(|l| q.levels[l].front())
                 .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
             if head_expired {
+                // Left for `expire`; have the next in-order acks refill, so
+                // the messages behind it are not left waiting.
+                for cid in &q.consumers {
+                    if let Some(c) = consumers.map.get(cid) {
+                        c.outbox.starved.store(true, Ordering::SeqCst);
+                    }
+                }
                 return;
             }
         }
