@@ -154,23 +154,6 @@ pub struct DeliveryInfo {
     pub consumer_tag: Arc<str>,
 }
 
-/// How to settle a delivery, for [`Acker::try_settle_now`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    /// [`Acker::ack`].
-    Ack,
-    /// [`Acker::nack`] with this `requeue`.
-    Nack {
-        /// Requeue rather than dead-letter.
-        requeue: bool,
-    },
-    /// [`Acker::reject`] with this `requeue`.
-    Reject {
-        /// Requeue rather than dead-letter.
-        requeue: bool,
-    },
-}
-
 /// Settles deliveries of one consumer (or channel).
 ///
 /// Implemented by transports; applications settle through [`Delivery`] or,
@@ -185,30 +168,6 @@ pub trait Acker: Send + Sync {
     /// Rejects `tag` (same effect as a single `nack`).
     async fn reject(&self, tag: u64, requeue: bool) -> Result<()> {
         self.nack(tag, requeue).await
-    }
-    /// Optional synchronous fast path: settles `tag` as `how` says without
-    /// awaiting, if the transport can, and returns the result exactly as the
-    /// matching async method ([`ack`](Acker::ack), [`nack`](Acker::nack) or
-    /// [`reject`](Acker::reject)) would. `None` means "not done, use the
-    /// async method" (and must have no effect). [`Delivery`] and [`Settler`]
-    /// try it first, which spares in-process transports a boxed future per
-    /// settlement. The default returns `None`.
-    fn try_settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
-        let _ = (tag, how);
-        None
-    }
-}
-
-/// Settles `tag` through `acker`: the synchronous fast path if the
-/// transport offers it, else the async method.
-async fn settle_via(acker: &dyn Acker, tag: u64, how: Settlement) -> Result<()> {
-    if let Some(r) = acker.try_settle_now(tag, how) {
-        return r;
-    }
-    match how {
-        Settlement::Ack => acker.ack(tag).await,
-        Settlement::Nack { requeue } => acker.nack(tag, requeue).await,
-        Settlement::Reject { requeue } => acker.reject(tag, requeue).await,
     }
 }
 
@@ -263,7 +222,7 @@ impl Delivery {
     /// Acknowledges the delivery (no-op for auto-ack deliveries).
     pub async fn ack(self) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.info.delivery_tag, Settlement::Ack).await,
+            Some(a) => a.ack(self.info.delivery_tag).await,
             None => Ok(()),
         }
     }
@@ -271,7 +230,7 @@ impl Delivery {
     /// Negatively acknowledges the delivery (no-op for auto-ack deliveries).
     pub async fn nack(self, requeue: bool) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.info.delivery_tag, Settlement::Nack { requeue }).await,
+            Some(a) => a.nack(self.info.delivery_tag, requeue).await,
             None => Ok(()),
         }
     }
@@ -279,7 +238,7 @@ impl Delivery {
     /// Rejects the delivery (no-op for auto-ack deliveries).
     pub async fn reject(self, requeue: bool) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.info.delivery_tag, Settlement::Reject { requeue }).await,
+            Some(a) => a.reject(self.info.delivery_tag, requeue).await,
             None => Ok(()),
         }
     }
@@ -319,21 +278,21 @@ impl Settler {
     /// Acknowledges.
     pub async fn ack(self) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.tag, Settlement::Ack).await,
+            Some(a) => a.ack(self.tag).await,
             None => Ok(()),
         }
     }
     /// Negatively acknowledges.
     pub async fn nack(self, requeue: bool) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.tag, Settlement::Nack { requeue }).await,
+            Some(a) => a.nack(self.tag, requeue).await,
             None => Ok(()),
         }
     }
     /// Rejects.
     pub async fn reject(self, requeue: bool) -> Result<()> {
         match &self.acker {
-            Some(a) => settle_via(&**a, self.tag, Settlement::Reject { requeue }).await,
+            Some(a) => a.reject(self.tag, requeue).await,
             None => Ok(()),
         }
     }

@@ -511,7 +511,9 @@ impl ConsumerEntry {
     /// Folds lock-free acks (`acked_upto`) into the unacked list.
     #[inline]
     fn reconcile(&mut self, pool: &mut Vec<Arc<Message>>) {
-        let upto = self.outbox.acked_upto.load(Ordering::Acquire);
+        // SeqCst: pairs with the acker's SeqCst compare-and-swap then load of
+        // `starved` (see `has_capacity` and `State::refill`).
+        let upto = self.outbox.acked_upto.load(Ordering::SeqCst);
         if upto >= self.front_tag {
             let n = ((upto - self.front_tag + 1) as usize).min(self.unacked.len());
             for _ in 0..n {
@@ -1848,6 +1850,48 @@ mod tests {
         });
         // ...until it is filled.
         assert!(!outbox.holes.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn only_a_full_window_asks_acks_to_refill() {
+        // prefetch 2, three messages ready: the third waits, the window is full.
+        let b = Broker::new();
+        let (conn, cid, outbox) = b.with(|st, fx| {
+            let conn = st.open_conn();
+            st.declare_queue(conn, &QueueSpec::new("q"), fx).unwrap();
+            let (cid, _, outbox) = st.consume(conn, "q", 2, false, false, fx).unwrap();
+            (conn, cid, outbox)
+        });
+        let publish = |body: &str| {
+            b.with(|st, fx| {
+                st.publish(
+                    conn,
+                    &Arc::from(""),
+                    &Arc::from("q"),
+                    Message::new(body.to_owned()),
+                    false,
+                    fx,
+                )
+                .unwrap()
+            });
+        };
+        publish("a");
+        publish("b");
+        assert!(!outbox.starved.load(Ordering::SeqCst), "window not full yet");
+        publish("c");
+        assert!(
+            outbox.starved.load(Ordering::SeqCst),
+            "the third message waits for the window"
+        );
+        assert_eq!(b.state.lock().queues["q"].ready, 1);
+        // An ack then refills (here by hand, as the acker does), which
+        // delivers the waiting message and clears the flag until the window
+        // is found full again.
+        assert!(outbox.fast_ack(1));
+        b.with(|st, fx| st.refill(cid, fx));
+        assert_eq!(b.state.lock().queues["q"].ready, 0);
+        assert_eq!(outbox.delivered_upto.load(Ordering::SeqCst), 3);
+        assert!(!outbox.starved.load(Ordering::SeqCst));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use futures_core::Stream;
-use switchyard_core::transport::{Cancel, CancelHandle, DeliveryStream, Settlement};
+use switchyard_core::transport::{Cancel, CancelHandle, DeliveryStream};
 use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Message, Result, Subscription};
 
 use crate::broker::{Broker, End, OutItem, Outbox, Settle};
@@ -37,10 +37,9 @@ impl Channel {
     }
 }
 
-impl Channel {
-    /// Acknowledges `tag` (synchronous: never waits).
-    #[inline]
-    fn ack_now(&self, tag: u64) -> Result<()> {
+#[async_trait]
+impl Acker for Channel {
+    async fn ack(&self, tag: u64) -> Result<()> {
         let o = &self.outbox;
         if o.fast_ack(tag) {
             if o.lazy {
@@ -65,27 +64,8 @@ impl Channel {
         }
         self.settle(tag, Settle::Ack)
     }
-
-    fn nack_now(&self, tag: u64, requeue: bool) -> Result<()> {
-        self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
-    }
-}
-
-#[async_trait]
-impl Acker for Channel {
-    async fn ack(&self, tag: u64) -> Result<()> {
-        self.ack_now(tag)
-    }
     async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
-        self.nack_now(tag, requeue)
-    }
-    /// Every settlement of the in-process broker completes at once.
-    #[inline]
-    fn try_settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
-        Some(match how {
-            Settlement::Ack => self.ack_now(tag),
-            Settlement::Nack { requeue } | Settlement::Reject { requeue } => self.nack_now(tag, requeue),
-        })
+        self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
     }
 }
 
