@@ -137,14 +137,9 @@ async fn wait_all_seen(seen: &SyncMutex<HashMap<usize, u32>>, within: Duration) 
     false
 }
 
+/// Announces a broker disruption in the test output.
 fn note(line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .append(true)
-        .open("/work/main/.notes/status.md")
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    eprintln!("{line}");
 }
 
 async fn run_with_disruption<F, Fut>(label: &str, disrupt: F) -> Option<(usize, u32)>
