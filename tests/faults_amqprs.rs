@@ -225,7 +225,7 @@ async fn broker_app_restart_loses_nothing() {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let started = rabbitmqctl_async(&["start_app"]).await;
             if !started {
-                // Never leave the broker down for the other streams.
+                // Never leave the broker down for the tests that follow.
                 let _ = rabbitmqctl_async(&["start_app"]).await;
             }
             if stopped && started {
