@@ -365,13 +365,27 @@ async fn topology_and_consumers_come_back_after_a_reconnect() {
 
     let generation = t.state().generation();
     assert!(rabbitmqctl_async(&["close_all_connections", "switchyard fault test"]).await);
-    // Published while the connection is (being) lost: waits, then succeeds.
+    // rabbitmqctl returns before the broker has closed the connection: wait
+    // until the transport has seen the loss, so that "during" is published
+    // in the outage (an exclusive queue's messages die with its connection).
+    let seen = Instant::now() + Duration::from_secs(15);
+    while t.state().get() == switchyard_core::recovery::ConnectionState::Connected
+        && t.state().generation() == generation
+        && Instant::now() < seen
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Published while the connection is lost: waits, then succeeds.
     let during_dest = Destination::new(ex.as_str(), "k.during");
     let during = t.publish(&during_dest, Message::new("during"));
     tokio::time::timeout(Duration::from_secs(30), during)
         .await
         .expect("publish during the outage finished")
         .expect("publish during the outage confirmed");
+    let reconnected = Instant::now() + Duration::from_secs(15);
+    while t.state().generation() <= generation && Instant::now() < reconnected {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(t.state().generation() > generation, "the transport did not reconnect");
     t.publish(&Destination::new(ex.as_str(), "k.after"), Message::new("after"))
         .await
