@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Mutex as SyncMutex;
 use switchyard::amqprs::{AmqprsConfig, AmqprsTransport};
-use switchyard_core::recovery::BackoffPolicy;
+use switchyard_amqp::recovery::BackoffPolicy;
 use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec, Transport};
 use tokio::sync::Mutex;
 
@@ -369,7 +369,7 @@ async fn topology_and_consumers_come_back_after_a_reconnect() {
     // until the transport has seen the loss, so that "during" is published
     // in the outage (an exclusive queue's messages die with its connection).
     let seen = Instant::now() + Duration::from_secs(15);
-    while t.state().get() == switchyard_core::recovery::ConnectionState::Connected
+    while t.state().get() == switchyard_amqp::recovery::ConnectionState::Connected
         && t.state().generation() == generation
         && Instant::now() < seen
     {

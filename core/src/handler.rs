@@ -597,7 +597,11 @@ mod tests {
     fn errors_convert_with_kinds() {
         let e: HandlerError = Error::decode("x").into();
         assert_eq!(e.kind(), FailureKind::Decode);
-        let e: HandlerError = Error::QueueNotFound { queue: "q".into() }.into();
+        let e: HandlerError = Error::QueueNotFound {
+            reply: None,
+            queue: "q".into(),
+        }
+        .into();
         assert_eq!(e.kind(), FailureKind::Permanent);
         let e: HandlerError = Error::transport("down").into();
         assert_eq!(e.kind(), FailureKind::Transient);

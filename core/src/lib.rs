@@ -14,13 +14,11 @@
 //! No broker code and no I/O of its own live here.
 #![warn(missing_docs)]
 
-pub mod coalesce;
 pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod handler;
 pub mod message;
-pub mod recovery;
 pub mod rpc;
 pub mod settings;
 #[cfg(feature = "testkit")]
@@ -31,7 +29,7 @@ pub mod worker;
 
 pub use codec::{Codec, JsonCodec};
 pub use envelope::{headers, Envelope};
-pub use error::{Error, Result};
+pub use error::{BrokerReply, CloseScope, Error, Result};
 pub use handler::{handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outcome};
 pub use message::{HeaderValue, Headers, Message, Properties};
 pub use settings::Settings;

@@ -55,6 +55,7 @@ struct Shared {
 impl Shared {
     fn closed_error(&self) -> Option<Error> {
         self.closed.lock().as_ref().map(|why| Error::ConnectionClosed {
+            reply: None,
             message: format!("rpc reply channel closed: {why}"),
         })
     }
@@ -199,6 +200,7 @@ impl RpcClient {
             self.publisher.publish(dest, message).await?;
             rx.await.map_err(|_| {
                 self.shared.closed_error().unwrap_or_else(|| Error::ConnectionClosed {
+                    reply: None,
                     message: "rpc reply channel closed".into(),
                 })
             })

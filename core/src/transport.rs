@@ -564,6 +564,7 @@ mod tests {
         async fn publish_with(&self, dest: &Destination, message: Message, _: PublishOptions) -> Result<()> {
             if message.body == self.fail.as_bytes() {
                 return Err(Error::ExchangeNotFound {
+                    reply: None,
                     exchange: dest.exchange().to_owned(),
                 });
             }
@@ -582,7 +583,7 @@ mod tests {
         let e = p.publish_batch(&Destination::new("ex", "rk"), batch).await.unwrap_err();
         // The error is the failing publish's own: same variant, no index added.
         assert!(
-            matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "ex"),
+            matches!(&e, Error::ExchangeNotFound { exchange, .. } if exchange == "ex"),
             "{e:?}"
         );
         assert_eq!(*p.sent.lock(), vec![Bytes::from("a")]);

@@ -194,6 +194,7 @@ struct Disconnected;
 impl Publisher for Disconnected {
     async fn publish_with(&self, _d: &Destination, _m: Message, _o: PublishOptions) -> switchyard_core::Result<()> {
         Err(Error::ConnectionClosed {
+            reply: None,
             message: "test: connection lost".into(),
         })
     }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use switchyard_core::recovery::{BackoffPolicy, RecoveryConfig};
+use switchyard_amqp::recovery::{BackoffPolicy, RecoveryConfig};
 use switchyard_core::settings::{parse_amqp_url, Secret, Settings};
 use switchyard_core::{Error, Result};
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use switchyard_core::recovery::{PublishBuffer, UnconfirmedPublish};
+use switchyard_amqp::recovery::{PublishBuffer, UnconfirmedPublish};
 use switchyard_core::Error;
 
 #[derive(Debug)]
@@ -82,6 +82,8 @@ impl ConfirmTracker {
                 self.buffer.fail(
                     t,
                     Error::Unroutable {
+                        reply: None,
+                        returned: None,
                         exchange: m.exchange.to_string(),
                         routing_key: m.routing_key.to_string(),
                     },
@@ -160,7 +162,7 @@ impl ConfirmTracker {
 mod tests {
     use std::time::Duration;
 
-    use switchyard_core::recovery::PublishWaiter;
+    use switchyard_amqp::recovery::PublishWaiter;
     use switchyard_core::{Destination, Message, PublishOptions};
 
     use super::*;

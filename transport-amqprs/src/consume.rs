@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_core::Stream;
 use parking_lot::Mutex;
-use switchyard_core::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
+use switchyard_amqp::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
 use switchyard_core::transport::Cancel;
 use switchyard_core::{Acker, ConsumeOptions, Delivery, DeliveryInfo, Error, Message, Result};
 use tokio::sync::mpsc::UnboundedReceiver;

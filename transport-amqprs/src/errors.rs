@@ -1,6 +1,7 @@
 //! Mapping of AMQP reply codes and amqprs errors onto [`switchyard_core::Error`].
 
-use switchyard_core::Error;
+use switchyard_amqp::errors::{from_reply, Subject as AmqpSubject};
+use switchyard_core::{BrokerReply, Error};
 
 /// The entity an operation concerned, to name it in errors.
 #[derive(Debug, Clone, Copy)]
@@ -11,62 +12,25 @@ pub(crate) enum Subject<'a> {
     Queue(&'a str),
 }
 
-impl Subject<'_> {
-    fn name(&self) -> &str {
-        match self {
-            Subject::Exchange(n) | Subject::Queue(n) => n,
-        }
-    }
-}
-
-/// Extracts `name` from `... no <kind> 'name' in vhost ...`.
-fn quoted_after<'t>(text: &'t str, marker: &str) -> Option<&'t str> {
-    let start = text.find(marker)? + marker.len();
-    let rest = &text[start..];
-    let end = rest.find('\'')?;
-    Some(&rest[..end])
-}
+impl Subject<'_> {}
 
 /// Maps a channel (or connection) close with `code` / `text`, caused by an
 /// operation on `subject`, to an error.
 pub(crate) fn close_error(code: u16, text: &str, subject: Subject<'_>) -> Error {
-    match code {
-        404 => {
-            if let Some(name) = quoted_after(text, "no exchange '") {
-                Error::ExchangeNotFound { exchange: name.into() }
-            } else if let Some(name) = quoted_after(text, "no queue '") {
-                Error::QueueNotFound { queue: name.into() }
-            } else {
-                match subject {
-                    Subject::Exchange(n) => Error::ExchangeNotFound { exchange: n.into() },
-                    Subject::Queue(n) => Error::QueueNotFound { queue: n.into() },
-                }
-            }
-        }
-        406 => Error::PreconditionFailed {
-            resource: subject.name().into(),
-            message: text.into(),
-        },
-        405 => Error::ResourceLocked {
-            resource: subject.name().into(),
-            message: text.into(),
-        },
-        403 if text.contains("exclusive") => Error::ResourceLocked {
-            resource: quoted_after(text, "queue '").unwrap_or(subject.name()).into(),
-            message: text.into(),
-        },
-        200 | 320 | 501..=506 | 541 => Error::ConnectionClosed {
-            message: format!("{code} {text}"),
-        },
-        _ => Error::transport(format!("{code} {text} (on '{}')", subject.name())),
-    }
+    let subject = match subject {
+        Subject::Exchange(n) => AmqpSubject::Exchange(n),
+        Subject::Queue(n) => AmqpSubject::Queue(n),
+    };
+    from_reply(BrokerReply::new(code, text), subject)
 }
 
 /// The error a publish gets when its channel closed with `code` / `text`.
 pub(crate) fn publish_close_error(code: u16, text: &str, exchange: &str, routing_key: &str) -> Error {
     match code {
         404 => close_error(code, text, Subject::Exchange(exchange)),
-        406 | 403 => Error::PreconditionFailed {
+        403 => close_error(code, text, Subject::Exchange(exchange)),
+        406 => Error::PreconditionFailed {
+            reply: None,
             resource: exchange.into(),
             message: text.into(),
         },
@@ -83,9 +47,10 @@ pub(crate) fn client_error(e: amqprs::error::Error) -> Error {
     use amqprs::error::Error as E;
     match e {
         E::NetworkError(m) | E::ConnectionOpenError(m) => Error::ConnectionFailed { message: m },
-        E::InternalChannelError(m) | E::ChannelCloseError(m) | E::ConnectionCloseError(m) => {
-            Error::ConnectionClosed { message: m }
-        }
+        E::InternalChannelError(m) | E::ChannelCloseError(m) | E::ConnectionCloseError(m) => Error::ConnectionClosed {
+            reply: None,
+            message: m,
+        },
         other => Error::transport(other.to_string()),
     }
 }
@@ -97,9 +62,9 @@ mod tests {
     #[test]
     fn reply_codes_map_to_stable_errors_naming_the_resource() {
         let e = close_error(404, "NOT_FOUND - no queue 'orders' in vhost '/'", Subject::Queue("x"));
-        assert!(matches!(&e, Error::QueueNotFound { queue } if queue == "orders"));
+        assert!(matches!(&e, Error::QueueNotFound { queue, .. } if queue == "orders"));
         let e = close_error(404, "NOT_FOUND - no exchange 'ev' in vhost '/'", Subject::Queue("q"));
-        assert!(matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "ev"));
+        assert!(matches!(&e, Error::ExchangeNotFound { exchange, .. } if exchange == "ev"));
         let e = close_error(
             406,
             "PRECONDITION_FAILED - inequivalent arg 'durable'",
@@ -116,7 +81,7 @@ mod tests {
             "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use",
             Subject::Queue("q"),
         );
-        assert_eq!(e.code(), "resource_locked");
+        assert_eq!(e.code(), "access_refused");
         assert_eq!(
             close_error(320, "CONNECTION_FORCED", Subject::Queue("q")).code(),
             "connection_closed"

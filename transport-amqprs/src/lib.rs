@@ -11,11 +11,11 @@
 //!   as the `basic.publish` and resolved from the `publish_ack` /
 //!   `publish_nack` callbacks (with `multiple`), `basic.return` makes a
 //!   mandatory publish fail with `Unroutable`. Unconfirmed publishes live in
-//!   the shared [`PublishBuffer`](switchyard_core::recovery::PublishBuffer).
+//!   the shared [`PublishBuffer`](switchyard_amqp::recovery::PublishBuffer).
 //! - **Consumers** always set QoS, one channel each; a cancellation by the
 //!   broker ends the stream with `Err(ConsumerCancelled)`.
 //! - **Automatic recovery** with the client-agnostic parts of
-//!   [`switchyard_core::recovery`]: reconnect with backoff, re-declare the
+//!   [`switchyard_amqp::recovery`]: reconnect with backoff, re-declare the
 //!   recorded topology, restart consumers feeding the same `Subscription`,
 //!   republish unconfirmed publishes; callers of `publish` wait (bounded)
 //!   during the outage. The state is observable through

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 
 use amqprs::channel::{BasicPublishArguments, Channel};
 use amqprs::connection::Connection;
-use switchyard_core::recovery::UnconfirmedPublish;
+use switchyard_amqp::recovery::UnconfirmedPublish;
 use switchyard_core::{Error, Result};
 
 use crate::chan::{self, ChanState};
@@ -202,6 +202,7 @@ impl PubPool {
         }
         if !self.conn.is_open() {
             return Err(Error::ConnectionClosed {
+                reply: None,
                 message: "the connection is closed".into(),
             });
         }

@@ -15,7 +15,7 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::Close;
 use async_trait::async_trait;
 use parking_lot::RwLock;
-use switchyard_core::recovery::{
+use switchyard_amqp::recovery::{
     ConnectionState, ConsumerRegistry, StateWatch, TopologyDeclarer, TopologyRegistry, UnconfirmedPublish,
 };
 use switchyard_core::settings::Settings;
@@ -295,6 +295,7 @@ impl Inner {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 if Instant::now() >= deadline {
                     return Err(Error::ConnectionClosed {
+                        reply: None,
                         message: "no live connection".into(),
                     });
                 }
@@ -954,6 +955,7 @@ impl Publisher for ReplyPublisher {
             }
             if self.shared.ended() || self.inner.upgrade().is_none_or(|i| i.is_closed()) || Instant::now() >= deadline {
                 return Err(Error::ConnectionClosed {
+                    reply: None,
                     message: "the RPC reply channel is closed".into(),
                 });
             }
@@ -995,6 +997,7 @@ impl Transport for AmqprsTransport {
         match self.inner.live.read().as_ref() {
             Some(l) if l.conn.is_open() => Ok(()),
             _ => Err(Error::ConnectionClosed {
+                reply: None,
                 message: format!(
                     "{} is {}{}",
                     self.inner.cfg.describe(),

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
+use switchyard_amqp::errors::{from_reply, Subject as AmqpSubject};
 use switchyard_core::{Error, HeaderValue, Headers, Message, Properties, Result};
 
 /// A short string property, refusing values over 255 bytes (AMQP limit).
@@ -194,20 +194,13 @@ pub(crate) fn from_delivery(body: Vec<u8>, bp: &BasicProperties) -> Message {
     }
 }
 
-/// The first `'quoted'` name in a broker error message.
-fn quoted(text: &str) -> Option<String> {
-    let start = text.find('\'')? + 1;
-    let end = text[start..].find('\'')? + start;
-    Some(text[start..end].to_owned())
-}
-
 /// True when `e` means the connection (not only a channel) is unusable.
 pub(crate) fn is_connection_level(e: &lapin::Error) -> bool {
     use lapin::ErrorKind as K;
     match e.kind() {
         K::IOError(_) | K::RuntimeShutdownError(_) | K::MissingHeartbeatError | K::InvalidConnectionState(_) => true,
         K::ParsingError(_) | K::SerialisationError(_) => true,
-        K::ProtocolError(p) => matches!(p.kind(), AMQPErrorKind::Hard(_)),
+        K::ProtocolError(p) => matches!(p.kind(), lapin::protocol::AMQPErrorKind::Hard(_)),
         _ => false,
     }
 }
@@ -225,65 +218,25 @@ pub(crate) enum Subject<'a> {
 pub(crate) fn map_error(e: &lapin::Error, subject: Subject<'_>) -> Error {
     use lapin::ErrorKind as K;
     if let K::ProtocolError(p) = e.kind() {
-        let text = p.get_message().as_str().to_owned();
-        let named = quoted(&text);
-        let fallback = match subject {
-            Subject::Exchange(n) | Subject::Queue(n) => n.to_owned(),
-            Subject::Publish { exchange, .. } => exchange.to_owned(),
-            Subject::Other => String::new(),
+        let reply = switchyard_core::BrokerReply::new(p.get_id(), p.get_message().as_str());
+        let subject = match subject {
+            Subject::Exchange(n) => AmqpSubject::Exchange(n),
+            Subject::Queue(n) => AmqpSubject::Queue(n),
+            Subject::Publish { exchange, routing_key } => AmqpSubject::Publish { exchange, routing_key },
+            Subject::Other => AmqpSubject::Other,
         };
-        let resource = named.clone().unwrap_or(fallback.clone());
-        match p.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
-                let is_exchange = text.contains("no exchange")
-                    || (!text.contains("no queue")
-                        && matches!(subject, Subject::Exchange(_) | Subject::Publish { .. }));
-                return if is_exchange {
-                    Error::ExchangeNotFound { exchange: resource }
-                } else {
-                    Error::QueueNotFound { queue: resource }
-                };
-            }
-            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
-                return Error::PreconditionFailed {
-                    resource,
-                    message: text,
-                }
-            }
-            AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => {
-                return Error::ResourceLocked {
-                    resource,
-                    message: text,
-                }
-            }
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) if text.contains("exclusive") => {
-                return Error::ResourceLocked {
-                    resource,
-                    message: text,
-                }
-            }
-            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED) => {
-                return Error::ConnectionClosed {
-                    message: format!("the broker closed the connection: {text}"),
-                }
-            }
-            _ => {}
-        }
-        if matches!(p.kind(), AMQPErrorKind::Hard(_)) {
-            return Error::ConnectionClosed { message: text };
-        }
-        let on = match subject {
-            Subject::Publish { exchange, routing_key } => format!("publishing to '{exchange}' / '{routing_key}'"),
-            _ => format!("on '{resource}'"),
-        };
-        return Error::Transport {
-            message: format!("{text} ({on})"),
-        };
+        return from_reply(reply, subject);
     }
     if is_connection_level(e) {
-        return Error::ConnectionClosed { message: e.to_string() };
+        return Error::ConnectionClosed {
+            reply: None,
+            message: e.to_string(),
+        };
     }
-    Error::Transport { message: e.to_string() }
+    Error::Transport {
+        reply: None,
+        message: e.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -337,14 +290,5 @@ mod tests {
         let e = to_properties(&Message::new("x").with_correlation_id("c".repeat(300))).unwrap_err();
         assert_eq!(e.code(), "encode_failed");
         assert!(e.to_string().contains("correlation_id"));
-    }
-
-    #[test]
-    fn quoted_names_are_extracted() {
-        assert_eq!(
-            quoted("NOT_FOUND - no exchange 'missing.ex' in vhost '/'").as_deref(),
-            Some("missing.ex")
-        );
-        assert_eq!(quoted("nothing"), None);
     }
 }

@@ -44,12 +44,12 @@
 //!
 //! lapin 4 can recover connections itself (`ConnectionProperties::enable_auto_recover`),
 //! but this transport keeps its own supervisor, built on the client-agnostic
-//! parts in [`switchyard_core::recovery`], and leaves lapin's recovery off:
+//! parts in [`switchyard_amqp::recovery`], and leaves lapin's recovery off:
 //!
 //! - lapin's recovery gives up after its backoff's attempt budget (16 by
 //!   default) while `rabbitmqctl stop_app` can keep the broker away longer;
 //!   ours retries until the transport is closed (or
-//!   [`BackoffPolicy::max_attempts`](switchyard_core::recovery::BackoffPolicy)).
+//!   [`BackoffPolicy::max_attempts`](switchyard_amqp::recovery::BackoffPolicy)).
 //! - At-least-once publishing needs every unconfirmed publish republished on
 //!   the new connection with the caller still waiting; lapin fails pending
 //!   [`PublisherConfirm`](lapin::PublisherConfirm)s, so the republish logic
@@ -122,8 +122,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use parking_lot::Mutex;
-use switchyard_core::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
-use switchyard_core::recovery::{
+use switchyard_amqp::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
+use switchyard_amqp::recovery::{
     deadline_error, BackoffPolicy, ConnectionState, ConsumerId, ConsumerRegistry, RecoveryConfig, StateWatch,
     TopologyDeclarer, TopologyRegistry,
 };
@@ -853,7 +853,7 @@ impl Shared {
         loop {
             let conn = match self.wait_conn(deadline).await {
                 Ok(c) => c,
-                Err(Error::ConnectionClosed { message }) => return Err(deadline_error(dest, &message)),
+                Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
                 Err(e) => return Err(e),
             };
             let ch = match source.channel(&conn).await {
@@ -934,6 +934,8 @@ fn confirmation(c: Confirmation, dest: &Destination) -> Result<()> {
     match c {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
+            reply: None,
+            returned: None,
             exchange: dest.exchange().to_owned(),
             routing_key: dest.routing_key().to_owned(),
         }),
@@ -1290,7 +1292,10 @@ async fn supervise(weak: Weak<Shared>, mut shutdown: watch::Receiver<bool>) {
             s.closed.store(true, Ordering::Release);
             s.state.set(ConnectionState::Closed);
             for (_, c) in s.consumers.entries() {
-                c.sink.end(Some(Error::ConnectionClosed { message: why.clone() }));
+                c.sink.end(Some(Error::ConnectionClosed {
+                    reply: None,
+                    message: why.clone(),
+                }));
             }
             return;
         }
@@ -1329,6 +1334,7 @@ async fn supervise(weak: Weak<Shared>, mut shutdown: watch::Receiver<bool>) {
                             s.state.set(ConnectionState::Closed);
                             for (_, c) in s.consumers.entries() {
                                 c.sink.end(Some(Error::ConnectionClosed {
+                                    reply: None,
                                     message: format!("gave up reconnecting: {e}"),
                                 }));
                             }
@@ -1363,7 +1369,7 @@ impl Publisher for LapinTransport {
         let deadline = Instant::now() + s.config.recovery.publish_wait_timeout;
         let conn = match s.wait_conn(deadline).await {
             Ok(c) => c,
-            Err(Error::ConnectionClosed { message }) => return Err(deadline_error(dest, &message)),
+            Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
             Err(e) => return Err(e),
         };
         // Pipeline everything on one channel, then collect the confirms.
@@ -1659,6 +1665,7 @@ impl Publisher for ReplyPublisher {
         })?;
         if self.cs.ended.load(Ordering::Acquire) {
             return Err(Error::ConnectionClosed {
+                reply: None,
                 message: "the direct reply-to consumer has ended".into(),
             });
         }
@@ -1700,6 +1707,7 @@ impl Transport for LapinTransport {
             Some(c) if state.is_connected() && c.connected() => {}
             _ => {
                 return Err(Error::ConnectionClosed {
+                    reply: None,
                     message: format!(
                         "{} is {state}{}",
                         s.redacted,

@@ -654,6 +654,7 @@ fn shutdown() -> Error {
 
 fn refused(resource: &str, message: impl Into<String>) -> Error {
     Error::PreconditionFailed {
+        reply: None,
         resource: resource.to_owned(),
         message: message.into(),
     }
@@ -661,6 +662,7 @@ fn refused(resource: &str, message: impl Into<String>) -> Error {
 
 fn locked(queue: &str) -> Error {
     Error::ResourceLocked {
+        reply: None,
         resource: queue.to_owned(),
         message: format!("cannot obtain exclusive access to locked queue '{queue}'"),
     }
@@ -862,12 +864,14 @@ impl State {
     fn check_bind_ends(&self, conn: u64, b: &Binding) -> Result<()> {
         if !self.exchanges.contains_key(b.source.as_str()) {
             return Err(Error::ExchangeNotFound {
+                reply: None,
                 exchange: b.source.clone(),
             });
         }
         if b.destination_is_exchange {
             if !self.exchanges.contains_key(b.destination.as_str()) {
                 return Err(Error::ExchangeNotFound {
+                    reply: None,
                     exchange: b.destination.clone(),
                 });
             }
@@ -906,10 +910,10 @@ impl State {
 
     /// The queue `name`, checking exclusivity for `conn`.
     fn queue_for(&self, conn: u64, name: &str) -> Result<&Queue> {
-        let q = self
-            .queues
-            .get(name)
-            .ok_or_else(|| Error::QueueNotFound { queue: name.to_owned() })?;
+        let q = self.queues.get(name).ok_or_else(|| Error::QueueNotFound {
+            reply: None,
+            queue: name.to_owned(),
+        })?;
         if q.owner.is_some_and(|o| o != conn) {
             return Err(locked(name));
         }
@@ -1104,6 +1108,7 @@ impl State {
         } else {
             let Some(ex) = self.exchanges.get(&**exchange) else {
                 return Err(Error::ExchangeNotFound {
+                    reply: None,
                     exchange: exchange.to_string(),
                 });
             };
@@ -1123,6 +1128,8 @@ impl State {
         match routed {
             Routed::Ok => Ok(flow),
             Routed::Unroutable if mandatory => Err(Error::Unroutable {
+                reply: None,
+                returned: None,
                 exchange: exchange.to_string(),
                 routing_key: routing_key.to_string(),
             }),
@@ -1441,10 +1448,9 @@ impl State {
         let cid = self.id();
         let q = self.queues.get_mut(queue).expect("checked");
         if q.exclusive_consumer || (exclusive && !q.consumers.is_empty()) {
-            return Err(Error::ResourceLocked {
-                resource: queue.to_owned(),
-                message: format!("queue '{queue}' in exclusive use"),
-            });
+            let text = format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use");
+            return Err(Error::access_refused(queue, text.clone())
+                .with_reply(switchyard_core::BrokerReply::new(403, text).caused_by(60, 20)));
         }
         let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
         q.consumers.push(cid);

@@ -425,7 +425,7 @@ async fn exclusive_consumer_locks_the_queue() {
     let sub = t.consume("q", ConsumeOptions::default().exclusive(true)).await.unwrap();
     assert_eq!(
         t.consume("q", ConsumeOptions::default()).await.unwrap_err().code(),
-        "resource_locked"
+        "access_refused"
     );
     sub.cancel().await.unwrap();
     let _plain = t.consume("q", ConsumeOptions::default()).await.unwrap();
@@ -434,7 +434,7 @@ async fn exclusive_consumer_locks_the_queue() {
             .await
             .unwrap_err()
             .code(),
-        "resource_locked"
+        "access_refused"
     );
 }
 

@@ -114,7 +114,7 @@ async fn unbind_and_delete_exchange_stop_routing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, Error::ExchangeNotFound { exchange } if exchange == "d"),
+        matches!(&e, Error::ExchangeNotFound { exchange, .. } if exchange == "d"),
         "{e}"
     );
     // Deleting a missing exchange is not an error.
@@ -125,7 +125,10 @@ async fn unbind_and_delete_exchange_stop_routing() {
 async fn missing_entities_give_clear_errors() {
     let t = MemoryTransport::new();
     let e = t.consume("nope", ConsumeOptions::default()).await.unwrap_err();
-    assert!(matches!(&e, Error::QueueNotFound { queue } if queue == "nope"), "{e}");
+    assert!(
+        matches!(&e, Error::QueueNotFound { queue, .. } if queue == "nope"),
+        "{e}"
+    );
     let e = t.queue_info("nope").await.unwrap_err();
     assert_eq!(e.code(), "queue_not_found");
     let e = t
@@ -159,7 +162,7 @@ async fn mandatory_unroutable_fails_and_plain_unroutable_is_dropped() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, Error::Unroutable { exchange, routing_key } if exchange == "d" && routing_key == "k"),
+        matches!(&e, Error::Unroutable { exchange, routing_key, .. } if exchange == "d" && routing_key == "k"),
         "{e}"
     );
     let e = t

@@ -165,19 +165,18 @@ async fn exclusive_consumer_locks_the_queue(ctx: &Ctx<'_>) -> Result<(), String>
         .consume(&q, ConsumeOptions::default().exclusive(true))
         .await
         .ctx("exclusive consume")?;
-    // RabbitMQ answers 403 ACCESS_REFUSED "in exclusive use"; the contract
-    // reports it as resource_locked.
+    // RabbitMQ answers 403 ACCESS_REFUSED "in exclusive use" (not 405).
     expect_code(
         "second consume while an exclusive consumer holds the queue",
         ctx.transport().consume(&q, ConsumeOptions::default()).await,
-        "resource_locked",
+        "access_refused",
     )?;
     cancel(&holder).await.ctx("cancel the exclusive consumer")?;
     let plain = ctx.consume(&q, ConsumeOptions::default()).await?;
     expect_code(
         "exclusive consume while another consumer exists",
         other.consume(&q, ConsumeOptions::default().exclusive(true)).await,
-        "resource_locked",
+        "access_refused",
     )?;
     cancel(&plain).await.ctx("cancel")
 }

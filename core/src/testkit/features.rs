@@ -132,7 +132,9 @@ async fn mandatory_unroutable_is_reported(ctx: &Ctx<'_>) -> Result<(), String> {
         "unroutable",
     )?;
     match err {
-        crate::Error::Unroutable { exchange, routing_key } => {
+        crate::Error::Unroutable {
+            exchange, routing_key, ..
+        } => {
             ensure_eq("unroutable exchange", exchange.as_str(), ex.as_str())?;
             ensure_eq("unroutable routing key", routing_key.as_str(), "unbound")?;
         }

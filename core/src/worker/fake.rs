@@ -129,6 +129,7 @@ impl Publisher for Fake {
         }
         if !dest.exchange().is_empty() {
             return Err(Error::ExchangeNotFound {
+                reply: None,
                 exchange: dest.exchange().into(),
             });
         }
@@ -145,10 +146,10 @@ impl Consumer for Fake {
         let me = self.clone();
         {
             let mut st = me.state.lock();
-            let q = st
-                .queues
-                .get_mut(queue)
-                .ok_or_else(|| Error::QueueNotFound { queue: queue.into() })?;
+            let q = st.queues.get_mut(queue).ok_or_else(|| Error::QueueNotFound {
+                reply: None,
+                queue: queue.into(),
+            })?;
             q.consumers += 1;
         }
         let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
@@ -288,7 +289,10 @@ impl Admin for Fake {
                 message_count: q.ready.len() as u32,
                 consumer_count: q.consumers as u32,
             }),
-            _ => Err(Error::QueueNotFound { queue: name.into() }),
+            _ => Err(Error::QueueNotFound {
+                reply: None,
+                queue: name.into(),
+            }),
         }
     }
     async fn exchange_exists(&self, name: &str) -> Result<bool> {

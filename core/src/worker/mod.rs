@@ -653,8 +653,12 @@ impl WorkerHandle {
 fn copy_error(e: &Error) -> Error {
     match e {
         Error::ConsumerCancelled { queue } => Error::ConsumerCancelled { queue: queue.clone() },
-        Error::QueueNotFound { queue } => Error::QueueNotFound { queue: queue.clone() },
-        Error::ConnectionClosed { message } => Error::ConnectionClosed {
+        Error::QueueNotFound { queue, .. } => Error::QueueNotFound {
+            reply: None,
+            queue: queue.clone(),
+        },
+        Error::ConnectionClosed { message, .. } => Error::ConnectionClosed {
+            reply: None,
             message: message.clone(),
         },
         Error::Shutdown { what } => Error::Shutdown { what: what.clone() },
@@ -730,6 +734,7 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
             None => {
                 stream_open = false;
                 break Err(Error::ConnectionClosed {
+                    reply: None,
                     message: format!("the consumer stream of queue '{}' ended unexpectedly", cx.queue),
                 });
             }

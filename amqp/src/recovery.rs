@@ -22,7 +22,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use switchyard_core::recovery::{BackoffPolicy, ConnectionState, StateWatch};
+//! use switchyard_amqp::recovery::{BackoffPolicy, ConnectionState, StateWatch};
 //!
 //! let policy = BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(5));
 //! let delays: Vec<_> = policy.delays().take(4).collect();
@@ -46,10 +46,10 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::topology::{Binding, Destination, ExchangeSpec, QueueSpec};
-use crate::transport::{ConsumeOptions, PublishOptions};
+use switchyard_core::Message;
+use switchyard_core::{Binding, Destination, ExchangeSpec, QueueSpec};
+use switchyard_core::{ConsumeOptions, PublishOptions};
+use switchyard_core::{Error, Result};
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -369,6 +369,7 @@ impl StateWatch {
                 Ok(Err(_)) => unreachable!("the sender lives in self"),
                 Err(_) => {
                     return Err(Error::ConnectionClosed {
+                        reply: None,
                         message: format!(
                             "transport {} still {} at the deadline{}",
                             self.inner.name,
@@ -808,6 +809,7 @@ impl PublishWaiter {
         match tokio::time::timeout_at(self.deadline, self.rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::ConnectionClosed {
+                reply: None,
                 message: format!(
                     "transport dropped the publish to {} before its confirm",
                     self.destination
@@ -1113,6 +1115,8 @@ mod tests {
         assert!(b.fail(
             4,
             Error::Unroutable {
+                reply: None,
+                returned: None,
                 exchange: "ex".into(),
                 routing_key: "rk4".into()
             }

@@ -28,7 +28,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use switchyard_core::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
+//! use switchyard_amqp::coalesce::{AckCoalescer, AckSink, CoalesceConfig};
 //! use switchyard_core::Result;
 //!
 //! struct Print;
@@ -62,8 +62,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
-use crate::transport::Acker;
+use switchyard_core::transport::Acker;
+use switchyard_core::{Error, Result};
 
 /// The wire operations of one channel, implemented by a transport over its
 /// client library.

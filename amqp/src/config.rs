@@ -1,0 +1,1 @@
+//! Connection and engine configuration (placeholder until the engine lands).
