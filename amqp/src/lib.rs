@@ -12,14 +12,21 @@
 //! - [`errors`]: broker replies (reply code, text, class/method, scope) to
 //!   switchyard's [`Error`](switchyard_core::Error) taxonomy;
 //! - [`config`]: the connection and engine configuration from
-//!   [`Settings`](switchyard_core::Settings), one set of names for both clients.
+//!   [`Settings`](switchyard_core::Settings), one set of names for both clients;
+//! - [`AmqpTransport`]: the transport itself, generic over the small
+//!   [`client`] trait that each adapter implements.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod coalesce;
 pub mod config;
+mod engine;
 pub mod errors;
 pub mod recovery;
 
+pub use client::{AmqpChannel, AmqpClient, AmqpConnection};
+pub use config::AmqpConfig;
+pub use engine::AmqpTransport;
 pub use recovery::{BackoffPolicy, ConnectionState, RecoveryConfig, StateWatch};
 
 /// The direct reply-to pseudo queue (RabbitMQ).

@@ -218,6 +218,9 @@ pub enum ConnectionState {
     Connecting,
     /// Connected; operations proceed.
     Connected,
+    /// Connected, but the broker blocks publishing on it (a memory or disk
+    /// alarm). Consumers and acks proceed; publishes wait.
+    Blocked,
     /// The connection dropped; reconnecting (`attempt` counts from 1).
     Reconnecting {
         /// Reconnect attempts made so far in this outage.
@@ -228,9 +231,9 @@ pub enum ConnectionState {
 }
 
 impl ConnectionState {
-    /// True when connected.
+    /// True when connected (blocked or not).
     pub fn is_connected(&self) -> bool {
-        matches!(self, ConnectionState::Connected)
+        matches!(self, ConnectionState::Connected | ConnectionState::Blocked)
     }
     /// True when closed (terminal).
     pub fn is_closed(&self) -> bool {
@@ -243,6 +246,7 @@ impl fmt::Display for ConnectionState {
         match self {
             ConnectionState::Connecting => f.write_str("connecting"),
             ConnectionState::Connected => f.write_str("connected"),
+            ConnectionState::Blocked => f.write_str("blocked by the broker (resource alarm)"),
             ConnectionState::Reconnecting { attempt } => write!(f, "reconnecting (attempt {attempt})"),
             ConnectionState::Closed => f.write_str("closed"),
         }
@@ -325,7 +329,11 @@ impl StateWatch {
             true
         });
         let Some(old) = changed else { return };
-        if state.is_connected() {
+        if state == ConnectionState::Blocked {
+            tracing::warn!(transport = %self.inner.name, "the broker blocks publishing (resource alarm)");
+        } else if old == ConnectionState::Blocked && state == ConnectionState::Connected {
+            tracing::info!(transport = %self.inner.name, "the broker unblocked publishing");
+        } else if state.is_connected() {
             let g = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
             if g > 1 {
                 tracing::info!(transport = %self.inner.name, generation = g, "connection recovered (was {old})");
@@ -356,7 +364,7 @@ impl StateWatch {
         loop {
             let s = *rx.borrow_and_update();
             match s {
-                ConnectionState::Connected => return Ok(()),
+                ConnectionState::Connected | ConnectionState::Blocked => return Ok(()),
                 ConnectionState::Closed => {
                     return Err(Error::Shutdown {
                         what: format!("transport {}", self.inner.name),

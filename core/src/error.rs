@@ -281,6 +281,17 @@ pub enum Error {
         /// What was shut down.
         what: String,
     },
+    /// The broker blocks publishing on the connection (a memory or disk
+    /// alarm: `connection.blocked`) and did not unblock it before the
+    /// publish's deadline. Consumers keep running; publishing resumes by
+    /// itself when the alarm clears.
+    #[error("publishing is blocked by the broker ({reason}); not confirmed within {waited:?} — check the broker's memory/disk alarms")]
+    Blocked {
+        /// The broker's reason (e.g. `low on memory`).
+        reason: String,
+        /// How long the publish waited.
+        waited: Duration,
+    },
     /// Any other transport-level failure.
     #[error("transport error: {message}")]
     Transport {
@@ -313,6 +324,7 @@ impl Error {
             Error::Unsupported { .. } => "unsupported",
             Error::Timeout { .. } => "timeout",
             Error::Shutdown { .. } => "shutdown",
+            Error::Blocked { .. } => "blocked",
             Error::Transport { .. } => "transport_error",
         }
     }
@@ -330,6 +342,7 @@ impl Error {
             Error::ConnectionFailed { .. }
             | Error::PublishUnconfirmed { .. }
             | Error::Timeout { .. }
+            | Error::Blocked { .. }
             | Error::RpcTimeout { .. } => true,
             Error::ConnectionClosed { reply, .. } | Error::Transport { reply, .. } => {
                 reply.as_ref().is_none_or(|r| r.is_transient())

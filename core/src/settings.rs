@@ -24,6 +24,9 @@
 //! | `RABBITMQ_ENABLE_CONSUMER_PREFETCH` | `true` | boolean |
 //! | `RABBITMQ_USE_TLS` | `false` | boolean; `amqps` when the URL is built from parts |
 //! | `RABBITMQ_CA_FILE` | unset | path of a PEM CA bundle for TLS |
+//! | `RABBITMQ_CLIENT_CERT_FILE` | unset | PEM client certificate chain for mutual TLS (with the key file) |
+//! | `RABBITMQ_CLIENT_KEY_FILE` | unset | PEM private key of the client certificate (mutual TLS) |
+//! | `RABBITMQ_CONNECTION_NAME` | `switchyard` | connection name shown in the management UI (`/publish`, `/consume` appended) |
 //! | `RABBITMQ_CONNECTION_TIMEOUT` | `30.0` (seconds) | 0.1–300.0 |
 //! | `RABBITMQ_CONFIRM_TIMEOUT` | `30.0` (seconds) | 0.1–600.0 |
 //!
@@ -151,6 +154,14 @@ pub struct Settings {
     /// `RABBITMQ_CA_FILE`: PEM file of CA certificates trusted for TLS
     /// (the system roots when unset).
     pub ca_file: Option<PathBuf>,
+    /// `RABBITMQ_CLIENT_CERT_FILE`: PEM client certificate chain for mutual
+    /// TLS (needs [`client_key_file`](Self::client_key_file) too).
+    pub client_cert_file: Option<PathBuf>,
+    /// `RABBITMQ_CLIENT_KEY_FILE`: PEM private key of the client certificate.
+    pub client_key_file: Option<PathBuf>,
+    /// `RABBITMQ_CONNECTION_NAME`: the connection name shown in the
+    /// management UI (default `switchyard`; the transport appends its role).
+    pub connection_name: String,
     /// `RABBITMQ_CONNECTION_TIMEOUT`: limit of one connection attempt
     /// (default 30 s, 0.1–300 s).
     pub connection_timeout: Duration,
@@ -180,6 +191,9 @@ impl Default for Settings {
             enable_consumer_prefetch: true,
             use_tls: false,
             ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            connection_name: "switchyard".into(),
             connection_timeout: Duration::from_secs(30),
             confirm_timeout: Duration::from_secs(30),
         }
@@ -207,6 +221,9 @@ impl fmt::Debug for Settings {
             .field("enable_consumer_prefetch", &self.enable_consumer_prefetch)
             .field("use_tls", &self.use_tls)
             .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
+            .field("connection_name", &self.connection_name)
             .field("connection_timeout", &self.connection_timeout)
             .field("confirm_timeout", &self.confirm_timeout)
             .finish()
@@ -567,6 +584,15 @@ impl Settings {
         if let Some(v) = get("RABBITMQ_CA_FILE") {
             s.ca_file = Some(PathBuf::from(v.trim()));
         }
+        if let Some(v) = get("RABBITMQ_CLIENT_CERT_FILE") {
+            s.client_cert_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("RABBITMQ_CLIENT_KEY_FILE") {
+            s.client_key_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("RABBITMQ_CONNECTION_NAME") {
+            s.connection_name = v.trim().to_owned();
+        }
         if let Some(v) = get("RABBITMQ_CONNECTION_TIMEOUT") {
             s.connection_timeout = parse_secs("RABBITMQ_CONNECTION_TIMEOUT", &v, 0.1, 300.0)?;
         }
@@ -610,6 +636,25 @@ impl Settings {
         }
         check_secs("RABBITMQ_CONNECTION_TIMEOUT", self.connection_timeout, 0.1, 300.0)?;
         check_secs("RABBITMQ_CONFIRM_TIMEOUT", self.confirm_timeout, 0.1, 600.0)?;
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            let (set, missing) = if self.client_cert_file.is_some() {
+                ("RABBITMQ_CLIENT_CERT_FILE", "RABBITMQ_CLIENT_KEY_FILE")
+            } else {
+                ("RABBITMQ_CLIENT_KEY_FILE", "RABBITMQ_CLIENT_CERT_FILE")
+            };
+            return Err(invalid(
+                missing,
+                "",
+                format!("must be set when {set} is (mutual TLS needs both)"),
+            ));
+        }
+        if self.connection_name.len() > 200 || self.connection_name.chars().any(char::is_control) {
+            return Err(invalid(
+                "RABBITMQ_CONNECTION_NAME",
+                self.connection_name.clone(),
+                "must be at most 200 bytes without control characters",
+            ));
+        }
         self.endpoint()?;
         Ok(())
     }

@@ -305,6 +305,13 @@ pub trait Cancel: Send + Sync {
     /// already received stay unsettled until settled (or until the
     /// transport requeues them when the subscription is dropped).
     async fn cancel(&self) -> Result<()>;
+
+    /// Closes the consumer for good: sends the acks already settled and
+    /// waits until they are written, cancels the consumer, then releases
+    /// (requeues) whatever is still unsettled. The default cancels.
+    async fn close(&self) -> Result<()> {
+        self.cancel().await
+    }
 }
 
 /// A handle that cancels a [`Subscription`] from elsewhere.
@@ -325,6 +332,10 @@ impl CancelHandle {
     /// Cancels the consumer.
     pub async fn cancel(&self) -> Result<()> {
         self.0.cancel().await
+    }
+    /// Closes the consumer (see [`Subscription::close`]).
+    pub async fn close(&self) -> Result<()> {
+        self.0.close().await
     }
 }
 
@@ -379,6 +390,17 @@ impl Subscription {
     pub fn cancel(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let handle = self.cancel.clone();
         async move { handle.cancel().await }
+    }
+    /// Closes the subscription: the acks already settled are sent (and
+    /// written) first, then the consumer is cancelled, then whatever is
+    /// still unsettled goes back to the queue. Call it at shutdown, bounded
+    /// by your deadline; dropping a subscription does the same in the
+    /// background.
+    pub async fn close(self) -> Result<()> {
+        let handle = self.cancel.clone();
+        let r = handle.close().await;
+        drop(self);
+        r
     }
     /// The next delivery; `None` once the consumer has ended.
     pub async fn next(&mut self) -> Option<Result<Delivery>> {

@@ -1,0 +1,484 @@
+//! The small client trait the engine drives: what an AMQP 0-9-1 client
+//! library must offer (connect, channels, the methods the engine sends, the
+//! deliveries and confirms it receives). `switchyard-lapin` and
+//! `switchyard-amqprs` each implement it as a thin adapter; everything else
+//! — recovery, confirm waiting and republishing, ack coalescing, flow
+//! control, error mapping — is the engine's, written once.
+//!
+//! Adapters report failures as [`ClientError`]: what the broker said
+//! ([`ClientError::Broker`], with the reply code and text of its
+//! `channel.close` / `connection.close`), a channel or connection that is
+//! gone ([`ClientError::Closed`]), or anything else. The engine maps them to
+//! switchyard errors by reply code ([`crate::errors::from_reply`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use parking_lot::Mutex;
+use switchyard_core::settings::Secret;
+use switchyard_core::{Binding, BrokerReply, Destination, ExchangeSpec, Message, QueueInfo, QueueSpec};
+use tokio::sync::{oneshot, watch};
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A failure reported by a client library.
+#[derive(Debug, Clone)]
+pub enum ClientError {
+    /// The broker refused the operation and closed the channel or the
+    /// connection with this reply.
+    Broker(BrokerReply),
+    /// The channel or the connection is gone (socket closed, heartbeat
+    /// missed, channel closed earlier): the operation may succeed on a new one.
+    Closed(String),
+    /// The operation's arguments cannot be encoded (a name or property over
+    /// 255 bytes, an unsupported header value).
+    Encode(String),
+    /// Anything else the client reports.
+    Other(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Broker(r) => write!(f, "{r}"),
+            ClientError::Closed(m) => write!(f, "closed: {m}"),
+            ClientError::Encode(m) => write!(f, "cannot encode: {m}"),
+            ClientError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl ClientError {
+    /// True when the channel or connection is gone (or the broker closed the
+    /// connection): the engine retries on a fresh one.
+    pub fn is_lost(&self) -> bool {
+        match self {
+            ClientError::Closed(_) => true,
+            ClientError::Broker(r) => r.scope == switchyard_core::CloseScope::Connection,
+            _ => false,
+        }
+    }
+}
+
+/// TLS material, read once when the configuration is built (not on every
+/// reconnect).
+#[derive(Clone, Default)]
+pub struct TlsMaterial {
+    /// PEM CA certificates to trust (the platform or webpki roots when `None`).
+    pub ca_pem: Option<String>,
+    /// PEM client certificate chain, for mutual TLS.
+    pub client_cert_pem: Option<String>,
+    /// PEM private key of the client certificate, for mutual TLS.
+    pub client_key_pem: Option<Secret>,
+    /// Where the CA file came from (for errors).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .field("client_key", &self.client_key_pem.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// What a connection attempt needs.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Virtual host.
+    pub vhost: String,
+    /// User name.
+    pub user: String,
+    /// Password (never printed).
+    pub password: Secret,
+    /// `amqps` with this material when set.
+    pub tls: Option<TlsMaterial>,
+    /// Heartbeat interval (whole seconds; at least 1 s).
+    pub heartbeat: Duration,
+    /// Limit of one connection attempt.
+    pub connection_timeout: Duration,
+    /// Connection name shown in the management UI (the role is appended:
+    /// `name/publish`, `name/consume`).
+    pub connection_name: String,
+}
+
+impl ConnectParams {
+    /// `amqp[s]://user@host:port/vhost`, without the password.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}://{}@{}:{}/{}",
+            if self.tls.is_some() { "amqps" } else { "amqp" },
+            self.user,
+            self.host,
+            self.port,
+            switchyard_core::settings::percent_encode(&self.vhost)
+        )
+    }
+}
+
+/// Connection-level signals an adapter forwards to the engine.
+#[derive(Debug)]
+pub struct ConnSignals {
+    blocked: watch::Sender<Option<String>>,
+    lost: watch::Sender<Option<String>>,
+}
+
+impl Default for ConnSignals {
+    fn default() -> Self {
+        ConnSignals {
+            blocked: watch::channel(None).0,
+            lost: watch::channel(None).0,
+        }
+    }
+}
+
+impl ConnSignals {
+    /// The broker sent `connection.blocked` (a resource alarm).
+    pub fn blocked(&self, reason: &str) {
+        self.blocked.send_replace(Some(reason.to_owned()));
+    }
+    /// The broker sent `connection.unblocked`.
+    pub fn unblocked(&self) {
+        self.blocked.send_replace(None);
+    }
+    /// The connection is gone, for `why` (the first reason is kept).
+    pub fn lost(&self, why: &str) {
+        self.lost.send_if_modified(|cur| {
+            if cur.is_none() {
+                *cur = Some(why.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+    }
+    /// Why the broker blocks the connection, while it does.
+    pub fn blocked_reason(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+    /// Why the connection was lost, once it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+    /// Watches the blocked reason.
+    pub fn watch_blocked(&self) -> watch::Receiver<Option<String>> {
+        self.blocked.subscribe()
+    }
+    /// Watches the loss.
+    pub fn watch_lost(&self) -> watch::Receiver<Option<String>> {
+        self.lost.subscribe()
+    }
+}
+
+/// What became of one publish in confirm mode.
+#[derive(Debug)]
+pub enum ConfirmOutcome {
+    /// `basic.ack`.
+    Ack,
+    /// `basic.nack`: the broker could not take it.
+    Nack,
+    /// `basic.return` (mandatory and unroutable), then its ack.
+    Returned {
+        /// The return's reply (312 NO_ROUTE).
+        reply: BrokerReply,
+        /// The returned message, when the client hands it over.
+        message: Option<Box<Message>>,
+    },
+    /// The channel or connection went away (or the broker closed the
+    /// channel) before the confirm.
+    Lost(ClientError),
+    /// The channel is not in confirm mode: sent, nothing to wait for.
+    NotRequested,
+}
+
+/// The future of one publish's confirm.
+pub type Confirm = BoxFuture<ConfirmOutcome>;
+
+/// A delivery as the client received it.
+#[derive(Debug)]
+pub struct RawDelivery {
+    /// The channel's delivery tag.
+    pub delivery_tag: u64,
+    /// The broker's redelivered flag.
+    pub redelivered: bool,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Body, properties, headers.
+    pub message: Message,
+}
+
+/// What a consumer's channel reports.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// A delivery.
+    Delivery(RawDelivery),
+    /// The broker cancelled the consumer (`basic.cancel`: queue deleted,
+    /// node down for a quorum queue leader change...).
+    Cancelled,
+    /// The channel or connection closed under the consumer.
+    Closed(ClientError),
+}
+
+/// The stream of a consumer's events; it ends after `Cancelled` or `Closed`.
+pub type ConsumerEvents = Pin<Box<dyn Stream<Item = ConsumerEvent> + Send>>;
+
+/// What an adapter can and cannot do, so the engine works around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCaps {
+    /// The client advertises `connection.blocked` and reports blocked /
+    /// unblocked through [`ConnSignals`].
+    pub blocked_notifications: bool,
+    /// A delivery the client cannot decode (e.g. a header long string that
+    /// is not UTF-8 on amqprs) takes the whole connection down: each
+    /// consumer then gets a connection of its own so that one queue's poison
+    /// message cannot stall the others.
+    pub decode_failure_drops_connection: bool,
+}
+
+/// An AMQP 0-9-1 client library.
+#[async_trait]
+pub trait AmqpClient: Send + Sync + 'static {
+    /// One connection.
+    type Connection: AmqpConnection;
+    /// The library's name (`lapin`, `amqprs`), for logs and [`Transport::name`](switchyard_core::Transport::name).
+    fn name(&self) -> &'static str;
+    /// What the client can do.
+    fn caps(&self) -> ClientCaps;
+    /// Opens a connection; the adapter reports blocked / unblocked / loss on `signals`.
+    async fn connect(&self, params: &ConnectParams, signals: Arc<ConnSignals>)
+        -> Result<Self::Connection, ClientError>;
+}
+
+/// One connection of a client.
+#[async_trait]
+pub trait AmqpConnection: Send + Sync + 'static {
+    /// One channel.
+    type Channel: AmqpChannel;
+    /// Opens a channel.
+    async fn open_channel(&self) -> Result<Self::Channel, ClientError>;
+    /// True while the connection is usable.
+    fn is_open(&self) -> bool;
+    /// The broker node the connection is on (`cluster_name` / node), when known.
+    fn server_name(&self) -> Option<String>;
+    /// Closes the connection (best effort; bounded by the adapter).
+    async fn close(&self);
+}
+
+/// One channel of a connection. Every method is one AMQP method (and its
+/// `-ok`): the engine decides what to send and when.
+#[async_trait]
+pub trait AmqpChannel: Send + Sync + 'static {
+    /// True while the channel is usable.
+    fn is_open(&self) -> bool;
+    /// `confirm.select`.
+    async fn confirm_select(&self) -> Result<(), ClientError>;
+    /// `basic.qos(prefetch_count)` (per consumer).
+    async fn qos(&self, prefetch: u16) -> Result<(), ClientError>;
+    /// `exchange.declare` (passive when `passive`).
+    async fn declare_exchange(&self, spec: &ExchangeSpec, passive: bool) -> Result<(), ClientError>;
+    /// `queue.declare` (passive when `passive`); the name the broker answers
+    /// with and the counts.
+    async fn declare_queue(&self, spec: &QueueSpec, passive: bool) -> Result<QueueInfo, ClientError>;
+    /// `queue.bind` / `exchange.bind`.
+    async fn bind(&self, binding: &Binding) -> Result<(), ClientError>;
+    /// `queue.unbind` / `exchange.unbind`.
+    async fn unbind(&self, binding: &Binding) -> Result<(), ClientError>;
+    /// `exchange.delete`.
+    async fn delete_exchange(&self, name: &str) -> Result<(), ClientError>;
+    /// `queue.delete`; the number of messages deleted.
+    async fn delete_queue(&self, name: &str) -> Result<u32, ClientError>;
+    /// `queue.purge`; the number of messages purged.
+    async fn purge_queue(&self, name: &str) -> Result<u32, ClientError>;
+    /// `basic.publish`; on a confirm channel, the future of its confirm.
+    async fn publish(&self, dest: &Destination, message: &Message, mandatory: bool) -> Result<Confirm, ClientError>;
+    /// `basic.consume`; the consumer's events.
+    async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+    ) -> Result<ConsumerEvents, ClientError>;
+    /// `basic.cancel`.
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), ClientError>;
+    /// `basic.ack`.
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), ClientError>;
+    /// `basic.nack`.
+    async fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<(), ClientError>;
+    /// `basic.reject`.
+    async fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), ClientError>;
+    /// `channel.close` (best effort).
+    async fn close(&self);
+}
+
+// ---------------------------------------------------------------------------
+// Confirm tracking for callback-style clients
+// ---------------------------------------------------------------------------
+
+struct Pending {
+    tx: oneshot::Sender<ConfirmOutcome>,
+    mandatory: Option<(Arc<str>, Arc<str>)>,
+    returned: Option<(BrokerReply, Option<Box<Message>>)>,
+}
+
+/// Publisher-confirm bookkeeping for clients that report confirms through
+/// callbacks (`basic.ack` / `basic.nack` with `multiple`, `basic.return`
+/// without a tag) rather than a future per publish.
+///
+/// The adapter calls [`register`](Self::register) with the channel's next
+/// publish sequence number in the same serialized section as its
+/// `basic.publish`, and forwards the callbacks. A `basic.return` arrives
+/// before the ack of the same publish and names no tag: it marks the oldest
+/// pending mandatory publish to the same exchange and routing key.
+#[derive(Default)]
+pub struct ConfirmMap {
+    inner: Mutex<BTreeMap<u64, Pending>>,
+}
+
+impl fmt::Debug for ConfirmMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfirmMap").field("pending", &self.len()).finish()
+    }
+}
+
+impl ConfirmMap {
+    /// Registers publish `seq` and returns the future of its confirm.
+    pub fn register(&self, seq: u64, dest: &Destination, mandatory: bool) -> Confirm {
+        let (tx, rx) = oneshot::channel();
+        self.inner.lock().insert(
+            seq,
+            Pending {
+                tx,
+                mandatory: mandatory.then(|| (dest.exchange_arc().clone(), dest.routing_key_arc().clone())),
+                returned: None,
+            },
+        );
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| ConfirmOutcome::Lost(ClientError::Closed("the channel went away".into())))
+        })
+    }
+
+    /// Forgets `seq` (its publish could not be sent).
+    pub fn unregister(&self, seq: u64) {
+        self.inner.lock().remove(&seq);
+    }
+
+    fn take(&self, seq: u64, multiple: bool) -> Vec<Pending> {
+        let mut g = self.inner.lock();
+        if multiple {
+            let rest = g.split_off(&(seq.saturating_add(1)));
+            std::mem::replace(&mut *g, rest).into_values().collect()
+        } else {
+            g.remove(&seq).into_iter().collect()
+        }
+    }
+
+    /// `basic.ack(seq, multiple)`.
+    pub fn ack(&self, seq: u64, multiple: bool) {
+        for p in self.take(seq, multiple) {
+            let outcome = match p.returned {
+                Some((reply, message)) => ConfirmOutcome::Returned { reply, message },
+                None => ConfirmOutcome::Ack,
+            };
+            let _ = p.tx.send(outcome);
+        }
+    }
+
+    /// `basic.nack(seq, multiple)`.
+    pub fn nack(&self, seq: u64, multiple: bool) {
+        for p in self.take(seq, multiple) {
+            let _ = p.tx.send(ConfirmOutcome::Nack);
+        }
+    }
+
+    /// `basic.return` of a mandatory publish to `exchange` / `routing_key`.
+    pub fn returned(&self, exchange: &str, routing_key: &str, reply: BrokerReply, message: Option<Message>) {
+        let mut g = self.inner.lock();
+        if let Some(p) = g.values_mut().find(|p| {
+            p.returned.is_none()
+                && p.mandatory
+                    .as_ref()
+                    .is_some_and(|(e, k)| &**e == exchange && &**k == routing_key)
+        }) {
+            p.returned = Some((reply, message.map(Box::new)));
+        }
+    }
+
+    /// The channel closed: every pending publish learns it.
+    pub fn fail_all(&self, why: ClientError) {
+        let all = std::mem::take(&mut *self.inner.lock());
+        for (_, p) in all {
+            let _ = p.tx.send(ConfirmOutcome::Lost(why.clone()));
+        }
+    }
+
+    /// Publishes awaiting their confirm.
+    pub fn len(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// True when nothing awaits a confirm.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn outcome(c: Confirm) -> String {
+        match tokio::time::timeout(Duration::from_millis(50), c).await {
+            Ok(ConfirmOutcome::Ack) => "ack".into(),
+            Ok(ConfirmOutcome::Nack) => "nack".into(),
+            Ok(ConfirmOutcome::Returned { reply, .. }) => format!("returned {}", reply.code),
+            Ok(ConfirmOutcome::Lost(_)) => "lost".into(),
+            Ok(ConfirmOutcome::NotRequested) => "none".into(),
+            Err(_) => "pending".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn multiple_acks_nacks_and_returns_resolve_the_right_publishes() {
+        let m = ConfirmMap::default();
+        let d = Destination::new("ex", "a");
+        let b = Destination::new("ex", "b");
+        let c1 = m.register(1, &d, false);
+        let c2 = m.register(2, &b, true);
+        let c3 = m.register(3, &b, true);
+        let c4 = m.register(4, &d, false);
+        let c5 = m.register(5, &d, false);
+        m.returned("ex", "b", BrokerReply::new(312, "NO_ROUTE"), Some(Message::new("x")));
+        m.ack(3, true);
+        m.nack(4, false);
+        assert_eq!(m.len(), 1);
+        m.fail_all(ClientError::Closed("gone".into()));
+        assert_eq!(
+            vec![
+                outcome(c1).await,
+                outcome(c2).await,
+                outcome(c3).await,
+                outcome(c4).await,
+                outcome(c5).await
+            ],
+            ["ack", "returned 312", "ack", "nack", "lost"]
+        );
+    }
+}

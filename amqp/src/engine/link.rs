@@ -1,0 +1,275 @@
+//! One supervised connection ("link"): connect with attempts, watch for
+//! loss, reconnect with backoff (honouring `max_attempts` on every client),
+//! and surface blocked / unblocked in its state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use switchyard_core::{Error, Result};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::client::{AmqpClient, AmqpConnection, ClientError, ConnSignals, ConnectParams};
+use crate::recovery::{ConnectionState, RecoveryConfig, StateWatch};
+
+/// What a link is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Declarations, consumers, RPC replies (and publishing when the
+    /// connections are not separate).
+    Main,
+    /// Publishing only.
+    Publish,
+}
+
+impl Role {
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Main => "consume",
+            Role::Publish => "publish",
+        }
+    }
+}
+
+/// One live connection of a link.
+pub(crate) struct Live<C: AmqpClient> {
+    pub conn: C::Connection,
+    pub signals: Arc<ConnSignals>,
+    /// Counts the link's connections (1 for the first).
+    pub generation: u64,
+    /// Lazily opened publishing channels of this connection.
+    pub pool: Vec<tokio::sync::Mutex<Option<Arc<<C::Connection as AmqpConnection>::Channel>>>>,
+    /// Idle admin channels of this connection.
+    pub admin_idle: parking_lot::Mutex<Vec<Arc<<C::Connection as AmqpConnection>::Channel>>>,
+}
+
+impl<C: AmqpClient> Live<C> {
+    /// True while usable.
+    pub fn is_open(&self) -> bool {
+        self.conn.is_open() && self.signals.lost_reason().is_none()
+    }
+}
+
+/// A supervised connection.
+pub(crate) struct Link<C: AmqpClient> {
+    pub role: Role,
+    pub params: ConnectParams,
+    pub state: StateWatch,
+    pub current: RwLock<Option<Arc<Live<C>>>>,
+    /// Wakes the supervisor after someone saw an operation fail as lost.
+    pub kick: Notify,
+    pool_size: usize,
+    generation: parking_lot::Mutex<u64>,
+}
+
+impl<C: AmqpClient> Link<C> {
+    pub fn new(role: Role, params: &ConnectParams, pool_size: usize) -> Self {
+        let mut params = params.clone();
+        params.connection_name = format!("{}/{}", params.connection_name, role.suffix());
+        Link {
+            role,
+            state: StateWatch::new(format!("{} ({})", params.describe(), role.suffix())),
+            params,
+            current: RwLock::new(None),
+            kick: Notify::new(),
+            pool_size: pool_size.max(1),
+            generation: parking_lot::Mutex::new(0),
+        }
+    }
+
+    /// Opens one connection (bounded by the connection timeout).
+    pub async fn open(&self, client: &C) -> Result<Arc<Live<C>>> {
+        let signals = Arc::new(ConnSignals::default());
+        let attempt = client.connect(&self.params, signals.clone());
+        let conn = match tokio::time::timeout(self.params.connection_timeout, attempt).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::ConnectionFailed {
+                    message: format!("{}: {}", self.params.describe(), redact(&e.to_string(), &self.params)),
+                })
+            }
+            Err(_) => {
+                return Err(Error::ConnectionFailed {
+                    message: format!(
+                        "{}: no answer within {:?}",
+                        self.params.describe(),
+                        self.params.connection_timeout
+                    ),
+                })
+            }
+        };
+        let generation = {
+            let mut g = self.generation.lock();
+            *g += 1;
+            *g
+        };
+        Ok(Arc::new(Live {
+            conn,
+            signals,
+            generation,
+            pool: (0..self.pool_size).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            admin_idle: parking_lot::Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Makes `live` the link's connection and its state connected (or blocked).
+    pub fn install(&self, live: Arc<Live<C>>) {
+        let blocked = live.signals.blocked_reason().is_some();
+        *self.current.write() = Some(live);
+        self.state.set(if blocked {
+            ConnectionState::Blocked
+        } else {
+            ConnectionState::Connected
+        });
+    }
+
+    /// The live connection, waiting (bounded by `deadline`) through an outage.
+    pub async fn wait(&self, deadline: Instant) -> Result<Arc<Live<C>>> {
+        loop {
+            if let Some(l) = self.current.read().clone() {
+                if l.is_open() && self.state.get().is_connected() {
+                    return Ok(l);
+                }
+            }
+            if self.state.get().is_closed() {
+                return Err(self.state.wait_connected(deadline).await.unwrap_err());
+            }
+            if self.current.read().as_ref().is_some_and(|l| !l.is_open()) {
+                self.kick.notify_one();
+            }
+            // Wake up at least every 50 ms: the state may lag the socket.
+            let step = (Instant::now() + Duration::from_millis(50)).min(deadline);
+            match self.state.wait_connected(step).await {
+                Ok(()) => {
+                    if self.current.read().as_ref().is_some_and(|l| l.is_open()) {
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e @ Error::Shutdown { .. }) => return Err(e),
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After an operation failed with a lost channel/connection: wake the
+    /// supervisor and pause briefly before the caller retries.
+    pub async fn suspect(&self) {
+        self.kick.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Waits until `live` is lost (or `stop` fires); returns why, or `None` on stop.
+    pub async fn watch(&self, live: &Live<C>, stop: &Notify) -> Option<String> {
+        let mut lost = live.signals.watch_lost();
+        let mut blocked = live.signals.watch_blocked();
+        loop {
+            if let Some(why) = live.signals.lost_reason() {
+                return Some(why);
+            }
+            if !live.conn.is_open() {
+                // Give the adapter a moment to report why.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Some(live.signals.lost_reason().unwrap_or_else(|| "connection closed".into()));
+            }
+            tokio::select! {
+                _ = stop.notified() => return None,
+                _ = lost.changed() => {}
+                r = blocked.changed() => {
+                    if r.is_ok() {
+                        let now_blocked = blocked.borrow_and_update().clone();
+                        match now_blocked {
+                            Some(reason) => {
+                                self.state.set_last_error(format!("blocked by the broker: {reason}"));
+                                self.state.set(ConnectionState::Blocked);
+                            }
+                            None => self.state.set(ConnectionState::Connected),
+                        }
+                    }
+                }
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Reconnects after a loss, sleeping the backoff between attempts.
+    /// `Ok(None)` when stopped; `Err` when the attempts ran out.
+    pub async fn reconnect<F, Fut>(
+        &self,
+        client: &C,
+        recovery: &RecoveryConfig,
+        stop: &Notify,
+        mut setup: F,
+    ) -> Result<Option<Arc<Live<C>>>>
+    where
+        F: FnMut(Arc<Live<C>>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut backoff = recovery.backoff.delays();
+        let mut attempt = 1u32;
+        loop {
+            self.state.set(ConnectionState::Reconnecting { attempt });
+            let outcome: Result<()> = match self.open(client).await {
+                Ok(live) => match setup(live.clone()).await {
+                    Ok(()) => return Ok(Some(live)),
+                    Err(e) => {
+                        live.conn.close().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::info!(link = ?self.role, attempt, error = %e, "reconnect attempt failed");
+                self.state.set_last_error(e.to_string());
+                match backoff.next() {
+                    Some(d) => {
+                        attempt += 1;
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = stop.notified() => return Ok(None),
+                        }
+                    }
+                    None => {
+                        return Err(Error::connection_closed(format!(
+                            "gave up reconnecting to {} after {attempt} attempt(s) (recovery max_attempts): {e}",
+                            self.params.describe()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes the password from a client's error text, should it echo the URL.
+pub(crate) fn redact(text: &str, params: &ConnectParams) -> String {
+    let pw = params.password.expose();
+    if pw.is_empty() {
+        text.to_owned()
+    } else {
+        text.replace(pw, "***")
+    }
+}
+
+/// Maps a [`ClientError`] from an operation on `subject` to a switchyard error.
+pub(crate) fn map(e: ClientError, subject: crate::errors::Subject<'_>, op: (u16, u16)) -> Error {
+    match e {
+        ClientError::Broker(mut reply) => {
+            if reply.class_id == 0 {
+                reply.class_id = op.0;
+                reply.method_id = op.1;
+            }
+            crate::errors::from_reply(reply, subject)
+        }
+        ClientError::Closed(m) => Error::connection_closed(m),
+        ClientError::Encode(m) => Error::encode(m),
+        ClientError::Other(m) => Error::transport(m),
+    }
+}

@@ -1,0 +1,309 @@
+//! Publishing: a pool of confirm channels on the publishing connection,
+//! confirms awaited by each caller (pipelined across callers), publishes
+//! sent again on a fresh channel or connection until confirmed or the
+//! deadline passes, blocked connections waited out (bounded).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use switchyard_core::{Destination, Error, Message, PublishOptions, Result};
+use tokio::time::Instant;
+
+use crate::client::{AmqpChannel, AmqpClient, AmqpConnection, ClientError, Confirm, ConfirmOutcome};
+use crate::errors::{publish_caused_close, Subject};
+
+use super::consume::ConsumerShared;
+use super::link::{map, Link, Live};
+use super::Inner;
+
+type Chan<C> = <<C as AmqpClient>::Connection as AmqpConnection>::Channel;
+
+/// basic.publish: class 60, method 40.
+const PUBLISH: (u16, u16) = (60, 40);
+
+/// Where a publish gets its channel.
+pub(crate) enum Via<C: AmqpClient> {
+    /// The publishing pool.
+    Pool,
+    /// The direct reply-to consumer's channel (RPC requests).
+    Reply(Arc<ConsumerShared<C>>),
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// The error of a publish whose deadline passed first.
+pub(crate) fn deadline_error(dest: &Destination, why: &str) -> Error {
+    Error::PublishUnconfirmed {
+        exchange: dest.exchange().to_owned(),
+        routing_key: dest.routing_key().to_owned(),
+        message: format!("no confirm before the publish wait deadline (RABBITMQ_CONFIRM_TIMEOUT): {why}"),
+    }
+}
+
+fn subject(dest: &Destination) -> Subject<'_> {
+    Subject::Publish {
+        exchange: dest.exchange(),
+        routing_key: dest.routing_key(),
+    }
+}
+
+async fn pool_channel<C: AmqpClient>(live: &Live<C>, confirms: bool) -> std::result::Result<Arc<Chan<C>>, ClientError> {
+    let i = NEXT.fetch_add(1, Ordering::Relaxed) % live.pool.len();
+    let mut slot = live.pool[i].lock().await;
+    if let Some(ch) = slot.as_ref().filter(|c| c.is_open()) {
+        return Ok(ch.clone());
+    }
+    let ch = live.conn.open_channel().await?;
+    if confirms {
+        ch.confirm_select().await?;
+    }
+    let ch = Arc::new(ch);
+    *slot = Some(ch.clone());
+    Ok(ch)
+}
+
+fn link<'a, C: AmqpClient>(inner: &'a Inner<C>, via: &Via<C>) -> &'a Arc<Link<C>> {
+    match via {
+        Via::Pool => &inner.publisher,
+        Via::Reply(_) => &inner.main,
+    }
+}
+
+async fn channel<C: AmqpClient>(
+    inner: &Inner<C>,
+    via: &Via<C>,
+    live: &Live<C>,
+) -> std::result::Result<Arc<Chan<C>>, ClientError> {
+    match via {
+        Via::Pool => pool_channel(live, inner.config.publisher_confirms).await,
+        Via::Reply(cs) => cs
+            .live_channel()
+            .ok_or_else(|| ClientError::Closed("the direct reply-to channel is being re-opened".into())),
+    }
+}
+
+/// What to do after a publish or its confirm failed with `e`.
+enum Next {
+    Retry,
+    Fail(Error),
+}
+
+fn after_failure(e: ClientError, dest: &Destination, message: &Message) -> Next {
+    match e {
+        ClientError::Broker(reply) if reply.scope == switchyard_core::CloseScope::Channel => {
+            if publish_caused_close(&reply, dest.exchange(), message.properties.user_id.is_some()) {
+                Next::Fail(map(ClientError::Broker(reply), subject(dest), PUBLISH))
+            } else {
+                // Another publish on the shared channel caused the close:
+                // this one goes again on a fresh channel.
+                tracing::debug!(dest = %dest, reply = %reply, "publish channel closed by another publish; sending again");
+                Next::Retry
+            }
+        }
+        ClientError::Encode(m) => Next::Fail(Error::encode(m)),
+        _ => Next::Retry,
+    }
+}
+
+/// Publishes `message` to `dest` and waits for its confirm, sending it again
+/// across channel and connection losses until the deadline.
+pub(crate) async fn publish<C: AmqpClient>(
+    inner: &Inner<C>,
+    via: &Via<C>,
+    dest: &Destination,
+    message: &Message,
+    options: PublishOptions,
+) -> Result<()> {
+    let started = Instant::now();
+    let deadline = inner.deadline();
+    let link = link(inner, via);
+    loop {
+        if inner.is_closed() {
+            return Err(inner.shutdown_error());
+        }
+        let live = match link.wait(deadline).await {
+            Ok(l) => l,
+            Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
+            Err(e) => return Err(e),
+        };
+        if let Some(reason) = live.signals.blocked_reason() {
+            // Wait for the broker to unblock (bounded): nothing sent on a
+            // blocked connection goes anywhere until then.
+            let mut w = live.signals.watch_blocked();
+            if tokio::time::timeout_at(deadline, w.wait_for(|b| b.is_none()))
+                .await
+                .is_err()
+            {
+                return Err(Error::Blocked {
+                    reason,
+                    waited: started.elapsed(),
+                });
+            }
+            continue;
+        }
+        let ch = match channel(inner, via, &live).await {
+            Ok(c) => c,
+            Err(e) => match after_failure(e, dest, message) {
+                Next::Fail(e) => return Err(e),
+                Next::Retry => {
+                    link.suspect().await;
+                    if Instant::now() >= deadline {
+                        return Err(deadline_error(dest, "no usable channel"));
+                    }
+                    continue;
+                }
+            },
+        };
+        let confirm = match ch.publish(dest, message, options.mandatory).await {
+            Ok(c) => c,
+            Err(e) => match after_failure(e, dest, message) {
+                Next::Fail(e) => return Err(e),
+                Next::Retry => {
+                    link.suspect().await;
+                    continue;
+                }
+            },
+        };
+        match resolve(settle(confirm, deadline, dest, &live, started).await, dest, message) {
+            Ok(()) => return Ok(()),
+            Err(Some(e)) => return Err(e),
+            Err(None) => {
+                link.suspect().await;
+                continue;
+            }
+        }
+    }
+}
+
+/// Waits for one confirm: `Err(None)` when the publish must be sent again.
+async fn settle<C: AmqpClient>(
+    confirm: Confirm,
+    deadline: Instant,
+    dest: &Destination,
+    live: &Live<C>,
+    started: Instant,
+) -> std::result::Result<(), Option<Error>> {
+    match tokio::time::timeout_at(deadline, confirm).await {
+        Err(_) => Err(Some(match live.signals.blocked_reason() {
+            Some(reason) => Error::Blocked {
+                reason,
+                waited: started.elapsed(),
+            },
+            None => deadline_error(dest, "the broker sent no confirm"),
+        })),
+        Ok(ConfirmOutcome::Ack) | Ok(ConfirmOutcome::NotRequested) => Ok(()),
+        Ok(ConfirmOutcome::Nack) => Err(Some(Error::PublishUnconfirmed {
+            exchange: dest.exchange().to_owned(),
+            routing_key: dest.routing_key().to_owned(),
+            message: "the broker nacked the publish".into(),
+        })),
+        Ok(ConfirmOutcome::Returned { reply, message }) => Err(Some(Error::Unroutable {
+            exchange: dest.exchange().to_owned(),
+            routing_key: dest.routing_key().to_owned(),
+            reply: Some(Box::new(reply)),
+            returned: message,
+        })),
+        Ok(ConfirmOutcome::Lost(e)) => {
+            if Instant::now() >= deadline {
+                return Err(Some(deadline_error(dest, &format!("channel lost: {e}"))));
+            }
+            match e {
+                ClientError::Broker(reply) if reply.scope == switchyard_core::CloseScope::Channel => {
+                    // The caller decides with the message at hand.
+                    Err(Some(Error::Transport {
+                        message: String::new(),
+                        reply: Some(Box::new(reply)),
+                    }))
+                }
+                _ => Err(None),
+            }
+        }
+    }
+}
+
+/// Decides a channel close reported by [`settle`] with the message at hand:
+/// `Err(None)` means send it again.
+fn resolve(
+    outcome: std::result::Result<(), Option<Error>>,
+    dest: &Destination,
+    message: &Message,
+) -> std::result::Result<(), Option<Error>> {
+    match outcome {
+        Err(Some(Error::Transport {
+            message: m,
+            reply: Some(reply),
+        })) if m.is_empty() => match after_failure(ClientError::Broker(*reply), dest, message) {
+            Next::Fail(e) => Err(Some(e)),
+            Next::Retry => Err(None),
+        },
+        other => other,
+    }
+}
+
+/// Publishes one message of a batch whose confirm came back as `outcome`.
+async fn publish_resolved<C: AmqpClient>(
+    inner: &Inner<C>,
+    dest: &Destination,
+    message: &Message,
+    outcome: std::result::Result<(), Option<Error>>,
+) -> Result<()> {
+    match resolve(outcome, dest, message) {
+        Ok(()) => Ok(()),
+        Err(Some(e)) => Err(e),
+        Err(None) => publish(inner, &Via::Pool, dest, message, PublishOptions::default()).await,
+    }
+}
+
+/// Publishes a batch in order on one channel, then waits for every confirm;
+/// what was lost on the way is sent again one by one. The first error is
+/// returned after every message was settled.
+pub(crate) async fn publish_batch<C: AmqpClient>(
+    inner: &Inner<C>,
+    dest: &Destination,
+    messages: Vec<Message>,
+) -> Result<()> {
+    if inner.is_closed() {
+        return Err(inner.shutdown_error());
+    }
+    let started = Instant::now();
+    let deadline = inner.deadline();
+    let mut sent: Vec<(usize, Confirm, Arc<Live<C>>)> = Vec::with_capacity(messages.len());
+    let mut first_unsent = messages.len();
+    if let Ok(live) = inner.publisher.wait(deadline).await {
+        if live.signals.blocked_reason().is_none() {
+            if let Ok(ch) = pool_channel(&live, inner.config.publisher_confirms).await {
+                for (i, m) in messages.iter().enumerate() {
+                    match ch.publish(dest, m, false).await {
+                        Ok(c) => sent.push((i, c, live.clone())),
+                        Err(_) => {
+                            first_unsent = i;
+                            break;
+                        }
+                    }
+                }
+            } else {
+                first_unsent = 0;
+            }
+        } else {
+            first_unsent = 0;
+        }
+    } else {
+        first_unsent = 0;
+    }
+    if sent.len() == messages.len() {
+        first_unsent = messages.len();
+    }
+    let mut first_err = None;
+    for (i, confirm, live) in sent {
+        let outcome = settle(confirm, deadline, dest, &live, started).await;
+        if let Err(e) = publish_resolved(inner, dest, &messages[i], outcome).await {
+            first_err.get_or_insert(e);
+        }
+    }
+    for m in &messages[first_unsent..] {
+        if let Err(e) = publish(inner, &Via::Pool, dest, m, PublishOptions::default()).await {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
