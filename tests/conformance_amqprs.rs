@@ -9,18 +9,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::amqprs::{AmqprsConfig, AmqprsTransport};
+use switchyard::amqprs::{AmqpConfig, AmqprsTransport};
 use switchyard_core::settings::Settings;
 use switchyard_core::testkit::{factory_fn, TransportFactory};
 use switchyard_core::Transport;
 
-fn config() -> AmqprsConfig {
+fn config() -> AmqpConfig {
     let url = switchyard_core::testkit::rabbitmq_url();
     let settings = Settings::default()
         .with_url(url)
         .with_connection_attempts(1)
         .with_retry_delay(Duration::from_millis(100));
-    AmqprsConfig::from_settings(&settings)
+    AmqpConfig::from_settings(&settings)
         .expect("RABBITMQ_URL")
         .connection_name("switchyard conformance amqprs")
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::lapin::{LapinConfig, LapinTransport};
+use switchyard::lapin::{AmqpConfig, LapinTransport};
 use switchyard_core::settings::Settings;
 use switchyard_core::testkit::{factory_fn, TransportFactory};
 use switchyard_core::Transport;
@@ -22,13 +22,15 @@ fn settings() -> Settings {
         .with_retry_delay(Duration::from_millis(100))
 }
 
-fn config(settings: &Settings) -> LapinConfig {
-    LapinConfig::from_settings(settings).connection_name("switchyard conformance lapin")
+fn config(settings: &Settings) -> AmqpConfig {
+    AmqpConfig::from_settings(settings)
+        .expect("valid settings")
+        .connection_name("switchyard conformance lapin")
 }
 
 async fn factory() -> Option<impl TransportFactory> {
     let settings = settings();
-    match LapinTransport::connect_with(&settings, config(&settings)).await {
+    match LapinTransport::connect_with(config(&settings)).await {
         Ok(t) => {
             let _ = t.close().await;
         }
@@ -37,7 +39,7 @@ async fn factory() -> Option<impl TransportFactory> {
     Some(factory_fn(move || {
         let settings = settings.clone();
         async move {
-            let t = LapinTransport::connect_with(&settings, config(&settings))
+            let t = LapinTransport::connect_with(config(&settings))
                 .await
                 .expect("connect to RabbitMQ");
             Arc::new(t) as Arc<dyn Transport>

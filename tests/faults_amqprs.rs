@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::sync::Mutex as SyncMutex;
-use switchyard::amqprs::{AmqprsConfig, AmqprsTransport};
+use switchyard::amqprs::{AmqpConfig, AmqprsTransport};
 use switchyard_amqp::recovery::BackoffPolicy;
 use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec, Transport};
 use tokio::sync::Mutex;
@@ -28,13 +28,17 @@ fn url() -> String {
     switchyard_core::testkit::rabbitmq_url()
 }
 
-fn config(name: &str) -> AmqprsConfig {
-    AmqprsConfig::from_url(&url())
+fn config(name: &str) -> AmqpConfig {
+    let mut config = AmqpConfig::from_url(&url())
         .expect("RABBITMQ_URL")
-        .connection_name(name)
-        .connection_attempts(1, Duration::from_millis(100))
+        .connection_name(name);
+    config.connection_attempts = 1;
+    config.retry_delay = Duration::from_millis(100);
+    config.recovery = config
+        .recovery
         .backoff(BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(1)))
-        .publish_wait_timeout(Duration::from_secs(60))
+        .publish_wait_timeout(Duration::from_secs(60));
+    config
 }
 
 async fn connect(name: &str) -> Option<AmqprsTransport> {
@@ -172,8 +176,8 @@ where
     eprintln!(
         "{label}: {} of {N} ids received, {duplicates} duplicates, {disruptions} disruptions, producer generation {}, consumer generation {}",
         counts.len(),
-        producer.state().generation(),
-        consumer.state().generation()
+        producer.state_watch().generation(),
+        consumer.state_watch().generation()
     );
     let _ = producer.delete_queue(&queue).await;
     let _ = producer.close().await;
@@ -363,14 +367,14 @@ async fn topology_and_consumers_come_back_after_a_reconnect() {
     let d = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
     assert!(matches!(d, Ok(Some(Ok(_)))), "no delivery before the fault");
 
-    let generation = t.state().generation();
+    let generation = t.state_watch().generation();
     assert!(rabbitmqctl_async(&["close_all_connections", "switchyard fault test"]).await);
     // rabbitmqctl returns before the broker has closed the connection: wait
     // until the transport has seen the loss, so that "during" is published
     // in the outage (an exclusive queue's messages die with its connection).
     let seen = Instant::now() + Duration::from_secs(15);
-    while t.state().get() == switchyard_amqp::recovery::ConnectionState::Connected
-        && t.state().generation() == generation
+    while t.state() == switchyard_amqp::recovery::ConnectionState::Connected
+        && t.state_watch().generation() == generation
         && Instant::now() < seen
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -383,10 +387,13 @@ async fn topology_and_consumers_come_back_after_a_reconnect() {
         .expect("publish during the outage finished")
         .expect("publish during the outage confirmed");
     let reconnected = Instant::now() + Duration::from_secs(15);
-    while t.state().generation() <= generation && Instant::now() < reconnected {
+    while t.state_watch().generation() <= generation && Instant::now() < reconnected {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(t.state().generation() > generation, "the transport did not reconnect");
+    assert!(
+        t.state_watch().generation() > generation,
+        "the transport did not reconnect"
+    );
     t.publish(&Destination::new(ex.as_str(), "k.after"), Message::new("after"))
         .await
         .expect("publish after");

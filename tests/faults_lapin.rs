@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard::lapin::{LapinConfig, LapinTransport};
+use switchyard::lapin::{AmqpConfig, LapinTransport};
 use switchyard_core::settings::Settings;
 use switchyard_core::{
     Admin, ConsumeOptions, Consumer, Delivery, Destination, Message, Publisher, QueueSpec, Transport,
@@ -43,9 +43,9 @@ fn settings() -> Settings {
 
 async fn connect() -> Option<LapinTransport> {
     let s = settings();
-    let mut config = LapinConfig::from_settings(&s).connection_name(CONNECTION_NAME);
+    let mut config = AmqpConfig::from_settings(&s).unwrap().connection_name(CONNECTION_NAME);
     config.recovery.publish_wait_timeout = Duration::from_secs(60);
-    match LapinTransport::connect_with(&s, config).await {
+    match LapinTransport::connect_with(config).await {
         Ok(t) => Some(t),
         Err(e) => switchyard_core::testkit::broker_unreachable(e),
     }

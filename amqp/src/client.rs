@@ -224,6 +224,8 @@ pub struct RawDelivery {
 }
 
 /// What a consumer's channel reports.
+// One event per delivery: boxing the delivery would allocate per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ConsumerEvent {
     /// A delivery.

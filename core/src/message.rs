@@ -45,6 +45,15 @@ pub enum HeaderValue {
     Table(Headers),
     /// No value (AMQP void).
     Void,
+    /// An AMQP decimal: `value × 10^-scale` (`value` is the signed 32-bit
+    /// integer on the wire, so `-0.001` is `{ scale: 3, value: -1 }`).
+    /// Kept as sent, never converted to a float.
+    Decimal {
+        /// Number of decimal digits after the point.
+        scale: u8,
+        /// The unscaled value.
+        value: i32,
+    },
 }
 
 impl HeaderValue {

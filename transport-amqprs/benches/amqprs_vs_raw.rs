@@ -26,7 +26,7 @@ use amqprs::channel::{
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use async_trait::async_trait;
-use switchyard_amqprs::{AmqprsConfig, AmqprsTransport};
+use switchyard_amqprs::{AmqpConfig, AmqprsTransport};
 use switchyard_core::rpc::RpcClient;
 use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
 
@@ -41,7 +41,7 @@ fn url() -> String {
 }
 
 async fn raw_connection(name: &str) -> Connection {
-    let cfg = AmqprsConfig::from_url(&url()).expect("url");
+    let cfg = AmqpConfig::from_url(&url()).expect("url").connect;
     let mut args = OpenConnectionArguments::new(&cfg.host, cfg.port, &cfg.user, cfg.password.expose());
     args.virtual_host(&cfg.vhost).connection_name(name);
     let c = Connection::open(&args).await.expect("raw connection");
@@ -245,7 +245,7 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wants = |group: &str| only.is_empty() || only == group;
     let raw = raw_connection("bench raw amqprs").await;
-    let cfg = AmqprsConfig::from_url(&url())
+    let cfg = AmqpConfig::from_url(&url())
         .unwrap()
         .connection_name("bench switchyard amqprs");
     let sy = AmqprsTransport::connect_with(cfg).await.unwrap();

@@ -1,27 +1,39 @@
 //! Mapping between switchyard's message model and amqprs' wire types:
-//! [`Properties`] ⇄ [`BasicProperties`] and [`Headers`] ⇄ [`FieldTable`].
+//! [`Properties`] ⇄ [`BasicProperties`], [`Headers`] ⇄ [`FieldTable`], and
+//! a delivered or returned message into a [`Message`].
 //!
 //! Every AMQP field-table type RabbitMQ uses keeps its exact type and width
-//! both ways. The one lossy case is the AMQP `decimal` type, which switchyard
-//! has no variant for: it arrives as an `F64`.
+//! both ways (`decimal` included, as [`HeaderValue::Decimal`]); a nested
+//! empty table stays an empty table. What amqprs cannot carry:
+//!
+//! - a header *long string* that is not UTF-8: amqprs decodes long strings
+//!   as `String` and fails the whole frame, which takes the connection down
+//!   (hence [`ClientCaps::decode_failure_drops_connection`](switchyard_amqp::client::ClientCaps));
+//!   send such data as [`HeaderValue::Bytes`] (an AMQP byte array);
+//! - an empty `headers` property is not sent at all (amqprs has no way to
+//!   tell "absent" from "empty" on the way in either): it arrives as empty
+//!   [`Headers`].
 //!
 //! amqprs panics on short strings longer than 255 bytes, so every short
 //! string (property values, header keys, names) is checked here first and
-//! rejected with [`Error::EncodeFailed`] naming the field.
+//! rejected with [`ClientError::Encode`] naming the field.
 
 use std::time::Duration;
 
-use amqprs::{BasicProperties, ByteArray, FieldArray, FieldTable, FieldValue, LongStr, ShortStr};
+use amqprs::{BasicProperties, ByteArray, DecimalValue, FieldArray, FieldTable, FieldValue, LongStr, ShortStr};
 use bytes::Bytes;
-use switchyard_core::{Error, HeaderValue, Headers, Properties, Result};
+use switchyard_amqp::client::ClientError;
+use switchyard_core::{HeaderValue, Headers, Message, Properties};
+
+type Result<T> = std::result::Result<T, ClientError>;
 
 /// Longest AMQP short string, in bytes.
-pub(crate) const SHORT_STR_MAX: usize = 255;
+pub const SHORT_STR_MAX: usize = 255;
 
 /// Checks that `value` fits an AMQP short string; `what` names it in the error.
-pub(crate) fn check_short(what: &str, value: &str) -> Result<()> {
+pub fn check_short(what: &str, value: &str) -> Result<()> {
     if value.len() > SHORT_STR_MAX {
-        return Err(Error::encode(format!(
+        return Err(ClientError::Encode(format!(
             "{what} is {} bytes long; AMQP allows at most {SHORT_STR_MAX}",
             value.len()
         )));
@@ -31,11 +43,11 @@ pub(crate) fn check_short(what: &str, value: &str) -> Result<()> {
 
 fn short(what: &str, value: &str) -> Result<ShortStr> {
     check_short(what, value)?;
-    ShortStr::try_from(value).map_err(|_| Error::encode(format!("{what} is too long")))
+    ShortStr::try_from(value).map_err(|_| ClientError::Encode(format!("{what} is too long")))
 }
 
 fn long(what: &str, value: &str) -> Result<LongStr> {
-    LongStr::try_from(value).map_err(|_| Error::encode(format!("{what} is longer than 4 GiB")))
+    LongStr::try_from(value).map_err(|_| ClientError::Encode(format!("header {what} is longer than 4 GiB")))
 }
 
 /// Converts switchyard headers into an AMQP field table.
@@ -49,6 +61,7 @@ pub fn headers_to_table(headers: &Headers) -> Result<FieldTable> {
 }
 
 fn value_to_field(key: &str, v: &HeaderValue) -> Result<FieldValue> {
+    let too_large = || ClientError::Encode(format!("header {key} is too large"));
     Ok(match v {
         HeaderValue::Bool(b) => FieldValue::t(*b),
         HeaderValue::I8(x) => FieldValue::b(*x),
@@ -61,24 +74,22 @@ fn value_to_field(key: &str, v: &HeaderValue) -> Result<FieldValue> {
         HeaderValue::F32(x) => FieldValue::f(*x),
         HeaderValue::F64(x) => FieldValue::d(*x),
         HeaderValue::String(s) => FieldValue::S(long(key, s)?),
-        HeaderValue::Bytes(b) => FieldValue::x(
-            ByteArray::try_from(b.to_vec()).map_err(|_| Error::encode(format!("header {key} is too large")))?,
-        ),
+        HeaderValue::Bytes(b) => FieldValue::x(ByteArray::try_from(b.to_vec()).map_err(|_| too_large())?),
         HeaderValue::Timestamp(t) => FieldValue::T(*t),
         HeaderValue::Array(items) => {
             let values = items
                 .iter()
                 .map(|i| value_to_field(key, i))
                 .collect::<Result<Vec<_>>>()?;
-            FieldValue::A(
-                FieldArray::try_from(values).map_err(|_| Error::encode(format!("header {key} is too large")))?,
-            )
+            FieldValue::A(FieldArray::try_from(values).map_err(|_| too_large())?)
         }
         HeaderValue::Table(t) => FieldValue::F(headers_to_table(t)?),
         HeaderValue::Void => FieldValue::V,
+        HeaderValue::Decimal { scale, value } => FieldValue::D(DecimalValue::new(*scale, *value)),
+        #[allow(unreachable_patterns)]
         other => {
-            return Err(Error::encode(format!(
-                "header {key} has an unsupported type: {other:?}"
+            return Err(ClientError::Encode(format!(
+                "header {key} has a type amqprs cannot send: {other:?}"
             )))
         }
     })
@@ -105,7 +116,7 @@ fn field_to_value(v: &FieldValue) -> HeaderValue {
         FieldValue::l(x) => HeaderValue::I64(*x),
         FieldValue::f(x) => HeaderValue::F32(*x),
         FieldValue::d(x) => HeaderValue::F64(*x),
-        FieldValue::D(d) => HeaderValue::F64(decimal_to_f64(d)),
+        FieldValue::D(d) => decimal(d),
         FieldValue::S(s) => HeaderValue::String(s.as_ref().clone()),
         FieldValue::A(a) => HeaderValue::Array(Vec::from(a.clone()).iter().map(field_to_value).collect()),
         FieldValue::T(t) => HeaderValue::Timestamp(*t),
@@ -115,14 +126,18 @@ fn field_to_value(v: &FieldValue) -> HeaderValue {
     }
 }
 
-fn decimal_to_f64(d: &amqprs::DecimalValue) -> f64 {
-    // DecimalValue keeps its fields private; its Display is "Decimal(scale, value)".
+/// amqprs keeps `DecimalValue`'s fields private; its `Display` is
+/// `Decimal(scale, value)`, which is exact.
+fn decimal(d: &DecimalValue) -> HeaderValue {
     let s = d.to_string();
     let inner = s.trim_start_matches("Decimal(").trim_end_matches(')');
     let mut parts = inner.split(',').map(str::trim);
-    let scale: i32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let value: f64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0.0);
-    value / 10f64.powi(scale)
+    let scale = parts.next().and_then(|p| p.parse().ok());
+    let value = parts.next().and_then(|p| p.parse().ok());
+    match (scale, value) {
+        (Some(scale), Some(value)) => HeaderValue::Decimal { scale, value },
+        _ => HeaderValue::String(s),
+    }
 }
 
 /// Converts switchyard properties and headers into amqprs basic properties.
@@ -197,6 +212,16 @@ pub fn from_basic_properties(b: &BasicProperties) -> (Properties, Headers) {
     };
     let headers = b.headers().map(table_to_headers).unwrap_or_default();
     (props, headers)
+}
+
+/// The message of a delivery, a `basic.get` or a `basic.return`.
+pub fn to_message(props: Option<&BasicProperties>, body: Option<Vec<u8>>) -> Message {
+    let (properties, headers) = props.map(from_basic_properties).unwrap_or_default();
+    Message {
+        body: Bytes::from(body.unwrap_or_default()),
+        properties,
+        headers,
+    }
 }
 
 #[cfg(test)]
@@ -287,16 +312,24 @@ mod tests {
             ..Default::default()
         };
         let e = to_basic_properties(&p, &Headers::new()).unwrap_err();
-        assert_eq!(e.code(), "encode_failed");
-        assert!(e.to_string().contains("message_id"));
+        assert!(matches!(&e, ClientError::Encode(m) if m.contains("message_id")), "{e}");
         let mut h = Headers::new();
         h.insert("k".repeat(300), 1i32);
-        assert_eq!(headers_to_table(&h).unwrap_err().code(), "encode_failed");
+        assert!(matches!(headers_to_table(&h).unwrap_err(), ClientError::Encode(_)));
     }
 
     #[test]
-    fn decimal_arrives_as_f64() {
-        let d = amqprs::DecimalValue::new(2, 12345);
-        assert!((decimal_to_f64(&d) - 123.45).abs() < 1e-9);
+    fn decimal_keeps_scale_and_value() {
+        let mut h = Headers::new();
+        h.insert("price", HeaderValue::Decimal { scale: 3, value: -1 });
+        let table = headers_to_table(&h).unwrap();
+        assert_eq!(table_to_headers(&table), h);
+    }
+
+    #[test]
+    fn nested_empty_table_stays_a_table() {
+        let mut h = Headers::new();
+        h.insert("empty", Headers::new());
+        assert_eq!(table_to_headers(&headers_to_table(&h).unwrap()), h);
     }
 }

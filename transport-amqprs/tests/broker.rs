@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use switchyard_amqprs::{AmqprsConfig, AmqprsTransport};
+use switchyard_amqprs::{AmqpConfig, AmqprsTransport};
 use switchyard_core::{Admin, Consumer, Destination, Message, Publisher, QueueSpec, QueueType, Transport};
 
 fn url() -> String {
@@ -15,10 +15,9 @@ fn url() -> String {
 }
 
 async fn connect(name: &str) -> Option<AmqprsTransport> {
-    let cfg = AmqprsConfig::from_url(&url())
-        .unwrap()
-        .connection_name(name)
-        .connection_attempts(1, Duration::from_millis(100));
+    let mut cfg = AmqpConfig::from_url(&url()).unwrap().connection_name(name);
+    cfg.connection_attempts = 1;
+    cfg.retry_delay = Duration::from_millis(100);
     match AmqprsTransport::connect_with(cfg).await {
         Ok(t) => Some(t),
         Err(e) => switchyard_core::testkit::broker_unreachable(e),

@@ -32,7 +32,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use switchyard_core::rpc::RpcClient;
 use switchyard_core::settings::Settings;
 use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
-use switchyard_lapin::{LapinConfig, LapinTransport};
+use switchyard_lapin::{AmqpConfig, LapinTransport};
 
 const BODY: usize = 256;
 const PERSISTENT_N: usize = 50_000;
@@ -277,10 +277,10 @@ async fn run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let settings = Settings::default().with_url(url());
-    let config = LapinConfig::from_settings(&settings).connection_name("switchyard bench lapin");
-    let ours = LapinTransport::connect_with(&settings, config)
-        .await
-        .expect("switchyard connect");
+    let config = AmqpConfig::from_settings(&settings)
+        .unwrap()
+        .connection_name("switchyard bench lapin");
+    let ours = LapinTransport::connect_with(config).await.expect("switchyard connect");
     let raw = raw_connection("raw bench lapin").await;
     let admin = raw.create_channel().await.unwrap();
     let responder_conn = Arc::new(raw_connection("raw bench responder").await);

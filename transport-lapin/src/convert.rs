@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use switchyard_amqp::errors::{from_reply, Subject as AmqpSubject};
 use switchyard_core::{Error, HeaderValue, Headers, Message, Properties, Result};
 
 /// A short string property, refusing values over 255 bytes (AMQP limit).
@@ -17,6 +16,22 @@ fn short(field: &str, v: &str) -> Result<ShortString> {
             v.len()
         ))
     })
+}
+
+/// A name (exchange, queue, routing key, consumer tag) as an AMQP short
+/// string, refusing names over 255 bytes.
+pub(crate) fn short_name(what: &str, v: &str) -> Result<ShortString> {
+    ShortString::try_new(v.to_owned())
+        .map_err(|_| Error::encode(format!("{what} is {} bytes; AMQP allows at most 255", v.len())))
+}
+
+/// Destination, source and routing key of a binding as short strings.
+pub(crate) fn binding_names(b: &switchyard_core::Binding) -> Result<(ShortString, ShortString, ShortString)> {
+    Ok((
+        short_name("binding destination", &b.destination)?,
+        short_name("exchange name", &b.source)?,
+        short_name("routing key", &b.routing_key)?,
+    ))
 }
 
 fn short_key(k: &str) -> Result<ShortString> {
@@ -57,6 +72,11 @@ fn value_to_amqp(v: &HeaderValue) -> Result<AMQPValue> {
         }
         HeaderValue::Table(t) => AMQPValue::FieldTable(headers_to_table(t)?),
         HeaderValue::Void => AMQPValue::Void,
+        // The wire carries the value's 32 bits; lapin types them unsigned.
+        HeaderValue::Decimal { scale, value } => AMQPValue::DecimalValue(DecimalValue {
+            scale: *scale,
+            value: *value as u32,
+        }),
         other => return Err(Error::encode(format!("unsupported header value {other:?}"))),
     })
 }
@@ -82,7 +102,10 @@ fn value_from_amqp(v: &AMQPValue) -> HeaderValue {
         AMQPValue::LongLongInt(x) => HeaderValue::I64(*x),
         AMQPValue::Float(x) => HeaderValue::F32(*x),
         AMQPValue::Double(x) => HeaderValue::F64(*x),
-        AMQPValue::DecimalValue(d) => HeaderValue::F64(d.value as f64 / 10f64.powi(d.scale as i32)),
+        AMQPValue::DecimalValue(d) => HeaderValue::Decimal {
+            scale: d.scale,
+            value: d.value as i32,
+        },
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
             Ok(text) => HeaderValue::String(text.to_owned()),
@@ -94,32 +117,6 @@ fn value_from_amqp(v: &AMQPValue) -> HeaderValue {
         AMQPValue::ByteArray(b) => HeaderValue::Bytes(Bytes::copy_from_slice(b.as_slice())),
         AMQPValue::Void => HeaderValue::Void,
     }
-}
-
-/// Checks that `m` converts ([`to_properties`] would succeed) without
-/// building anything: short strings of at most 255 bytes, header names too.
-pub(crate) fn validate(m: &Message) -> Result<()> {
-    let p = &m.properties;
-    for (field, v) in [
-        ("content_type", &p.content_type),
-        ("content_encoding", &p.content_encoding),
-        ("correlation_id", &p.correlation_id),
-        ("reply_to", &p.reply_to),
-        ("message_id", &p.message_id),
-        ("kind (type)", &p.kind),
-        ("app_id", &p.app_id),
-        ("user_id", &p.user_id),
-    ] {
-        if let Some(v) = v {
-            if v.len() > 255 {
-                short(field, v)?;
-            }
-        }
-    }
-    if !m.headers.is_empty() {
-        headers_to_table(&m.headers)?;
-    }
-    Ok(())
 }
 
 /// The AMQP basic properties of `m` (delivery mode always set: 2 persistent, 1 transient).
@@ -202,40 +199,6 @@ pub(crate) fn is_connection_level(e: &lapin::Error) -> bool {
         K::ParsingError(_) | K::SerialisationError(_) => true,
         K::ProtocolError(p) => matches!(p.kind(), lapin::protocol::AMQPErrorKind::Hard(_)),
         _ => false,
-    }
-}
-
-/// What an operation was about, for error messages.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Subject<'a> {
-    Exchange(&'a str),
-    Queue(&'a str),
-    Publish { exchange: &'a str, routing_key: &'a str },
-    Other,
-}
-
-/// Maps a lapin error to switchyard's, naming the resource concerned.
-pub(crate) fn map_error(e: &lapin::Error, subject: Subject<'_>) -> Error {
-    use lapin::ErrorKind as K;
-    if let K::ProtocolError(p) = e.kind() {
-        let reply = switchyard_core::BrokerReply::new(p.get_id(), p.get_message().as_str());
-        let subject = match subject {
-            Subject::Exchange(n) => AmqpSubject::Exchange(n),
-            Subject::Queue(n) => AmqpSubject::Queue(n),
-            Subject::Publish { exchange, routing_key } => AmqpSubject::Publish { exchange, routing_key },
-            Subject::Other => AmqpSubject::Other,
-        };
-        return from_reply(reply, subject);
-    }
-    if is_connection_level(e) {
-        return Error::ConnectionClosed {
-            reply: None,
-            message: e.to_string(),
-        };
-    }
-    Error::Transport {
-        reply: None,
-        message: e.to_string(),
     }
 }
 

@@ -32,6 +32,10 @@ impl Role {
     }
 }
 
+type Chan<C> = <<C as AmqpClient>::Connection as AmqpConnection>::Channel;
+/// A lazily opened channel slot.
+pub(crate) type Slot<C> = tokio::sync::Mutex<Option<Arc<Chan<C>>>>;
+
 /// One live connection of a link.
 pub(crate) struct Live<C: AmqpClient> {
     pub conn: C::Connection,
@@ -39,9 +43,9 @@ pub(crate) struct Live<C: AmqpClient> {
     /// Counts the link's connections (1 for the first).
     pub generation: u64,
     /// Lazily opened publishing channels of this connection.
-    pub pool: Vec<tokio::sync::Mutex<Option<Arc<<C::Connection as AmqpConnection>::Channel>>>>,
+    pub pool: Vec<Slot<C>>,
     /// Idle admin channels of this connection.
-    pub admin_idle: parking_lot::Mutex<Vec<Arc<<C::Connection as AmqpConnection>::Channel>>>,
+    pub admin_idle: parking_lot::Mutex<Vec<Arc<Chan<C>>>>,
 }
 
 impl<C: AmqpClient> Live<C> {

@@ -95,6 +95,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long, after the handlers are done, a stopping consumer keeps reading
 /// its cancelled subscription to requeue deliveries still in flight.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// The part of the shutdown timeout kept for the final ack flush.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+
 /// How long aborted handlers get to nack their deliveries after the deadline.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 
@@ -744,10 +747,17 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
 
     // Graceful stop: no new deliveries, requeue what was received but not
     // started, let in-flight handlers finish until the deadline.
-    let deadline = Instant::now() + cx.shutdown_timeout;
+    // The final ack flush (`close`) gets the last moments of the timeout.
+    let close_by = Instant::now() + cx.shutdown_timeout;
+    let deadline = close_by - CLOSE_GRACE.min(cx.shutdown_timeout / 4);
     if stream_open {
-        if let Err(e) = sub.cancel_handle().cancel().await {
-            tracing::debug!(queue = %cx.queue, error = %e, "cancelling the subscription failed");
+        // Bounded: a frozen connection must not hold the shutdown past its deadline.
+        match tokio::time::timeout_at(deadline, sub.cancel_handle().cancel()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(queue = %cx.queue, error = %e, "cancelling the subscription failed"),
+            Err(_) => {
+                tracing::warn!(queue = %cx.queue, "cancelling the subscription did not finish before the shutdown deadline")
+            }
         }
     }
     let mut drain_until: Option<Instant> = None;
@@ -795,7 +805,16 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
             while tasks.join_next().await.is_some() {}
         }
     }
-    drop(sub);
+    // Send the acks of the finished handlers and wait until they are
+    // written, then let the transport requeue what is left — inside the
+    // shutdown timeout.
+    let until = close_by.max(Instant::now() + Duration::from_millis(20));
+    match tokio::time::timeout_at(until, sub.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(queue = %cx.queue, error = %e, "closing the subscription failed"),
+        Err(_) => tracing::warn!(queue = %cx.queue,
+            "closing the subscription did not finish before the shutdown deadline; unacked messages are redelivered"),
+    }
     ended
 }
 

@@ -1,0 +1,444 @@
+//! Fault tests of the shared AMQP engine, run on both clients (lapin and
+//! amqprs) against RabbitMQ: `cargo test --features lapin,amqprs --test faults_engine`.
+//!
+//! - graceful shutdown mid-stream (handlers ~200 ms, concurrency 8) exits
+//!   within its shutdown timeout, redelivers no finished message and loses
+//!   none — with and without an explicit `close()` of the transport;
+//! - with the connection frozen (a TCP proxy that stops forwarding), the
+//!   shutdown still ends within its timeout;
+//! - during a memory alarm (`rabbitmqctl set_vm_memory_high_watermark`,
+//!   always restored) consumers that publish nothing keep consuming while a
+//!   publisher on the same transport is blocked; everything resumes after
+//!   the alarm, nothing is lost; an alarm longer than the confirm timeout
+//!   fails a publish with a clear error rather than hanging.
+//!
+//! Every message is counted (lost, duplicated, finished-but-redelivered)
+//! and the counts are printed.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use switchyard::worker::{RouteConfig, Worker};
+use switchyard::{handler_fn, Admin, Destination, Envelope, Message, Publisher, QueueSpec, Transport};
+use switchyard_amqp::{AmqpClient, AmqpConfig, AmqpTransport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One broker-wide fault at a time (the memory alarm affects every connection).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(url: &str, name: &str) -> AmqpConfig {
+    let settings = switchyard::Settings::default()
+        .with_url(url)
+        .with_connection_attempts(1)
+        .with_retry_delay(Duration::from_millis(100));
+    AmqpConfig::from_settings(&settings).unwrap().connection_name(name)
+}
+
+async fn connect<C: AmqpClient + Default>(url: &str, name: &str) -> Option<AmqpTransport<C>> {
+    match AmqpTransport::<C>::connect_with(config(url, name)).await {
+        Ok(t) => Some(t),
+        Err(e) => switchyard_core::testkit::broker_unreachable(e),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &switchyard_core::message::new_id()[..12])
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Drains `queue` until it stays empty for `idle`; returns the bodies.
+async fn drain(t: &dyn Transport, queue: &str, idle: Duration) -> Vec<String> {
+    let mut sub = t
+        .consume(queue, switchyard::ConsumeOptions::default().prefetch(100))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(idle, sub.next()).await {
+        got.push(String::from_utf8_lossy(&d.message.body).into_owned());
+        d.ack().await.unwrap();
+    }
+    let _ = sub.close().await;
+    got
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy that can freeze (stop forwarding, keep the sockets open)
+// ---------------------------------------------------------------------------
+
+struct Proxy {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if frozen.load(Ordering::Acquire) {
+            // Keep both sockets open and silent: a frozen network path.
+            std::future::pending::<()>().await;
+        }
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if frozen.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn proxy(upstream: &str) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let (f, up) = (frozen.clone(), upstream.to_owned());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(&up).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, f.clone()));
+            tokio::spawn(pipe(sr, cw, f.clone()));
+        }
+    });
+    Proxy { port, frozen }
+}
+
+// ---------------------------------------------------------------------------
+// Graceful shutdown
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ending {
+    /// `transport.close()` after the worker returned.
+    Close,
+    /// The transport is dropped without `close()`.
+    Drop,
+    /// The connection freezes before the stop; the transport is dropped.
+    Frozen,
+}
+
+async fn shutdown_mid_stream<C: AmqpClient + Default>(ending: Ending) {
+    let _serial = SERIAL.lock().await;
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(setup) = connect::<C>(&url, "switchyard fault shutdown setup").await else {
+        return;
+    };
+    let client = setup.name();
+    let queue = unique("sy-shutdown");
+    setup.declare_queue(&QueueSpec::new(queue.as_str())).await.unwrap();
+    const N: usize = 200;
+    let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("m{i}")).persistent(true)).collect();
+    setup
+        .publish_batch(&Destination::queue(queue.as_str()), batch)
+        .await
+        .unwrap();
+
+    let px = proxy("127.0.0.1:5672").await;
+    let worker_url = url.replace("127.0.0.1:5672", &format!("127.0.0.1:{}", px.port));
+    let Some(t) = connect::<C>(&worker_url, "switchyard fault shutdown worker").await else {
+        return;
+    };
+    let finished: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let f2 = finished.clone();
+    let handler = handler_fn(move |env: Envelope| {
+        let f = f2.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            f.lock().insert(String::from_utf8_lossy(env.body()).into_owned());
+            Ok::<_, switchyard::HandlerError>(())
+        }
+    });
+    let timeout = Duration::from_secs(5);
+    let worker = Worker::new(Arc::new(t.clone()))
+        .route_with(
+            queue.as_str(),
+            handler,
+            RouteConfig::default().prefetch(8).concurrency(8),
+        )
+        .shutdown_timeout(timeout);
+    let frozen = px.frozen.clone();
+    let stop_at = Arc::new(Mutex::new(None::<Instant>));
+    let s2 = stop_at.clone();
+    let signal = async move {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        if ending == Ending::Frozen {
+            frozen.store(true, Ordering::Release);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        *s2.lock() = Some(Instant::now());
+    };
+    worker.run_until(signal).await.unwrap();
+    let stopped_in = stop_at.lock().unwrap().elapsed();
+    match ending {
+        Ending::Close => {
+            let _ = t.close().await;
+        }
+        Ending::Drop | Ending::Frozen => drop(t),
+    }
+    // The broker requeues what the closed (or dropped) connections held.
+    if ending != Ending::Close {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if ending == Ending::Frozen {
+        // Let the broker see the frozen connections die: close them.
+        rabbitmqctl(&["close_all_connections", "switchyard fault test: frozen worker"]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rest = drain(&setup, &queue, Duration::from_millis(1500)).await;
+    let done = finished.lock().clone();
+    let rest_set: HashSet<String> = rest.iter().cloned().collect();
+    let redelivered_finished = done.intersection(&rest_set).count();
+    let lost = (0..N)
+        .map(|i| format!("m{i}"))
+        .filter(|m| !done.contains(m) && !rest_set.contains(m))
+        .count();
+    let duplicated = rest.len() - rest_set.len();
+    println!(
+        "{client} shutdown ({ending:?}): stopped in {stopped_in:?} (timeout {timeout:?}); {} finished, {} drained after, \
+         {redelivered_finished} finished-but-redelivered, {lost} lost, {duplicated} duplicated",
+        done.len(),
+        rest.len()
+    );
+    let _ = setup.delete_queue(&queue).await;
+    let _ = setup.close().await;
+    assert!(
+        stopped_in < timeout + Duration::from_millis(250),
+        "{client}: shutdown took {stopped_in:?}, over its {timeout:?} timeout"
+    );
+    assert_eq!(lost, 0, "{client}: messages lost");
+    if ending != Ending::Frozen {
+        assert_eq!(redelivered_finished, 0, "{client}: finished messages were redelivered");
+        assert!(!done.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_shutdown_with_close_redelivers_nothing_finished() {
+    shutdown_mid_stream::<switchyard::lapin::LapinClient>(Ending::Close).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_shutdown_without_close_redelivers_nothing_finished() {
+    shutdown_mid_stream::<switchyard::lapin::LapinClient>(Ending::Drop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_shutdown_with_a_frozen_connection_is_bounded() {
+    shutdown_mid_stream::<switchyard::lapin::LapinClient>(Ending::Frozen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_shutdown_with_close_redelivers_nothing_finished() {
+    shutdown_mid_stream::<switchyard::amqprs::AmqprsClient>(Ending::Close).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_shutdown_without_close_redelivers_nothing_finished() {
+    shutdown_mid_stream::<switchyard::amqprs::AmqprsClient>(Ending::Drop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_shutdown_with_a_frozen_connection_is_bounded() {
+    shutdown_mid_stream::<switchyard::amqprs::AmqprsClient>(Ending::Frozen).await;
+}
+
+// ---------------------------------------------------------------------------
+// Memory alarm
+// ---------------------------------------------------------------------------
+
+/// Restores the memory watermark even when the test fails.
+struct Alarm;
+
+impl Alarm {
+    fn raise() -> Alarm {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+        Alarm
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}
+
+async fn memory_alarm<C: AmqpClient + Default>() {
+    let _serial = SERIAL.lock().await;
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(t) = connect::<C>(&url, "switchyard fault alarm").await else {
+        return;
+    };
+    let client = t.name();
+    let work = unique("sy-alarm-work");
+    let out = unique("sy-alarm-out");
+    t.declare_queue(&QueueSpec::new(work.as_str())).await.unwrap();
+    t.declare_queue(&QueueSpec::new(out.as_str())).await.unwrap();
+    const N: usize = 400;
+    let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("w{i}")).persistent(true)).collect();
+    t.publish_batch(&Destination::queue(work.as_str()), batch)
+        .await
+        .unwrap();
+
+    // A background publisher on the same transport.
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (t, out, confirmed, failed, stop) =
+            (t.clone(), out.clone(), confirmed.clone(), failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Acquire) {
+                let m = Message::new(format!("o{i}")).persistent(true);
+                match t.publish(&Destination::queue(out.as_str()), m).await {
+                    Ok(()) => {
+                        confirmed.fetch_add(1, Ordering::AcqRel);
+                        i += 1;
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::AcqRel);
+                        i += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A worker whose handler publishes nothing.
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let h2 = handled.clone();
+    let handler = handler_fn(move |env: Envelope| {
+        let h = h2.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            h.lock().push(String::from_utf8_lossy(env.body()).into_owned());
+            Ok::<_, switchyard::HandlerError>(())
+        }
+    });
+    let alarm = Alarm::raise();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = handled.lock().len();
+    let confirmed_at_alarm = confirmed.load(Ordering::Acquire);
+    let handle = Worker::new(Arc::new(t.clone()))
+        .route_with(
+            work.as_str(),
+            handler,
+            RouteConfig::default().prefetch(20).concurrency(8),
+        )
+        .start()
+        .await
+        .unwrap();
+    // Consumption proceeds during the alarm.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while handled.lock().len() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = handled.lock().len() - before;
+    let publish_state = t.publish_state_watch().get();
+    let confirmed_during = confirmed.load(Ordering::Acquire) - confirmed_at_alarm;
+
+    // A publish with a short deadline during the alarm fails clearly.
+    let mut short = config(&url, "switchyard fault alarm short");
+    short.recovery.publish_wait_timeout = Duration::from_secs(2);
+    let t2 = AmqpTransport::<C>::connect_with(short).await.unwrap();
+    let started = Instant::now();
+    let e = t2
+        .publish(&Destination::queue(out.as_str()), Message::new("late"))
+        .await
+        .expect_err("a publish during the alarm must not be confirmed");
+    let waited = started.elapsed();
+    drop(alarm);
+
+    // Everything resumes by itself.
+    let resume = Instant::now();
+    let before_resume = confirmed.load(Ordering::Acquire);
+    while confirmed.load(Ordering::Acquire) < before_resume + 10 && resume.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Release);
+    publisher.await.unwrap();
+    handle.shutdown().await.unwrap();
+    let outs = drain(&t, &out, Duration::from_millis(1500)).await;
+    let out_set: HashSet<String> = outs.iter().cloned().collect();
+    let handled_all = handled.lock().clone();
+    let handled_set: HashSet<&String> = handled_all.iter().collect();
+    let lost_work = N - handled_set.len();
+    let confirmed_total = confirmed.load(Ordering::Acquire);
+    println!(
+        "{client} memory alarm: {during}/{N} handled during the alarm, publish state {publish_state}, \
+         {confirmed_during} publishes confirmed during the alarm, short-deadline publish failed with {} after {waited:?}; \
+         after: {confirmed_total} confirmed, {} failed, {} in the out queue (late one included: {}), \
+         {lost_work} work lost, {} duplicated",
+        e.code(),
+        failed.load(Ordering::Acquire),
+        out_set.len(),
+        out_set.contains("late"),
+        handled_all.len() - handled_set.len()
+    );
+    let _ = t.delete_queue(&work).await;
+    let _ = t.delete_queue(&out).await;
+    let _ = t.close().await;
+    let _ = t2.close().await;
+    assert_eq!(during, N, "{client}: consumption stalled during the alarm");
+    assert_eq!(lost_work, 0);
+    assert!(
+        waited < Duration::from_secs(4),
+        "{client}: the publish hung for {waited:?} past its deadline"
+    );
+    if client == "lapin" {
+        // lapin advertises connection.blocked: the state and the error say so.
+        assert_eq!(e.code(), "blocked", "{client}: {e}");
+        assert_eq!(publish_state, switchyard_amqp::ConnectionState::Blocked);
+    } else {
+        // amqprs 2.1.5 does not advertise it: the broker blocks silently and
+        // the publish fails at its deadline.
+        assert!(matches!(e.code(), "blocked" | "publish_unconfirmed"), "{client}: {e}");
+    }
+    assert!(
+        confirmed_total >= before_resume + 10,
+        "{client}: publishing did not resume"
+    );
+    // Every confirmed publish is in the out queue.
+    assert!(out_set.len() >= confirmed_total, "{client}: confirmed publishes lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_memory_alarm_blocks_publishing_only() {
+    memory_alarm::<switchyard::lapin::LapinClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_memory_alarm_blocks_publishing_only() {
+    memory_alarm::<switchyard::amqprs::AmqprsClient>().await;
+}
