@@ -8,6 +8,10 @@ and compares its headers *with their type tags* (recorded while pamqp decodes
 the frame) and its properties with what was sent. Exit 0 when identical.
 
     python3 scripts/header_peer.py QUEUE_IN QUEUE_OUT [--no-invalid-utf8] [--url URL]
+    python3 scripts/header_peer.py --poison QUEUE [--url URL]
+
+`--poison QUEUE` only publishes one message whose `note` header is a long
+string that is not valid UTF-8 (legal AMQP; the poison-message test) and exits.
 
 `--no-invalid-utf8` leaves out the long string that is not valid UTF-8 (amqprs
 cannot decode it at all). With it, the peer expects that value back as a byte
@@ -115,6 +119,20 @@ PROPS = dict(
 
 
 async def main() -> int:
+    if sys.argv[1:2] == ["--poison"]:
+        pp = argparse.ArgumentParser()
+        pp.add_argument("--poison", required=True)
+        pp.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
+        a = pp.parse_args()
+        conn = await aiormq.connect(a.url)
+        ch = await conn.channel()
+        await ch.confirm_delivery()
+        bad = {"note": Raw(b"S", struct.pack(">I", 3) + b"\xffok")}
+        props = pamqp.commands.Basic.Properties(headers=bad, delivery_mode=2, message_id="poison-1")
+        await ch.basic_publish(b"poison", routing_key=a.poison, properties=props)
+        await conn.close()
+        print(f"peer: published one message with a non-UTF-8 header to {a.poison}")
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("queue_in")
     ap.add_argument("queue_out")

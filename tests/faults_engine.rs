@@ -442,3 +442,136 @@ async fn lapin_memory_alarm_blocks_publishing_only() {
 async fn amqprs_memory_alarm_blocks_publishing_only() {
     memory_alarm::<switchyard::amqprs::AmqprsClient>().await;
 }
+
+// ---------------------------------------------------------------------------
+// A message the client cannot decode
+// ---------------------------------------------------------------------------
+
+fn publish_poison(url: &str, queue: &str) {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/header_peer.py"))
+        .args(["--poison", queue, "--url", url])
+        .output()
+        .expect("python3 runs scripts/header_peer.py (pip install aiormq)");
+    assert!(
+        out.status.success(),
+        "the peer could not publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A message whose header amqprs cannot decode (legal AMQP) sits in one
+/// queue while another queue has ordinary work: the other route must handle
+/// all of its messages, the poisoned route must end with `decode_failed`
+/// naming its queue instead of looping forever, and `park_head` on a lapin
+/// transport moves the message out of the way without losing it. On lapin
+/// the same message is just handled.
+async fn poison_message<C: AmqpClient + Default>() {
+    let _serial = SERIAL.lock().await;
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(t) = connect::<C>(&url, "switchyard fault poison").await else {
+        return;
+    };
+    let client = t.name();
+    let poisoned = unique("sy-poison");
+    let ordinary = unique("sy-ordinary");
+    t.declare_queue(&QueueSpec::new(poisoned.as_str())).await.unwrap();
+    t.declare_queue(&QueueSpec::new(ordinary.as_str())).await.unwrap();
+    publish_poison(&url, &poisoned);
+    const N: usize = 20;
+    let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("o{i}"))).collect();
+    t.publish_batch(&Destination::queue(ordinary.as_str()), batch)
+        .await
+        .unwrap();
+
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let h = handled.clone();
+    let handler = handler_fn(move |env: Envelope| {
+        let h = h.clone();
+        async move {
+            h.lock().push(String::from_utf8_lossy(env.body()).into_owned());
+            Ok::<_, switchyard::HandlerError>(())
+        }
+    });
+    let generation_before = t.state_watch().generation();
+    let handle = Worker::new(Arc::new(t.clone()))
+        .route(poisoned.as_str(), handler.clone())
+        .route(ordinary.as_str(), handler)
+        .start()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let ordinary_done = loop {
+        let n = handled.lock().iter().filter(|b| b.starts_with('o')).count();
+        if n == N || started.elapsed() > Duration::from_secs(20) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut status = handle.status(&poisoned);
+    let waited = Instant::now();
+    if client == "amqprs" {
+        while !matches!(status, Some(switchyard::worker::ConsumerStatus::Failed { .. }))
+            && waited.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            status = handle.status(&poisoned);
+        }
+    } else {
+        while !handled.lock().iter().any(|b| b == "poison") && waited.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let paused_after = started.elapsed();
+    let main_reconnects = t.state_watch().generation() - generation_before;
+    // The paused route's error is what shutdown reports for amqprs.
+    let shutdown = handle.shutdown().await;
+    assert_eq!(shutdown.is_err(), client == "amqprs", "{shutdown:?}");
+
+    // The way out, on a client that reads such headers as bytes.
+    let lapin = connect::<switchyard::lapin::LapinClient>(&url, "switchyard fault poison park")
+        .await
+        .unwrap();
+    let parking = format!("{poisoned}.parked");
+    let parked = lapin.park_head(&poisoned, &parking).await.unwrap();
+    let left = lapin.queue_info(&poisoned).await.unwrap().message_count;
+    let in_parking = lapin.queue_info(&parking).await.unwrap().message_count;
+    let handled_poison = handled.lock().iter().filter(|b| *b == "poison").count();
+    println!(
+        "{client} poison: {ordinary_done}/{N} ordinary handled, poisoned route {status:?} after {paused_after:?}, \
+         {main_reconnects} main-connection reconnects; poison handled {handled_poison}x, parked {parked}, \
+         {left} left in the queue, {in_parking} in {parking}, lost {}",
+        1 - handled_poison.min(1) - in_parking.min(1) as usize
+    );
+    for q in [&poisoned, &ordinary, &parking] {
+        let _ = lapin.delete_queue(q).await;
+    }
+    let _ = lapin.close().await;
+    let _ = t.close().await;
+    assert_eq!(ordinary_done, N, "{client}: the ordinary queue starved");
+    if client == "amqprs" {
+        match &status {
+            Some(switchyard::worker::ConsumerStatus::Failed { code, message }) => {
+                assert_eq!(*code, "decode_failed");
+                assert!(message.contains(poisoned.as_str()), "{message}");
+            }
+            other => panic!("{client}: the poisoned route was not paused: {other:?}"),
+        }
+        assert_eq!(main_reconnects, 0, "the poison message took the main connection down");
+        assert!(parked, "park_head found nothing");
+        assert_eq!((left, in_parking), (0, 1), "the poison message was not moved");
+    } else {
+        assert_eq!(handled_poison, 1, "lapin handles the message (header as bytes)");
+        assert!(!parked);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_poison_message_is_isolated_paused_and_parked() {
+    poison_message::<switchyard::amqprs::AmqprsClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_handles_the_message_amqprs_cannot_decode() {
+    poison_message::<switchyard::lapin::LapinClient>().await;
+}

@@ -52,6 +52,11 @@ pub(crate) struct ConsumerShared<C: AmqpClient> {
     /// The queue is exclusive, auto-delete or server-named: forget its
     /// declaration once this consumer ends.
     pub temporary: bool,
+    /// The consumer's own connection, when the client needs consumers
+    /// isolated (see [`ClientCaps::decode_failure_drops_connection`](crate::client::ClientCaps)).
+    pub own: Mutex<Option<Arc<super::link::Live<C>>>>,
+    /// When its own connection was lost while the broker stayed up.
+    pub losses: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
 }
 
 impl<C: AmqpClient> ConsumerShared<C> {

@@ -225,6 +225,38 @@ impl<C: AmqpClient> AmqpTransport<C> {
             .and_then(|l| l.conn.server_name())
     }
 
+    /// Moves the message at the head of `queue` to the queue `parking`
+    /// (declared durable if missing): it is published there with confirms
+    /// before the original is acked, so nothing is lost. The parked copy
+    /// carries `x-parked-from`. Returns false when `queue` stayed empty for
+    /// a second. The way out for a message one client cannot decode (see
+    /// the poison-message notes in the README): run it on a client that can.
+    pub async fn park_head(&self, queue: &str, parking: &str) -> Result<bool> {
+        self.declare_queue(&QueueSpec::new(parking)).await?;
+        let mut sub = self
+            .inner
+            .consume(queue, ConsumeOptions::default().prefetch(1), false)
+            .await?;
+        let d = match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e),
+            _ => {
+                let _ = sub.close().await;
+                return Ok(false);
+            }
+        };
+        let mut copy = d.message.clone();
+        copy.headers.insert("x-parked-from", queue);
+        if let Err(e) = self.publish(&Destination::queue(parking), copy).await {
+            let _ = d.nack(true).await;
+            let _ = sub.close().await;
+            return Err(e);
+        }
+        d.ack().await?;
+        sub.close().await?;
+        Ok(true)
+    }
+
     /// Declarations recorded for replay after a reconnect.
     pub fn recorded_topology(&self) -> Vec<crate::recovery::TopologyEntry> {
         self.inner.topology.entries()
@@ -267,16 +299,54 @@ impl<C: AmqpClient> Inner<C> {
         Box::pin(self.start_consumer_now(live, cs))
     }
 
-    async fn start_consumer_now(&self, live: &Arc<Live<C>>, cs: &Arc<ConsumerShared<C>>) -> Result<()> {
+    /// True when `cs` gets a connection of its own: the client loses the
+    /// whole connection on a delivery it cannot decode, so one queue's poison
+    /// message must not take the other consumers down with it. Exclusive
+    /// queues and direct reply-to belong to the main connection.
+    fn isolated(&self, cs: &ConsumerShared<C>) -> bool {
+        self.client.caps().decode_failure_drops_connection
+            && !cs.reply
+            && !self.topology.entries().iter().any(|e| {
+                matches!(e, crate::recovery::TopologyEntry::Queue { spec, name } if name == &*cs.queue && spec.exclusive)
+            })
+    }
+
+    async fn start_consumer_now(&self, main: &Arc<Live<C>>, cs: &Arc<ConsumerShared<C>>) -> Result<()> {
         let _guard = cs.restart.lock().await;
         if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
             return Ok(());
         }
+        let live = if self.isolated(cs) {
+            let own = cs.own.lock().clone().filter(|l| l.is_open());
+            match own {
+                Some(l) => l,
+                None => {
+                    let l = self.main.open(&self.client).await?;
+                    *cs.own.lock() = Some(l.clone());
+                    tokio::spawn(watch_own(self.me.clone(), cs.clone(), l.clone()));
+                    l
+                }
+            }
+        } else {
+            main.clone()
+        };
         if let Some((ch, generation)) = &*cs.channel.lock() {
             if ch.is_open() && *generation == live.generation {
                 return Ok(());
             }
         }
+        match self.start_on(&live, cs).await {
+            // A consumer's own connection that died while starting: its
+            // watcher restarts it (and pauses it if that keeps happening).
+            Err(e) if e.is_transient() && !live.is_open() && !Arc::ptr_eq(&live, main) => {
+                tracing::debug!(queue = %cs.queue, error = %e, "consumer connection lost while starting");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn start_on(&self, live: &Arc<Live<C>>, cs: &Arc<ConsumerShared<C>>) -> Result<()> {
         let subject = Subject::Queue(&cs.queue);
         let ch = Arc::new(live.conn.open_channel().await.map_err(|e| map(e, subject, (20, 10)))?);
         if cs.reply && self.config.publisher_confirms {
@@ -358,6 +428,8 @@ impl<C: AmqpClient> Inner<C> {
             ended: AtomicBool::new(false),
             reply,
             temporary,
+            own: parking_lot::Mutex::new(None),
+            losses: parking_lot::Mutex::new(Default::default()),
         });
         // Registered first, so that a recovery racing with this start
         // restarts it too (starts are serialised and skip a live channel).
@@ -482,6 +554,111 @@ impl<C: AmqpClient> Inner<C> {
                 operation: format!("health check of {}", self.config.describe()),
                 timeout: Duration::from_secs(5),
             }),
+        }
+    }
+}
+
+/// Losses of a consumer's own connection, within [`POISON_WINDOW`] and
+/// while the broker stays up, after which the consumer is paused as stuck
+/// on a message its client cannot decode.
+const POISON_LOSSES: usize = 3;
+/// See [`POISON_LOSSES`].
+const POISON_WINDOW: Duration = Duration::from_secs(60);
+
+/// Watches a consumer's own connection: restarts the consumer when it
+/// drops, and pauses it when it keeps dropping while the broker stays up
+/// (a delivery the client cannot decode is redelivered each time).
+async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C>>, live: Arc<Live<C>>) {
+    let stop = match weak.upgrade() {
+        Some(i) => i.stop.clone(),
+        None => return,
+    };
+    let mut lost = live.signals.watch_lost();
+    let why = loop {
+        if let Some(w) = live.signals.lost_reason() {
+            break w;
+        }
+        if !live.conn.is_open() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            break live.signals.lost_reason().unwrap_or_else(|| "connection closed".into());
+        }
+        tokio::select! {
+            _ = stop.notified() => return,
+            _ = lost.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    {
+        let mut own = cs.own.lock();
+        if own.as_ref().is_some_and(|l| Arc::ptr_eq(l, &live)) {
+            *own = None;
+        }
+    }
+    drop(live);
+    if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(inner) = weak.upgrade() else { return };
+    if inner.is_closed() {
+        return;
+    }
+    let main_ok = inner.main.current.read().as_ref().is_some_and(|l| l.is_open());
+    if main_ok {
+        let now = Instant::now();
+        let n = {
+            let mut losses = cs.losses.lock();
+            losses.push_back(now);
+            while losses.front().is_some_and(|t| now.duration_since(*t) > POISON_WINDOW) {
+                losses.pop_front();
+            }
+            losses.len()
+        };
+        if n >= POISON_LOSSES {
+            let message = format!(
+                "queue '{}': the {} client lost this consumer's connection {n} times within {:?} while the broker \
+                 stayed up (last: {why}); a message it cannot decode (for example a header long string that is not \
+                 UTF-8) is most likely at the head of the queue and redelivered each time. The consumer is paused; \
+                 the other consumers are not affected. Move the message out of the way: a quorum queue's \
+                 delivery-limit dead-letters it, or call `park_head` on a lapin transport (it reads such headers as \
+                 bytes), then restart the consumer",
+                cs.queue,
+                inner.client.name(),
+                POISON_WINDOW
+            );
+            tracing::error!(queue = %cs.queue, cause = %why, "consumer paused: {message}");
+            inner.forget_consumer(&cs);
+            cs.end(Some(Error::decode(message)));
+            return;
+        }
+        tracing::warn!(queue = %cs.queue, losses = n, error = %why, "consumer connection lost; restarting the consumer");
+    }
+    // Restart on a fresh connection of its own (the main link's supervisor
+    // restarts it too when the broker itself went away).
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.notified() => return,
+        }
+        if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) || inner.is_closed() {
+            return;
+        }
+        let main = inner.main.current.read().clone();
+        let Some(main) = main.filter(|l| l.is_open()) else {
+            // The main supervisor restarts every consumer once it reconnects.
+            return;
+        };
+        match inner.start_consumer(&main, &cs).await {
+            Ok(()) => return,
+            Err(e) if e.is_transient() => {
+                tracing::debug!(queue = %cs.queue, error = %e, "consumer restart failed; retrying");
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                inner.forget_consumer(&cs);
+                cs.end(Some(e));
+                return;
+            }
         }
     }
 }
