@@ -20,6 +20,7 @@ use switchyard_core::{
     QueueType, Result,
 };
 
+use crate::reply::{self, Op};
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
 /// Prefix of direct reply-to pseudo-queues.
@@ -652,21 +653,6 @@ fn shutdown() -> Error {
     }
 }
 
-fn refused(resource: &str, message: impl Into<String>) -> Error {
-    Error::PreconditionFailed {
-        reply: None,
-        resource: resource.to_owned(),
-        message: message.into(),
-    }
-}
-
-fn locked(queue: &str) -> Error {
-    Error::ResourceLocked {
-        reply: None,
-        resource: queue.to_owned(),
-        message: format!("cannot obtain exclusive access to locked queue '{queue}'"),
-    }
-}
 
 /// The result of routing one publish.
 enum Routed {
@@ -750,34 +736,39 @@ impl State {
     pub(crate) fn declare_exchange(&mut self, conn: u64, spec: &ExchangeSpec) -> Result<()> {
         self.check_conn(conn)?;
         if spec.name.is_empty() {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(Op::ExchangeDeclare));
         }
         if let Some(e) = self.exchanges.get(spec.name.as_str()) {
             let s = &e.spec;
-            if s.kind != spec.kind
-                || s.durable != spec.durable
-                || s.auto_delete != spec.auto_delete
-                || s.internal != spec.internal
-                || s.arguments.get("alternate-exchange") != spec.arguments.get("alternate-exchange")
-            {
-                return Err(refused(
+            let differs = [
+                ("type", s.kind.as_str().to_owned(), spec.kind.as_str().to_owned()),
+                ("durable", s.durable.to_string(), spec.durable.to_string()),
+                ("auto_delete", s.auto_delete.to_string(), spec.auto_delete.to_string()),
+                ("internal", s.internal.to_string(), spec.internal.to_string()),
+                (
+                    "alternate-exchange",
+                    format!("{:?}", s.arguments.get("alternate-exchange")),
+                    format!("{:?}", spec.arguments.get("alternate-exchange")),
+                ),
+            ];
+            if let Some((what, current, received)) = differs.into_iter().find(|(_, a, b)| a != b) {
+                return Err(reply::precondition_failed(
+                    Op::ExchangeDeclare,
                     &spec.name,
                     format!(
-                        "inequivalent arg for exchange '{}': existing {} durable={} auto_delete={} internal={}",
-                        spec.name,
-                        s.kind.as_str(),
-                        s.durable,
-                        s.auto_delete,
-                        s.internal
+                        "inequivalent arg '{what}' for exchange '{}' in vhost '/': received '{received}' but current \
+                         is '{current}'",
+                        spec.name
                     ),
                 ));
             }
             return Ok(());
         }
         if spec.name.starts_with("amq.") {
-            return Err(refused(
+            return Err(reply::access_refused(
+                Op::ExchangeDeclare,
                 &spec.name,
-                format!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
+                format_args!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
             ));
         }
         let alternate = spec.arguments.get_str("alternate-exchange").map(Arc::from);
@@ -799,8 +790,15 @@ impl State {
 
     pub(crate) fn delete_exchange(&mut self, conn: u64, name: &str) -> Result<()> {
         self.check_conn(conn)?;
-        if name.is_empty() || name.starts_with("amq.") {
-            return Err(refused(name, "operation not permitted on a reserved exchange"));
+        if name.is_empty() {
+            return Err(reply::default_exchange(Op::ExchangeDelete));
+        }
+        if name.starts_with("amq.") {
+            return Err(reply::access_refused(
+                Op::ExchangeDelete,
+                name,
+                format_args!("deletion of system exchange '{name}' in vhost '/' not allowed"),
+            ));
         }
         if self.exchanges.remove(name).is_some() {
             self.remove_bindings_to(name, true);
@@ -830,10 +828,11 @@ impl State {
 
     pub(crate) fn bind(&mut self, conn: u64, b: &Binding) -> Result<()> {
         self.check_conn(conn)?;
+        let op = Op::bind(b.destination_is_exchange);
         if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(op));
         }
-        self.check_bind_ends(conn, b)?;
+        self.check_bind_ends(conn, b, op)?;
         let src = self.exchanges.get_mut(b.source.as_str()).expect("checked above");
         let exists = src.binds.iter().any(|x| {
             x.dest_is_exchange == b.destination_is_exchange
@@ -846,7 +845,7 @@ impl State {
         }
         let topic = (src.spec.kind == ExchangeKind::Topic).then(|| TopicPattern::new(&b.routing_key));
         let headers = if src.spec.kind == ExchangeKind::Headers {
-            Some(HeadersPattern::new(&b.arguments).map_err(|m| refused(&b.source, m))?)
+            Some(HeadersPattern::new(&b.arguments).map_err(|m| reply::precondition_failed(op, &b.source, m))?)
         } else {
             None
         };
@@ -861,23 +860,16 @@ impl State {
         Ok(())
     }
 
-    fn check_bind_ends(&self, conn: u64, b: &Binding) -> Result<()> {
+    fn check_bind_ends(&self, conn: u64, b: &Binding, op: Op) -> Result<()> {
         if !self.exchanges.contains_key(b.source.as_str()) {
-            return Err(Error::ExchangeNotFound {
-                reply: None,
-                exchange: b.source.clone(),
-            });
+            return Err(reply::no_exchange(op, &b.source));
         }
         if b.destination_is_exchange {
             if !self.exchanges.contains_key(b.destination.as_str()) {
-                return Err(Error::ExchangeNotFound {
-                    reply: None,
-                    exchange: b.destination.clone(),
-                });
+                return Err(reply::no_exchange(op, &b.destination));
             }
         } else {
-            let q = self.queue_for(conn, &b.destination)?;
-            let _ = q;
+            self.queue_for(conn, &b.destination, op)?;
         }
         Ok(())
     }
@@ -885,7 +877,7 @@ impl State {
     pub(crate) fn unbind(&mut self, conn: u64, b: &Binding) -> Result<()> {
         self.check_conn(conn)?;
         if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(Op::unbind(b.destination_is_exchange)));
         }
         // RabbitMQ 3.10 answers unbind-ok even when the binding, its queue or
         // its exchange does not exist.
@@ -909,13 +901,10 @@ impl State {
     // ----- queues ------------------------------------------------------
 
     /// The queue `name`, checking exclusivity for `conn`.
-    fn queue_for(&self, conn: u64, name: &str) -> Result<&Queue> {
-        let q = self.queues.get(name).ok_or_else(|| Error::QueueNotFound {
-            reply: None,
-            queue: name.to_owned(),
-        })?;
+    fn queue_for(&self, conn: u64, name: &str, op: Op) -> Result<&Queue> {
+        let q = self.queues.get(name).ok_or_else(|| reply::no_queue(op, name))?;
         if q.owner.is_some_and(|o| o != conn) {
-            return Err(locked(name));
+            return Err(reply::locked(op, name));
         }
         Ok(q)
     }
@@ -924,7 +913,7 @@ impl State {
         self.check_conn(conn)?;
         if let Some(q) = self.queues.get(spec.name.as_str()) {
             if q.owner.is_some_and(|o| o != conn) || q.owner.is_some() != spec.exclusive {
-                return Err(locked(&spec.name));
+                return Err(reply::locked(Op::QueueDeclare, &spec.name));
             }
             let norm = |s: &QueueSpec| {
                 let mut a = s.arguments.clone();
@@ -934,13 +923,32 @@ impl State {
                 }
                 a
             };
-            if q.spec.durable != spec.durable || q.spec.auto_delete != spec.auto_delete || norm(&q.spec) != norm(spec) {
-                return Err(refused(
+            let inequivalent = |what: &str, current: String, received: String| {
+                reply::precondition_failed(
+                    Op::QueueDeclare,
                     &spec.name,
-                    format!(
-                        "inequivalent arg for queue '{}': existing durable={} auto_delete={} arguments={:?}",
-                        spec.name, q.spec.durable, q.spec.auto_delete, q.spec.arguments
+                    format_args!(
+                        "inequivalent arg '{what}' for queue '{}' in vhost '/': received '{received}' but current is \
+                         '{current}'",
+                        spec.name
                     ),
+                )
+            };
+            if q.spec.durable != spec.durable {
+                return Err(inequivalent("durable", q.spec.durable.to_string(), spec.durable.to_string()));
+            }
+            if q.spec.auto_delete != spec.auto_delete {
+                return Err(inequivalent(
+                    "auto_delete",
+                    q.spec.auto_delete.to_string(),
+                    spec.auto_delete.to_string(),
+                ));
+            }
+            if norm(&q.spec) != norm(spec) {
+                return Err(inequivalent(
+                    "arguments",
+                    format!("{:?}", q.spec.arguments),
+                    format!("{:?}", spec.arguments),
                 ));
             }
             self.expire(&spec.name, fx);
@@ -957,18 +965,23 @@ impl State {
                 }
             }
         } else if spec.name.starts_with("amq.") {
-            return Err(refused(
+            return Err(reply::access_refused(
+                Op::QueueDeclare,
                 &spec.name,
-                format!("queue name '{}' contains reserved prefix 'amq.*'", spec.name),
+                format_args!("queue name '{}' contains reserved prefix 'amq.*'", spec.name),
             ));
         } else {
             Arc::from(spec.name.as_str())
         };
         let a = &spec.arguments;
         if a.queue_type == Some(QueueType::Quorum) && (!spec.durable || spec.exclusive || spec.auto_delete) {
-            return Err(refused(
+            return Err(reply::precondition_failed(
+                Op::QueueDeclare,
                 &name,
-                "quorum queues must be durable, non-exclusive and non-auto-delete",
+                format_args!(
+                    "invalid property 'non-durable, exclusive or auto-delete' for queue '{name}' in vhost '/' of \
+                     queue type rabbit_quorum_queue"
+                ),
             ));
         }
         if a.queue_type == Some(QueueType::Stream) {
@@ -977,7 +990,8 @@ impl State {
             });
         }
         if a.max_priority == Some(0) {
-            return Err(refused(
+            return Err(reply::precondition_failed(
+                Op::QueueDeclare,
                 &name,
                 "invalid arg 'x-max-priority': must be between 1 and 255",
             ));
@@ -1015,7 +1029,7 @@ impl State {
 
     pub(crate) fn queue_info(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<QueueInfo> {
         self.check_conn(conn)?;
-        self.queue_for(conn, name)?;
+        self.queue_for(conn, name, Op::QueueDeclare)?;
         self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         q.touch(fx);
@@ -1024,7 +1038,7 @@ impl State {
 
     pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
-        self.queue_for(conn, name)?;
+        self.queue_for(conn, name, Op::QueuePurge)?;
         self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         let n = q.ready as u32;
@@ -1039,7 +1053,7 @@ impl State {
 
     pub(crate) fn delete_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
-        match self.queue_for(conn, name) {
+        match self.queue_for(conn, name, Op::QueueDelete) {
             Err(Error::QueueNotFound { .. }) => return Ok(0),
             Err(e) => return Err(e),
             Ok(_) => {}
@@ -1107,15 +1121,13 @@ impl State {
             }
         } else {
             let Some(ex) = self.exchanges.get(&**exchange) else {
-                return Err(Error::ExchangeNotFound {
-                    reply: None,
-                    exchange: exchange.to_string(),
-                });
+                return Err(reply::no_exchange(Op::BasicPublish, exchange));
             };
             if ex.spec.internal {
-                return Err(refused(
+                return Err(reply::access_refused(
+                    Op::BasicPublish,
                     exchange,
-                    format!("cannot publish to internal exchange '{exchange}'"),
+                    format_args!("cannot publish to internal exchange '{exchange}' in vhost '/'"),
                 ));
             }
             let mut targets = Vec::new();
@@ -1127,12 +1139,7 @@ impl State {
         }
         match routed {
             Routed::Ok => Ok(flow),
-            Routed::Unroutable if mandatory => Err(Error::Unroutable {
-                reply: None,
-                returned: None,
-                exchange: exchange.to_string(),
-                routing_key: routing_key.to_string(),
-            }),
+            Routed::Unroutable if mandatory => Err(reply::no_route(exchange, routing_key)),
             Routed::Unroutable => Ok(None),
             Routed::Refused(why) => Err(Error::PublishUnconfirmed {
                 exchange: exchange.to_string(),
@@ -1444,13 +1451,15 @@ impl State {
         fx: &mut Effects,
     ) -> Result<(u64, Arc<str>, Arc<Outbox>)> {
         self.check_conn(conn)?;
-        self.queue_for(conn, queue)?;
+        self.queue_for(conn, queue, Op::BasicConsume)?;
         let cid = self.id();
         let q = self.queues.get_mut(queue).expect("checked");
         if q.exclusive_consumer || (exclusive && !q.consumers.is_empty()) {
-            let text = format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use");
-            return Err(Error::access_refused(queue, text.clone())
-                .with_reply(switchyard_core::BrokerReply::new(403, text).caused_by(60, 20)));
+            return Err(reply::access_refused(
+                Op::BasicConsume,
+                queue,
+                format_args!("queue '{queue}' in vhost '/' in exclusive use"),
+            ));
         }
         let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
         q.consumers.push(cid);

@@ -65,6 +65,7 @@
 
 mod broker;
 mod consumer;
+mod reply;
 mod routing;
 
 use std::fmt;

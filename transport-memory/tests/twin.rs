@@ -1,0 +1,89 @@
+//! The memory broker as RabbitMQ's twin: the `twin::` conformance
+//! scenarios (which RabbitMQ passes too), and the details only the memory
+//! broker can be asked about (the exact reply texts, class and method ids).
+
+use std::sync::Arc;
+
+use switchyard_core::testkit::{factory_fn, run_suite, TransportFactory};
+use switchyard_core::{Admin, Binding, ExchangeSpec, QueueSpec, Transport};
+use switchyard_memory::MemoryBroker;
+
+fn factory() -> impl TransportFactory {
+    let broker = MemoryBroker::new();
+    factory_fn(move || {
+        let broker = broker.clone();
+        async move { broker.connect() as Arc<dyn Transport> }
+    })
+}
+
+#[tokio::test]
+async fn twin_conformance_scenarios_pass_on_memory() {
+    let report = run_suite(&factory(), Some("twin::")).await;
+    assert!(report.passed() > 0, "no twin scenario ran");
+    report.assert_ok();
+}
+
+#[tokio::test]
+async fn refusals_carry_rabbitmqs_reply_text_and_method() {
+    let conn = MemoryBroker::new().connect();
+    let cases: Vec<(switchyard_core::Error, u16, &str, (u16, u16))> = vec![
+        (
+            conn.declare_exchange(&ExchangeSpec::direct("amq.zz")).await.unwrap_err(),
+            403,
+            "ACCESS_REFUSED - exchange name 'amq.zz' contains reserved prefix 'amq.*'",
+            (40, 10),
+        ),
+        (
+            conn.declare_queue(&QueueSpec::new("amq.zz")).await.unwrap_err(),
+            403,
+            "ACCESS_REFUSED - queue name 'amq.zz' contains reserved prefix 'amq.*'",
+            (50, 10),
+        ),
+        (
+            conn.delete_exchange("amq.direct").await.unwrap_err(),
+            403,
+            "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed",
+            (40, 20),
+        ),
+        (
+            conn.bind(&Binding::queue("q", "", "k")).await.unwrap_err(),
+            403,
+            "ACCESS_REFUSED - operation not permitted on the default exchange",
+            (50, 20),
+        ),
+        (
+            conn.queue_info("nope").await.unwrap_err(),
+            404,
+            "NOT_FOUND - no queue 'nope' in vhost '/'",
+            (50, 10),
+        ),
+        (
+            conn.bind(&Binding::exchange("a", "nox", "k")).await.unwrap_err(),
+            404,
+            "NOT_FOUND - no exchange 'nox' in vhost '/'",
+            (40, 30),
+        ),
+    ];
+    for (e, code, text, ids) in cases {
+        let r = e.reply().unwrap_or_else(|| panic!("{e} carries no broker reply"));
+        assert_eq!((r.code, r.text.as_str(), (r.class_id, r.method_id)), (code, text, ids));
+    }
+    conn.declare_queue(&QueueSpec::new("d")).await.unwrap();
+    let e = conn
+        .declare_queue(&QueueSpec::new("d").durable(false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "precondition_failed");
+    assert_eq!(
+        e.reply().map(|r| r.text.as_str()),
+        Some("PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'd' in vhost '/': received 'false' but current is 'true'")
+    );
+    let other = conn.broker().connect();
+    conn.declare_queue(&QueueSpec::new("excl").durable(false).exclusive(true))
+        .await
+        .unwrap();
+    let e = other.purge_queue("excl").await.unwrap_err();
+    assert_eq!(e.code(), "resource_locked");
+    let r = e.reply().expect("a reply");
+    assert_eq!((r.code, r.class_id, r.method_id), (405, 50, 30));
+}
