@@ -11,7 +11,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use switchyard_core::message::unix_now;
@@ -156,7 +158,7 @@ impl Broker {
         for (queue, uid, at) in fx.leases {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
                     b.with(|st, fx| st.lease_expired(&queue, uid, at, fx));
                 }
@@ -165,7 +167,7 @@ impl Broker {
         for (queue, uid, at) in fx.timers {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
                     b.with(|st, fx| st.timer_fired(&queue, uid, at, fx));
                 }

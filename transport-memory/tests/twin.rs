@@ -87,3 +87,35 @@ async fn refusals_carry_rabbitmqs_reply_text_and_method() {
     let r = e.reply().expect("a reply");
     assert_eq!((r.code, r.class_id, r.method_id), (405, 50, 30));
 }
+
+/// The memory broker runs on tokio's clock: under a paused clock a
+/// 5-minute TTL passes as soon as the test has nothing else to do.
+#[tokio::test(start_paused = true)]
+async fn a_5_minute_message_ttl_dead_letters_in_a_millisecond() {
+    use std::time::Duration;
+    use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher};
+
+    let wall = std::time::Instant::now();
+    let t = MemoryBroker::new().connect();
+    t.declare_queue(&QueueSpec::new("dead")).await.unwrap();
+    t.declare_queue(
+        &QueueSpec::new("work")
+            .message_ttl(Duration::from_secs(300))
+            .dead_letter("", Some("dead")),
+    )
+    .await
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    t.publish(&Destination::queue("work"), Message::new("late")).await.unwrap();
+    let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
+    let d = dead.next().await.expect("stream open").expect("a dead letter");
+    assert_eq!(&d.message.body[..], b"late");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(300) && waited < Duration::from_secs(301),
+        "expired after {waited:?} of virtual time"
+    );
+    assert!(wall.elapsed() < Duration::from_secs(2), "took {:?} of real time", wall.elapsed());
+    d.ack().await.unwrap();
+    assert_eq!(t.queue_info("work").await.unwrap().message_count, 0);
+}
