@@ -279,19 +279,20 @@ impl Outbox {
         }
     }
 
-    /// Ends the stream; returns the tags of buffered items (not yet seen by
-    /// the application) so they can be requeued.
-    fn end(&self, end: End, fx: &mut Effects) -> Vec<u64> {
+    /// Ends the stream. With `drain`, takes the buffered items (not yet
+    /// seen by the application) out and returns their tags so they can be
+    /// requeued; without, they still reach the application before the
+    /// stream ends, as deliveries sent before a `basic.cancel` do on the
+    /// wire.
+    fn end(&self, end: End, drain: bool, fx: &mut Effects) -> Vec<u64> {
         let mut o = self.inner.lock();
         if o.end == End::Open || end == End::Cancelled {
             o.end = end;
         }
-        // After a broker-side cancel the deliveries already sent still
-        // reach the application, as on the wire.
-        let tags = if end == End::BrokerCancelled {
-            Vec::new()
-        } else {
+        let tags = if drain {
             o.buf.drain(..).map(|i| i.tag).collect()
+        } else {
+            Vec::new()
         };
         if let Some(w) = o.waker.take() {
             fx.wakes.push(w);
@@ -1070,7 +1071,7 @@ impl State {
         for cid in &q.consumers {
             if let Some(c) = self.consumers.get_mut(cid) {
                 c.active = false;
-                c.outbox.end(End::BrokerCancelled, fx);
+                c.outbox.end(End::BrokerCancelled, false, fx);
             }
         }
         self.remove_bindings_to(name, false);
@@ -1492,11 +1493,24 @@ impl State {
         Ok((cid, name, outbox))
     }
 
-    /// Cancels a consumer (client side); `unseen` are tags the application
-    /// never received, which are requeued at once.
-    pub(crate) fn cancel(&mut self, cid: u64, unseen: &[u64], fx: &mut Effects) {
+    /// Cancels a consumer (client side, `basic.cancel`): it gets nothing
+    /// more, and what was already sent to it stays unacked, as on RabbitMQ:
+    /// the stream still yields the deliveries it has buffered, and they
+    /// can be settled until the channel goes (then they are requeued).
+    pub(crate) fn cancel(&mut self, cid: u64, fx: &mut Effects) {
+        self.stop_consumer(cid, false, &[], fx);
+    }
+
+    /// The application dropped the stream of consumer `cid`: cancels it and
+    /// requeues what it can no longer see (`unseen`, the stream's local
+    /// buffer, and the outbox), since no one can settle those.
+    pub(crate) fn stream_dropped(&mut self, cid: u64, unseen: &[u64], fx: &mut Effects) {
+        self.stop_consumer(cid, true, unseen, fx);
+    }
+
+    fn stop_consumer(&mut self, cid: u64, drop_unseen: bool, unseen: &[u64], fx: &mut Effects) {
         let Some(c) = self.consumers.get_mut(&cid) else { return };
-        let mut tags = c.outbox.end(End::Cancelled, fx);
+        let mut tags = c.outbox.end(End::Cancelled, drop_unseen, fx);
         tags.extend_from_slice(unseen);
         let was_active = c.active;
         c.active = false;
@@ -1541,14 +1555,13 @@ impl State {
     /// deliveries.
     pub(crate) fn release_channel(&mut self, cid: u64, fx: &mut Effects) {
         let Some(c) = self.consumers.get(&cid) else { return };
-        let unseen = Vec::new();
         if c.active {
-            self.cancel(cid, &unseen, fx);
+            self.cancel(cid, fx);
         }
         let Some(mut c) = self.consumers.remove(&cid) else {
             return;
         };
-        c.outbox.end(End::Cancelled, fx);
+        c.outbox.end(End::Cancelled, true, fx);
         // Later acks through this channel fail (slow path, entry gone).
         c.outbox.delivered_upto.store(0, Ordering::Release);
         c.reconcile(&mut self.consumers.pool);

@@ -119,3 +119,56 @@ async fn a_5_minute_message_ttl_dead_letters_in_a_millisecond() {
     d.ack().await.unwrap();
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 0);
 }
+
+/// As on RabbitMQ, `basic.cancel` stops new deliveries but leaves those
+/// already sent unacked: the stream still yields them, they can be settled,
+/// and only the end of the channel requeues what is left.
+#[tokio::test]
+async fn cancel_leaves_sent_deliveries_unacked_and_settleable() {
+    use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher};
+
+    let t = MemoryBroker::new().connect();
+    t.declare_queue(&QueueSpec::new("q")).await.unwrap();
+    for b in ["a", "b", "c"] {
+        t.publish(&Destination::queue("q"), Message::new(b)).await.unwrap();
+    }
+    let mut sub = t.consume("q", ConsumeOptions::default().prefetch(10)).await.unwrap();
+    let a = sub.next().await.unwrap().unwrap();
+    sub.cancel_handle().cancel().await.unwrap();
+    let info = t.queue_info("q").await.unwrap();
+    assert_eq!((info.message_count, info.consumer_count), (0, 0), "nothing requeued at cancel");
+    // Sent before the cancel: still delivered, in order, then the stream ends.
+    let b = sub.next().await.unwrap().unwrap();
+    let c = sub.next().await.unwrap().unwrap();
+    assert_eq!((&b.message.body[..], &c.message.body[..]), (&b"b"[..], &b"c"[..]));
+    assert!(sub.next().await.is_none());
+    a.ack().await.unwrap();
+    b.nack(true).await.unwrap();
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 1);
+    drop(sub);
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 1, "c is still held");
+    drop(c);
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 2, "the channel is gone: c requeued");
+}
+
+/// Dropping a cancelled subscription requeues the deliveries the
+/// application never read (no one can settle them); those it holds stay
+/// unacked until they are settled or dropped.
+#[tokio::test]
+async fn dropping_a_cancelled_subscription_requeues_what_was_never_read() {
+    use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher};
+
+    let t = MemoryBroker::new().connect();
+    t.declare_queue(&QueueSpec::new("q")).await.unwrap();
+    for b in ["a", "b", "c"] {
+        t.publish(&Destination::queue("q"), Message::new(b)).await.unwrap();
+    }
+    let mut sub = t.consume("q", ConsumeOptions::default().prefetch(10)).await.unwrap();
+    let a = sub.next().await.unwrap().unwrap();
+    sub.cancel_handle().cancel().await.unwrap();
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 0);
+    drop(sub);
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 2, "b and c requeued");
+    a.ack().await.expect("a held delivery stays settleable");
+    assert_eq!(t.queue_info("q").await.unwrap().message_count, 2);
+}
