@@ -317,6 +317,9 @@ pub(crate) struct QMsg {
     expires: Option<Instant>,
     returns: u32,
     priority: u8,
+    /// The `BCC` keys it was published with (stripped from its headers,
+    /// still used to route its dead letters, as RabbitMQ does).
+    bcc: Option<Arc<[Arc<str>]>>,
 }
 
 impl QMsg {
@@ -1091,6 +1094,13 @@ impl State {
         fx: &mut Effects,
     ) -> Result<Option<Arc<str>>> {
         self.check_conn(conn)?;
+        let mut message = message;
+        // Sender-selected distribution: `CC` and `BCC` keys route copies too.
+        let extra = if message.headers.is_empty() {
+            None
+        } else {
+            sender_selected(&mut message)?
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires = message.properties.expiration;
@@ -1111,9 +1121,33 @@ impl State {
             expires: None,
             returns: 0,
             priority: 0,
+            bcc: None,
         };
         let mut flow = None;
         self.flow_hint = None;
+        if let Some((cc, bcc)) = extra {
+            let mut m = m;
+            m.bcc = (!bcc.is_empty()).then(|| Arc::from(bcc.as_slice()));
+            if !default {
+                self.check_publish_exchange(exchange)?;
+            }
+            let mut targets = Vec::new();
+            for key in std::iter::once(routing_key).chain(&cc).chain(&bcc) {
+                self.route(exchange, key, &m.message.headers, &mut targets, 0);
+            }
+            let routed = self.deliver_all(&targets, m, expires, 0, fx);
+            let flow = self.flow_hint.take();
+            return match routed {
+                Routed::Ok => Ok(flow),
+                Routed::Unroutable if mandatory => Err(reply::no_route(exchange, routing_key)),
+                Routed::Unroutable => Ok(None),
+                Routed::Refused(why) => Err(Error::PublishUnconfirmed {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    message: why.to_owned(),
+                }),
+            };
+        }
         // Fast path: the default exchange routes to the queue named by the key.
         let routed = if default {
             match self.deliver_to_queue(routing_key, m, expires, 0, fx) {
@@ -1123,16 +1157,7 @@ impl State {
                 (r, _) => r,
             }
         } else {
-            let Some(ex) = self.exchanges.get(&**exchange) else {
-                return Err(reply::no_exchange(Op::BasicPublish, exchange));
-            };
-            if ex.spec.internal {
-                return Err(reply::access_refused(
-                    Op::BasicPublish,
-                    exchange,
-                    format_args!("cannot publish to internal exchange '{exchange}' in vhost '/'"),
-                ));
-            }
+            self.check_publish_exchange(exchange)?;
             let mut targets = Vec::new();
             self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
             self.deliver_all(&targets, m, expires, 0, fx)
@@ -1150,6 +1175,21 @@ impl State {
                 message: why.to_owned(),
             }),
         }
+    }
+
+    /// Refuses a publish to a missing or internal exchange.
+    fn check_publish_exchange(&self, exchange: &str) -> Result<()> {
+        let Some(ex) = self.exchanges.get(exchange) else {
+            return Err(reply::no_exchange(Op::BasicPublish, exchange));
+        };
+        if ex.spec.internal {
+            return Err(reply::access_refused(
+                Op::BasicPublish,
+                exchange,
+                format_args!("cannot publish to internal exchange '{exchange}' in vhost '/'"),
+            ));
+        }
+        Ok(())
     }
 
     fn deliver_all(
@@ -1411,16 +1451,28 @@ impl State {
         }
         let (ex, rk) = (m.exchange.clone(), m.routing_key.clone());
         let mut message = Arc::unwrap_or_clone(m.message);
-        record_death(
-            &mut message,
-            queue,
-            ex.as_deref().unwrap_or(""),
-            rk.as_deref().unwrap_or(queue),
-            reason,
-        );
+        let cc = string_keys(message.headers.get("CC"));
+        let mut death_keys = vec![rk.as_deref().unwrap_or(queue).to_owned()];
+        death_keys.extend(cc.iter().map(|k| k.to_string()));
+        record_death(&mut message, queue, ex.as_deref().unwrap_or(""), death_keys, reason);
+        // With x-dead-letter-routing-key the dead letter is routed by it
+        // alone and loses its CC header; without, by all the keys it was
+        // published with (routing key, CC, BCC), keeping CC.
+        let (extra, bcc): (Vec<Arc<str>>, _) = if dlrk.is_some() {
+            message.headers.remove("CC");
+            (Vec::new(), None)
+        } else {
+            let bcc = m.bcc;
+            let mut keys = cc;
+            keys.extend(bcc.iter().flat_map(|b| b.iter().cloned()));
+            (keys, bcc)
+        };
         let key = dlrk.unwrap_or_else(|| rk.unwrap_or_else(|| queue.clone()));
         let mut targets = Vec::new();
         self.route(&dlx, &key, &message.headers, &mut targets, 0);
+        for k in &extra {
+            self.route(&dlx, k, &message.headers, &mut targets, 0);
+        }
         if reason != "rejected" {
             if let Some(HeaderValue::Array(deaths)) = message.headers.get("x-death") {
                 targets.retain(|t| !is_cycle(t, deaths));
@@ -1437,6 +1489,7 @@ impl State {
             expires: None,
             returns: 0,
             priority: 0,
+            bcc,
         };
         let _ = self.deliver_all(&targets, dm, None, depth + 1, fx);
     }
@@ -1765,7 +1818,7 @@ fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
 }
 
 /// Adds RabbitMQ 3.10's dead-letter headers to `message`.
-fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key: &str, reason: &str) {
+fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys: Vec<String>, reason: &str) {
     let original_expiration = message.properties.expiration.take();
     let h = &mut message.headers;
     if !h.contains_key("x-first-death-reason") {
@@ -1800,7 +1853,7 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key:
             t.insert("exchange", exchange);
             t.insert(
                 "routing-keys",
-                HeaderValue::Array(vec![HeaderValue::String(routing_key.to_owned())]),
+                HeaderValue::Array(routing_keys.into_iter().map(HeaderValue::String).collect()),
             );
             if let Some(e) = original_expiration {
                 t.insert("original-expiration", e.as_millis().to_string());
@@ -1810,6 +1863,72 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key:
     };
     deaths.insert(0, entry);
     h.insert("x-death", HeaderValue::Array(deaths));
+}
+
+/// The `CC` and `BCC` keys of a message (sender-selected distribution),
+/// with `BCC` removed from its headers; `None` when it has neither. As
+/// RabbitMQ does, a `CC`/`BCC` header that is not an array refuses the
+/// publish (406), and array elements that are not strings are ignored.
+#[allow(clippy::type_complexity)]
+fn sender_selected(message: &mut Message) -> Result<Option<(Vec<Arc<str>>, Vec<Arc<str>>)>> {
+    let h = &mut message.headers;
+    if !h.contains_key("CC") && !h.contains_key("BCC") {
+        return Ok(None);
+    }
+    for name in ["CC", "BCC"] {
+        if let Some(v) = h.get(name) {
+            if !matches!(v, HeaderValue::Array(_)) {
+                return Err(reply::precondition_failed(
+                    Op::BasicPublish,
+                    "",
+                    format_args!(
+                        "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                        amqp_type(v)
+                    ),
+                ));
+            }
+        }
+    }
+    let cc = string_keys(h.get("CC"));
+    let bcc = string_keys(h.remove("BCC").as_ref());
+    Ok(Some((cc, bcc)))
+}
+
+/// The string elements of an array header.
+fn string_keys(v: Option<&HeaderValue>) -> Vec<Arc<str>> {
+    match v {
+        Some(HeaderValue::Array(a)) => a
+            .iter()
+            .filter_map(|x| match x {
+                HeaderValue::String(s) => Some(Arc::from(s.as_str())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// RabbitMQ's name of a field value's AMQP type (as in its error texts).
+pub(crate) fn amqp_type(v: &HeaderValue) -> &'static str {
+    match v {
+        HeaderValue::Bool(_) => "bool",
+        HeaderValue::I8(_) => "byte",
+        HeaderValue::U8(_) => "unsignedbyte",
+        HeaderValue::I16(_) => "short",
+        HeaderValue::U16(_) => "unsignedshort",
+        HeaderValue::I32(_) => "signedint",
+        HeaderValue::U32(_) => "unsignedint",
+        HeaderValue::I64(_) => "long",
+        HeaderValue::F32(_) => "float",
+        HeaderValue::F64(_) => "double",
+        HeaderValue::String(_) => "longstr",
+        HeaderValue::Bytes(_) => "binary",
+        HeaderValue::Timestamp(_) => "timestamp",
+        HeaderValue::Array(_) => "array",
+        HeaderValue::Table(_) => "table",
+        HeaderValue::Void => "void",
+        _ => "unknown",
+    }
 }
 
 /// RabbitMQ's cycle rule: dead-lettering to `queue` cycles if `queue`

@@ -536,6 +536,8 @@ macro_rules! conformance_tests {
             ],
             twin: [
                 refusals_carry_rabbitmq_reply_codes,
+                cc_and_bcc_route_copies,
+                cc_and_bcc_keys_route_dead_letters,
             ],
         }
     };

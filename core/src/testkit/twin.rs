@@ -6,14 +6,19 @@
 //! `transport-memory/scripts/probe-twin.py` (see `docs/rabbitmq-semantics.md`).
 
 use super::support::*;
-use super::{case, Case};
+use super::{case, expect_nothing, recv, Case};
 use crate::error::Error;
-use crate::message::Message;
+use crate::message::{HeaderValue, Message};
+use crate::transport::ConsumeOptions;
 use crate::topology::{Binding, Destination, ExchangeKind, ExchangeSpec, QueueSpec};
 
 /// The twin scenarios.
 pub(crate) fn cases() -> Vec<Case> {
-    vec![case!(twin::refusals_carry_rabbitmq_reply_codes)]
+    vec![
+        case!(twin::refusals_carry_rabbitmq_reply_codes),
+        case!(twin::cc_and_bcc_route_copies),
+        case!(twin::cc_and_bcc_keys_route_dead_letters, DeadLettering),
+    ]
 }
 
 /// Fails unless `result` is an error with `code` and, when the transport
@@ -164,4 +169,114 @@ async fn refusals_carry_rabbitmq_reply_codes(ctx: &Ctx<'_>) -> Result<(), String
     )?;
     // Nothing was delivered through the internal exchange.
     ensure_eq("queue behind the internal exchange", ctx.drain(&q).await?, Vec::<String>::new())
+}
+
+fn keys(list: &[&str]) -> HeaderValue {
+    HeaderValue::Array(list.iter().map(|k| HeaderValue::String((*k).to_owned())).collect())
+}
+
+/// Receives the one message waiting in `queue` (acked), failing if there is
+/// none or more than one.
+async fn only_message(ctx: &Ctx<'_>, queue: &str) -> Result<Message, String> {
+    let mut sub = ctx.consume(queue, ConsumeOptions::default().prefetch(10)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    let message = d.message.clone();
+    d.ack().await.ctx("ack")?;
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    Ok(message)
+}
+
+async fn cc_and_bcc_route_copies(ctx: &Ctx<'_>) -> Result<(), String> {
+    let x = ctx.exchange("x", ExchangeKind::Direct).await?;
+    let mut qs = Vec::new();
+    for k in ["a", "b", "c"] {
+        let q = ctx.queue(k).await?;
+        ctx.bind(&q, &x, k).await?;
+        qs.push(q);
+    }
+    let m = Message::new("m1")
+        .with_header("CC", keys(&["b"]))
+        .with_header("BCC", keys(&["c"]));
+    ctx.publish_message(&Destination::new(x.as_str(), "a"), m).await?;
+    for q in &qs {
+        let got = only_message(ctx, q).await?;
+        ensure_eq(&format!("body in {q}"), &got.body[..], b"m1")?;
+        ensure_eq(&format!("CC header in {q} (kept)"), got.headers.get("CC"), Some(&keys(&["b"])))?;
+        ensure_eq(&format!("BCC header in {q} (stripped)"), got.headers.get("BCC"), None)?;
+    }
+    // Each queue gets one copy, however many of its keys are listed.
+    let m = Message::new("m2")
+        .with_header("CC", keys(&["a", "b"]))
+        .with_header("BCC", keys(&["b", "a"]));
+    ctx.publish_message(&Destination::new(x.as_str(), "a"), m).await?;
+    ensure_eq("queue a", ctx.drain(&qs[0]).await?, vec!["m2".to_string()])?;
+    ensure_eq("queue b", ctx.drain(&qs[1]).await?, vec!["m2".to_string()])?;
+    ensure_eq("queue c", ctx.drain(&qs[2]).await?, Vec::<String>::new())?;
+    // The default exchange routes CC/BCC keys as queue names too.
+    let m = Message::new("m3")
+        .with_header("CC", keys(&[qs[1].as_str()]))
+        .with_header("BCC", keys(&[qs[2].as_str()]));
+    ctx.publish_message(&Destination::queue(qs[0].as_str()), m).await?;
+    for q in &qs {
+        ensure_eq(&format!("default exchange copy in {q}"), ctx.drain(q).await?, vec!["m3".to_string()])?;
+    }
+    Ok(())
+}
+
+async fn cc_and_bcc_keys_route_dead_letters(ctx: &Ctx<'_>) -> Result<(), String> {
+    let x = ctx.exchange("x", ExchangeKind::Direct).await?;
+    let dlx = ctx.exchange("dlx", ExchangeKind::Direct).await?;
+    let mut dead = Vec::new();
+    for k in ["d", "e", "f", "r"] {
+        let q = ctx.queue(&format!("dead-{k}")).await?;
+        ctx.bind(&q, &dlx, k).await?;
+        dead.push(q);
+    }
+    let plain = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src")).dead_letter(dlx.as_str(), None))
+        .await?;
+    let keyed = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("src-rk")).dead_letter(dlx.as_str(), Some("r")))
+        .await?;
+    ctx.bind(&plain, &x, "d").await?;
+    ctx.bind(&keyed, &x, "d").await?;
+    let m = Message::new("dead")
+        .with_header("CC", keys(&["e"]))
+        .with_header("BCC", keys(&["f"]));
+    ctx.publish_message(&Destination::new(x.as_str(), "d"), m).await?;
+    for q in [&plain, &keyed] {
+        let mut sub = ctx.consume(q, ConsumeOptions::default()).await?;
+        let d = recv(&mut sub, WAIT).await?;
+        ensure_eq(&format!("BCC header in {q}"), d.message.headers.get("BCC"), None)?;
+        d.reject(false).await.ctx("reject")?;
+        cancel(&sub).await.ctx("cancel")?;
+    }
+    let death_keys = |m: &Message| -> Option<HeaderValue> {
+        match m.headers.get("x-death") {
+            Some(HeaderValue::Array(a)) => a.first()?.as_table()?.get("routing-keys").cloned(),
+            _ => None,
+        }
+    };
+    // Without x-dead-letter-routing-key: routed by the routing key, CC and
+    // BCC keys (one copy per queue); CC kept; x-death lists the routing key
+    // and the CC keys only.
+    for q in &dead[..3] {
+        let got = only_message(ctx, q).await?;
+        ensure_eq(
+            &format!("x-death routing-keys of the dead letter in {q}"),
+            death_keys(&got),
+            Some(keys(&["d", "e"])),
+        )?;
+        ensure_eq(&format!("CC of the dead letter in {q}"), got.headers.get("CC"), Some(&keys(&["e"])))?;
+        ensure_eq(&format!("BCC of the dead letter in {q}"), got.headers.get("BCC"), None)?;
+    }
+    // With it: routed by that key alone, and the CC header is gone.
+    let got = only_message(ctx, &dead[3]).await?;
+    ensure_eq(
+        "x-death routing-keys with x-dead-letter-routing-key",
+        death_keys(&got),
+        Some(keys(&["d", "e"])),
+    )?;
+    ensure_eq("CC with x-dead-letter-routing-key", got.headers.get("CC"), None)
 }
