@@ -1691,6 +1691,23 @@ impl State {
             }
         }
         q.push_ready(m);
+        // As RabbitMQ 3.10 does after a requeue: drop-head applies the max
+        // length (the requeued messages are at the head, so they are the
+        // ones dropped, dead-lettered as `maxlen`); reject-publish(-dlx) lets
+        // the queue exceed it.
+        if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
+            let mut dropped = Vec::new();
+            while q.over_limit(0, 0) {
+                match q.pop_head() {
+                    Some(h) => dropped.push(h),
+                    None => break,
+                }
+            }
+            let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
+            for h in dropped {
+                self.dead_letter(queue, dlx.clone(), dlrk.clone(), h, "maxlen", 0, fx);
+            }
+        }
     }
 }
 

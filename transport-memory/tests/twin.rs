@@ -172,3 +172,59 @@ async fn dropping_a_cancelled_subscription_requeues_what_was_never_read() {
     a.ack().await.expect("a held delivery stays settleable");
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 2);
 }
+
+/// Requeueing into a queue at its max length: drop-head drops from the head
+/// (the requeued messages, dead-lettered as `maxlen`); reject-publish lets
+/// the queue grow past the limit. Probed on RabbitMQ 3.10.8.
+#[tokio::test]
+async fn requeue_into_a_full_queue_applies_the_overflow_policy() {
+    use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Overflow, Publisher};
+
+    for (overflow, left, dead) in [
+        (Overflow::DropHead, vec!["m3", "m4"], vec!["m1", "m2"]),
+        (Overflow::RejectPublish, vec!["m1", "m2", "m3", "m4"], vec![]),
+        (Overflow::RejectPublishDlx, vec!["m1", "m2", "m3", "m4"], vec![]),
+    ] {
+        let t = MemoryBroker::new().connect();
+        t.declare_queue(&QueueSpec::new("dead")).await.unwrap();
+        t.declare_queue(
+            &QueueSpec::new("q")
+                .max_length(2, overflow)
+                .dead_letter("", Some("dead")),
+        )
+        .await
+        .unwrap();
+        let q = Destination::queue("q");
+        for b in ["m1", "m2"] {
+            t.publish(&q, Message::new(b)).await.unwrap();
+        }
+        let mut sub = t.consume("q", ConsumeOptions::default().prefetch(2)).await.unwrap();
+        let m1 = sub.next().await.unwrap().unwrap();
+        let m2 = sub.next().await.unwrap().unwrap();
+        for b in ["m3", "m4"] {
+            t.publish(&q, Message::new(b)).await.unwrap();
+        }
+        m1.nack(true).await.unwrap();
+        drop(m2);
+        drop(sub);
+        let mut drain = t.consume("q", ConsumeOptions::default().auto_ack(true)).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..left.len() {
+            let d = drain.next().await.unwrap().unwrap();
+            got.push(String::from_utf8(d.message.body.to_vec()).unwrap());
+        }
+        assert_eq!(got, left, "{overflow:?}: queue after requeueing");
+        let info = t.queue_info("dead").await.unwrap();
+        assert_eq!(info.message_count as usize, dead.len(), "{overflow:?}: dead letters");
+        let mut dl = t.consume("dead", ConsumeOptions::default().auto_ack(true)).await.unwrap();
+        for want in dead {
+            let d = dl.next().await.unwrap().unwrap();
+            assert_eq!(&d.message.body[..], want.as_bytes());
+            let death = match d.message.headers.get("x-death") {
+                Some(switchyard_core::HeaderValue::Array(a)) => a[0].as_table().unwrap().clone(),
+                other => panic!("no x-death: {other:?}"),
+            };
+            assert_eq!(death.get_str("reason"), Some("maxlen"));
+        }
+    }
+}
