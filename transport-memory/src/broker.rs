@@ -659,7 +659,6 @@ fn shutdown() -> Error {
     }
 }
 
-
 /// The result of routing one publish.
 enum Routed {
     Ok,
@@ -941,7 +940,11 @@ impl State {
                 )
             };
             if q.spec.durable != spec.durable {
-                return Err(inequivalent("durable", q.spec.durable.to_string(), spec.durable.to_string()));
+                return Err(inequivalent(
+                    "durable",
+                    q.spec.durable.to_string(),
+                    spec.durable.to_string(),
+                ));
             }
             if q.spec.auto_delete != spec.auto_delete {
                 return Err(inequivalent(

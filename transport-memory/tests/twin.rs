@@ -28,7 +28,9 @@ async fn refusals_carry_rabbitmqs_reply_text_and_method() {
     let conn = MemoryBroker::new().connect();
     let cases: Vec<(switchyard_core::Error, u16, &str, (u16, u16))> = vec![
         (
-            conn.declare_exchange(&ExchangeSpec::direct("amq.zz")).await.unwrap_err(),
+            conn.declare_exchange(&ExchangeSpec::direct("amq.zz"))
+                .await
+                .unwrap_err(),
             403,
             "ACCESS_REFUSED - exchange name 'amq.zz' contains reserved prefix 'amq.*'",
             (40, 10),
@@ -106,7 +108,9 @@ async fn a_5_minute_message_ttl_dead_letters_in_a_millisecond() {
     .await
     .unwrap();
     let start = tokio::time::Instant::now();
-    t.publish(&Destination::queue("work"), Message::new("late")).await.unwrap();
+    t.publish(&Destination::queue("work"), Message::new("late"))
+        .await
+        .unwrap();
     let mut dead = t.consume("dead", ConsumeOptions::default()).await.unwrap();
     let d = dead.next().await.expect("stream open").expect("a dead letter");
     assert_eq!(&d.message.body[..], b"late");
@@ -115,7 +119,11 @@ async fn a_5_minute_message_ttl_dead_letters_in_a_millisecond() {
         waited >= Duration::from_secs(300) && waited < Duration::from_secs(301),
         "expired after {waited:?} of virtual time"
     );
-    assert!(wall.elapsed() < Duration::from_secs(2), "took {:?} of real time", wall.elapsed());
+    assert!(
+        wall.elapsed() < Duration::from_secs(2),
+        "took {:?} of real time",
+        wall.elapsed()
+    );
     d.ack().await.unwrap();
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 0);
 }
@@ -136,7 +144,11 @@ async fn cancel_leaves_sent_deliveries_unacked_and_settleable() {
     let a = sub.next().await.unwrap().unwrap();
     sub.cancel_handle().cancel().await.unwrap();
     let info = t.queue_info("q").await.unwrap();
-    assert_eq!((info.message_count, info.consumer_count), (0, 0), "nothing requeued at cancel");
+    assert_eq!(
+        (info.message_count, info.consumer_count),
+        (0, 0),
+        "nothing requeued at cancel"
+    );
     // Sent before the cancel: still delivered, in order, then the stream ends.
     let b = sub.next().await.unwrap().unwrap();
     let c = sub.next().await.unwrap().unwrap();
@@ -148,7 +160,11 @@ async fn cancel_leaves_sent_deliveries_unacked_and_settleable() {
     drop(sub);
     assert_eq!(t.queue_info("q").await.unwrap().message_count, 1, "c is still held");
     drop(c);
-    assert_eq!(t.queue_info("q").await.unwrap().message_count, 2, "the channel is gone: c requeued");
+    assert_eq!(
+        t.queue_info("q").await.unwrap().message_count,
+        2,
+        "the channel is gone: c requeued"
+    );
 }
 
 /// Dropping a cancelled subscription requeues the deliveries the
@@ -216,7 +232,10 @@ async fn requeue_into_a_full_queue_applies_the_overflow_policy() {
         assert_eq!(got, left, "{overflow:?}: queue after requeueing");
         let info = t.queue_info("dead").await.unwrap();
         assert_eq!(info.message_count as usize, dead.len(), "{overflow:?}: dead letters");
-        let mut dl = t.consume("dead", ConsumeOptions::default().auto_ack(true)).await.unwrap();
+        let mut dl = t
+            .consume("dead", ConsumeOptions::default().auto_ack(true))
+            .await
+            .unwrap();
         for want in dead {
             let d = dl.next().await.unwrap().unwrap();
             assert_eq!(&d.message.body[..], want.as_bytes());

@@ -9,8 +9,8 @@ use super::support::*;
 use super::{case, expect_nothing, recv, Case};
 use crate::error::Error;
 use crate::message::{HeaderValue, Message};
-use crate::transport::ConsumeOptions;
 use crate::topology::{Binding, Destination, ExchangeKind, ExchangeSpec, QueueSpec};
+use crate::transport::ConsumeOptions;
 
 /// The twin scenarios.
 pub(crate) fn cases() -> Vec<Case> {
@@ -108,7 +108,9 @@ async fn refusals_carry_rabbitmq_reply_codes(ctx: &Ctx<'_>) -> Result<(), String
     )?;
     let mut internal = ExchangeSpec::direct(ctx.exchange_name("internal"));
     internal.internal = true;
-    t.declare_exchange(&internal).await.ctx("declare an internal exchange")?;
+    t.declare_exchange(&internal)
+        .await
+        .ctx("declare an internal exchange")?;
     ctx.bind(&q, &internal.name, "k").await?;
     expect_reply(
         "publish to an internal exchange",
@@ -151,7 +153,8 @@ async fn refusals_carry_rabbitmq_reply_codes(ctx: &Ctx<'_>) -> Result<(), String
     )?;
     expect_reply(
         "bind to a missing exchange",
-        t.bind(&Binding::queue(q.clone(), ctx.exchange_name("missing"), "k")).await,
+        t.bind(&Binding::queue(q.clone(), ctx.exchange_name("missing"), "k"))
+            .await,
         "exchange_not_found",
         404,
         (50, 20),
@@ -168,7 +171,11 @@ async fn refusals_carry_rabbitmq_reply_codes(ctx: &Ctx<'_>) -> Result<(), String
         (60, 40),
     )?;
     // Nothing was delivered through the internal exchange.
-    ensure_eq("queue behind the internal exchange", ctx.drain(&q).await?, Vec::<String>::new())
+    ensure_eq(
+        "queue behind the internal exchange",
+        ctx.drain(&q).await?,
+        Vec::<String>::new(),
+    )
 }
 
 fn keys(list: &[&str]) -> HeaderValue {
@@ -202,7 +209,11 @@ async fn cc_and_bcc_route_copies(ctx: &Ctx<'_>) -> Result<(), String> {
     for q in &qs {
         let got = only_message(ctx, q).await?;
         ensure_eq(&format!("body in {q}"), &got.body[..], b"m1")?;
-        ensure_eq(&format!("CC header in {q} (kept)"), got.headers.get("CC"), Some(&keys(&["b"])))?;
+        ensure_eq(
+            &format!("CC header in {q} (kept)"),
+            got.headers.get("CC"),
+            Some(&keys(&["b"])),
+        )?;
         ensure_eq(&format!("BCC header in {q} (stripped)"), got.headers.get("BCC"), None)?;
     }
     // Each queue gets one copy, however many of its keys are listed.
@@ -219,7 +230,11 @@ async fn cc_and_bcc_route_copies(ctx: &Ctx<'_>) -> Result<(), String> {
         .with_header("BCC", keys(&[qs[2].as_str()]));
     ctx.publish_message(&Destination::queue(qs[0].as_str()), m).await?;
     for q in &qs {
-        ensure_eq(&format!("default exchange copy in {q}"), ctx.drain(q).await?, vec!["m3".to_string()])?;
+        ensure_eq(
+            &format!("default exchange copy in {q}"),
+            ctx.drain(q).await?,
+            vec!["m3".to_string()],
+        )?;
     }
     Ok(())
 }
@@ -268,7 +283,11 @@ async fn cc_and_bcc_keys_route_dead_letters(ctx: &Ctx<'_>) -> Result<(), String>
             death_keys(&got),
             Some(keys(&["d", "e"])),
         )?;
-        ensure_eq(&format!("CC of the dead letter in {q}"), got.headers.get("CC"), Some(&keys(&["e"])))?;
+        ensure_eq(
+            &format!("CC of the dead letter in {q}"),
+            got.headers.get("CC"),
+            Some(&keys(&["e"])),
+        )?;
         ensure_eq(&format!("BCC of the dead letter in {q}"), got.headers.get("BCC"), None)?;
     }
     // With it: routed by that key alone, and the CC header is gone.
