@@ -50,7 +50,8 @@ async fn in_process_retry_acks_after_transient_failures_without_requeueing() {
     assert_eq!(ready_count(&s.transport, "orders").await, 0);
 }
 
-#[tokio::test]
+// Virtual time: the wait queues' TTLs pass without real waiting.
+#[tokio::test(start_paused = true)]
 async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count() {
     let s = setup().await;
     let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
@@ -105,7 +106,8 @@ async fn broker_delayed_retry_republishes_to_wait_queues_with_incremented_count(
     w.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+// Virtual time: the wait queues' TTLs pass without real waiting.
+#[tokio::test(start_paused = true)]
 async fn exhausted_retries_inside_dead_letter_go_to_the_dlx_with_reasons() {
     let s = setup().await;
     // a topic DLX that only takes the original routing key

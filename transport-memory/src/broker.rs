@@ -11,7 +11,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use switchyard_core::message::unix_now;
@@ -20,6 +22,7 @@ use switchyard_core::{
     QueueType, Result,
 };
 
+use crate::reply::{self, Op};
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
 /// Prefix of direct reply-to pseudo-queues.
@@ -155,7 +158,7 @@ impl Broker {
         for (queue, uid, at) in fx.leases {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
                     b.with(|st, fx| st.lease_expired(&queue, uid, at, fx));
                 }
@@ -164,7 +167,7 @@ impl Broker {
         for (queue, uid, at) in fx.timers {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
                     b.with(|st, fx| st.timer_fired(&queue, uid, at, fx));
                 }
@@ -276,19 +279,20 @@ impl Outbox {
         }
     }
 
-    /// Ends the stream; returns the tags of buffered items (not yet seen by
-    /// the application) so they can be requeued.
-    fn end(&self, end: End, fx: &mut Effects) -> Vec<u64> {
+    /// Ends the stream. With `drain`, takes the buffered items (not yet
+    /// seen by the application) out and returns their tags so they can be
+    /// requeued; without, they still reach the application before the
+    /// stream ends, as deliveries sent before a `basic.cancel` do on the
+    /// wire.
+    fn end(&self, end: End, drain: bool, fx: &mut Effects) -> Vec<u64> {
         let mut o = self.inner.lock();
         if o.end == End::Open || end == End::Cancelled {
             o.end = end;
         }
-        // After a broker-side cancel the deliveries already sent still
-        // reach the application, as on the wire.
-        let tags = if end == End::BrokerCancelled {
-            Vec::new()
-        } else {
+        let tags = if drain {
             o.buf.drain(..).map(|i| i.tag).collect()
+        } else {
+            Vec::new()
         };
         if let Some(w) = o.waker.take() {
             fx.wakes.push(w);
@@ -313,6 +317,9 @@ pub(crate) struct QMsg {
     expires: Option<Instant>,
     returns: u32,
     priority: u8,
+    /// The `BCC` keys it was published with (stripped from its headers,
+    /// still used to route its dead letters, as RabbitMQ does).
+    bcc: Option<Arc<[Arc<str>]>>,
 }
 
 impl QMsg {
@@ -652,22 +659,6 @@ fn shutdown() -> Error {
     }
 }
 
-fn refused(resource: &str, message: impl Into<String>) -> Error {
-    Error::PreconditionFailed {
-        reply: None,
-        resource: resource.to_owned(),
-        message: message.into(),
-    }
-}
-
-fn locked(queue: &str) -> Error {
-    Error::ResourceLocked {
-        reply: None,
-        resource: queue.to_owned(),
-        message: format!("cannot obtain exclusive access to locked queue '{queue}'"),
-    }
-}
-
 /// The result of routing one publish.
 enum Routed {
     Ok,
@@ -750,34 +741,39 @@ impl State {
     pub(crate) fn declare_exchange(&mut self, conn: u64, spec: &ExchangeSpec) -> Result<()> {
         self.check_conn(conn)?;
         if spec.name.is_empty() {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(Op::ExchangeDeclare));
         }
         if let Some(e) = self.exchanges.get(spec.name.as_str()) {
             let s = &e.spec;
-            if s.kind != spec.kind
-                || s.durable != spec.durable
-                || s.auto_delete != spec.auto_delete
-                || s.internal != spec.internal
-                || s.arguments.get("alternate-exchange") != spec.arguments.get("alternate-exchange")
-            {
-                return Err(refused(
+            let differs = [
+                ("type", s.kind.as_str().to_owned(), spec.kind.as_str().to_owned()),
+                ("durable", s.durable.to_string(), spec.durable.to_string()),
+                ("auto_delete", s.auto_delete.to_string(), spec.auto_delete.to_string()),
+                ("internal", s.internal.to_string(), spec.internal.to_string()),
+                (
+                    "alternate-exchange",
+                    format!("{:?}", s.arguments.get("alternate-exchange")),
+                    format!("{:?}", spec.arguments.get("alternate-exchange")),
+                ),
+            ];
+            if let Some((what, current, received)) = differs.into_iter().find(|(_, a, b)| a != b) {
+                return Err(reply::precondition_failed(
+                    Op::ExchangeDeclare,
                     &spec.name,
                     format!(
-                        "inequivalent arg for exchange '{}': existing {} durable={} auto_delete={} internal={}",
-                        spec.name,
-                        s.kind.as_str(),
-                        s.durable,
-                        s.auto_delete,
-                        s.internal
+                        "inequivalent arg '{what}' for exchange '{}' in vhost '/': received '{received}' but current \
+                         is '{current}'",
+                        spec.name
                     ),
                 ));
             }
             return Ok(());
         }
         if spec.name.starts_with("amq.") {
-            return Err(refused(
+            return Err(reply::access_refused(
+                Op::ExchangeDeclare,
                 &spec.name,
-                format!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
+                format_args!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
             ));
         }
         let alternate = spec.arguments.get_str("alternate-exchange").map(Arc::from);
@@ -799,8 +795,15 @@ impl State {
 
     pub(crate) fn delete_exchange(&mut self, conn: u64, name: &str) -> Result<()> {
         self.check_conn(conn)?;
-        if name.is_empty() || name.starts_with("amq.") {
-            return Err(refused(name, "operation not permitted on a reserved exchange"));
+        if name.is_empty() {
+            return Err(reply::default_exchange(Op::ExchangeDelete));
+        }
+        if name.starts_with("amq.") {
+            return Err(reply::access_refused(
+                Op::ExchangeDelete,
+                name,
+                format_args!("deletion of system exchange '{name}' in vhost '/' not allowed"),
+            ));
         }
         if self.exchanges.remove(name).is_some() {
             self.remove_bindings_to(name, true);
@@ -830,10 +833,11 @@ impl State {
 
     pub(crate) fn bind(&mut self, conn: u64, b: &Binding) -> Result<()> {
         self.check_conn(conn)?;
+        let op = Op::bind(b.destination_is_exchange);
         if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(op));
         }
-        self.check_bind_ends(conn, b)?;
+        self.check_bind_ends(conn, b, op)?;
         let src = self.exchanges.get_mut(b.source.as_str()).expect("checked above");
         let exists = src.binds.iter().any(|x| {
             x.dest_is_exchange == b.destination_is_exchange
@@ -846,7 +850,7 @@ impl State {
         }
         let topic = (src.spec.kind == ExchangeKind::Topic).then(|| TopicPattern::new(&b.routing_key));
         let headers = if src.spec.kind == ExchangeKind::Headers {
-            Some(HeadersPattern::new(&b.arguments).map_err(|m| refused(&b.source, m))?)
+            Some(HeadersPattern::new(&b.arguments).map_err(|m| reply::precondition_failed(op, &b.source, m))?)
         } else {
             None
         };
@@ -861,23 +865,16 @@ impl State {
         Ok(())
     }
 
-    fn check_bind_ends(&self, conn: u64, b: &Binding) -> Result<()> {
+    fn check_bind_ends(&self, conn: u64, b: &Binding, op: Op) -> Result<()> {
         if !self.exchanges.contains_key(b.source.as_str()) {
-            return Err(Error::ExchangeNotFound {
-                reply: None,
-                exchange: b.source.clone(),
-            });
+            return Err(reply::no_exchange(op, &b.source));
         }
         if b.destination_is_exchange {
             if !self.exchanges.contains_key(b.destination.as_str()) {
-                return Err(Error::ExchangeNotFound {
-                    reply: None,
-                    exchange: b.destination.clone(),
-                });
+                return Err(reply::no_exchange(op, &b.destination));
             }
         } else {
-            let q = self.queue_for(conn, &b.destination)?;
-            let _ = q;
+            self.queue_for(conn, &b.destination, op)?;
         }
         Ok(())
     }
@@ -885,7 +882,7 @@ impl State {
     pub(crate) fn unbind(&mut self, conn: u64, b: &Binding) -> Result<()> {
         self.check_conn(conn)?;
         if b.source.is_empty() || (b.destination_is_exchange && b.destination.is_empty()) {
-            return Err(refused("", "operation not permitted on the default exchange"));
+            return Err(reply::default_exchange(Op::unbind(b.destination_is_exchange)));
         }
         // RabbitMQ 3.10 answers unbind-ok even when the binding, its queue or
         // its exchange does not exist.
@@ -909,13 +906,10 @@ impl State {
     // ----- queues ------------------------------------------------------
 
     /// The queue `name`, checking exclusivity for `conn`.
-    fn queue_for(&self, conn: u64, name: &str) -> Result<&Queue> {
-        let q = self.queues.get(name).ok_or_else(|| Error::QueueNotFound {
-            reply: None,
-            queue: name.to_owned(),
-        })?;
+    fn queue_for(&self, conn: u64, name: &str, op: Op) -> Result<&Queue> {
+        let q = self.queues.get(name).ok_or_else(|| reply::no_queue(op, name))?;
         if q.owner.is_some_and(|o| o != conn) {
-            return Err(locked(name));
+            return Err(reply::locked(op, name));
         }
         Ok(q)
     }
@@ -924,7 +918,7 @@ impl State {
         self.check_conn(conn)?;
         if let Some(q) = self.queues.get(spec.name.as_str()) {
             if q.owner.is_some_and(|o| o != conn) || q.owner.is_some() != spec.exclusive {
-                return Err(locked(&spec.name));
+                return Err(reply::locked(Op::QueueDeclare, &spec.name));
             }
             let norm = |s: &QueueSpec| {
                 let mut a = s.arguments.clone();
@@ -934,13 +928,36 @@ impl State {
                 }
                 a
             };
-            if q.spec.durable != spec.durable || q.spec.auto_delete != spec.auto_delete || norm(&q.spec) != norm(spec) {
-                return Err(refused(
+            let inequivalent = |what: &str, current: String, received: String| {
+                reply::precondition_failed(
+                    Op::QueueDeclare,
                     &spec.name,
-                    format!(
-                        "inequivalent arg for queue '{}': existing durable={} auto_delete={} arguments={:?}",
-                        spec.name, q.spec.durable, q.spec.auto_delete, q.spec.arguments
+                    format_args!(
+                        "inequivalent arg '{what}' for queue '{}' in vhost '/': received '{received}' but current is \
+                         '{current}'",
+                        spec.name
                     ),
+                )
+            };
+            if q.spec.durable != spec.durable {
+                return Err(inequivalent(
+                    "durable",
+                    q.spec.durable.to_string(),
+                    spec.durable.to_string(),
+                ));
+            }
+            if q.spec.auto_delete != spec.auto_delete {
+                return Err(inequivalent(
+                    "auto_delete",
+                    q.spec.auto_delete.to_string(),
+                    spec.auto_delete.to_string(),
+                ));
+            }
+            if norm(&q.spec) != norm(spec) {
+                return Err(inequivalent(
+                    "arguments",
+                    format!("{:?}", q.spec.arguments),
+                    format!("{:?}", spec.arguments),
                 ));
             }
             self.expire(&spec.name, fx);
@@ -957,18 +974,23 @@ impl State {
                 }
             }
         } else if spec.name.starts_with("amq.") {
-            return Err(refused(
+            return Err(reply::access_refused(
+                Op::QueueDeclare,
                 &spec.name,
-                format!("queue name '{}' contains reserved prefix 'amq.*'", spec.name),
+                format_args!("queue name '{}' contains reserved prefix 'amq.*'", spec.name),
             ));
         } else {
             Arc::from(spec.name.as_str())
         };
         let a = &spec.arguments;
         if a.queue_type == Some(QueueType::Quorum) && (!spec.durable || spec.exclusive || spec.auto_delete) {
-            return Err(refused(
+            return Err(reply::precondition_failed(
+                Op::QueueDeclare,
                 &name,
-                "quorum queues must be durable, non-exclusive and non-auto-delete",
+                format_args!(
+                    "invalid property 'non-durable, exclusive or auto-delete' for queue '{name}' in vhost '/' of \
+                     queue type rabbit_quorum_queue"
+                ),
             ));
         }
         if a.queue_type == Some(QueueType::Stream) {
@@ -977,7 +999,8 @@ impl State {
             });
         }
         if a.max_priority == Some(0) {
-            return Err(refused(
+            return Err(reply::precondition_failed(
+                Op::QueueDeclare,
                 &name,
                 "invalid arg 'x-max-priority': must be between 1 and 255",
             ));
@@ -1015,7 +1038,7 @@ impl State {
 
     pub(crate) fn queue_info(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<QueueInfo> {
         self.check_conn(conn)?;
-        self.queue_for(conn, name)?;
+        self.queue_for(conn, name, Op::QueueDeclare)?;
         self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         q.touch(fx);
@@ -1024,7 +1047,7 @@ impl State {
 
     pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
-        self.queue_for(conn, name)?;
+        self.queue_for(conn, name, Op::QueuePurge)?;
         self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         let n = q.ready as u32;
@@ -1039,7 +1062,7 @@ impl State {
 
     pub(crate) fn delete_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
-        match self.queue_for(conn, name) {
+        match self.queue_for(conn, name, Op::QueueDelete) {
             Err(Error::QueueNotFound { .. }) => return Ok(0),
             Err(e) => return Err(e),
             Ok(_) => {}
@@ -1054,7 +1077,7 @@ impl State {
         for cid in &q.consumers {
             if let Some(c) = self.consumers.get_mut(cid) {
                 c.active = false;
-                c.outbox.end(End::BrokerCancelled, fx);
+                c.outbox.end(End::BrokerCancelled, false, fx);
             }
         }
         self.remove_bindings_to(name, false);
@@ -1074,6 +1097,13 @@ impl State {
         fx: &mut Effects,
     ) -> Result<Option<Arc<str>>> {
         self.check_conn(conn)?;
+        let mut message = message;
+        // Sender-selected distribution: `CC` and `BCC` keys route copies too.
+        let extra = if message.headers.is_empty() {
+            None
+        } else {
+            sender_selected(&mut message)?
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires = message.properties.expiration;
@@ -1094,9 +1124,33 @@ impl State {
             expires: None,
             returns: 0,
             priority: 0,
+            bcc: None,
         };
         let mut flow = None;
         self.flow_hint = None;
+        if let Some((cc, bcc)) = extra {
+            let mut m = m;
+            m.bcc = (!bcc.is_empty()).then(|| Arc::from(bcc.as_slice()));
+            if !default {
+                self.check_publish_exchange(exchange)?;
+            }
+            let mut targets = Vec::new();
+            for key in std::iter::once(routing_key).chain(&cc).chain(&bcc) {
+                self.route(exchange, key, &m.message.headers, &mut targets, 0);
+            }
+            let routed = self.deliver_all(&targets, m, expires, 0, fx);
+            let flow = self.flow_hint.take();
+            return match routed {
+                Routed::Ok => Ok(flow),
+                Routed::Unroutable if mandatory => Err(reply::no_route(exchange, routing_key)),
+                Routed::Unroutable => Ok(None),
+                Routed::Refused(why) => Err(Error::PublishUnconfirmed {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    message: why.to_owned(),
+                }),
+            };
+        }
         // Fast path: the default exchange routes to the queue named by the key.
         let routed = if default {
             match self.deliver_to_queue(routing_key, m, expires, 0, fx) {
@@ -1106,18 +1160,7 @@ impl State {
                 (r, _) => r,
             }
         } else {
-            let Some(ex) = self.exchanges.get(&**exchange) else {
-                return Err(Error::ExchangeNotFound {
-                    reply: None,
-                    exchange: exchange.to_string(),
-                });
-            };
-            if ex.spec.internal {
-                return Err(refused(
-                    exchange,
-                    format!("cannot publish to internal exchange '{exchange}'"),
-                ));
-            }
+            self.check_publish_exchange(exchange)?;
             let mut targets = Vec::new();
             self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
             self.deliver_all(&targets, m, expires, 0, fx)
@@ -1127,12 +1170,7 @@ impl State {
         }
         match routed {
             Routed::Ok => Ok(flow),
-            Routed::Unroutable if mandatory => Err(Error::Unroutable {
-                reply: None,
-                returned: None,
-                exchange: exchange.to_string(),
-                routing_key: routing_key.to_string(),
-            }),
+            Routed::Unroutable if mandatory => Err(reply::no_route(exchange, routing_key)),
             Routed::Unroutable => Ok(None),
             Routed::Refused(why) => Err(Error::PublishUnconfirmed {
                 exchange: exchange.to_string(),
@@ -1140,6 +1178,21 @@ impl State {
                 message: why.to_owned(),
             }),
         }
+    }
+
+    /// Refuses a publish to a missing or internal exchange.
+    fn check_publish_exchange(&self, exchange: &str) -> Result<()> {
+        let Some(ex) = self.exchanges.get(exchange) else {
+            return Err(reply::no_exchange(Op::BasicPublish, exchange));
+        };
+        if ex.spec.internal {
+            return Err(reply::access_refused(
+                Op::BasicPublish,
+                exchange,
+                format_args!("cannot publish to internal exchange '{exchange}' in vhost '/'"),
+            ));
+        }
+        Ok(())
     }
 
     fn deliver_all(
@@ -1401,16 +1454,28 @@ impl State {
         }
         let (ex, rk) = (m.exchange.clone(), m.routing_key.clone());
         let mut message = Arc::unwrap_or_clone(m.message);
-        record_death(
-            &mut message,
-            queue,
-            ex.as_deref().unwrap_or(""),
-            rk.as_deref().unwrap_or(queue),
-            reason,
-        );
+        let cc = string_keys(message.headers.get("CC"));
+        let mut death_keys = vec![rk.as_deref().unwrap_or(queue).to_owned()];
+        death_keys.extend(cc.iter().map(|k| k.to_string()));
+        record_death(&mut message, queue, ex.as_deref().unwrap_or(""), death_keys, reason);
+        // With x-dead-letter-routing-key the dead letter is routed by it
+        // alone and loses its CC header; without, by all the keys it was
+        // published with (routing key, CC, BCC), keeping CC.
+        let (extra, bcc): (Vec<Arc<str>>, _) = if dlrk.is_some() {
+            message.headers.remove("CC");
+            (Vec::new(), None)
+        } else {
+            let bcc = m.bcc;
+            let mut keys = cc;
+            keys.extend(bcc.iter().flat_map(|b| b.iter().cloned()));
+            (keys, bcc)
+        };
         let key = dlrk.unwrap_or_else(|| rk.unwrap_or_else(|| queue.clone()));
         let mut targets = Vec::new();
         self.route(&dlx, &key, &message.headers, &mut targets, 0);
+        for k in &extra {
+            self.route(&dlx, k, &message.headers, &mut targets, 0);
+        }
         if reason != "rejected" {
             if let Some(HeaderValue::Array(deaths)) = message.headers.get("x-death") {
                 targets.retain(|t| !is_cycle(t, deaths));
@@ -1427,6 +1492,7 @@ impl State {
             expires: None,
             returns: 0,
             priority: 0,
+            bcc,
         };
         let _ = self.deliver_all(&targets, dm, None, depth + 1, fx);
     }
@@ -1444,13 +1510,15 @@ impl State {
         fx: &mut Effects,
     ) -> Result<(u64, Arc<str>, Arc<Outbox>)> {
         self.check_conn(conn)?;
-        self.queue_for(conn, queue)?;
+        self.queue_for(conn, queue, Op::BasicConsume)?;
         let cid = self.id();
         let q = self.queues.get_mut(queue).expect("checked");
         if q.exclusive_consumer || (exclusive && !q.consumers.is_empty()) {
-            let text = format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use");
-            return Err(Error::access_refused(queue, text.clone())
-                .with_reply(switchyard_core::BrokerReply::new(403, text).caused_by(60, 20)));
+            return Err(reply::access_refused(
+                Op::BasicConsume,
+                queue,
+                format_args!("queue '{queue}' in vhost '/' in exclusive use"),
+            ));
         }
         let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
         q.consumers.push(cid);
@@ -1481,11 +1549,24 @@ impl State {
         Ok((cid, name, outbox))
     }
 
-    /// Cancels a consumer (client side); `unseen` are tags the application
-    /// never received, which are requeued at once.
-    pub(crate) fn cancel(&mut self, cid: u64, unseen: &[u64], fx: &mut Effects) {
+    /// Cancels a consumer (client side, `basic.cancel`): it gets nothing
+    /// more, and what was already sent to it stays unacked, as on RabbitMQ:
+    /// the stream still yields the deliveries it has buffered, and they
+    /// can be settled until the channel goes (then they are requeued).
+    pub(crate) fn cancel(&mut self, cid: u64, fx: &mut Effects) {
+        self.stop_consumer(cid, false, &[], fx);
+    }
+
+    /// The application dropped the stream of consumer `cid`: cancels it and
+    /// requeues what it can no longer see (`unseen`, the stream's local
+    /// buffer, and the outbox), since no one can settle those.
+    pub(crate) fn stream_dropped(&mut self, cid: u64, unseen: &[u64], fx: &mut Effects) {
+        self.stop_consumer(cid, true, unseen, fx);
+    }
+
+    fn stop_consumer(&mut self, cid: u64, drop_unseen: bool, unseen: &[u64], fx: &mut Effects) {
         let Some(c) = self.consumers.get_mut(&cid) else { return };
-        let mut tags = c.outbox.end(End::Cancelled, fx);
+        let mut tags = c.outbox.end(End::Cancelled, drop_unseen, fx);
         tags.extend_from_slice(unseen);
         let was_active = c.active;
         c.active = false;
@@ -1530,14 +1611,13 @@ impl State {
     /// deliveries.
     pub(crate) fn release_channel(&mut self, cid: u64, fx: &mut Effects) {
         let Some(c) = self.consumers.get(&cid) else { return };
-        let unseen = Vec::new();
         if c.active {
-            self.cancel(cid, &unseen, fx);
+            self.cancel(cid, fx);
         }
         let Some(mut c) = self.consumers.remove(&cid) else {
             return;
         };
-        c.outbox.end(End::Cancelled, fx);
+        c.outbox.end(End::Cancelled, true, fx);
         // Later acks through this channel fail (slow path, entry gone).
         c.outbox.delivered_upto.store(0, Ordering::Release);
         c.reconcile(&mut self.consumers.pool);
@@ -1614,6 +1694,23 @@ impl State {
             }
         }
         q.push_ready(m);
+        // As RabbitMQ 3.10 does after a requeue: drop-head applies the max
+        // length (the requeued messages are at the head, so they are the
+        // ones dropped, dead-lettered as `maxlen`); reject-publish(-dlx) lets
+        // the queue exceed it.
+        if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
+            let mut dropped = Vec::new();
+            while q.over_limit(0, 0) {
+                match q.pop_head() {
+                    Some(h) => dropped.push(h),
+                    None => break,
+                }
+            }
+            let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
+            for h in dropped {
+                self.dead_letter(queue, dlx.clone(), dlrk.clone(), h, "maxlen", 0, fx);
+            }
+        }
     }
 }
 
@@ -1741,7 +1838,7 @@ fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
 }
 
 /// Adds RabbitMQ 3.10's dead-letter headers to `message`.
-fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key: &str, reason: &str) {
+fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys: Vec<String>, reason: &str) {
     let original_expiration = message.properties.expiration.take();
     let h = &mut message.headers;
     if !h.contains_key("x-first-death-reason") {
@@ -1776,7 +1873,7 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key:
             t.insert("exchange", exchange);
             t.insert(
                 "routing-keys",
-                HeaderValue::Array(vec![HeaderValue::String(routing_key.to_owned())]),
+                HeaderValue::Array(routing_keys.into_iter().map(HeaderValue::String).collect()),
             );
             if let Some(e) = original_expiration {
                 t.insert("original-expiration", e.as_millis().to_string());
@@ -1786,6 +1883,72 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_key:
     };
     deaths.insert(0, entry);
     h.insert("x-death", HeaderValue::Array(deaths));
+}
+
+/// The `CC` and `BCC` keys of a message (sender-selected distribution),
+/// with `BCC` removed from its headers; `None` when it has neither. As
+/// RabbitMQ does, a `CC`/`BCC` header that is not an array refuses the
+/// publish (406), and array elements that are not strings are ignored.
+#[allow(clippy::type_complexity)]
+fn sender_selected(message: &mut Message) -> Result<Option<(Vec<Arc<str>>, Vec<Arc<str>>)>> {
+    let h = &mut message.headers;
+    if !h.contains_key("CC") && !h.contains_key("BCC") {
+        return Ok(None);
+    }
+    for name in ["CC", "BCC"] {
+        if let Some(v) = h.get(name) {
+            if !matches!(v, HeaderValue::Array(_)) {
+                return Err(reply::precondition_failed(
+                    Op::BasicPublish,
+                    "",
+                    format_args!(
+                        "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                        amqp_type(v)
+                    ),
+                ));
+            }
+        }
+    }
+    let cc = string_keys(h.get("CC"));
+    let bcc = string_keys(h.remove("BCC").as_ref());
+    Ok(Some((cc, bcc)))
+}
+
+/// The string elements of an array header.
+fn string_keys(v: Option<&HeaderValue>) -> Vec<Arc<str>> {
+    match v {
+        Some(HeaderValue::Array(a)) => a
+            .iter()
+            .filter_map(|x| match x {
+                HeaderValue::String(s) => Some(Arc::from(s.as_str())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// RabbitMQ's name of a field value's AMQP type (as in its error texts).
+pub(crate) fn amqp_type(v: &HeaderValue) -> &'static str {
+    match v {
+        HeaderValue::Bool(_) => "bool",
+        HeaderValue::I8(_) => "byte",
+        HeaderValue::U8(_) => "unsignedbyte",
+        HeaderValue::I16(_) => "short",
+        HeaderValue::U16(_) => "unsignedshort",
+        HeaderValue::I32(_) => "signedint",
+        HeaderValue::U32(_) => "unsignedint",
+        HeaderValue::I64(_) => "long",
+        HeaderValue::F32(_) => "float",
+        HeaderValue::F64(_) => "double",
+        HeaderValue::String(_) => "longstr",
+        HeaderValue::Bytes(_) => "binary",
+        HeaderValue::Timestamp(_) => "timestamp",
+        HeaderValue::Array(_) => "array",
+        HeaderValue::Table(_) => "table",
+        HeaderValue::Void => "void",
+        _ => "unknown",
+    }
 }
 
 /// RabbitMQ's cycle rule: dead-lettering to `queue` cycles if `queue`

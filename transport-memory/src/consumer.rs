@@ -73,7 +73,7 @@ impl Acker for Channel {
 impl Cancel for Channel {
     async fn cancel(&self) -> Result<()> {
         let cid = self.cid;
-        self.broker.with(|st, fx| st.cancel(cid, &[], fx));
+        self.broker.with(|st, fx| st.cancel(cid, fx));
         Ok(())
     }
 }
@@ -165,12 +165,13 @@ impl Stream for DeliveriesStream {
 
 impl Drop for DeliveriesStream {
     fn drop(&mut self) {
-        // Deliveries buffered here never reached the application: requeue
-        // them and cancel the consumer.
+        // Deliveries buffered here (or still in the outbox) never reached
+        // the application and no one can settle them: requeue them, and
+        // cancel the consumer.
         let unseen: Vec<u64> = self.local.drain(..).map(|i| i.tag).collect();
         let cid = self.channel.cid;
-        if !self.done || !unseen.is_empty() {
-            self.channel.broker.with(|st, fx| st.cancel(cid, &unseen, fx));
+        if !self.done || !unseen.is_empty() || !self.outbox.inner.lock().buf.is_empty() {
+            self.channel.broker.with(|st, fx| st.stream_dropped(cid, &unseen, fx));
         }
     }
 }

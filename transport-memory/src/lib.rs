@@ -27,6 +27,43 @@
 //! Closing or dropping a connection cancels its consumers, requeues their
 //! unacked deliveries and deletes its exclusive queues.
 //!
+//! Refusals carry what RabbitMQ would have said: the error's
+//! [`BrokerReply`](switchyard_core::BrokerReply) has RabbitMQ's reply code
+//! and text (403 `ACCESS_REFUSED` for `amq.` names, the default exchange and
+//! internal exchanges; 404, 405, 406 as RabbitMQ answers them) and the AMQP
+//! class and method ids of the refused operation.
+//!
+//! # Virtual time
+//!
+//! The broker reads tokio's clock ([`tokio::time::Instant`]) for message
+//! TTLs, per-message expiration, `x-expires` leases and its timers, so under
+//! a paused clock (`#[tokio::test(start_paused = true)]`, tokio's
+//! `test-util` feature) time-dependent behaviour runs instantly and
+//! deterministically: a 5-minute TTL dead-letters as soon as the test has
+//! nothing else to do, with no real waiting.
+//!
+//! ```
+//! use std::time::Duration;
+//! use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec};
+//! use switchyard_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> switchyard_core::Result<()> {
+//! // In a test: #[tokio::test(start_paused = true)]
+//! let conn = MemoryBroker::new().connect();
+//! conn.declare_queue(&QueueSpec::new("dead")).await?;
+//! let work = QueueSpec::new("work")
+//!     .message_ttl(Duration::from_secs(300))
+//!     .dead_letter("", Some("dead"));
+//! conn.declare_queue(&work).await?;
+//! conn.publish(&Destination::queue("work"), Message::new("late")).await?;
+//! let mut dead = conn.consume("dead", ConsumeOptions::default()).await?;
+//! let letter = dead.next().await.expect("a dead letter")?; // 5 virtual minutes later
+//! assert_eq!(&letter.message.body[..], b"late");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Where it knowingly differs from RabbitMQ (for speed, never for safety):
 //!
 //! - with a prefetch of 16 or more, in-order acks top the consumer's window
@@ -65,6 +102,7 @@
 
 mod broker;
 mod consumer;
+mod reply;
 mod routing;
 
 use std::fmt;
@@ -77,7 +115,7 @@ use switchyard_core::{
     Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
 };
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::broker::{Broker, FLOW_STALL, REPLY_TO};
 

@@ -131,7 +131,8 @@ async fn dead_letter_without_routing_key_override_uses_original_key() {
     assert_eq!(&*d.info.routing_key, "work");
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn per_message_ttl_expires_only_at_head() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work")).await;
@@ -163,7 +164,8 @@ async fn per_message_ttl_expires_only_at_head() {
     assert_eq!(d.message.properties.expiration, None);
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn expired_head_is_dead_lettered_eagerly_by_timer() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work")).await;
@@ -179,7 +181,8 @@ async fn expired_head_is_dead_lettered_eagerly_by_timer() {
     assert_eq!(t.queue_info("work").await.unwrap().message_count, 0);
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn queue_ttl_expires_everything_and_lower_ttl_wins() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work").message_ttl(Duration::from_millis(60))).await;
@@ -199,7 +202,8 @@ async fn queue_ttl_expires_everything_and_lower_ttl_wins() {
     assert_eq!(death(&b.message).get_str("original-expiration"), Some("60000"));
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn ttl_does_not_apply_to_a_waiting_consumer_nor_unacked() {
     let t = MemoryTransport::new();
     with_dlx(&t, QueueSpec::new("work").message_ttl(Duration::from_millis(20))).await;
@@ -211,7 +215,8 @@ async fn ttl_does_not_apply_to_a_waiting_consumer_nor_unacked() {
     assert_eq!(t.queue_info("dead").await.unwrap().message_count, 0);
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn expired_dead_letter_cycle_is_dropped() {
     let t = MemoryTransport::new();
     // A queue that dead-letters expired messages back to itself.
@@ -670,7 +675,8 @@ async fn direct_reply_to_round_trip() {
     assert_eq!(e.code(), "unroutable");
 }
 
-#[tokio::test]
+// Virtual time: the TTLs and sleeps below take no real time.
+#[tokio::test(start_paused = true)]
 async fn unused_queue_expires_and_use_renews_the_lease() {
     let b = MemoryBroker::new();
     let t = b.connect();

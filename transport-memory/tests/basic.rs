@@ -33,22 +33,22 @@ async fn default_exchange_routes_by_queue_name() {
 }
 
 #[tokio::test]
-async fn default_exchange_cannot_be_bound_or_deleted() {
+async fn default_exchange_cannot_be_bound_or_deleted_access_refused() {
     let t = MemoryTransport::new();
     t.declare_queue(&QueueSpec::new("q")).await.unwrap();
     assert_eq!(
         t.bind(&Binding::queue("q", "", "q")).await.unwrap_err().code(),
-        "precondition_failed"
+        "access_refused"
     );
     assert_eq!(
         t.unbind(&Binding::queue("q", "", "q")).await.unwrap_err().code(),
-        "precondition_failed"
+        "access_refused"
     );
-    assert_eq!(t.delete_exchange("").await.unwrap_err().code(), "precondition_failed");
+    assert_eq!(t.delete_exchange("").await.unwrap_err().code(), "access_refused");
     assert!(t.exchange_exists("").await.unwrap());
     assert_eq!(
         t.declare_exchange(&ExchangeSpec::direct("")).await.unwrap_err().code(),
-        "precondition_failed"
+        "access_refused"
     );
 }
 

@@ -62,6 +62,7 @@
 //! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, single active consumer, cancel, auto-ack |
 //! | `dead_letter` | reject, TTLs (per-message only at the head), max-length(-bytes), reject-publish, quorum delivery limit, `x-death` |
 //! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
+//! | `twin` | reply codes of refusals (403/404/405/406 with class and method), queue argument validation and equivalence, `CC`/`BCC`, max length on requeue, cancel |
 //! | `runtime` | Worker, RPC, graceful shutdown |
 //!
 //! # Writing a scenario
@@ -94,6 +95,7 @@ mod features;
 mod routing;
 mod runtime;
 mod support;
+mod twin;
 
 pub use support::*;
 
@@ -232,6 +234,7 @@ pub fn all_cases() -> Vec<Case> {
     v.extend(delivery::cases());
     v.extend(dead_letter::cases());
     v.extend(features::cases());
+    v.extend(twin::cases());
     v.extend(runtime::cases());
     v
 }
@@ -530,6 +533,11 @@ macro_rules! conformance_tests {
                 header_types_round_trip,
                 header_types_survive_dead_lettering,
                 empty_and_large_bodies_round_trip,
+            ],
+            twin: [
+                refusals_carry_rabbitmq_reply_codes,
+                cc_and_bcc_route_copies,
+                cc_and_bcc_keys_route_dead_letters,
             ],
         }
     };
