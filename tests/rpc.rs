@@ -315,7 +315,10 @@ async fn call_keeps_the_callers_correlation_id_and_refuses_a_duplicate_in_flight
     // Without an id the client makes a fresh one per call.
     let a = client.call(&dest, request(), Duration::from_secs(5)).await.unwrap();
     let b = client.call(&dest, request(), Duration::from_secs(5)).await.unwrap();
-    let (a, b) = (a.properties.correlation_id.unwrap(), b.properties.correlation_id.unwrap());
+    let (a, b) = (
+        a.properties.correlation_id.unwrap(),
+        b.properties.correlation_id.unwrap(),
+    );
     assert_ne!(a, b);
     assert_eq!(a.len(), 32);
     h.shutdown().await.unwrap();

@@ -697,7 +697,10 @@ async fn outbox_messages_are_published_before_the_ack_with_correlation_and_trace
                     Outbox::new()
                         .json(&Destination::queue("accepted"), &(n * 10))?
                         // A message with its own correlation id keeps it.
-                        .publish(Destination::queue("audit"), Message::new("audit").with_correlation_id("own")),
+                        .publish(
+                            Destination::queue("audit"),
+                            Message::new("audit").with_correlation_id("own"),
+                        ),
                 )
             }),
         )
@@ -762,7 +765,9 @@ async fn a_failing_outbox_publish_withholds_the_ack_and_requeues() {
         .await
         .unwrap();
     for body in ["unroutable", "missing-exchange"] {
-        t.publish(&Destination::queue("jobs"), Message::new(body)).await.unwrap();
+        t.publish(&Destination::queue("jobs"), Message::new(body))
+            .await
+            .unwrap();
     }
     // Each is handled twice: the first time its publish fails (requeued, not
     // acked), the redelivery publishes fine and is acked.
@@ -779,7 +784,10 @@ async fn a_failing_outbox_publish_withholds_the_ack_and_requeues() {
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect();
     done.sort();
-    assert_eq!(done, ["missing-exchange", "missing-exchange", "unroutable", "unroutable"]);
+    assert_eq!(
+        done,
+        ["missing-exchange", "missing-exchange", "unroutable", "unroutable"]
+    );
 }
 
 #[derive(Debug)]
@@ -862,18 +870,29 @@ async fn wait_handled_and_wait_idle_replace_polling() {
     publish_n(&t, "w", 5).await;
     let stats = h.wait_handled("w", 5, Duration::from_secs(5)).await.unwrap();
     assert_eq!(stats.acked, 5);
-    h.wait_idle(Duration::from_millis(30), Duration::from_secs(5)).await.unwrap();
+    h.wait_idle(Duration::from_millis(30), Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(h.stats("w").unwrap().in_flight, 0);
     let e = h.wait_handled("w", 6, Duration::from_millis(50)).await.unwrap_err();
     assert_eq!(e.code(), "timeout");
-    assert!(e.to_string().contains("'w'") && e.to_string().contains("5 so far"), "{e}");
+    assert!(
+        e.to_string().contains("'w'") && e.to_string().contains("5 so far"),
+        "{e}"
+    );
     assert_eq!(
-        h.wait_handled("nope", 1, Duration::from_millis(10)).await.unwrap_err().code(),
+        h.wait_handled("nope", 1, Duration::from_millis(10))
+            .await
+            .unwrap_err()
+            .code(),
         "invalid_config"
     );
     // Busy the whole time: wait_idle times out.
     publish_n(&t, "w", 200).await;
-    let e = h.wait_idle(Duration::from_millis(50), Duration::from_millis(30)).await.unwrap_err();
+    let e = h
+        .wait_idle(Duration::from_millis(50), Duration::from_millis(30))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "timeout");
     h.shutdown().await.unwrap();
 }
@@ -904,7 +923,13 @@ async fn batch_routes_collect_settle_after_the_handler_and_per_message() {
                 }
                 // Per message: negative numbers are rejected.
                 rows.iter()
-                    .map(|Json(n)| if *n < 0 { Err(HandlerError::reject("negative")) } else { Ok(()) })
+                    .map(|Json(n)| {
+                        if *n < 0 {
+                            Err(HandlerError::reject("negative"))
+                        } else {
+                            Ok(())
+                        }
+                    })
                     .collect()
             }
         })
@@ -925,7 +950,9 @@ async fn batch_routes_collect_settle_after_the_handler_and_per_message() {
     }
     // 7 messages, the first batch of 3 twice (failed, then redelivered).
     let stats = h.wait_handled("rows", 10, Duration::from_secs(5)).await.unwrap();
-    h.wait_idle(Duration::from_millis(150), Duration::from_secs(5)).await.unwrap();
+    h.wait_idle(Duration::from_millis(150), Duration::from_secs(5))
+        .await
+        .unwrap();
     h.shutdown().await.unwrap();
     let stats_now = h.stats("rows").unwrap();
     assert!(stats.max_in_flight <= 3, "{stats:?}");
@@ -960,7 +987,10 @@ async fn batch_routes_refuse_a_prefetch_below_the_batch_size() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), "invalid_config");
-    assert!(e.to_string().contains("prefetch") && e.to_string().contains("50"), "{e}");
+    assert!(
+        e.to_string().contains("prefetch") && e.to_string().contains("50"),
+        "{e}"
+    );
     assert_eq!(t.queue_info("small").await.unwrap().consumer_count, 0);
     // The default prefetch is the batch size.
     assert_eq!(BatchConfig::new(50, Duration::from_millis(10)).effective_prefetch(), 50);

@@ -611,8 +611,11 @@ impl<T: Clone + Send + Sync + 'static> FromEnvelope for State<T> {
             Some(v) => Ok(State(v.clone())),
             None => {
                 let ty = std::any::type_name::<T>();
-                tracing::error!(state_type = ty, queue = env.queue(),
-                    "handler asks for State<{ty}> but none was given (Worker::with_state or handler_fn(..).with_state)");
+                tracing::error!(
+                    state_type = ty,
+                    queue = env.queue(),
+                    "handler asks for State<{ty}> but none was given (Worker::with_state or handler_fn(..).with_state)"
+                );
                 Err(HandlerError::retry(format!(
                     "no state of type {ty}: give it with Worker::with_state or handler_fn(..).with_state"
                 )))

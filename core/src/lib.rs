@@ -31,8 +31,7 @@ pub use codec::{Codec, JsonCodec};
 pub use envelope::{headers, Envelope, Extensions, FromHeaderValue};
 pub use error::{BrokerReply, CloseScope, Error, Result};
 pub use handler::{
-    handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outbox, Outcome, State,
-    StateLayer,
+    handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outbox, Outcome, State, StateLayer,
 };
 pub use message::{HeaderValue, Headers, Message, Properties};
 pub use settings::{Settings, TransportKind};

@@ -707,7 +707,8 @@ impl Settings {
     /// assert_eq!(e.to_string(), "invalid configuration: RABBITMQ_TRANSPORT=kafka: must be one of memory, lapin, amqprs");
     /// ```
     pub fn transport_kind(&self) -> Option<TransportKind> {
-        self.transport.or_else(|| self.memory_url().then_some(TransportKind::Memory))
+        self.transport
+            .or_else(|| self.memory_url().then_some(TransportKind::Memory))
     }
 
     /// Sets `RABBITMQ_TRANSPORT`.
@@ -950,7 +951,10 @@ mod tests {
         let s = lookup(&[("RABBITMQ_URL", "memory://"), ("RABBITMQ_TRANSPORT", "memory")]).unwrap();
         assert_eq!(s.transport_kind(), Some(TransportKind::Memory));
         // An amqp URL leaves the choice to the features.
-        assert_eq!(one("RABBITMQ_URL", "amqp://u:p@h:5672/v").unwrap().transport_kind(), None);
+        assert_eq!(
+            one("RABBITMQ_URL", "amqp://u:p@h:5672/v").unwrap().transport_kind(),
+            None
+        );
         // Some other scheme is still refused unless the transport is memory.
         assert!(one("RABBITMQ_URL", "kafka://x").is_err());
     }

@@ -160,10 +160,7 @@ impl<E: Into<HandlerError>> IntoBatchOutcome for Vec<std::result::Result<(), E>>
 /// with a [`BatchOutcome`] that has one result per envelope (or one for all).
 /// Build one with [`batch_fn`].
 pub trait BatchHandler:
-    Service<Vec<Envelope>, Response = BatchOutcome, Error = HandlerError, Future: Send + 'static>
-    + Clone
-    + Send
-    + 'static
+    Service<Vec<Envelope>, Response = BatchOutcome, Error = HandlerError, Future: Send + 'static> + Clone + Send + 'static
 {
 }
 
@@ -399,12 +396,7 @@ pub(super) async fn batch_loop(
 }
 
 /// Runs the handler on one batch and settles every delivery of it.
-async fn run_batch(
-    cx: &RouteCtx,
-    svc: &mut BoxBatchHandler,
-    batch: Vec<Delivery>,
-    state: &Extensions,
-) -> Result<()> {
+async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery>, state: &Extensions) -> Result<()> {
     let n = batch.len() as u64;
     let mut infos = Vec::with_capacity(batch.len());
     let mut settlers = Vec::with_capacity(batch.len());
@@ -459,7 +451,9 @@ async fn run_batch(
     if results.len() != infos.len() {
         tracing::error!(queue = %cx.queue, results = results.len(), messages = infos.len(),
             "batch handler returned a result count different from the batch size; messages without a result are requeued");
-        results.resize_with(infos.len(), || Err(HandlerError::retry("no result from the batch handler")));
+        results.resize_with(infos.len(), || {
+            Err(HandlerError::retry("no result from the batch handler"))
+        });
     }
     for ((info, settler), result) in infos.iter().zip(settlers).zip(results) {
         inc(&counters.handled);

@@ -280,7 +280,10 @@ impl Service<Envelope> for AttachState {
     type Error = HandlerError;
     type Future = <BoxHandler as Service<Envelope>>::Future;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::result::Result<(), HandlerError>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -1198,12 +1201,21 @@ impl Carried {
 }
 
 /// Publishes an outbox's messages in order; the first failure stops it.
-async fn publish_outbox(cx: &RouteCtx, tag: u64, outbox: Vec<crate::handler::OutboxMessage>, carried: &Carried) -> bool {
+async fn publish_outbox(
+    cx: &RouteCtx,
+    tag: u64,
+    outbox: Vec<crate::handler::OutboxMessage>,
+    carried: &Carried,
+) -> bool {
     for item in outbox {
         let message = carried.stamp(item.message);
         let published = match &cx.reply_publisher {
             Some(p) => p.publish_with(&item.destination, message, item.options).await,
-            None => cx.transport.publish_with(&item.destination, message, item.options).await,
+            None => {
+                cx.transport
+                    .publish_with(&item.destination, message, item.options)
+                    .await
+            }
         };
         match published {
             Ok(()) => inc(&cx.counters().published),
