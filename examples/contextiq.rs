@@ -1,10 +1,14 @@
 //! The seed's ContextIQ pipeline, end to end, on one switchyard transport.
 //!
 //! ```text
-//! cargo run --example contextiq                         # in-process memory broker
-//! cargo run --example contextiq -- --transport lapin    # RabbitMQ at RABBITMQ_URL, through lapin
-//! cargo run --example contextiq -- --transport amqprs   # RabbitMQ at RABBITMQ_URL, through amqprs
+//! cargo run --example contextiq                                          # in-process memory broker
+//! cargo run --example contextiq --features lapin -- --transport lapin    # RabbitMQ at RABBITMQ_URL, through lapin
+//! cargo run --example contextiq --features amqprs -- --transport amqprs  # RabbitMQ at RABBITMQ_URL, through amqprs
 //! ```
+//!
+//! The transport comes from `switchyard::connect` (`--transport` sets
+//! `RABBITMQ_TRANSPORT`); a transport whose cargo feature is off is refused
+//! with the feature to enable.
 //!
 //! Topology (as in the seed): topic exchanges `contextiq.extraction`,
 //! `contextiq.consolidation`, `contextiq.events`, the dead-letter exchange
@@ -21,7 +25,10 @@
 //! - failures are retried by the retry layer (no sleeping inside the handler,
 //!   no retry count written into the body) and dead-lettered with their reason
 //!   in headers;
-//! - RPC uses one reply queue per client, not one per call.
+//! - RPC uses one reply queue per client, not one per call;
+//! - a handler's follow-up messages are published by the Worker before it
+//!   acknowledges (an outbox outcome), so a crash between the two never loses
+//!   them, and they carry the request's correlation id.
 //!
 //! The program publishes sessions (with priorities), session events, one
 //! poisoned message and two RPC calls (one answered, one timing out), runs
@@ -35,15 +42,15 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use switchyard::handler::{Outbox, Priority, State};
 use switchyard::middleware::dead_letter::DeadLetterLayer;
 use switchyard::middleware::retry::{RetryLayer, RetryPolicy};
 use switchyard::rpc::RpcClient;
 use switchyard::worker::{RouteConfig, Worker};
 use switchyard::{
     handler_fn, headers, Destination, Envelope, ExchangeSpec, HandlerError, Json, Message, PublisherExt, QueueSpec,
-    Settings, Topology, Transport,
+    ServiceBuilder, Settings, Topology, TransportKind,
 };
-use tower::ServiceBuilder;
 
 const EXTRACTION: &str = "contextiq.extraction";
 const CONSOLIDATION: &str = "contextiq.consolidation";
@@ -129,55 +136,20 @@ fn topology() -> Topology {
         .bound_queue(QueueSpec::new(DEAD_LETTER), DLX, DEAD_LETTER)
 }
 
-/// What the workers observed.
+/// What the workers observed (the Worker's state, shared by every handler).
 #[derive(Default)]
 struct Observed {
-    counts: Mutex<BTreeMap<&'static str, u64>>,
     extraction_order: Mutex<Vec<(String, u8)>>,
     session_events: Mutex<BTreeMap<String, u64>>,
     webhooks: Mutex<Vec<String>>,
-    audit: Mutex<Vec<String>>,
-    dead_letters: Mutex<Vec<DeadLetterSummary>>,
+    audit: AtomicU64,
+    dead_letters: Mutex<Vec<String>>,
     transient_failures: AtomicU64,
 }
 
-#[derive(Debug, Clone)]
-struct DeadLetterSummary {
-    body: String,
-    error: String,
-    kind: String,
-    original_queue: String,
-}
+type Seen = State<Arc<Observed>>;
 
-impl Observed {
-    fn count(&self, queue: &'static str) {
-        *self.counts.lock().entry(queue).or_default() += 1;
-    }
-    fn get(&self, queue: &'static str) -> u64 {
-        self.counts.lock().get(queue).copied().unwrap_or(0)
-    }
-}
-
-async fn connect(kind: &str) -> Result<Arc<dyn Transport>, Box<dyn std::error::Error>> {
-    match kind {
-        "memory" => Ok(switchyard::memory::MemoryTransport::new()),
-        "lapin" | "amqprs" => {
-            let settings = Settings::from_env()?;
-            println!("connecting to {} through {kind}", settings.effective_url_redacted());
-            connect_rabbitmq(kind, &settings).await
-        }
-        other => Err(format!("unknown transport '{other}': use memory, lapin or amqprs").into()),
-    }
-}
-
-async fn connect_rabbitmq(kind: &str, settings: &Settings) -> Result<Arc<dyn Transport>, Box<dyn std::error::Error>> {
-    match kind {
-        "lapin" => Ok(Arc::new(switchyard_lapin::LapinTransport::connect(settings).await?)),
-        _ => Ok(Arc::new(switchyard_amqprs::AmqprsTransport::connect(settings).await?)),
-    }
-}
-
-fn transport_arg() -> Result<String, String> {
+fn transport_arg() -> Result<TransportKind, String> {
     let mut args = std::env::args().skip(1);
     let mut kind = "memory".to_owned();
     while let Some(a) = args.next() {
@@ -191,19 +163,19 @@ fn transport_arg() -> Result<String, String> {
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
-    Ok(kind)
+    kind.parse().map_err(|e: switchyard::Error| e.to_string())
 }
 
 #[tokio::main]
 async fn main() {
-    let kind = match transport_arg() {
-        Ok(k) => k,
+    let result = match transport_arg() {
+        Ok(kind) => run(kind).await,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
     };
-    match run(&kind).await {
+    match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
@@ -222,17 +194,94 @@ const SESSIONS: [(&str, u8); 6] = [
     ("session-6", 3),
 ];
 
-async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
-    let transport = connect(kind).await?;
+/// extraction.requests: records the order, then (through the outbox, before
+/// the ack) the result, a consolidation request and a memory event; the
+/// result is also the RPC reply when the request has `reply_to`.
+async fn extract(
+    State(seen): Seen,
+    Priority(priority): Priority,
+    Json(req): Json<ExtractionRequest>,
+) -> Result<Outbox, HandlerError> {
+    tokio::time::sleep(Duration::from_millis(req.work_ms)).await;
+    seen.extraction_order
+        .lock()
+        .push((req.session_id.clone(), priority.unwrap_or(0)));
+    let result = ExtractionResult {
+        session_id: req.session_id.clone(),
+        memories_extracted: 3,
+        success: true,
+    };
+    let consolidation = ConsolidationRequest {
+        scope: "user".into(),
+        user_id: req.user_id,
+        similarity_threshold: 0.85,
+    };
+    let event = Event {
+        id: format!("memory-of-{}", req.session_id),
+        event: "created".into(),
+    };
+    Outbox::new()
+        .json(&Destination::new(EXTRACTION, "extraction.result"), &result)?
+        .json(
+            &Destination::new(CONSOLIDATION, "consolidation.request"),
+            &consolidation,
+        )?
+        .json_with(&Destination::new(EVENTS, "memory.created"), &event, |m| m.transient())?
+        .reply_json(&result)
+}
+
+/// consolidation.requests: fails transiently once (the retry layer retries it).
+async fn consolidate(State(seen): Seen, Json(req): Json<ConsolidationRequest>) -> Result<Outbox, HandlerError> {
+    if seen.transient_failures.fetch_add(1, Ordering::SeqCst) == 0 {
+        return Err(HandlerError::retry("vector store busy"));
+    }
+    let result = ConsolidationResult {
+        scope: req.scope,
+        user_id: req.user_id,
+        memories_merged: 1,
+        success: true,
+    };
+    Outbox::new().json(&Destination::new(CONSOLIDATION, "consolidation.result"), &result)
+}
+
+async fn analytics(State(seen): Seen, Json(e): Json<Event>) {
+    *seen.session_events.lock().entry(e.event).or_default() += 1;
+}
+
+async fn audit_log(State(seen): Seen, Json(_): Json<Event>) {
+    seen.audit.fetch_add(1, Ordering::SeqCst);
+}
+
+async fn webhook(State(seen): Seen, Json(e): Json<Event>) {
+    seen.webhooks.lock().push(e.id);
+}
+
+async fn dead_letters(State(seen): Seen, env: Envelope) {
+    let text = |k: &str| env.header::<String>(k).unwrap_or_else(|| "-".into());
+    seen.dead_letters.lock().push(format!(
+        "from {}: {}\n    why: [{}] {}",
+        text(headers::ORIGINAL_QUEUE),
+        String::from_utf8_lossy(env.body()),
+        text(headers::ERROR_KIND),
+        text(headers::ERROR)
+    ));
+}
+
+async fn run(kind: TransportKind) -> Result<bool, Box<dyn std::error::Error>> {
+    let settings = Settings::from_env()?.with_transport(kind);
+    if kind != TransportKind::Memory {
+        println!("connecting to {} through {kind}", settings.effective_url_redacted());
+    }
+    let transport = switchyard::connect(&settings).await?;
     transport.declare(&topology()).await?;
     for q in ALL_QUEUES {
         transport.purge_queue(q).await?; // durable queues on a real broker may hold an earlier run's messages
     }
-    let observed = Arc::new(Observed::default());
+    let seen = Arc::new(Observed::default());
 
-    // 1. The sessions API: extraction requests with priorities, published
-    //    before any worker runs so the broker orders them; one poisoned
-    //    message; session lifecycle events.
+    // 1. The sessions API: extraction requests with priorities (published
+    //    before any worker runs so the broker orders them), one poisoned
+    //    message, session lifecycle events (transient: they are ephemeral).
     let extraction = Destination::new(EXTRACTION, "extraction.request");
     for (session, priority) in SESSIONS {
         let req = ExtractionRequest {
@@ -240,16 +289,13 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
             user_id: "user_123".into(),
             work_ms: 0,
         };
-        let msg = Message::json(&req)?
-            .with_priority(priority)
-            .with_header("x-priority", priority as i32)
-            .persistent(true);
-        transport.publish(&extraction, msg).await?;
+        transport
+            .publish_json_with(&extraction, &req, |m| m.with_priority(priority))
+            .await?;
     }
     let poison = Message::new(r#"{"session_id": "session-7", "user_id": oops}"#)
         .with_content_type("application/json")
-        .with_message_id("poison-1")
-        .persistent(true);
+        .with_message_id("poison-1");
     transport.publish(&extraction, poison).await?;
     for (session, event) in [
         ("session-1", "created"),
@@ -257,211 +303,67 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
         ("session-1", "updated"),
         ("session-2", "deleted"),
     ] {
+        let e = Event {
+            id: session.into(),
+            event: event.into(),
+        };
         let dest = Destination::new(EVENTS, format!("session.{event}"));
-        transport
-            .publish_json(
-                &dest,
-                &Event {
-                    id: session.into(),
-                    event: event.into(),
-                },
-            )
-            .await?;
+        transport.publish_json_with(&dest, &e, |m| m.transient()).await?;
     }
 
-    // 2. The workers.
-    let publisher = transport.clone() as Arc<dyn switchyard::Publisher>;
-    let dead_letter = DeadLetterLayer::new(publisher.clone(), DLX).routing_key(DEAD_LETTER);
-    let retry = RetryLayer::in_process(RetryPolicy::explicit([
-        Duration::from_millis(10),
-        Duration::from_millis(50),
-        Duration::from_millis(100),
-    ]));
-
-    let extraction_worker = {
-        let publisher = publisher.clone();
-        let observed = observed.clone();
-        handler_fn(move |Json(req): Json<ExtractionRequest>, env: Envelope| {
-            let publisher = publisher.clone();
-            let observed = observed.clone();
-            async move {
-                if req.work_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(req.work_ms)).await;
-                }
-                let priority = env.message().properties.priority.unwrap_or(0);
-                observed
-                    .extraction_order
-                    .lock()
-                    .push((req.session_id.clone(), priority));
-                observed.count(EXTRACTION_REQUESTS);
-                let result = ExtractionResult {
-                    session_id: req.session_id.clone(),
-                    memories_extracted: 3,
-                    success: true,
-                };
-                let correlated = |m: Message| match env.correlation_id() {
-                    Some(c) => m.with_correlation_id(c),
-                    None => m,
-                };
-                publisher
-                    .publish(
-                        &Destination::new(EXTRACTION, "extraction.result"),
-                        correlated(Message::json(&result)?.persistent(true)),
-                    )
-                    .await?;
-                let consolidation = ConsolidationRequest {
-                    scope: "user".into(),
-                    user_id: req.user_id.clone(),
-                    similarity_threshold: 0.85,
-                };
-                publisher
-                    .publish(
-                        &Destination::new(CONSOLIDATION, "consolidation.request"),
-                        correlated(Message::json(&consolidation)?.persistent(true)),
-                    )
-                    .await?;
-                publisher
-                    .publish_json(
-                        &Destination::new(EVENTS, "memory.created"),
-                        &Event {
-                            id: format!("memory-of-{}", req.session_id),
-                            event: "created".into(),
-                        },
-                    )
-                    .await?;
-                // Returned as the RPC reply when the request has reply_to.
-                Ok::<_, HandlerError>(Json(result))
-            }
-        })
-    };
-    let extraction_service = ServiceBuilder::new()
-        .layer(dead_letter.clone())
-        .layer(retry.clone())
-        .service(extraction_worker);
-
-    let consolidation_worker = {
-        let publisher = publisher.clone();
-        let observed = observed.clone();
-        handler_fn(move |Json(req): Json<ConsolidationRequest>| {
-            let publisher = publisher.clone();
-            let observed = observed.clone();
-            async move {
-                // The first consolidation fails transiently once, to show the retry layer at work.
-                if observed.transient_failures.fetch_add(1, Ordering::SeqCst) == 0 {
-                    return Err(HandlerError::retry("vector store busy"));
-                }
-                observed.count(CONSOLIDATION_REQUESTS);
-                let result = ConsolidationResult {
-                    scope: req.scope,
-                    user_id: req.user_id,
-                    memories_merged: 1,
-                    success: true,
-                };
-                publisher
-                    .publish_json(&Destination::new(CONSOLIDATION, "consolidation.result"), &result)
-                    .await?;
-                Ok::<_, HandlerError>(())
-            }
-        })
-    };
-    let consolidation_service = ServiceBuilder::new()
-        .layer(dead_letter.clone())
-        .layer(retry.clone())
-        .service(consolidation_worker);
-
-    let counter = |queue: &'static str| {
-        let observed = observed.clone();
-        handler_fn(move |_: Envelope| {
-            observed.count(queue);
-            async {}
-        })
-    };
-    let analytics = {
-        let observed = observed.clone();
-        handler_fn(move |Json(e): Json<Event>| {
-            observed.count(SESSION_EVENTS);
-            *observed.session_events.lock().entry(e.event).or_default() += 1;
-            async {}
-        })
-    };
-    let audit_log = {
-        let observed = observed.clone();
-        handler_fn(move |Json(e): Json<Event>| {
-            observed.count(MEMORY_EVENTS);
-            observed.audit.lock().push(format!("{} {}", e.id, e.event));
-            async {}
-        })
-    };
-    let webhook = {
-        let observed = observed.clone();
-        handler_fn(move |Json(e): Json<Event>| {
-            observed.count(WEBHOOKS);
-            observed.webhooks.lock().push(e.id);
-            async {}
-        })
-    };
-    let dead_letters = {
-        let observed = observed.clone();
-        handler_fn(move |env: Envelope| {
-            observed.count(DEAD_LETTER);
-            let h = env.headers();
-            let text = |k: &str| h.get_str(k).unwrap_or("-").to_owned();
-            observed.dead_letters.lock().push(DeadLetterSummary {
-                body: String::from_utf8_lossy(env.body()).into_owned(),
-                error: text(headers::ERROR),
-                kind: text(headers::ERROR_KIND),
-                original_queue: text(headers::ORIGINAL_QUEUE),
-            });
-            async {}
-        })
-    };
-
+    // 2. The workers: state, and retry inside dead-lettering around every route.
+    let shared_layers = ServiceBuilder::new()
+        .layer(DeadLetterLayer::new(transport.clone(), DLX).routing_key(DEAD_LETTER))
+        .layer(RetryLayer::in_process(RetryPolicy::explicit([
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+            Duration::from_millis(100),
+        ])));
     let worker = Worker::new(transport.clone())
+        .with_state(seen.clone())
+        .layer(shared_layers)
         // prefetch 1 and one handler at a time: the broker hands out the highest priority first.
         .route_with(
             EXTRACTION_REQUESTS,
-            extraction_service,
+            handler_fn(extract),
             RouteConfig::default().prefetch(1).concurrency(1),
         )
-        .route(EXTRACTION_RESULTS, counter(EXTRACTION_RESULTS))
-        .route(CONSOLIDATION_REQUESTS, consolidation_service)
-        .route(CONSOLIDATION_RESULTS, counter(CONSOLIDATION_RESULTS))
-        .route_with(SESSION_EVENTS, analytics, RouteConfig::default().prefetch(20))
-        .route(MEMORY_EVENTS, audit_log)
-        .route(WEBHOOKS, webhook)
-        .route(DEAD_LETTER, dead_letters)
+        .route(EXTRACTION_RESULTS, handler_fn(|| async {}))
+        .route(CONSOLIDATION_REQUESTS, handler_fn(consolidate))
+        .route(CONSOLIDATION_RESULTS, handler_fn(|| async {}))
+        .route_with(
+            SESSION_EVENTS,
+            handler_fn(analytics),
+            RouteConfig::default().prefetch(20),
+        )
+        .route(MEMORY_EVENTS, handler_fn(audit_log))
+        .route(WEBHOOKS, handler_fn(webhook))
+        .route(DEAD_LETTER, handler_fn(dead_letters))
         .shutdown_timeout(Duration::from_secs(5));
     let handle = worker.start().await?;
 
     // 3. RPC: one call answered, one that outlives its timeout.
     let rpc = RpcClient::new(transport.clone()).await?;
+    let rpc_request = |session: &str, work_ms| ExtractionRequest {
+        session_id: session.into(),
+        user_id: "user_456".into(),
+        work_ms,
+    };
     let answered: ExtractionResult = rpc
-        .call_json(
-            &extraction,
-            &ExtractionRequest {
-                session_id: "rpc-session".into(),
-                user_id: "user_456".into(),
-                work_ms: 0,
-            },
-            Duration::from_secs(10),
-        )
+        .call_json(&extraction, &rpc_request("rpc-session", 0), Duration::from_secs(10))
         .await?;
     let timed_out = rpc
         .call_json::<_, ExtractionResult>(
             &extraction,
-            &ExtractionRequest {
-                session_id: "slow-session".into(),
-                user_id: "user_456".into(),
-                work_ms: 600,
-            },
+            &rpc_request("slow-session", 600),
             Duration::from_millis(200),
         )
         .await;
 
-    // 4. Wait for the pipeline to drain.
+    // 4. Wait for the pipeline to drain: deliveries handled (and settled) per queue.
     let sessions = SESSIONS.len() as u64 + 2; // + the two RPC requests
-    let expected: [(&'static str, u64); 8] = [
-        (EXTRACTION_REQUESTS, sessions),
+    let expected: [(&str, u64); 8] = [
+        (EXTRACTION_REQUESTS, sessions + 1), // + the poisoned message, dead-lettered
         (EXTRACTION_RESULTS, sessions),
         (CONSOLIDATION_REQUESTS, sessions),
         (CONSOLIDATION_RESULTS, sessions),
@@ -470,9 +372,16 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
         (WEBHOOKS, 2),
         (DEAD_LETTER, 1),
     ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while expected.iter().any(|(q, n)| observed.get(q) < *n) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut handled = Vec::new();
+    for (q, n) in expected {
+        let acked = match handle.wait_handled(q, n, Duration::from_secs(30)).await {
+            Ok(stats) => stats.acked,
+            Err(e) => {
+                eprintln!("{e}");
+                handle.stats(q).map_or(0, |s| s.acked)
+            }
+        };
+        handled.push(acked);
     }
     // Let the late RPC reply arrive before closing.
     let late_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -480,74 +389,55 @@ async fn run(kind: &str) -> Result<bool, Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     handle.shutdown().await?;
-    let mut depths = Vec::new();
-    for q in ALL_QUEUES {
-        depths.push((q, transport.queue_info(q).await?.message_count));
-    }
 
     // 5. Summary.
     let mut ok = true;
     println!("contextiq pipeline on the {kind} transport");
-    println!("  {:<26} {:>8} {:>8} {:>8}", "queue", "handled", "expected", "left");
-    for ((q, n), (_, left)) in expected.iter().zip(&depths) {
-        let got = observed.get(q);
-        let mark = if got == *n && *left == 0 {
-            ""
-        } else {
-            "  <-- unexpected"
-        };
-        ok &= got == *n && *left == 0;
-        println!("  {q:<26} {got:>8} {n:>8} {left:>8}{mark}");
+    println!("  {:<26} {:>8} {:>8} {:>8}", "queue", "acked", "expected", "left");
+    for ((q, n), got) in expected.iter().zip(handled) {
+        let left = transport.queue_info(q).await?.message_count;
+        let good = got == *n && left == 0;
+        ok &= good;
+        println!(
+            "  {q:<26} {got:>8} {n:>8} {left:>8}{}",
+            if good { "" } else { "  <-- unexpected" }
+        );
     }
-    let order = observed.extraction_order.lock().clone();
+    let order = seen.extraction_order.lock().clone();
     let queued: Vec<u8> = order.iter().take(SESSIONS.len()).map(|(_, p)| *p).collect();
-    let mut sorted = queued.clone();
-    sorted.sort_by(|a, b| b.cmp(a));
-    let priorities_ok = queued == sorted && queued.len() == SESSIONS.len();
+    let priorities_ok = queued.len() == SESSIONS.len() && queued.windows(2).all(|w| w[0] >= w[1]);
     ok &= priorities_ok;
+    let shown: Vec<String> = order
+        .iter()
+        .take(SESSIONS.len())
+        .map(|(s, p)| format!("{s}(p{p})"))
+        .collect();
+    let verdict = if priorities_ok {
+        "highest first"
+    } else {
+        "NOT highest first"
+    };
+    println!("  priorities: queued sessions handled in order {shown:?} -> {verdict}");
+    println!("  session events seen by analytics: {:?}", seen.session_events.lock());
+    println!("  webhooks fired (session.created only): {:?}", seen.webhooks.lock());
+    println!("  audit log entries: {}", seen.audit.load(Ordering::SeqCst));
+    let retried = seen.transient_failures.load(Ordering::SeqCst).min(1);
+    println!("  consolidation transient failures retried: {retried}");
+    let slow = match &timed_out {
+        Ok(_) => "answered (unexpected)".to_owned(),
+        Err(e) => format!("{} ({e})", e.code()),
+    };
     println!(
-        "  priorities: queued sessions handled in order {:?} -> {}",
-        order
-            .iter()
-            .take(SESSIONS.len())
-            .map(|(s, p)| format!("{s}(p{p})"))
-            .collect::<Vec<_>>(),
-        if priorities_ok {
-            "highest first"
-        } else {
-            "NOT highest first"
-        }
-    );
-    println!(
-        "  session events seen by analytics: {:?}",
-        observed.session_events.lock()
-    );
-    println!(
-        "  webhooks fired (session.created only): {:?}",
-        observed.webhooks.lock()
-    );
-    println!("  audit log entries: {}", observed.audit.lock().len());
-    println!(
-        "  consolidation transient failures retried: {}",
-        observed.transient_failures.load(Ordering::SeqCst).min(1)
-    );
-    println!(
-        "  rpc: answered for {} ({} memories); slow call -> {}; late replies dropped: {}",
+        "  rpc: answered for {} ({} memories); slow call -> {slow}; late replies dropped: {}",
         answered.session_id,
         answered.memories_extracted,
-        match &timed_out {
-            Ok(_) => "answered (unexpected)".to_owned(),
-            Err(e) => format!("{} ({})", e.code(), e),
-        },
         rpc.late_replies()
     );
     ok &= matches!(&timed_out, Err(e) if e.code() == "rpc_timeout");
-    let dls = observed.dead_letters.lock().clone();
-    ok &= dls.len() == 1;
+    let dls = seen.dead_letters.lock().clone();
+    ok &= dls.len() == 1 && dls[0].contains("[decode]") && dls[0].starts_with(&format!("from {EXTRACTION_REQUESTS}:"));
     for d in &dls {
-        println!("  dead letter from {}: {}", d.original_queue, d.body);
-        println!("    why: [{}] {}", d.kind, d.error);
-        ok &= d.kind == "decode" && d.original_queue == EXTRACTION_REQUESTS;
+        println!("  dead letter {d}");
     }
     rpc.close().await?;
     transport.close().await?;

@@ -98,7 +98,7 @@ async fn reply_carries_the_request_correlation_id() {
         cid.as_bytes(),
         "the handler saw the id the reply carries"
     );
-    // The client sets its own correlation id, whatever the request carried.
+    // The client keeps the caller's correlation id (breaking change of issue 12).
     let reply = client
         .call(
             &Destination::queue("echo-cid"),
@@ -108,7 +108,7 @@ async fn reply_carries_the_request_correlation_id() {
         .await
         .unwrap();
     let cid = reply.properties.correlation_id.clone().unwrap();
-    assert_ne!(cid, "mine", "the client sets a fresh correlation id");
+    assert_eq!(cid, "mine", "the client keeps the caller's correlation id");
     assert_eq!(&reply.body[..], cid.as_bytes());
     // A reply that does not decode is a decode error for call_json.
     let e = client
@@ -272,4 +272,54 @@ async fn errors_publish_and_closed_transport() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(client.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn call_keeps_the_callers_correlation_id_and_refuses_a_duplicate_in_flight() {
+    let broker = MemoryBroker::new();
+    let server: Arc<dyn Transport> = broker.connect();
+    let h = responder(&server, "cid.requests", Duration::from_millis(200)).await;
+    let client = Arc::new(RpcClient::new(broker.connect()).await.unwrap());
+    let dest = Destination::queue("cid.requests");
+    let request = || Message::json(&ExtractionRequest { session_id: "s".into() }).unwrap();
+
+    // The caller's id is used on the request and comes back on the reply.
+    let first = {
+        let client = client.clone();
+        let dest = dest.clone();
+        let m = request().with_correlation_id("order-42");
+        tokio::spawn(async move { client.call(&dest, m, Duration::from_secs(5)).await })
+    };
+    // While it is in flight, the same id is refused at once, clearly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while client.pending_calls() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "first call never registered");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let dup = client
+        .call(&dest, request().with_correlation_id("order-42"), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), "invalid_config");
+    assert!(dup.to_string().contains("order-42"), "{dup}");
+    assert!(dup.to_string().contains("correlation id"), "{dup}");
+
+    let reply = first.await.unwrap().unwrap();
+    assert_eq!(reply.properties.correlation_id.as_deref(), Some("order-42"));
+    // Once the first call is over, the id can be used again.
+    let again = client
+        .call(&dest, request().with_correlation_id("order-42"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(again.properties.correlation_id.as_deref(), Some("order-42"));
+    // Without an id the client makes a fresh one per call.
+    let a = client.call(&dest, request(), Duration::from_secs(5)).await.unwrap();
+    let b = client.call(&dest, request(), Duration::from_secs(5)).await.unwrap();
+    let (a, b) = (
+        a.properties.correlation_id.unwrap(),
+        b.properties.correlation_id.unwrap(),
+    );
+    assert_ne!(a, b);
+    assert_eq!(a.len(), 32);
+    h.shutdown().await.unwrap();
 }

@@ -673,3 +673,325 @@ async fn charset_content_encodings_are_plain_bodies_through_decompression() {
     assert_eq!((s.acked, s.rejected, s.failed), (n, 0, 0));
     assert_eq!(sum.load(Ordering::SeqCst), (1..=encodings.len()).sum::<usize>());
 }
+
+// ---- issue 12: outcomes that publish, state, shared layers, waiting, batches ----
+
+use std::sync::OnceLock;
+
+use switchyard::handler::{Outbox, Redelivered, State};
+use switchyard::worker::{batch_fn, BatchConfig};
+use switchyard::{headers, Envelope, PublishOptions};
+
+#[tokio::test]
+async fn outbox_messages_are_published_before_the_ack_with_correlation_and_trace() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    for q in ["orders", "accepted", "audit"] {
+        t.declare_queue(&QueueSpec::new(q)).await.unwrap();
+    }
+    let h = Worker::new(t.clone())
+        .route(
+            "orders",
+            handler_fn(|Json(n): Json<u32>| async move {
+                Ok::<_, HandlerError>(
+                    Outbox::new()
+                        .json(&Destination::queue("accepted"), &(n * 10))?
+                        // A message with its own correlation id keeps it.
+                        .publish(
+                            Destination::queue("audit"),
+                            Message::new("audit").with_correlation_id("own"),
+                        ),
+                )
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    t.publish(
+        &Destination::queue("orders"),
+        Message::json(&4)
+            .unwrap()
+            .with_correlation_id("order-4")
+            .with_header(headers::TRACEPARENT, tp)
+            .with_header(headers::TRACESTATE, "vendor=1"),
+    )
+    .await
+    .unwrap();
+    let stats = h.wait_handled("orders", 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((stats.acked, stats.published, stats.requeued), (1, 2, 0));
+    h.shutdown().await.unwrap();
+    let accepted = drain(&t, "accepted").await;
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(&accepted[0].body[..], b"40");
+    assert!(accepted[0].properties.persistent);
+    assert_eq!(accepted[0].properties.correlation_id.as_deref(), Some("order-4"));
+    assert_eq!(accepted[0].headers.get_str(headers::TRACEPARENT), Some(tp));
+    assert_eq!(accepted[0].headers.get_str(headers::TRACESTATE), Some("vendor=1"));
+    let audit = drain(&t, "audit").await;
+    assert_eq!(audit[0].properties.correlation_id.as_deref(), Some("own"));
+    assert_eq!(audit[0].headers.get_str(headers::TRACEPARENT), Some(tp));
+    assert_eq!(depth(&t, "orders").await, 0);
+}
+
+#[tokio::test]
+async fn a_failing_outbox_publish_withholds_the_ack_and_requeues() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    for q in ["jobs", "done"] {
+        t.declare_queue(&QueueSpec::new(q)).await.unwrap();
+    }
+    let h = Worker::new(t.clone())
+        .route(
+            "jobs",
+            handler_fn(|Redelivered(again): Redelivered, Text(body): Text| async move {
+                let outbox = Outbox::new().publish(Destination::queue("done"), Message::new(body.clone()));
+                if again {
+                    return outbox;
+                }
+                match body.as_str() {
+                    // Unroutable with mandatory: the broker returns it.
+                    "unroutable" => outbox.publish_with(
+                        Destination::new("amq.direct", "nobody-binds-this"),
+                        Message::new("x"),
+                        PublishOptions::mandatory(),
+                    ),
+                    // An exchange that does not exist.
+                    _ => outbox.publish(Destination::new("no-such-exchange", "x"), Message::new("x")),
+                }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    for body in ["unroutable", "missing-exchange"] {
+        t.publish(&Destination::queue("jobs"), Message::new(body))
+            .await
+            .unwrap();
+    }
+    // Each is handled twice: the first time its publish fails (requeued, not
+    // acked), the redelivery publishes fine and is acked.
+    let stats = h.wait_handled("jobs", 4, Duration::from_secs(5)).await.unwrap();
+    h.shutdown().await.unwrap();
+    assert_eq!(stats.requeued, 2, "{stats:?}");
+    assert_eq!(stats.settle_failed, 2, "{stats:?}");
+    assert_eq!(stats.acked, 2, "{stats:?}");
+    assert_eq!(depth(&t, "jobs").await, 0);
+    // At-least-once: what went out before the failing publish went out again.
+    let mut done: Vec<String> = drain(&t, "done")
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    done.sort();
+    assert_eq!(
+        done,
+        ["missing-exchange", "missing-exchange", "unroutable", "unroutable"]
+    );
+}
+
+#[derive(Debug)]
+struct Greeting(&'static str);
+
+#[tokio::test]
+async fn state_comes_from_the_worker_or_the_handler_and_layers_wrap_every_route() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    for q in ["a", "b"] {
+        t.declare_queue(&QueueSpec::new(q)).await.unwrap();
+    }
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let record = |queue: &'static str| {
+        handler_fn(
+            move |State(seen): State<Arc<parking_lot::Mutex<Vec<String>>>>,
+                  State(g): State<Arc<Greeting>>,
+                  State(layer): State<&'static str>| async move {
+                seen.lock().push(format!("{queue}:{}:{layer}", g.0));
+            },
+        )
+    };
+    // Two shared layers: the later one is outside the earlier one, so the
+    // value the earlier one attaches is the one the handler sees.
+    let inner = switchyard::tower::util::MapRequestLayer::new(|e: Envelope| e.with_extension("inner-layer"));
+    let outer = switchyard::tower::util::MapRequestLayer::new(|e: Envelope| e.with_extension("outer-layer"));
+    let h = Worker::new(t.clone())
+        .with_state(seen.clone())
+        .with_state(Arc::new(Greeting("worker")))
+        .layer(inner)
+        .route("a", record("a"))
+        // Per-handler state shadows the Worker's.
+        .route("b", record("b").with_state(Arc::new(Greeting("handler"))))
+        .layer(outer)
+        .start()
+        .await
+        .unwrap();
+    for q in ["a", "b"] {
+        t.publish(&Destination::queue(q), Message::new("x")).await.unwrap();
+    }
+    h.wait_handled("a", 1, Duration::from_secs(5)).await.unwrap();
+    h.wait_handled("b", 1, Duration::from_secs(5)).await.unwrap();
+    h.shutdown().await.unwrap();
+    let mut seen = seen.lock().clone();
+    seen.sort();
+    assert_eq!(seen, ["a:worker:inner-layer", "b:handler:inner-layer"]);
+}
+
+#[tokio::test]
+async fn missing_state_requeues_instead_of_dead_lettering() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    let dead = dead_letter_topology(&t, "stateless").await;
+    let h = Worker::new(t.clone())
+        .route("stateless", handler_fn(|State(_n): State<u64>| async {}))
+        .start()
+        .await
+        .unwrap();
+    publish_n(&t, "stateless", 1).await;
+    let stats = h.wait_handled("stateless", 1, Duration::from_secs(5)).await.unwrap();
+    h.shutdown().await.unwrap();
+    assert!(stats.requeued >= 1 && stats.rejected == 0, "{stats:?}");
+    assert_eq!(depth(&t, "stateless").await, 1);
+    assert_eq!(depth(&t, &dead).await, 0);
+}
+
+#[tokio::test]
+async fn wait_handled_and_wait_idle_replace_polling() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("w")).await.unwrap();
+    let h = Worker::new(t.clone())
+        .route(
+            "w",
+            handler_fn(|| async { tokio::time::sleep(Duration::from_millis(5)).await }),
+        )
+        .start()
+        .await
+        .unwrap();
+    publish_n(&t, "w", 5).await;
+    let stats = h.wait_handled("w", 5, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(stats.acked, 5);
+    h.wait_idle(Duration::from_millis(30), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(h.stats("w").unwrap().in_flight, 0);
+    let e = h.wait_handled("w", 6, Duration::from_millis(50)).await.unwrap_err();
+    assert_eq!(e.code(), "timeout");
+    assert!(
+        e.to_string().contains("'w'") && e.to_string().contains("5 so far"),
+        "{e}"
+    );
+    assert_eq!(
+        h.wait_handled("nope", 1, Duration::from_millis(10))
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_config"
+    );
+    // Busy the whole time: wait_idle times out.
+    publish_n(&t, "w", 200).await;
+    let e = h
+        .wait_idle(Duration::from_millis(50), Duration::from_millis(30))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "timeout");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn batch_routes_collect_settle_after_the_handler_and_per_message() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    let dead = dead_letter_topology(&t, "rows").await;
+    let handle: Arc<OnceLock<WorkerHandle>> = Arc::new(OnceLock::new());
+    let sizes = Arc::new(parking_lot::Mutex::new(Vec::<usize>::new()));
+    let acked_during = Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (handle, sizes, acked_during, failed_once) =
+            (handle.clone(), sizes.clone(), acked_during.clone(), failed_once.clone());
+        batch_fn(move |rows: Vec<Json<i64>>| {
+            let (handle, sizes, acked_during, failed_once) =
+                (handle.clone(), sizes.clone(), acked_during.clone(), failed_once.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let before = handle.get().map(|h| h.stats("rows").unwrap().acked).unwrap_or(0);
+                acked_during.lock().push(before);
+                sizes.lock().push(rows.len());
+                // The first batch fails as a whole (transient): all requeued.
+                if failed_once.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return vec![Err(HandlerError::retry("db busy")); rows.len()];
+                }
+                // Per message: negative numbers are rejected.
+                rows.iter()
+                    .map(|Json(n)| {
+                        if *n < 0 {
+                            Err(HandlerError::reject("negative"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect()
+            }
+        })
+    };
+    let h = Worker::new(t.clone())
+        .batch_route("rows", handler, BatchConfig::new(3, Duration::from_millis(100)))
+        .start()
+        .await
+        .unwrap();
+    let _ = handle.set(h.clone());
+    for body in ["1", "2", "-3", "4", "oops", "6", "7"] {
+        t.publish(
+            &Destination::queue("rows"),
+            Message::new(body).with_content_type("application/json"),
+        )
+        .await
+        .unwrap();
+    }
+    // 7 messages, the first batch of 3 twice (failed, then redelivered).
+    let stats = h.wait_handled("rows", 10, Duration::from_secs(5)).await.unwrap();
+    h.wait_idle(Duration::from_millis(150), Duration::from_secs(5))
+        .await
+        .unwrap();
+    h.shutdown().await.unwrap();
+    let stats_now = h.stats("rows").unwrap();
+    assert!(stats.max_in_flight <= 3, "{stats:?}");
+    assert_eq!(stats_now.requeued, 3, "{stats_now:?}");
+    // "-3" by the handler, "oops" by its decoding.
+    assert_eq!(stats_now.rejected, 2, "{stats_now:?}");
+    assert_eq!(stats_now.acked, 5, "{stats_now:?}");
+    assert_eq!(depth(&t, "rows").await, 0);
+    assert_eq!(depth(&t, &dead).await, 2);
+    let sizes = sizes.lock().clone();
+    assert!(sizes.iter().all(|&n| (1..=3).contains(&n)), "{sizes:?}");
+    // The handler never saw "oops"; 7 messages + 3 redelivered - 1 undecodable.
+    assert_eq!(sizes.iter().sum::<usize>(), 9, "{sizes:?}");
+    // Nothing of a batch is acked while its handler runs: the acks seen by
+    // each call only ever come from earlier batches (the failed first batch: 0).
+    let acked_during = acked_during.lock().clone();
+    assert_eq!(acked_during[..2], [0, 0], "{acked_during:?}");
+}
+
+#[tokio::test]
+async fn batch_routes_refuse_a_prefetch_below_the_batch_size() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("small")).await.unwrap();
+    let e = Worker::new(t.clone())
+        .batch_route(
+            "small",
+            batch_fn(|_: Vec<Envelope>| async {}),
+            BatchConfig::new(50, Duration::from_millis(10)).prefetch(10),
+        )
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_config");
+    assert!(
+        e.to_string().contains("prefetch") && e.to_string().contains("50"),
+        "{e}"
+    );
+    assert_eq!(t.queue_info("small").await.unwrap().consumer_count, 0);
+    // The default prefetch is the batch size.
+    assert_eq!(BatchConfig::new(50, Duration::from_millis(10)).effective_prefetch(), 50);
+}

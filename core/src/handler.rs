@@ -36,8 +36,9 @@ use tower::Service;
 use crate::codec::JsonCodec;
 use crate::envelope::Envelope;
 use crate::error::Error;
-use crate::message::{Headers, Message};
-use crate::transport::DeliveryInfo;
+use crate::message::{Headers, Message, Properties};
+use crate::topology::Destination;
+use crate::transport::{DeliveryInfo, PublishOptions};
 
 /// What a handler did with a message. Every outcome acknowledges the
 /// delivery; they differ in what the Worker does first and in what metrics
@@ -60,6 +61,14 @@ pub enum Outcome {
     /// The dead-letter layer published the message to the dead-letter
     /// exchange with its reason; acknowledge the original.
     DeadLettered,
+    /// Done, with messages to publish: the Worker publishes every message of
+    /// the [`Outbox`] (carrying over the handled message's correlation id and
+    /// `traceparent`/`tracestate` headers where a message has none), then its
+    /// reply if any (as for [`Outcome::Reply`]), and only then acknowledges.
+    /// If a publish fails the delivery is nacked with requeue instead:
+    /// "consume, produce, ack" as one step (at-least-once: a redelivery may
+    /// publish again the messages that did go out).
+    Publish(Outbox),
 }
 
 impl Outcome {
@@ -70,7 +79,142 @@ impl Outcome {
             Outcome::Reply(_) => "reply",
             Outcome::Retried => "retry",
             Outcome::DeadLettered => "dead_letter",
+            Outcome::Publish(_) => "publish",
         }
+    }
+}
+
+/// One message of an [`Outbox`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// Where it goes.
+    pub destination: Destination,
+    /// The message.
+    pub message: Message,
+    /// Publish options (e.g. mandatory).
+    pub options: PublishOptions,
+}
+
+/// Messages a handler wants published before its delivery is acknowledged
+/// (see [`Outcome::Publish`]); return it from a handler (or `Ok(outbox)`).
+///
+/// ```
+/// use switchyard_core::handler::{handler_fn, Json, Outbox};
+/// use switchyard_core::{Destination, HandlerError, Message};
+///
+/// #[derive(serde::Deserialize, serde::Serialize)]
+/// struct Order { id: u64 }
+///
+/// let handler = handler_fn(|Json(order): Json<Order>| async move {
+///     Ok::<_, HandlerError>(
+///         Outbox::new()
+///             .json(&Destination::new("billing", "order.accepted"), &order)?
+///             .publish(Destination::queue("audit"), Message::new(format!("order {}", order.id)).transient()),
+///     )
+/// });
+/// # let _ = switchyard_core::handler::boxed(handler);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outbox {
+    messages: Vec<OutboxMessage>,
+    reply: Option<Message>,
+}
+
+impl Outbox {
+    /// An empty outbox (returning it just acknowledges).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `message` for `destination`.
+    pub fn publish(mut self, destination: Destination, message: Message) -> Self {
+        self.push(destination, message);
+        self
+    }
+
+    /// Adds `message` for `destination` with publish `options`.
+    pub fn publish_with(mut self, destination: Destination, message: Message, options: PublishOptions) -> Self {
+        self.messages.push(OutboxMessage {
+            destination,
+            message,
+            options,
+        });
+        self
+    }
+
+    /// Adds `payload` as a persistent JSON message for `destination`; an
+    /// encoding failure is a permanent handler failure.
+    pub fn json<T: Serialize + ?Sized>(self, destination: &Destination, payload: &T) -> Result<Self, HandlerError> {
+        self.json_with(destination, payload, |m| m)
+    }
+
+    /// Like [`json`](Outbox::json), with `build` setting properties and
+    /// headers on the message.
+    pub fn json_with<T: Serialize + ?Sized>(
+        self,
+        destination: &Destination,
+        payload: &T,
+        build: impl FnOnce(Message) -> Message,
+    ) -> Result<Self, HandlerError> {
+        let message = JsonCodec
+            .to_message(payload)
+            .map_err(|e| HandlerError::reject(format!("outbox message could not be encoded: {e}")))?;
+        Ok(self.publish(destination.clone(), build(message)))
+    }
+
+    /// Adds `message` for `destination` (for loops).
+    pub fn push(&mut self, destination: Destination, message: Message) {
+        self.messages.push(OutboxMessage {
+            destination,
+            message,
+            options: PublishOptions::default(),
+        });
+    }
+
+    /// Also replies with `message` (published after the others, when the
+    /// handled message has `reply_to`; as [`Outcome::Reply`]).
+    pub fn reply(mut self, message: Message) -> Self {
+        self.reply = Some(message);
+        self
+    }
+
+    /// Also replies with `payload` as JSON.
+    pub fn reply_json<T: Serialize + ?Sized>(self, payload: &T) -> Result<Self, HandlerError> {
+        let message = JsonCodec
+            .to_message(payload)
+            .map_err(|e| HandlerError::reject(format!("reply could not be encoded: {e}")))?;
+        Ok(self.reply(message))
+    }
+
+    /// The messages to publish, in order.
+    pub fn messages(&self) -> &[OutboxMessage] {
+        &self.messages
+    }
+
+    /// The reply, if any.
+    pub fn reply_message(&self) -> Option<&Message> {
+        self.reply.as_ref()
+    }
+
+    /// Number of messages to publish (the reply not counted).
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// True if there is nothing to publish (the reply not counted).
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// The messages and the reply.
+    pub fn into_parts(self) -> (Vec<OutboxMessage>, Option<Message>) {
+        (self.messages, self.reply)
+    }
+}
+
+impl IntoOutcome for Outbox {
+    fn into_outcome(self) -> Result<Outcome, HandlerError> {
+        Ok(Outcome::Publish(self))
     }
 }
 
@@ -389,6 +533,166 @@ impl FromEnvelope for Attempt {
     }
 }
 
+/// The message's AMQP properties.
+impl FromEnvelope for Properties {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        Ok(env.properties().clone())
+    }
+}
+
+macro_rules! simple_extractor {
+    ($(#[$doc:meta] $name:ident($t:ty) = |$e:ident| $get:expr;)*) => {
+        $(
+            #[$doc]
+            #[derive(Debug, Clone, PartialEq, Eq)]
+            pub struct $name(pub $t);
+
+            impl FromEnvelope for $name {
+                fn from_envelope($e: &Envelope) -> Result<Self, HandlerError> {
+                    Ok($name($get))
+                }
+            }
+        )*
+    };
+}
+
+simple_extractor! {
+    /// The priority, if the message has one.
+    Priority(Option<u8>) = |e| e.priority();
+    /// The content type, if the message has one.
+    ContentType(Option<String>) = |e| e.content_type().map(str::to_owned);
+    /// The content encoding, if the message has one.
+    ContentEncoding(Option<String>) = |e| e.content_encoding().map(str::to_owned);
+    /// True if the message was published persistent.
+    Persistent(bool) = |e| e.persistent();
+    /// The creation timestamp (seconds since the epoch), if set.
+    Timestamp(Option<u64>) = |e| e.timestamp();
+    /// The per-message TTL, if set.
+    Expiration(Option<std::time::Duration>) = |e| e.expiration();
+    /// True if the broker delivered the message before.
+    Redelivered(bool) = |e| e.redelivered();
+    /// The exchange the message was published to (empty: default exchange).
+    Exchange(String) = |e| e.exchange().to_owned();
+    /// The routing key the message was published with.
+    RoutingKey(String) = |e| e.routing_key().to_owned();
+    /// The channel-scoped delivery tag.
+    DeliveryTag(u64) = |e| e.delivery_tag();
+    /// The queue the message was consumed from.
+    Queue(String) = |e| e.queue().to_owned();
+}
+
+/// State shared with handlers, like axum's `State`: given to the Worker
+/// ([`Worker::with_state`](crate::worker::Worker::with_state), every route)
+/// or to one handler ([`HandlerFn::with_state`], [`StateLayer`]). `T` is
+/// cloned per delivery, so share big or mutable state as `Arc<…>`.
+///
+/// Extracting a `State<T>` that was never given fails the delivery as a
+/// transient error (requeued, not lost) and logs an error naming the type:
+/// a wiring mistake must not dead-letter messages.
+///
+/// ```
+/// use std::sync::Arc;
+/// use switchyard_core::handler::{handler_fn, Json, State};
+///
+/// struct Db { url: String }
+///
+/// let handler = handler_fn(|State(db): State<Arc<Db>>, Json(n): Json<u32>| async move {
+///     let _ = (&db.url, n);
+/// })
+/// .with_state(Arc::new(Db { url: "postgres://".into() }));
+/// # let _ = switchyard_core::handler::boxed(handler);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct State<T>(pub T);
+
+impl<T: Clone + Send + Sync + 'static> FromEnvelope for State<T> {
+    fn from_envelope(env: &Envelope) -> Result<Self, HandlerError> {
+        match env.extensions().get::<T>() {
+            Some(v) => Ok(State(v.clone())),
+            None => {
+                let ty = std::any::type_name::<T>();
+                tracing::error!(
+                    state_type = ty,
+                    queue = env.queue(),
+                    "handler asks for State<{ty}> but none was given (Worker::with_state or handler_fn(..).with_state)"
+                );
+                Err(HandlerError::retry(format!(
+                    "no state of type {ty}: give it with Worker::with_state or handler_fn(..).with_state"
+                )))
+            }
+        }
+    }
+}
+
+/// A tower layer that attaches `state` to every envelope passing through,
+/// for the [`State`] extractor of the handlers (and layers) inside it.
+#[derive(Clone)]
+pub struct StateLayer<T> {
+    state: Arc<T>,
+}
+
+impl<T> fmt::Debug for StateLayer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StateLayer<{}>", std::any::type_name::<T>())
+    }
+}
+
+impl<T: Send + Sync + 'static> StateLayer<T> {
+    /// A layer attaching `state`.
+    pub fn new(state: T) -> Self {
+        StateLayer { state: Arc::new(state) }
+    }
+}
+
+impl<S, T> tower::Layer<S> for StateLayer<T> {
+    type Service = WithState<S, T>;
+    fn layer(&self, inner: S) -> WithState<S, T> {
+        WithState {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// A handler with state attached; see [`StateLayer`] and [`HandlerFn::with_state`].
+pub struct WithState<S, T> {
+    inner: S,
+    state: Arc<T>,
+}
+
+impl<S: Clone, T> Clone for WithState<S, T> {
+    fn clone(&self) -> Self {
+        WithState {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<S, T> fmt::Debug for WithState<S, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WithState<{}>", std::any::type_name::<T>())
+    }
+}
+
+impl<S, T> Service<Envelope> for WithState<S, T>
+where
+    S: Service<Envelope>,
+    T: Send + Sync + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, env: Envelope) -> S::Future {
+        self.inner.call(env.with_shared_extension(self.state.clone()))
+    }
+}
+
 /// The boxed future of a handler.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Outcome, HandlerError>> + Send + 'static>>;
 
@@ -433,6 +737,17 @@ impl<F: Clone, Args> Clone for HandlerFn<F, Args> {
 impl<F, Args> fmt::Debug for HandlerFn<F, Args> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("HandlerFn")
+    }
+}
+
+impl<F, Args> HandlerFn<F, Args> {
+    /// Attaches `state` for this handler's [`State`] extractor (it shadows
+    /// state of the same type given to the Worker).
+    pub fn with_state<T: Send + Sync + 'static>(self, state: T) -> WithState<Self, T> {
+        WithState {
+            inner: self,
+            state: Arc::new(state),
+        }
     }
 }
 

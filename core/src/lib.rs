@@ -28,11 +28,13 @@ pub mod transport;
 pub mod worker;
 
 pub use codec::{Codec, JsonCodec};
-pub use envelope::{headers, Envelope};
+pub use envelope::{headers, Envelope, Extensions, FromHeaderValue};
 pub use error::{BrokerReply, CloseScope, Error, Result};
-pub use handler::{handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outcome};
+pub use handler::{
+    handler_fn, FailureKind, FromEnvelope, Handler, HandlerError, IntoOutcome, Json, Outbox, Outcome, State, StateLayer,
+};
 pub use message::{HeaderValue, Headers, Message, Properties};
-pub use settings::Settings;
+pub use settings::{Settings, TransportKind};
 pub use topology::{
     Binding, Destination, ExchangeKind, ExchangeSpec, Overflow, QueueArguments, QueueInfo, QueueSpec, QueueType,
     Topology,

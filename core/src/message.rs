@@ -219,9 +219,12 @@ impl<'a> IntoIterator for &'a Headers {
 
 /// AMQP basic properties of a message.
 ///
-/// `persistent` maps to delivery mode 2 (true) or 1 (false); `expiration`
-/// is the per-message TTL, sent to the broker in whole milliseconds.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// `persistent` maps to delivery mode 2 (true) or 1 (false) and is **true by
+/// default**: a message survives a broker restart on a durable queue unless
+/// you opt out with [`Message::transient`] / [`Message::persistent`]`(false)`.
+/// `expiration` is the per-message TTL, sent to the broker in whole
+/// milliseconds.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Properties {
     /// MIME type of the body, e.g. `application/json`.
     pub content_type: Option<String>,
@@ -239,7 +242,7 @@ pub struct Properties {
     pub priority: Option<u8>,
     /// Per-message time to live.
     pub expiration: Option<Duration>,
-    /// Delivery mode 2 (written to disk on durable queues) when true.
+    /// Delivery mode 2 (written to disk on durable queues) when true (the default).
     pub persistent: bool,
     /// Application message type name (AMQP `type`).
     pub kind: Option<String>,
@@ -249,19 +252,41 @@ pub struct Properties {
     pub user_id: Option<String>,
 }
 
+impl Default for Properties {
+    /// No properties set, except `persistent` (true).
+    fn default() -> Self {
+        Properties {
+            content_type: None,
+            content_encoding: None,
+            correlation_id: None,
+            reply_to: None,
+            message_id: None,
+            timestamp: None,
+            priority: None,
+            expiration: None,
+            persistent: true,
+            kind: None,
+            app_id: None,
+            user_id: None,
+        }
+    }
+}
+
 /// A message: body, properties and headers.
 ///
-/// Built with chained setters:
+/// Messages are persistent (delivery mode 2) unless made
+/// [`transient`](Message::transient). Built with chained setters:
 ///
 /// ```
 /// use switchyard_core::Message;
 /// let m = Message::new("hello")
 ///     .with_content_type("text/plain")
 ///     .with_priority(5)
-///     .with_header("tenant", "acme")
-///     .persistent(true);
+///     .with_header("tenant", "acme");
 /// assert_eq!(m.properties.priority, Some(5));
 /// assert_eq!(m.headers.get_str("tenant"), Some("acme"));
+/// assert!(m.properties.persistent);
+/// assert!(!Message::new("event").transient().properties.persistent);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Message {
@@ -274,7 +299,7 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message with `body`, no headers and default properties (transient).
+    /// A message with `body`, no headers and default properties (persistent).
     pub fn new(body: impl Into<Bytes>) -> Self {
         Message {
             body: body.into(),
@@ -282,7 +307,8 @@ impl Message {
         }
     }
 
-    /// A JSON message: `payload` serialized, `content_type` = `application/json`.
+    /// A persistent JSON message: `payload` serialized, `content_type` =
+    /// `application/json`.
     pub fn json<T: serde::Serialize + ?Sized>(payload: &T) -> crate::Result<Self> {
         crate::codec::JsonCodec.to_message(payload)
     }
@@ -347,10 +373,17 @@ impl Message {
         self
     }
 
-    /// Makes the message persistent (delivery mode 2) or transient.
+    /// Makes the message persistent (delivery mode 2, the default) or
+    /// transient (delivery mode 1).
     pub fn persistent(mut self, yes: bool) -> Self {
         self.properties.persistent = yes;
         self
+    }
+
+    /// Makes the message transient (delivery mode 1): faster, but lost if
+    /// the broker restarts. Same as `.persistent(false)`.
+    pub fn transient(self) -> Self {
+        self.persistent(false)
     }
 
     /// Adds a header.
@@ -408,6 +441,15 @@ mod tests {
         assert_eq!(h.get("a"), Some(&HeaderValue::I32(5)));
         assert_eq!(h.get_str("s"), Some("x"));
         assert_eq!(h.get_i64("s"), None);
+    }
+
+    #[test]
+    fn messages_are_persistent_unless_made_transient() {
+        assert!(Message::new("x").properties.persistent);
+        assert!(Message::default().properties.persistent);
+        assert!(Message::json(&1).unwrap().properties.persistent);
+        assert!(!Message::new("x").transient().properties.persistent);
+        assert!(!Message::new("x").persistent(false).properties.persistent);
     }
 
     #[test]

@@ -171,21 +171,51 @@ impl RpcClient {
     }
 
     /// Sends `message` to `dest` and waits up to `timeout` (publish
-    /// included) for the reply. Sets `reply_to` and a fresh correlation id
-    /// on the request (replacing any the message had).
+    /// included) for the reply. Sets `reply_to` on the request. The
+    /// request's correlation id is kept when it has one (so a caller can
+    /// trace the call under its own id) and is a fresh random id otherwise;
+    /// the reply carries the same id.
     ///
     /// Errors: [`Error::RpcTimeout`] when no reply came in time (the waiter
     /// is removed; a later reply is counted in
     /// [`late_replies`](RpcClient::late_replies)), the publish error if the
     /// request could not be published, [`Error::ConnectionClosed`] if the
-    /// reply channel is gone.
+    /// reply channel is gone, and [`Error::InvalidConfig`] (variable
+    /// `correlation_id`) when a call of this client with the same
+    /// correlation id is still waiting for its reply (its reply could not
+    /// be told apart).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: switchyard_core::rpc::RpcClient) -> switchyard_core::Result<()> {
+    /// use std::time::Duration;
+    /// use switchyard_core::{Destination, Message};
+    /// let request = Message::new("ping").with_correlation_id("order-42");
+    /// let reply = client.call(&Destination::queue("pings"), request, Duration::from_secs(5)).await?;
+    /// assert_eq!(reply.properties.correlation_id.as_deref(), Some("order-42"));
+    /// # Ok(()) }
+    /// ```
     pub async fn call(&self, dest: &Destination, mut message: Message, timeout: Duration) -> Result<Message> {
         if let Some(e) = self.shared.closed_error() {
             return Err(e);
         }
-        let id = new_id();
+        let id = match message.properties.correlation_id.take() {
+            Some(id) if !id.is_empty() => id,
+            _ => new_id(),
+        };
         let (tx, rx) = oneshot::channel();
-        self.shared.pending.lock().insert(id.clone(), tx);
+        {
+            let mut pending = self.shared.pending.lock();
+            if pending.contains_key(&id) {
+                return Err(Error::InvalidConfig {
+                    variable: "correlation_id".into(),
+                    value: id,
+                    reason: "a call of this RPC client with this correlation id is still waiting for its reply; \
+                             correlation ids must be unique among calls in flight"
+                        .into(),
+                });
+            }
+            pending.insert(id.clone(), tx);
+        }
         let _guard = WaiterGuard {
             shared: &self.shared,
             id: id.clone(),
@@ -336,8 +366,7 @@ mod tests {
             .unwrap();
         assert_eq!(&reply.body[..], b"42");
         let cid = reply.properties.correlation_id.unwrap();
-        assert_ne!(cid, "mine", "the client sets a fresh correlation id");
-        assert_eq!(cid.len(), 32);
+        assert_eq!(cid, "mine", "the client keeps the caller's correlation id");
         assert_eq!(client.pending_calls(), 0);
         assert_eq!(client.late_replies(), 0);
         assert_eq!(client.replies_received(), 21);

@@ -29,6 +29,14 @@
 //! | `RABBITMQ_CONNECTION_NAME` | `switchyard` | connection name shown in the management UI (`/publish`, `/consume` appended) |
 //! | `RABBITMQ_CONNECTION_TIMEOUT` | `30.0` (seconds) | 0.1–300.0 |
 //! | `RABBITMQ_CONFIRM_TIMEOUT` | `30.0` (seconds) | 0.1–600.0 |
+//! | `RABBITMQ_TRANSPORT` | unset (see below) | memory, lapin, amqprs |
+//!
+//! **Transport choice** (`switchyard::connect`): `RABBITMQ_TRANSPORT` names
+//! the transport; when it is unset, a `RABBITMQ_URL` of the form `memory://`
+//! selects the in-process broker, and anything else a RabbitMQ transport
+//! (lapin when its cargo feature is on, else amqprs). A `memory://` URL with
+//! `RABBITMQ_TRANSPORT` naming a RabbitMQ transport is refused.
+//! See [`Settings::transport_kind`].
 //!
 //! Booleans accept `true`/`false`/`1`/`0`/`yes`/`no` in any case; an empty
 //! variable counts as unset, except for the user and password. Every error is
@@ -168,6 +176,51 @@ pub struct Settings {
     /// `RABBITMQ_CONFIRM_TIMEOUT`: how long a publish waits for its broker
     /// confirm before failing with `publish_unconfirmed` (default 30 s, 0.1–600 s).
     pub confirm_timeout: Duration,
+    /// `RABBITMQ_TRANSPORT`: which transport `switchyard::connect` builds;
+    /// `None`: decided by the URL scheme (see [`Settings::transport_kind`]).
+    pub transport: Option<TransportKind>,
+}
+
+/// A transport `switchyard::connect` can build (`RABBITMQ_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// The in-process broker (`switchyard-memory`, cargo feature `memory`).
+    Memory,
+    /// RabbitMQ through lapin (cargo feature `lapin`).
+    Lapin,
+    /// RabbitMQ through amqprs (cargo feature `amqprs`).
+    Amqprs,
+}
+
+impl TransportKind {
+    /// The name used in `RABBITMQ_TRANSPORT` and in cargo features.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TransportKind::Memory => "memory",
+            TransportKind::Lapin => "lapin",
+            TransportKind::Amqprs => "amqprs",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = Error;
+    /// Parses `memory`, `lapin` or `amqprs` (any case); the error names
+    /// `RABBITMQ_TRANSPORT`.
+    fn from_str(v: &str) -> Result<Self> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "memory" => Ok(TransportKind::Memory),
+            "lapin" => Ok(TransportKind::Lapin),
+            "amqprs" => Ok(TransportKind::Amqprs),
+            _ => Err(invalid("RABBITMQ_TRANSPORT", v, "must be one of memory, lapin, amqprs")),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -196,6 +249,7 @@ impl Default for Settings {
             connection_name: "switchyard".into(),
             connection_timeout: Duration::from_secs(30),
             confirm_timeout: Duration::from_secs(30),
+            transport: None,
         }
     }
 }
@@ -226,6 +280,7 @@ impl fmt::Debug for Settings {
             .field("connection_name", &self.connection_name)
             .field("connection_timeout", &self.connection_timeout)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -599,6 +654,9 @@ impl Settings {
         if let Some(v) = get("RABBITMQ_CONFIRM_TIMEOUT") {
             s.confirm_timeout = parse_secs("RABBITMQ_CONFIRM_TIMEOUT", &v, 0.1, 600.0)?;
         }
+        if let Some(v) = get("RABBITMQ_TRANSPORT") {
+            s.transport = Some(v.parse()?);
+        }
         s.validate()?;
         Ok(s)
     }
@@ -655,8 +713,53 @@ impl Settings {
                 "must be at most 200 bytes without control characters",
             ));
         }
+        if self.memory_url() {
+            if let Some(kind @ (TransportKind::Lapin | TransportKind::Amqprs)) = self.transport {
+                return Err(invalid(
+                    "RABBITMQ_TRANSPORT",
+                    kind.as_str(),
+                    "RABBITMQ_URL is a memory:// URL; set RABBITMQ_TRANSPORT=memory or an amqp:// URL",
+                ));
+            }
+            return Ok(());
+        }
+        if self.transport == Some(TransportKind::Memory) {
+            return Ok(());
+        }
         self.endpoint()?;
         Ok(())
+    }
+
+    /// True when `RABBITMQ_URL` is a `memory://` URL.
+    fn memory_url(&self) -> bool {
+        self.url.expose().trim().to_ascii_lowercase().starts_with("memory://")
+    }
+
+    /// The transport these settings select: `RABBITMQ_TRANSPORT` if set,
+    /// else [`TransportKind::Memory`] for a `memory://` URL, else `None`
+    /// ("a RabbitMQ transport": `switchyard::connect` takes lapin when its
+    /// feature is on, else amqprs).
+    ///
+    /// ```
+    /// use switchyard_core::settings::{Settings, TransportKind};
+    /// assert_eq!(Settings::default().transport_kind(), None);
+    /// assert_eq!(Settings::default().with_url("memory://").transport_kind(), Some(TransportKind::Memory));
+    /// assert_eq!(
+    ///     Settings::default().with_transport(TransportKind::Amqprs).transport_kind(),
+    ///     Some(TransportKind::Amqprs)
+    /// );
+    /// let e = Settings::from_lookup(|k| (k == "RABBITMQ_TRANSPORT").then(|| "kafka".to_string())).unwrap_err();
+    /// assert_eq!(e.to_string(), "invalid configuration: RABBITMQ_TRANSPORT=kafka: must be one of memory, lapin, amqprs");
+    /// ```
+    pub fn transport_kind(&self) -> Option<TransportKind> {
+        self.transport
+            .or_else(|| self.memory_url().then_some(TransportKind::Memory))
+    }
+
+    /// Sets `RABBITMQ_TRANSPORT`.
+    pub fn with_transport(mut self, kind: TransportKind) -> Self {
+        self.transport = Some(kind);
+        self
     }
 
     /// True when `RABBITMQ_URL` decides the connection (it is set to a value
@@ -866,6 +969,40 @@ pub fn get() -> Result<&'static Settings> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rabbitmq_transport_is_parsed_validated_and_checked_against_the_url() {
+        assert_eq!(lookup(&[]).unwrap().transport, None);
+        for (raw, kind) in [
+            ("memory", TransportKind::Memory),
+            ("LAPIN", TransportKind::Lapin),
+            (" amqprs ", TransportKind::Amqprs),
+        ] {
+            let s = one("RABBITMQ_TRANSPORT", raw).unwrap();
+            assert_eq!(s.transport, Some(kind));
+            assert_eq!(s.transport_kind(), Some(kind));
+        }
+        let e = one("RABBITMQ_TRANSPORT", "kafka").unwrap_err();
+        assert_eq!(e.code(), "invalid_config");
+        assert!(e.to_string().contains("RABBITMQ_TRANSPORT=kafka"), "{e}");
+        // Empty counts as unset.
+        assert_eq!(one("RABBITMQ_TRANSPORT", "").unwrap().transport, None);
+        // A memory:// URL selects memory and skips the AMQP URL checks.
+        let s = one("RABBITMQ_URL", "memory://").unwrap();
+        assert_eq!(s.transport_kind(), Some(TransportKind::Memory));
+        let e = lookup(&[("RABBITMQ_URL", "memory://"), ("RABBITMQ_TRANSPORT", "lapin")]).unwrap_err();
+        assert!(e.to_string().contains("RABBITMQ_TRANSPORT=lapin"), "{e}");
+        assert!(e.to_string().contains("memory://"), "{e}");
+        let s = lookup(&[("RABBITMQ_URL", "memory://"), ("RABBITMQ_TRANSPORT", "memory")]).unwrap();
+        assert_eq!(s.transport_kind(), Some(TransportKind::Memory));
+        // An amqp URL leaves the choice to the features.
+        assert_eq!(
+            one("RABBITMQ_URL", "amqp://u:p@h:5672/v").unwrap().transport_kind(),
+            None
+        );
+        // Some other scheme is still refused unless the transport is memory.
+        assert!(one("RABBITMQ_URL", "kafka://x").is_err());
+    }
 
     fn lookup(pairs: &[(&str, &str)]) -> Result<Settings> {
         let owned: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

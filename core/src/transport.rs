@@ -77,12 +77,70 @@ pub trait Publisher: Send + Sync {
 }
 
 /// Typed conveniences for any publisher, `dyn Publisher` included.
+///
+/// ```
+/// # async fn demo(transport: std::sync::Arc<dyn switchyard_core::Transport>) -> switchyard_core::Result<()> {
+/// use std::time::Duration;
+/// use switchyard_core::{Destination, PublishOptions, PublisherExt};
+///
+/// let dest = Destination::new("contextiq.extraction", "extraction.request");
+/// let request = serde_json::json!({ "session_id": "s-1" });
+/// // Persistent JSON, default options.
+/// transport.publish_json(&dest, &request).await?;
+/// // The same, with properties set on the message before it is sent (no copy).
+/// transport
+///     .publish_json_with(&dest, &request, |m| {
+///         m.with_priority(5)
+///             .with_correlation_id("c-1")
+///             .with_message_id("m-1")
+///             .with_header("tenant", "acme")
+///             .with_expiration(Duration::from_secs(60))
+///             .transient()
+///     })
+///     .await?;
+/// // And with publish options (mandatory: fail as `unroutable` if no queue is bound).
+/// transport
+///     .publish_json_with_options(&dest, &request, PublishOptions::mandatory(), |m| m.with_priority(9))
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[async_trait]
 pub trait PublisherExt: Publisher {
-    /// Serializes `payload` as JSON (`content_type: application/json`) and publishes it.
+    /// Serializes `payload` as JSON (`content_type: application/json`) and
+    /// publishes it as a persistent message.
     async fn publish_json<T: serde::Serialize + Sync + ?Sized>(&self, dest: &Destination, payload: &T) -> Result<()> {
         let message = JsonCodec.to_message(payload)?;
         self.publish(dest, message).await
+    }
+
+    /// Like [`publish_json`](PublisherExt::publish_json), with `build` setting
+    /// properties and headers on the encoded message (priority, correlation
+    /// id, message id, persistence, headers, expiration, …) before it is
+    /// published. The message is moved through `build`, never copied.
+    async fn publish_json_with<T, F>(&self, dest: &Destination, payload: &T, build: F) -> Result<()>
+    where
+        T: serde::Serialize + Sync + ?Sized,
+        F: FnOnce(Message) -> Message + Send,
+    {
+        let message = build(JsonCodec.to_message(payload)?);
+        self.publish(dest, message).await
+    }
+
+    /// Like [`publish_json_with`](PublisherExt::publish_json_with), with
+    /// publish options (e.g. [`PublishOptions::mandatory`]).
+    async fn publish_json_with_options<T, F>(
+        &self,
+        dest: &Destination,
+        payload: &T,
+        options: PublishOptions,
+        build: F,
+    ) -> Result<()>
+    where
+        T: serde::Serialize + Sync + ?Sized,
+        F: FnOnce(Message) -> Message + Send,
+    {
+        let message = build(JsonCodec.to_message(payload)?);
+        self.publish_with(dest, message, options).await
     }
 }
 
@@ -593,6 +651,47 @@ mod tests {
             self.sent.lock().push(message.body);
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn publish_json_with_sets_properties_and_options() {
+        struct Record(Mutex<Vec<(Message, PublishOptions)>>);
+        #[async_trait]
+        impl Publisher for Record {
+            async fn publish_with(&self, _: &Destination, message: Message, options: PublishOptions) -> Result<()> {
+                self.0.lock().push((message, options));
+                Ok(())
+            }
+        }
+        let p = Record(Mutex::new(Vec::new()));
+        let dest = Destination::queue("q");
+        p.publish_json(&dest, &1).await.unwrap();
+        p.publish_json_with(&dest, &2, |m| {
+            m.with_priority(5)
+                .with_correlation_id("c")
+                .with_message_id("m")
+                .with_header("h", 1i32)
+                .with_expiration(std::time::Duration::from_secs(2))
+                .transient()
+        })
+        .await
+        .unwrap();
+        p.publish_json_with_options(&dest, &3, PublishOptions::mandatory(), |m| m)
+            .await
+            .unwrap();
+        let sent = p.0.lock();
+        assert!(sent[0].0.properties.persistent);
+        assert_eq!(sent[0].0.properties.content_type.as_deref(), Some("application/json"));
+        let m = &sent[1].0;
+        assert_eq!(&m.body[..], b"2");
+        assert_eq!(m.properties.priority, Some(5));
+        assert_eq!(m.properties.correlation_id.as_deref(), Some("c"));
+        assert_eq!(m.properties.message_id.as_deref(), Some("m"));
+        assert_eq!(m.headers.get_i64("h"), Some(1));
+        assert_eq!(m.properties.expiration, Some(std::time::Duration::from_secs(2)));
+        assert!(!m.properties.persistent);
+        assert!(!sent[1].1.mandatory);
+        assert!(sent[2].1.mandatory);
     }
 
     #[tokio::test]

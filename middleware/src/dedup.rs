@@ -401,7 +401,7 @@ where
                 key: Some(key.clone()),
             };
             let out = inner.call(env).await;
-            if matches!(out, Ok(Outcome::Ack | Outcome::Reply(_))) {
+            if matches!(out, Ok(Outcome::Ack | Outcome::Reply(_) | Outcome::Publish(_))) {
                 if let Err(e) = store.insert(&key).await {
                     tracing::warn!(key = %key, error = %e, "could not remember a handled message");
                 }

@@ -298,7 +298,10 @@ mod tests {
         assert_eq!(p2, p);
         assert_eq!(h2, h);
 
-        let transient = Properties::default();
+        let transient = Properties {
+            persistent: false,
+            ..Properties::default()
+        };
         let b = to_basic_properties(&transient, &Headers::new()).unwrap();
         assert_eq!(b.delivery_mode(), Some(1));
         assert!(b.headers().is_none());

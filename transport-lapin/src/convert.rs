@@ -244,7 +244,7 @@ mod tests {
         let bp = to_properties(&m2).unwrap();
         let back = from_delivery(m2.body.to_vec(), &bp);
         assert_eq!(back, m2);
-        let transient = from_delivery(vec![], &to_properties(&Message::new("")).unwrap());
+        let transient = from_delivery(vec![], &to_properties(&Message::new("").transient()).unwrap());
         assert!(!transient.properties.persistent);
     }
 

@@ -77,13 +77,18 @@ use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::envelope::Envelope;
+pub use batch::{
+    batch_fn, BatchConfig, BatchFn, BatchHandler, BatchOutcome, BoxBatchHandler, FromBatch, IntoBatchOutcome,
+};
+
+use crate::envelope::{headers, Envelope, Extensions};
 use crate::error::{Error, Result};
-use crate::handler::{boxed, BoxHandler, FailureKind, Handler, HandlerError, Outcome};
+use crate::handler::{boxed, BoxHandler, FailureKind, Handler, HandlerError, Outbox, Outcome};
 use crate::settings::{Settings, DEFAULT_PREFETCH};
 use crate::topology::Destination;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Publisher, Settler, Subscription, Transport};
 
+mod batch;
 #[cfg(test)]
 pub(crate) mod fake;
 #[cfg(test)]
@@ -181,6 +186,8 @@ pub struct RouteStats {
     pub rejected: u64,
     /// Replies published.
     pub replied: u64,
+    /// Messages published from [`Outcome::Publish`] outboxes.
+    pub published: u64,
     /// Handler failures (errors and panics), auto-ack routes included.
     pub failed: u64,
     /// Handler panics caught.
@@ -200,6 +207,7 @@ struct Counters {
     requeued: AtomicU64,
     rejected: AtomicU64,
     replied: AtomicU64,
+    published: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
     settle_failed: AtomicU64,
@@ -220,6 +228,7 @@ impl Counters {
             requeued: r(&self.requeued),
             rejected: r(&self.rejected),
             replied: r(&self.replied),
+            published: r(&self.published),
             failed: r(&self.failed),
             panicked: r(&self.panicked),
             settle_failed: r(&self.settle_failed),
@@ -249,8 +258,41 @@ pub enum ConsumerStatus {
 
 struct Route {
     queue: String,
-    handler: BoxHandler,
+    handler: RouteHandler,
     config: RouteConfig,
+}
+
+/// What a route runs: one handler call per delivery, or batches.
+enum RouteHandler {
+    Single(BoxHandler),
+    Batch(BoxBatchHandler, BatchConfig),
+}
+
+/// A layer applied by [`Worker::layer`] to every single-message route.
+type BoxLayerFn = Arc<dyn Fn(BoxHandler) -> BoxHandler + Send + Sync>;
+
+/// Attaches the Worker's state to every envelope (the outermost wrapper).
+#[derive(Clone)]
+struct AttachState {
+    inner: BoxHandler,
+    state: Extensions,
+}
+
+impl Service<Envelope> for AttachState {
+    type Response = Outcome;
+    type Error = HandlerError;
+    type Future = <BoxHandler as Service<Envelope>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, env: Envelope) -> Self::Future {
+        self.inner.call(env.with_base_extensions(&self.state))
+    }
 }
 
 /// Binds handlers to queues; see the [module docs](self).
@@ -260,6 +302,8 @@ pub struct Worker {
     shutdown_timeout: Duration,
     default_prefetch: u16,
     reply_publisher: Option<Arc<dyn Publisher>>,
+    layers: Vec<BoxLayerFn>,
+    state: Extensions,
 }
 
 impl fmt::Debug for Worker {
@@ -286,7 +330,84 @@ impl Worker {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             default_prefetch: DEFAULT_PREFETCH,
             reply_publisher: None,
+            layers: Vec::new(),
+            state: Extensions::new(),
         }
+    }
+
+    /// Gives `state` to every route's handlers, for the
+    /// [`State`](crate::handler::State) extractor (also visible to the
+    /// layers, including those of [`layer`](Worker::layer)). Call it once per
+    /// state type; state given to one handler
+    /// ([`HandlerFn::with_state`](crate::handler::HandlerFn::with_state))
+    /// shadows the Worker's of the same type.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchyard_core::handler::{handler_fn, State};
+    /// use switchyard_core::worker::Worker;
+    /// # fn demo(transport: Arc<dyn switchyard_core::Transport>) {
+    /// struct App { greeting: String }
+    /// let worker = Worker::new(transport)
+    ///     .with_state(Arc::new(App { greeting: "hi".into() }))
+    ///     .route("greetings", handler_fn(|State(app): State<Arc<App>>| async move {
+    ///         println!("{}", app.greeting);
+    ///     }));
+    /// # let _ = worker; }
+    /// ```
+    pub fn with_state<T: Send + Sync + 'static>(mut self, state: T) -> Self {
+        self.state = self.state.with(state);
+        self
+    }
+
+    /// Wraps every single-message route's handler — routes added before and
+    /// after this call — in `layer` (a tower layer, e.g. a `ServiceBuilder`
+    /// stack), outside the route's own layers. Later calls wrap earlier
+    /// ones (the last layer added is the outermost), as in axum's
+    /// `Router::layer`. Batch routes are not wrapped (their handlers are not
+    /// `Service<Envelope>`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchyard_core::handler::handler_fn;
+    /// use switchyard_core::worker::Worker;
+    /// # fn demo(transport: std::sync::Arc<dyn switchyard_core::Transport>, shared: impl tower::Layer<switchyard_core::handler::BoxHandler, Service = switchyard_core::handler::BoxHandler> + Send + Sync + 'static) {
+    /// let worker = Worker::new(transport)
+    ///     .layer(shared) // e.g. ServiceBuilder::new().layer(retry).layer(dead_letter) from switchyard-middleware
+    ///     .route("a", handler_fn(|| async {}))
+    ///     .route("b", handler_fn(|| async {}));
+    /// # let _ = worker; }
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<BoxHandler> + Send + Sync + 'static,
+        L::Service: Handler,
+    {
+        self.layers.push(Arc::new(move |h| boxed(layer.layer(h))));
+        self
+    }
+
+    /// Routes `queue` to a batch handler: deliveries are collected until
+    /// `config.size` are there or `config.max_wait` has passed since the
+    /// first, then the handler gets them all, and only after it has finished
+    /// is each delivery settled, from the [`BatchOutcome`] (per message or
+    /// for the whole batch). The route's prefetch is at least the batch
+    /// size ([`start`](Worker::start) refuses a smaller one); one batch runs
+    /// at a time. See [`batch_fn`].
+    pub fn batch_route<B: BatchHandler>(mut self, queue: impl Into<String>, handler: B, config: BatchConfig) -> Self {
+        let route_config = RouteConfig {
+            prefetch: config.effective_prefetch(),
+            concurrency: Some(1),
+            auto_ack: false,
+            exclusive: config.exclusive,
+            consumer_tag: config.consumer_tag.clone(),
+        };
+        self.routes.push(Route {
+            queue: queue.into(),
+            handler: RouteHandler::Batch(BoxBatchHandler::new(handler), config),
+            config: route_config,
+        });
+        self
     }
 
     /// Takes the default prefetch of later [`route`](Worker::route) calls
@@ -315,7 +436,7 @@ impl Worker {
     pub fn route_with<H: Handler>(mut self, queue: impl Into<String>, handler: H, config: RouteConfig) -> Self {
         self.routes.push(Route {
             queue: queue.into(),
-            handler: boxed(handler),
+            handler: RouteHandler::Single(boxed(handler)),
             config,
         });
         self
@@ -335,6 +456,7 @@ impl Worker {
     ///
     /// Replies go to the default exchange with the request's `reply_to` as
     /// routing key ([`Destination::queue`]) and carry its correlation id.
+    /// The messages of [`Outcome::Publish`] outboxes go through it too.
     pub fn reply_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
         self.reply_publisher = Some(publisher);
         self
@@ -358,6 +480,8 @@ impl Worker {
             routes,
             shutdown_timeout,
             reply_publisher,
+            layers,
+            state,
             ..
         } = self;
         if routes.is_empty() {
@@ -369,8 +493,32 @@ impl Worker {
         }
         // Handlers are not `Sync`: keep them out of every borrow held across
         // an await so that this future (and `run`) stays `Send`.
-        let (specs, handlers): (Vec<(String, RouteConfig)>, Vec<BoxHandler>) =
-            routes.into_iter().map(|r| ((r.queue, r.config), r.handler)).unzip();
+        let (specs, handlers): (Vec<(String, RouteConfig)>, Vec<RouteHandler>) = routes
+            .into_iter()
+            .map(|r| {
+                let handler = match r.handler {
+                    RouteHandler::Single(h) => {
+                        let h = layers.iter().fold(h, |h, layer| layer(h));
+                        let h = if state.is_empty() {
+                            h
+                        } else {
+                            boxed(AttachState {
+                                inner: h,
+                                state: state.clone(),
+                            })
+                        };
+                        RouteHandler::Single(h)
+                    }
+                    batch => batch,
+                };
+                ((r.queue, r.config), handler)
+            })
+            .unzip();
+        for ((queue, config), handler) in specs.iter().zip(&handlers) {
+            if let RouteHandler::Batch(_, batch) = handler {
+                batch.check(queue, config.prefetch)?;
+            }
+        }
         let mut seen = HashSet::new();
         for (queue, _) in &specs {
             if !seen.insert(queue.as_str()) {
@@ -415,6 +563,9 @@ impl Worker {
         }
         let (finished_tx, _) = watch::channel(0u64);
         let finished_tx = Arc::new(finished_tx);
+        let (progress, _) = watch::channel(0u64);
+        let progress = Arc::new(progress);
+        let worker_state = state;
         let mut consumers = Vec::with_capacity(specs.len());
         for (((queue, config), handler), sub) in specs.into_iter().zip(handlers).zip(subs) {
             let state = Arc::new(ConsumerState {
@@ -423,6 +574,8 @@ impl Worker {
                 done: CancellationToken::new(),
                 result: Mutex::new(None),
                 counters: Counters::default(),
+                completed: AtomicU64::new(0),
+                progress: progress.clone(),
             });
             let cx = Arc::new(RouteCtx {
                 queue,
@@ -435,11 +588,15 @@ impl Worker {
             tracing::info!(queue = %cx.queue, prefetch = config.prefetch, concurrency = cx.concurrency,
                 auto_ack = config.auto_ack, "worker consuming");
             let finished = finished_tx.clone();
+            let batch_state = worker_state.clone();
             tokio::spawn(async move {
-                let result = match AssertUnwindSafe(consume_loop(cx.clone(), sub, handler))
-                    .catch_unwind()
-                    .await
-                {
+                let run: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>> = match handler {
+                    RouteHandler::Single(handler) => Box::pin(consume_loop(cx.clone(), sub, handler)),
+                    RouteHandler::Batch(handler, config) => {
+                        Box::pin(batch::batch_loop(cx.clone(), sub, handler, config, batch_state))
+                    }
+                };
+                let result = match AssertUnwindSafe(run).catch_unwind().await {
                     Ok(r) => r,
                     Err(p) => Err(Error::transport(format!(
                         "worker consumer on queue '{}' panicked: {}",
@@ -458,7 +615,11 @@ impl Worker {
             consumers.push(state);
         }
         Ok(WorkerHandle {
-            inner: Arc::new(HandleInner { consumers, finished_tx }),
+            inner: Arc::new(HandleInner {
+                consumers,
+                finished_tx,
+                progress,
+            }),
         })
     }
 
@@ -519,6 +680,22 @@ struct ConsumerState {
     done: CancellationToken,
     result: Mutex<Option<Result<()>>>,
     counters: Counters,
+    /// Deliveries whose handling ended and whose settlement was attempted.
+    completed: AtomicU64,
+    /// Bumped (for every consumer of the Worker) when a handler starts or a
+    /// delivery's handling ends; [`WorkerHandle::wait_handled`] and
+    /// [`WorkerHandle::wait_idle`] wait on it.
+    progress: Arc<watch::Sender<u64>>,
+}
+
+impl ConsumerState {
+    fn bump(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+    fn completed_one(&self, n: u64) {
+        self.completed.fetch_add(n, Ordering::Relaxed);
+        self.bump();
+    }
 }
 
 impl ConsumerState {
@@ -533,6 +710,7 @@ impl ConsumerState {
 struct HandleInner {
     consumers: Vec<Arc<ConsumerState>>,
     finished_tx: Arc<watch::Sender<u64>>,
+    progress: Arc<watch::Sender<u64>>,
 }
 
 /// Controls a started [`Worker`]: stop one consumer, stop all, wait, read
@@ -632,6 +810,76 @@ impl WorkerHandle {
             },
             _ => ConsumerStatus::Stopped,
         })
+    }
+
+    /// Waits until the route of `queue` has finished handling (and settled)
+    /// at least `n` deliveries since the Worker started, and returns its
+    /// counters; for tests and scripts, instead of polling
+    /// [`stats`](WorkerHandle::stats). Fails with `timeout` (naming the
+    /// queue and the count reached) after `timeout`, and with
+    /// `invalid_config` if `queue` is not routed.
+    ///
+    /// ```
+    /// # async fn demo(handle: switchyard_core::worker::WorkerHandle) -> switchyard_core::Result<()> {
+    /// use std::time::Duration;
+    /// let stats = handle.wait_handled("orders", 3, Duration::from_secs(5)).await?;
+    /// assert!(stats.acked >= 3);
+    /// handle.wait_idle(Duration::from_millis(50), Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_handled(&self, queue: &str, n: u64, timeout: Duration) -> Result<RouteStats> {
+        let c = self.consumer(queue)?;
+        let mut rx = self.inner.progress.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if c.completed.load(Ordering::Relaxed) >= n {
+                return Ok(c.counters.snapshot());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    let done = c.completed.load(Ordering::Relaxed);
+                    if done >= n {
+                        return Ok(c.counters.snapshot());
+                    }
+                    return Err(Error::Timeout {
+                        operation: format!("waiting for {n} deliveries handled on queue '{queue}' ({done} so far)"),
+                        timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits until no handler of this Worker is running and none has
+    /// started or finished for `quiet` (the pipeline has drained, as far as
+    /// this Worker can tell). Fails with `timeout` after `timeout`.
+    pub async fn wait_idle(&self, quiet: Duration, timeout: Duration) -> Result<()> {
+        let mut rx = self.inner.progress.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let busy = self
+                .inner
+                .consumers
+                .iter()
+                .any(|c| c.counters.in_flight.load(Ordering::Relaxed) > 0);
+            let quiet_until = Instant::now() + quiet;
+            let until = if busy { deadline } else { quiet_until.min(deadline) };
+            match tokio::time::timeout_at(until, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) if !busy && Instant::now() >= quiet_until => return Ok(()),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(Error::Timeout {
+                        operation: "waiting for the worker to be idle".into(),
+                        timeout,
+                    })
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// The counters of the route of `queue` (`None` if not routed).
@@ -877,8 +1125,7 @@ fn dispatch(
     abort: &CancellationToken,
 ) {
     let (message, info, settler) = delivery.into_parts();
-    let reply_to = message.properties.reply_to.clone();
-    let correlation_id = message.properties.correlation_id.clone();
+    let carried = Carried::from_message(&message);
     let env = Envelope::new(message, info.clone());
     // Handler logs carry the queue and delivery tag.
     let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = info.delivery_tag);
@@ -886,6 +1133,7 @@ fn dispatch(
     let counters = cx.counters();
     let now = counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    cx.state.bump();
     let cx = cx.clone();
     let abort = abort.clone();
     let task = async move {
@@ -906,7 +1154,7 @@ fn dispatch(
         match result {
             Some(result) => {
                 inc(&cx.counters().handled);
-                settle(&cx, &info, settler, result, reply_to, correlation_id).await;
+                settle(&cx, &info, settler, result, carried).await;
             }
             None => {
                 // Shutdown deadline passed: the handler was dropped unfinished.
@@ -919,6 +1167,7 @@ fn dispatch(
             }
         }
         cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
+        cx.state.completed_one(1);
     }
     .instrument(span);
     tasks.spawn(task);
@@ -931,18 +1180,107 @@ enum Action {
     Reject,
 }
 
+/// What the Worker carries from a handled message to the messages it
+/// publishes for it (replies and outbox messages).
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    reply_to: Option<String>,
+    correlation_id: Option<String>,
+    traceparent: Option<crate::message::HeaderValue>,
+    tracestate: Option<crate::message::HeaderValue>,
+}
+
+impl Carried {
+    fn from_message(m: &crate::message::Message) -> Self {
+        Carried {
+            reply_to: m.properties.reply_to.clone(),
+            correlation_id: m.properties.correlation_id.clone(),
+            traceparent: m.headers.get(headers::TRACEPARENT).cloned(),
+            tracestate: m.headers.get(headers::TRACESTATE).cloned(),
+        }
+    }
+
+    /// Sets what `m` lacks: the correlation id and the trace context.
+    fn stamp(&self, mut m: crate::message::Message) -> crate::message::Message {
+        if m.properties.correlation_id.is_none() {
+            m.properties.correlation_id = self.correlation_id.clone();
+        }
+        if let Some(tp) = &self.traceparent {
+            if !m.headers.contains_key(headers::TRACEPARENT) {
+                m.headers.insert(headers::TRACEPARENT, tp.clone());
+                if let Some(ts) = &self.tracestate {
+                    if !m.headers.contains_key(headers::TRACESTATE) {
+                        m.headers.insert(headers::TRACESTATE, ts.clone());
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+/// Publishes an outbox's messages in order; the first failure stops it.
+async fn publish_outbox(
+    cx: &RouteCtx,
+    tag: u64,
+    outbox: Vec<crate::handler::OutboxMessage>,
+    carried: &Carried,
+) -> bool {
+    for item in outbox {
+        let message = carried.stamp(item.message);
+        let published = match &cx.reply_publisher {
+            Some(p) => p.publish_with(&item.destination, message, item.options).await,
+            None => {
+                cx.transport
+                    .publish_with(&item.destination, message, item.options)
+                    .await
+            }
+        };
+        match published {
+            Ok(()) => inc(&cx.counters().published),
+            Err(e) => {
+                inc(&cx.counters().settle_failed);
+                tracing::warn!(queue = %cx.queue, delivery_tag = tag, destination = %item.destination, code = e.code(),
+                    error = %e, "outcome message could not be published; requeueing the handled message");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Settles one delivery from its handler's result (the module's table).
 async fn settle(
     cx: &RouteCtx,
     info: &DeliveryInfo,
     settler: Settler,
     result: std::result::Result<Outcome, HandlerError>,
-    reply_to: Option<String>,
-    correlation_id: Option<String>,
+    carried: Carried,
 ) {
     let tag = info.delivery_tag;
+    let result = match result {
+        Ok(Outcome::Publish(outbox)) => {
+            let (messages, reply) = Outbox::into_parts(outbox);
+            if !publish_outbox(cx, tag, messages, &carried).await {
+                if settler.needs_settlement() {
+                    settle_action(cx, info, settler, Action::Requeue, "outcome publish failed").await;
+                }
+                return;
+            }
+            match reply {
+                Some(reply) => Ok(Outcome::Reply(reply)),
+                None => Ok(Outcome::Ack),
+            }
+        }
+        other => other,
+    };
+    let Carried {
+        reply_to,
+        correlation_id,
+        ..
+    } = carried;
     let action = match result {
-        Ok(Outcome::Ack) | Ok(Outcome::Retried) | Ok(Outcome::DeadLettered) => Action::Ack,
+        Ok(Outcome::Ack) | Ok(Outcome::Retried) | Ok(Outcome::DeadLettered) | Ok(Outcome::Publish(_)) => Action::Ack,
         Ok(Outcome::Reply(mut reply)) => match reply_to {
             Some(rt) => {
                 if let Some(cid) = correlation_id {
