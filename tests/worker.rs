@@ -358,6 +358,44 @@ async fn panics_are_caught_requeued_once_then_dead_lettered() {
     );
 }
 
+/// "Requeued once" counts panics, not redeliveries: a message requeued for a
+/// transient error (so `redelivered`) that then panics is requeued, and only
+/// its second panic dead-letters it.
+#[tokio::test]
+async fn a_redelivered_message_gets_one_requeue_on_its_first_panic() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    let dead = dead_letter_topology(&t, "flaky").await;
+    t.publish(&Destination::queue("flaky"), Message::new("x"))
+        .await
+        .unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let h = Worker::new(t.clone())
+        .route(
+            "flaky",
+            handler_fn(move || {
+                let n = c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        return Err::<(), _>(switchyard::HandlerError::retry("not yet"));
+                    }
+                    panic!("handler bug on call {n}");
+                }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    wait_for("dead letter", || h.stats("flaky").unwrap().rejected == 1).await;
+    h.shutdown().await.unwrap();
+    let s = h.stats("flaky").unwrap();
+    // transient → requeue; first panic (redelivered) → requeue; second panic → reject.
+    assert_eq!((s.panicked, s.requeued, s.rejected), (2, 2, 1));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(drain(&t, &dead).await.len(), 1);
+}
+
 #[tokio::test]
 async fn malformed_json_lands_in_the_dead_letter_queue() {
     #[derive(serde::Deserialize)]

@@ -14,6 +14,10 @@
 //! and the reason, so it is dead-lettered, never a panic. Put it inside the
 //! retry and dead-letter layers and outside anything that reads the body.
 //!
+//! Bodies of at least [`BLOCKING_THRESHOLD`] bytes are compressed and
+//! decompressed on tokio's blocking pool (`spawn_blocking`), so a large body
+//! never holds an async worker thread for milliseconds.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use switchyard_core::{handler_fn, Envelope, Publisher};
@@ -47,6 +51,13 @@ use switchyard_core::{Envelope, Error, HandlerError, Message, Outcome};
 use tower::{Layer, Service};
 
 use crate::publish::PublishRequest;
+
+/// Bodies at least this large (64 KiB) are compressed and decompressed on
+/// the blocking pool rather than on the async threads.
+pub const BLOCKING_THRESHOLD: usize = 64 * 1024;
+
+/// A boxed future of this module's large-body paths.
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A body encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -257,17 +268,44 @@ where
 
 impl<S> Service<Envelope> for Compression<S>
 where
-    S: Service<Envelope, Response = Outcome, Error = HandlerError>,
+    S: Service<Envelope, Response = Outcome, Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = DecompressFuture<S::Future>;
+    type Future = Either<DecompressFuture<S::Future>, BoxFut<Result<Outcome, HandlerError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, env: Envelope) -> Self::Future {
+        let m = env.message();
+        if m.properties.content_encoding.is_some() && m.body.len() >= BLOCKING_THRESHOLD {
+            // The ready service goes with the future; a clone stays for the next call.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let (message, max) = (m.clone(), self.cfg.max_decompressed);
+            return Either::Right(Box::pin(async move {
+                let decoded = tokio::task::spawn_blocking(move || decode_message(&message, max))
+                    .await
+                    .map_err(|e| HandlerError::decode(format!("decompression task failed: {e}")))?;
+                match decoded {
+                    Ok(None) => inner.call(env).await,
+                    Ok(Some(m)) => inner.call(env.with_message(m)).await,
+                    Err(e) => Err(HandlerError::from(e)),
+                }
+            }));
+        }
+        Either::Left(self.decode_inline(env))
+    }
+}
+
+impl<S> Compression<S>
+where
+    S: Service<Envelope, Response = Outcome, Error = HandlerError>,
+{
+    fn decode_inline(&mut self, env: Envelope) -> DecompressFuture<S::Future> {
         let state = match decode_message(env.message(), self.cfg.max_decompressed) {
             Ok(None) => State::Handling {
                 fut: self.inner.call(env),
@@ -285,17 +323,46 @@ where
 
 impl<S> Service<PublishRequest> for Compression<S>
 where
-    S: Service<PublishRequest, Error = Error>,
+    S: Service<PublishRequest, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = Either<Ready<Result<S::Response, Error>>, S::Future>;
+    type Future = Either<Either<Ready<Result<S::Response, Error>>, S::Future>, BoxFut<Result<S::Response, Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: PublishRequest) -> Self::Future {
+        if let Some(enc) = self.cfg.encoding {
+            let m = &req.message;
+            if m.properties.content_encoding.is_none() && m.body.len() >= BLOCKING_THRESHOLD.max(self.cfg.threshold) {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let (body, level) = (m.body.clone(), self.cfg.level);
+                return Either::Right(Box::pin(async move {
+                    let compressed = tokio::task::spawn_blocking(move || enc.compress(&body, level))
+                        .await
+                        .map_err(|e| Error::encode(format!("compression task failed: {e}")))??;
+                    if compressed.len() < req.message.body.len() {
+                        req.message.body = compressed;
+                        req.message.properties.content_encoding = Some(enc.as_str().to_owned());
+                    }
+                    inner.call(req).await
+                }));
+            }
+        }
+        Either::Left(self.encode_inline(req))
+    }
+}
+
+impl<S> Compression<S>
+where
+    S: Service<PublishRequest, Error = Error>,
+{
+    fn encode_inline(&mut self, mut req: PublishRequest) -> Either<Ready<Result<S::Response, Error>>, S::Future> {
         if let Some(enc) = self.cfg.encoding {
             let m = &mut req.message;
             if m.properties.content_encoding.is_none() && m.body.len() >= self.cfg.threshold {
@@ -328,31 +395,42 @@ mod tests {
 
     #[tokio::test]
     async fn what_the_publisher_encodes_the_consumer_decodes() {
-        for layer in [CompressionLayer::gzip(), CompressionLayer::zstd().level(5)] {
-            let rec = Arc::new(Recorder::default());
-            let p = ServicePublisher::new(layer.threshold(100).layer(PublisherService::new(rec.clone())));
-            p.publish(&Destination::queue("q"), Message::new(big())).await.unwrap();
-            p.publish(&Destination::queue("q"), Message::new("small"))
-                .await
-                .unwrap();
-            let sent = rec.sent.lock().clone();
-            let m = &sent[0].1;
-            assert_eq!(
-                m.properties.content_encoding.as_deref(),
-                Some(layer.encoding.unwrap().as_str())
-            );
-            assert!(m.body.len() < big().len() / 5);
-            assert_eq!(sent[1].1.properties.content_encoding, None);
-            assert_eq!(&sent[1].1.body[..], b"small");
+        // 9 KiB inline; 90 KiB on the blocking pool (≥ BLOCKING_THRESHOLD).
+        let huge = Bytes::from("the quick brown fox jumps over the lazy dog. ".repeat(2000));
+        assert!(huge.len() >= BLOCKING_THRESHOLD);
+        for body in [big(), huge] {
+            for layer in [CompressionLayer::gzip(), CompressionLayer::zstd().level(5)] {
+                let rec = Arc::new(Recorder::default());
+                let p = ServicePublisher::new(layer.threshold(100).layer(PublisherService::new(rec.clone())));
+                p.publish(&Destination::queue("q"), Message::new(body.clone()))
+                    .await
+                    .unwrap();
+                p.publish(&Destination::queue("q"), Message::new("small"))
+                    .await
+                    .unwrap();
+                let sent = rec.sent.lock().clone();
+                let m = &sent[0].1;
+                assert_eq!(
+                    m.properties.content_encoding.as_deref(),
+                    Some(layer.encoding.unwrap().as_str())
+                );
+                assert!(m.body.len() < body.len() / 5);
+                assert_eq!(sent[1].1.properties.content_encoding, None);
+                assert_eq!(&sent[1].1.body[..], b"small");
 
-            let h = DecompressionLayer::new().layer(handler_fn(|e: Envelope| async move {
-                assert_eq!(e.body(), &big());
-                assert_eq!(e.message().properties.content_encoding, None);
-            }));
-            assert_eq!(
-                h.oneshot(Envelope::for_test(m.clone(), "q")).await.unwrap(),
-                Outcome::Ack
-            );
+                let want = body.clone();
+                let h = DecompressionLayer::new().layer(handler_fn(move |e: Envelope| {
+                    let want = want.clone();
+                    async move {
+                        assert_eq!(e.body(), &want);
+                        assert_eq!(e.message().properties.content_encoding, None);
+                    }
+                }));
+                assert_eq!(
+                    h.oneshot(Envelope::for_test(m.clone(), "q")).await.unwrap(),
+                    Outcome::Ack
+                );
+            }
         }
     }
 

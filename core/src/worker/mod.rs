@@ -578,6 +578,7 @@ impl Worker {
                 progress: progress.clone(),
             });
             let cx = Arc::new(RouteCtx {
+                panicked: Default::default(),
                 queue,
                 transport: transport.clone(),
                 reply_publisher: reply_publisher.clone(),
@@ -928,6 +929,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 struct RouteCtx {
+    /// Messages that panicked once in this route (see [`PanicMemory`]).
+    panicked: parking_lot::Mutex<PanicMemory>,
     queue: String,
     transport: Arc<dyn Transport>,
     /// Publishes replies; `None`: the transport.
@@ -1180,10 +1183,42 @@ enum Action {
     Reject,
 }
 
+/// The messages (by key) that panicked in one route, bounded: the oldest
+/// are forgotten past [`PanicMemory::CAPACITY`].
+#[derive(Default)]
+struct PanicMemory {
+    keys: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl PanicMemory {
+    const CAPACITY: usize = 10_000;
+
+    /// Records `key`; true when it was already there (a second panic).
+    fn seen(&mut self, key: u64) -> bool {
+        if self.keys.remove(&key) {
+            self.order.retain(|k| *k != key);
+            return true;
+        }
+        if self.order.len() >= Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
+        self.keys.insert(key);
+        self.order.push_back(key);
+        false
+    }
+}
+
 /// What the Worker carries from a handled message to the messages it
 /// publishes for it (replies and outbox messages).
 #[derive(Debug, Clone, Default)]
 struct Carried {
+    /// Identifies the message for the panic rule (message id, else body and routing key).
+    panic_key: u64,
+    /// RabbitMQ's `x-delivery-count` (quorum queues): earlier deliveries.
+    delivery_count: Option<u64>,
     reply_to: Option<String>,
     correlation_id: Option<String>,
     traceparent: Option<crate::message::HeaderValue>,
@@ -1192,7 +1227,21 @@ struct Carried {
 
 impl Carried {
     fn from_message(m: &crate::message::Message) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match &m.properties.message_id {
+            Some(id) => id.hash(&mut h),
+            None => m.body.hash(&mut h),
+        }
+        let delivery_count = match m.headers.get("x-delivery-count") {
+            Some(crate::message::HeaderValue::I64(n)) => u64::try_from(*n).ok(),
+            Some(crate::message::HeaderValue::I32(n)) => u64::try_from(*n).ok(),
+            Some(crate::message::HeaderValue::U32(n)) => Some(u64::from(*n)),
+            _ => None,
+        };
         Carried {
+            panic_key: h.finish(),
+            delivery_count,
             reply_to: m.properties.reply_to.clone(),
             correlation_id: m.properties.correlation_id.clone(),
             traceparent: m.headers.get(headers::TRACEPARENT).cloned(),
@@ -1277,6 +1326,8 @@ async fn settle(
     let Carried {
         reply_to,
         correlation_id,
+        panic_key,
+        delivery_count: panic_count,
         ..
     } = carried;
     let action = match result {
@@ -1317,7 +1368,15 @@ async fn settle(
                 FailureKind::Permanent | FailureKind::Decode => Action::Reject,
                 FailureKind::Panic => {
                     inc(&cx.counters().panicked);
-                    if info.redelivered {
+                    // Requeued once, dead-lettered when it panics again: the
+                    // broker's delivery count where it keeps one (quorum
+                    // queues), else this route's memory of panicked messages
+                    // — not `redelivered`, which any requeue sets.
+                    let again = match panic_count {
+                        Some(n) => n >= 1,
+                        None => cx.panicked.lock().seen(panic_key),
+                    };
+                    if again {
                         Action::Reject
                     } else {
                         Action::Requeue
