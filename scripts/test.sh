@@ -3,7 +3,9 @@
 #   1. makes sure RabbitMQ is installed, running and answering (installs
 #      rabbitmq-server with apt-get if missing, starts it detached);
 #   2. checks formatting and clippy (-D warnings);
-#   3. runs the whole workspace's tests with every transport enabled.
+#   3. runs the whole workspace's tests with every transport enabled (the
+#      wire tests also need python3 with aiormq/pamqp, installed with pip
+#      when missing).
 # Broker tests fail (not skip) when the broker is unreachable, because this
 # script sets SWITCHYARD_REQUIRE_RABBITMQ=1.
 set -euo pipefail
@@ -43,7 +45,16 @@ ensure_rabbitmq() {
     log "RabbitMQ is up ($(rabbitmqctl -q version 2>/dev/null || echo unknown version))"
 }
 
+ensure_python_peer() {
+    # The wire tests use a peer that is not switchyard: aiormq/pamqp.
+    if ! python3 -c "import aiormq, pamqp" >/dev/null 2>&1; then
+        log "installing the Python AMQP peer (aiormq, pamqp)"
+        python3 -m pip install -q aiormq pamqp
+    fi
+}
+
 ensure_rabbitmq
+ensure_python_peer
 export SWITCHYARD_REQUIRE_RABBITMQ=1
 
 log "cargo fmt --check"
@@ -57,5 +68,5 @@ cargo test --workspace --all-features
 
 log "the contextiq example on the memory transport, then on RabbitMQ through lapin and amqprs"
 cargo run --quiet --example contextiq
-cargo run --quiet --example contextiq -- --transport lapin
-cargo run --quiet --example contextiq -- --transport amqprs
+cargo run --quiet --features lapin --example contextiq -- --transport lapin
+cargo run --quiet --features amqprs --example contextiq -- --transport amqprs

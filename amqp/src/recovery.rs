@@ -1,24 +1,21 @@
-//! Client-agnostic connection recovery shared by the AMQP transports:
-//! the registry of declared topology and consumers, the buffer of
-//! unconfirmed publishes, reconnect backoff and the observable connection
+//! Client-agnostic recovery pieces of the engine: the registry of declared
+//! topology and consumers, reconnect backoff and the observable connection
 //! state.
 //!
-//! None of this talks to a broker. A transport records what it declared
-//! ([`TopologyRegistry`]) and which consumers it runs ([`ConsumerRegistry`]),
-//! tracks publishes awaiting a confirm ([`PublishBuffer`]), and, when its
-//! connection drops, its supervisor:
+//! When a connection drops, the engine's supervisor:
 //!
 //! 1. sets [`ConnectionState::Reconnecting`] on its [`StateWatch`] (callers of
 //!    `publish` now wait in [`StateWatch::wait_connected`], bounded by
 //!    [`RecoveryConfig::publish_wait_timeout`]),
-//! 2. reconnects, sleeping [`BackoffPolicy`] delays between attempts,
+//! 2. reconnects, sleeping [`BackoffPolicy`] delays between attempts (and
+//!    gives up after [`BackoffPolicy::max_attempts`] when set),
 //! 3. replays the topology with [`TopologyRegistry::replay`] (server-named
 //!    queues get new names; [`TopologyRegistry::resolve_queue`] maps the
 //!    name the application knows to the current one),
-//! 4. restarts each registered consumer, feeding the same sink (so the
-//!    application's `Subscription` keeps streaming),
-//! 5. republishes what [`PublishBuffer::drain`] returns,
-//! 6. sets [`ConnectionState::Connected`].
+//! 4. restarts each registered consumer ([`ConsumerRegistry`]), feeding the
+//!    same sink (so the application's `Subscription` keeps streaming),
+//! 5. sets [`ConnectionState::Connected`]; publishes that lost their
+//!    channel are sent again by their callers until confirmed.
 //!
 //! ```
 //! use std::time::Duration;
@@ -43,12 +40,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use switchyard_core::Message;
-use switchyard_core::{Binding, Destination, ExchangeSpec, QueueSpec};
-use switchyard_core::{ConsumeOptions, PublishOptions};
+use switchyard_core::{Binding, ExchangeSpec, QueueSpec};
+use switchyard_core::ConsumeOptions;
 use switchyard_core::{Error, Result};
 
 // ---------------------------------------------------------------------------
@@ -707,250 +703,6 @@ impl<S: Clone> ConsumerRegistry<S> {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Unconfirmed publishes
-// ---------------------------------------------------------------------------
-
-/// A publish waiting for its broker confirm, with the means to complete the
-/// caller's `publish`.
-pub struct UnconfirmedPublish {
-    /// Where it goes.
-    pub destination: Destination,
-    /// The message (cheap to clone: the body is shared).
-    pub message: Message,
-    /// Its options.
-    pub options: PublishOptions,
-    /// When the caller stops waiting.
-    pub deadline: Instant,
-    /// How many times it was republished after a connection loss.
-    pub republished: u32,
-    completion: Option<oneshot::Sender<Result<()>>>,
-}
-
-impl fmt::Debug for UnconfirmedPublish {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UnconfirmedPublish")
-            .field("destination", &self.destination)
-            .field("deadline", &self.deadline)
-            .field("republished", &self.republished)
-            .finish()
-    }
-}
-
-impl UnconfirmedPublish {
-    /// A publish to track, and the waiter the caller awaits. `wait_timeout`
-    /// sets the deadline from now.
-    pub fn new(
-        destination: Destination,
-        message: Message,
-        options: PublishOptions,
-        wait_timeout: Duration,
-    ) -> (Self, PublishWaiter) {
-        let (tx, rx) = oneshot::channel();
-        let deadline = Instant::now() + wait_timeout;
-        (
-            UnconfirmedPublish {
-                destination: destination.clone(),
-                message,
-                options,
-                deadline,
-                republished: 0,
-                completion: Some(tx),
-            },
-            PublishWaiter {
-                rx,
-                destination,
-                deadline,
-                wait_timeout,
-            },
-        )
-    }
-
-    /// Completes the caller's `publish` with `result`.
-    pub fn complete(mut self, result: Result<()>) {
-        if let Some(tx) = self.completion.take() {
-            let _ = tx.send(result);
-        }
-    }
-
-    /// True if the caller has stopped waiting (deadline passed or the
-    /// waiter was dropped): republishing it is pointless.
-    pub fn is_abandoned(&self) -> bool {
-        self.completion.as_ref().is_none_or(|tx| tx.is_closed()) || Instant::now() >= self.deadline
-    }
-
-    /// The error for a publish whose deadline passed before its confirm.
-    pub fn deadline_error(&self, why: &str) -> Error {
-        deadline_error(&self.destination, why)
-    }
-}
-
-/// The [`Error::PublishUnconfirmed`] for a publish to `dest` that could not be
-/// confirmed before its deadline (`why`: e.g. "connection down, still
-/// reconnecting after 30s").
-pub fn deadline_error(dest: &Destination, why: &str) -> Error {
-    Error::PublishUnconfirmed {
-        exchange: dest.exchange().to_owned(),
-        routing_key: dest.routing_key().to_owned(),
-        message: format!("no confirm before the publish wait deadline (publish_wait_timeout): {why}"),
-    }
-}
-
-/// The caller's side of an [`UnconfirmedPublish`].
-#[derive(Debug)]
-pub struct PublishWaiter {
-    rx: oneshot::Receiver<Result<()>>,
-    destination: Destination,
-    deadline: Instant,
-    wait_timeout: Duration,
-}
-
-impl PublishWaiter {
-    /// The deadline.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
-    /// Waits for the confirm (across reconnects), failing with
-    /// [`Error::PublishUnconfirmed`] at the deadline.
-    pub async fn wait(self) -> Result<()> {
-        match tokio::time::timeout_at(self.deadline, self.rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::ConnectionClosed {
-                reply: None,
-                message: format!(
-                    "transport dropped the publish to {} before its confirm",
-                    self.destination
-                ),
-            }),
-            Err(_) => Err(deadline_error(
-                &self.destination,
-                &format!(
-                    "waited {:?} (connection lost and not recovered in time?)",
-                    self.wait_timeout
-                ),
-            )),
-        }
-    }
-}
-
-/// Publishes awaiting their confirm, keyed by the channel's publish sequence
-/// number (1, 2, 3, ... per confirm channel).
-///
-/// Confirms complete entries ([`ack`](Self::ack), [`nack`](Self::nack),
-/// both honouring `multiple`); a returned mandatory message fails one
-/// ([`fail`](Self::fail)). When the channel or connection is lost,
-/// [`drain`](Self::drain) hands back the unconfirmed ones in publish order
-/// (completing the abandoned ones with the deadline error) so they are
-/// republished on the new channel, and their callers keep waiting.
-#[derive(Debug, Default)]
-pub struct PublishBuffer {
-    inner: Mutex<BTreeMap<u64, UnconfirmedPublish>>,
-}
-
-impl PublishBuffer {
-    /// An empty buffer.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Tracks `publish` under sequence number `seq`.
-    pub fn track(&self, seq: u64, publish: UnconfirmedPublish) {
-        self.inner.lock().insert(seq, publish);
-    }
-
-    /// Removes and returns the entry of `seq`.
-    pub fn take(&self, seq: u64) -> Option<UnconfirmedPublish> {
-        self.inner.lock().remove(&seq)
-    }
-
-    fn take_upto(&self, seq: u64, multiple: bool) -> Vec<UnconfirmedPublish> {
-        let mut g = self.inner.lock();
-        if multiple {
-            let rest = g.split_off(&(seq + 1));
-            std::mem::replace(&mut *g, rest).into_values().collect()
-        } else {
-            g.remove(&seq).into_iter().collect()
-        }
-    }
-
-    /// A confirm (basic.ack) for `seq` (and all below it when `multiple`):
-    /// completes those publishes with `Ok`. Returns how many completed.
-    pub fn ack(&self, seq: u64, multiple: bool) -> usize {
-        let done = self.take_upto(seq, multiple);
-        let n = done.len();
-        for p in done {
-            p.complete(Ok(()));
-        }
-        n
-    }
-
-    /// A basic.nack for `seq` (and all below it when `multiple`): completes
-    /// them with [`Error::PublishUnconfirmed`] naming each destination.
-    pub fn nack(&self, seq: u64, multiple: bool) -> usize {
-        let done = self.take_upto(seq, multiple);
-        let n = done.len();
-        for p in done {
-            let e = Error::PublishUnconfirmed {
-                exchange: p.destination.exchange().to_owned(),
-                routing_key: p.destination.routing_key().to_owned(),
-                message: "the broker nacked the publish".into(),
-            };
-            p.complete(Err(e));
-        }
-        n
-    }
-
-    /// Completes `seq` with `error` (e.g. [`Error::Unroutable`] for a returned
-    /// mandatory message). False if `seq` is not tracked.
-    pub fn fail(&self, seq: u64, error: Error) -> bool {
-        match self.take(seq) {
-            Some(p) => {
-                p.complete(Err(error));
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Takes every unconfirmed publish, in publish order, for republishing
-    /// after a connection loss. Entries whose caller stopped waiting are
-    /// completed with the deadline error and not returned.
-    pub fn drain(&self) -> Vec<UnconfirmedPublish> {
-        let all = std::mem::take(&mut *self.inner.lock());
-        let mut out = Vec::with_capacity(all.len());
-        for (_, mut p) in all {
-            if p.is_abandoned() {
-                let e = p.deadline_error("connection lost and the deadline passed");
-                p.complete(Err(e));
-            } else {
-                p.republished += 1;
-                out.push(p);
-            }
-        }
-        out
-    }
-
-    /// Completes every entry with a copy of `error` (transport closed).
-    pub fn fail_all(&self, error: impl Fn(&UnconfirmedPublish) -> Error) {
-        let all = std::mem::take(&mut *self.inner.lock());
-        for (_, p) in all {
-            let e = error(&p);
-            p.complete(Err(e));
-        }
-    }
-
-    /// Number of unconfirmed publishes.
-    pub fn len(&self) -> usize {
-        self.inner.lock().len()
-    }
-
-    /// True if every publish is confirmed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1098,76 +850,5 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert!(r.remove(b).is_some());
         assert!(r.is_empty());
-    }
-
-    fn publish(rk: &str, timeout: Duration) -> (UnconfirmedPublish, PublishWaiter) {
-        UnconfirmedPublish::new(
-            Destination::new("ex", rk),
-            Message::new(rk.to_owned()),
-            PublishOptions::default(),
-            timeout,
-        )
-    }
-
-    #[tokio::test]
-    async fn publish_buffer_confirms_multiple_and_nacks_naming_destination() {
-        let b = PublishBuffer::new();
-        let mut waiters = Vec::new();
-        for i in 1..=4u64 {
-            let (p, w) = publish(&format!("rk{i}"), Duration::from_secs(5));
-            b.track(i, p);
-            waiters.push(w);
-        }
-        assert_eq!(b.ack(2, true), 2);
-        assert_eq!(b.nack(3, false), 1);
-        assert!(b.fail(
-            4,
-            Error::Unroutable {
-                reply: None,
-                returned: None,
-                exchange: "ex".into(),
-                routing_key: "rk4".into()
-            }
-        ));
-        assert!(b.is_empty());
-        let mut it = waiters.into_iter();
-        it.next().unwrap().wait().await.unwrap();
-        it.next().unwrap().wait().await.unwrap();
-        let e = it.next().unwrap().wait().await.unwrap_err();
-        assert_eq!(e.code(), "publish_unconfirmed");
-        assert!(e.to_string().contains("rk3"));
-        assert_eq!(it.next().unwrap().wait().await.unwrap_err().code(), "unroutable");
-    }
-
-    #[tokio::test]
-    async fn publish_buffer_drains_for_republish_and_enforces_the_deadline() {
-        let b = PublishBuffer::new();
-        let (p1, w1) = publish("keep", Duration::from_secs(5));
-        let (p2, w2) = publish("late", Duration::from_millis(1));
-        let (p3, w3) = publish("dropped", Duration::from_secs(5));
-        b.track(7, p1);
-        b.track(8, p2);
-        b.track(9, p3);
-        drop(w3);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let again = b.drain();
-        assert!(b.is_empty());
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].destination.routing_key(), "keep");
-        assert_eq!(again[0].republished, 1);
-        let e = w2.wait().await.unwrap_err();
-        assert_eq!(e.code(), "publish_unconfirmed");
-        assert!(e.to_string().contains("publish_wait_timeout"), "{e}");
-        // Republished under a new sequence number on the new channel.
-        for p in again {
-            b.track(1, p);
-        }
-        b.ack(1, false);
-        w1.wait().await.unwrap();
-
-        let (p, w) = publish("never", Duration::from_millis(20));
-        b.track(2, p);
-        let e = w.wait().await.unwrap_err();
-        assert!(e.to_string().contains("never"));
     }
 }
