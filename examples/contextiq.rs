@@ -4,7 +4,14 @@
 //! cargo run --example contextiq                                          # in-process memory broker
 //! cargo run --example contextiq --features lapin -- --transport lapin    # RabbitMQ at RABBITMQ_URL, through lapin
 //! cargo run --example contextiq --features amqprs -- --transport amqprs  # RabbitMQ at RABBITMQ_URL, through amqprs
+//! cargo run --example contextiq --features lapin -- --transport lapin --quorum  # the work queues as quorum queues
 //! ```
+//!
+//! `--quorum` declares the work queues as quorum queues
+//! (`QueueSpec::work_queue`: replicated across a cluster, delivery limit,
+//! at-least-once dead-lettering) — what a clustered deployment should use
+//! instead of the seed's mirrored queues. Quorum queues do not order by
+//! priority (RabbitMQ 3.10), so the priority check is skipped then.
 //!
 //! The transport comes from `switchyard::connect` (`--transport` sets
 //! `RABBITMQ_TRANSPORT`); a transport whose cargo feature is off is refused
@@ -115,18 +122,26 @@ struct Event {
 }
 
 /// The seed's topology, done right (see the module docs).
-fn topology() -> Topology {
-    let q = |name: &str| QueueSpec::new(name).dead_letter(DLX, Some(DEAD_LETTER));
+fn topology(quorum: bool) -> Topology {
+    let q = |name: &str| {
+        let spec = if quorum {
+            QueueSpec::work_queue(name, DLX)
+        } else {
+            QueueSpec::new(name)
+        };
+        spec.dead_letter(DLX, Some(DEAD_LETTER))
+    };
+    let extraction_requests = if quorum {
+        q(EXTRACTION_REQUESTS)
+    } else {
+        q(EXTRACTION_REQUESTS).max_priority(10)
+    };
     Topology::new()
         .exchange(ExchangeSpec::topic(EXTRACTION))
         .exchange(ExchangeSpec::topic(CONSOLIDATION))
         .exchange(ExchangeSpec::topic(EVENTS))
         .exchange(ExchangeSpec::topic(DLX))
-        .bound_queue(
-            q(EXTRACTION_REQUESTS).max_priority(10),
-            EXTRACTION,
-            "extraction.request",
-        )
+        .bound_queue(extraction_requests, EXTRACTION, "extraction.request")
         .bound_queue(q(EXTRACTION_RESULTS), EXTRACTION, "extraction.result")
         .bound_queue(q(CONSOLIDATION_REQUESTS), CONSOLIDATION, "consolidation.request")
         .bound_queue(q(CONSOLIDATION_RESULTS), CONSOLIDATION, "consolidation.result")
@@ -149,27 +164,31 @@ struct Observed {
 
 type Seen = State<Arc<Observed>>;
 
-fn transport_arg() -> Result<TransportKind, String> {
+/// The command line: the transport, and whether the work queues are quorum queues.
+fn args() -> Result<(TransportKind, bool), String> {
     let mut args = std::env::args().skip(1);
     let mut kind = "memory".to_owned();
+    let mut quorum = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--transport" | "-t" => kind = args.next().ok_or("--transport needs a value")?,
             s if s.starts_with("--transport=") => kind = s["--transport=".len()..].to_owned(),
+            "--quorum" => quorum = true,
             "--help" | "-h" => {
-                println!("usage: contextiq [--transport memory|lapin|amqprs]");
+                println!("usage: contextiq [--transport memory|lapin|amqprs] [--quorum]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
-    kind.parse().map_err(|e: switchyard::Error| e.to_string())
+    let kind = kind.parse().map_err(|e: switchyard::Error| e.to_string())?;
+    Ok((kind, quorum))
 }
 
 #[tokio::main]
 async fn main() {
-    let result = match transport_arg() {
-        Ok(kind) => run(kind).await,
+    let result = match args() {
+        Ok((kind, quorum)) => run(kind, quorum).await,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
@@ -267,13 +286,28 @@ async fn dead_letters(State(seen): Seen, env: Envelope) {
     ));
 }
 
-async fn run(kind: TransportKind) -> Result<bool, Box<dyn std::error::Error>> {
+async fn run(kind: TransportKind, quorum: bool) -> Result<bool, Box<dyn std::error::Error>> {
     let settings = Settings::from_env()?.with_transport(kind);
     if kind != TransportKind::Memory {
         println!("connecting to {} through {kind}", settings.effective_url_redacted());
     }
     let transport = switchyard::connect(&settings).await?;
-    transport.declare(&topology()).await?;
+    match transport.declare(&topology(quorum)).await {
+        Ok(()) => {}
+        Err(e) if e.code() == "precondition_failed" => {
+            // The queues exist with other arguments (classic vs quorum, from
+            // an earlier run): their messages are purged below anyway.
+            println!("the ContextIQ queues exist with other arguments ({e}); deleting and re-declaring them");
+            for q in ALL_QUEUES {
+                transport.delete_queue(q).await?;
+            }
+            transport.declare(&topology(quorum)).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if quorum {
+        println!("work queues are quorum queues (delivery limit, at-least-once dead-lettering)");
+    }
     for q in ALL_QUEUES {
         transport.purge_queue(q).await?; // durable queues on a real broker may hold an earlier run's messages
     }
@@ -405,14 +439,17 @@ async fn run(kind: TransportKind) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let order = seen.extraction_order.lock().clone();
     let queued: Vec<u8> = order.iter().take(SESSIONS.len()).map(|(_, p)| *p).collect();
-    let priorities_ok = queued.len() == SESSIONS.len() && queued.windows(2).all(|w| w[0] >= w[1]);
+    // Quorum queues do not order by priority (RabbitMQ 3.10): checked on classic queues only.
+    let priorities_ok = quorum || (queued.len() == SESSIONS.len() && queued.windows(2).all(|w| w[0] >= w[1]));
     ok &= priorities_ok;
     let shown: Vec<String> = order
         .iter()
         .take(SESSIONS.len())
         .map(|(s, p)| format!("{s}(p{p})"))
         .collect();
-    let verdict = if priorities_ok {
+    let verdict = if quorum {
+        "not checked (quorum queues have no priorities)"
+    } else if priorities_ok {
         "highest first"
     } else {
         "NOT highest first"

@@ -3,7 +3,9 @@
 #   1. makes sure RabbitMQ is installed, running and answering (installs
 #      rabbitmq-server with apt-get if missing, starts it detached);
 #   2. checks formatting and clippy (-D warnings);
-#   3. runs the whole workspace's tests with every transport enabled (the
+#   3. starts a three-node RabbitMQ cluster next to it (scripts/cluster.sh,
+#      torn down on exit) for the failover tests;
+#   4. runs the whole workspace's tests with every transport enabled (the
 #      wire tests also need python3 with aiormq/pamqp, installed with pip
 #      when missing).
 # Broker tests fail (not skip) when the broker is unreachable, because this
@@ -62,6 +64,11 @@ cargo fmt --all -- --check
 
 log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+log "starting the three-node test cluster (scripts/cluster.sh, next to the broker on 5672)"
+scripts/cluster.sh down >/dev/null 2>&1 || true
+trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
+scripts/cluster.sh up
 
 log "cargo test (workspace, all features)"
 cargo test --workspace --all-features

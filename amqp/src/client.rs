@@ -114,6 +114,9 @@ pub struct ConnectParams {
     /// Connection name shown in the management UI (the role is appended:
     /// `name/publish`, `name/consume`).
     pub connection_name: String,
+    /// Every node address (`host`, `port`), in the order they are tried;
+    /// `host` / `port` above are the one being connected to.
+    pub addresses: Vec<(String, u16)>,
 }
 
 impl ConnectParams {

@@ -50,6 +50,18 @@ pub struct AmqpConfig {
     pub separate_connections: bool,
 }
 
+/// Shuffles `v` (Fisher–Yates over the std hasher's random seed).
+fn shuffle<T>(v: &mut [T]) {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    for i in (1..v.len()).rev() {
+        let mut h = state.build_hasher();
+        h.write_usize(i);
+        let j = (h.finish() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
 fn read_file(variable: &str, path: &Path, what: &str) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::InvalidConfig {
         variable: variable.into(),
@@ -64,7 +76,12 @@ impl AmqpConfig {
     /// variable), so reconnects never touch the disk.
     pub fn from_settings(settings: &Settings) -> Result<Self> {
         settings.validate()?;
-        let ep = settings.endpoint()?;
+        let endpoints = settings.endpoints()?;
+        let mut addresses: Vec<(String, u16)> = endpoints.iter().map(|e| (e.host.clone(), e.port)).collect();
+        if settings.address_order == switchyard_core::settings::AddressOrder::Shuffle {
+            shuffle(&mut addresses);
+        }
+        let ep = endpoints.into_iter().next().expect("at least one endpoint");
         let tls = if ep.tls {
             Some(TlsMaterial {
                 ca_pem: match &settings.ca_file {
@@ -86,8 +103,9 @@ impl AmqpConfig {
         };
         Ok(AmqpConfig {
             connect: ConnectParams {
-                host: ep.host,
-                port: ep.port,
+                host: addresses[0].0.clone(),
+                port: addresses[0].1,
+                addresses,
                 vhost: ep.vhost,
                 user: ep.user,
                 password: ep.password,
@@ -132,9 +150,13 @@ impl AmqpConfig {
         self
     }
 
-    /// The broker address without the password.
+    /// The broker address (all of them, for a cluster) without the password.
     pub fn describe(&self) -> String {
-        self.connect.describe()
+        if self.connect.addresses.len() <= 1 {
+            return self.connect.describe();
+        }
+        let list: Vec<String> = self.connect.addresses.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        format!("{} (nodes {})", self.connect.describe(), list.join(", "))
     }
 }
 

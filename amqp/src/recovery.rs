@@ -43,8 +43,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use switchyard_core::{Binding, ExchangeSpec, QueueSpec};
 use switchyard_core::ConsumeOptions;
+use switchyard_core::{Binding, ExchangeSpec, QueueSpec};
 use switchyard_core::{Error, Result};
 
 // ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@
 //! | `RABBITMQ_CA_FILE` | unset | path of a PEM CA bundle for TLS |
 //! | `RABBITMQ_CLIENT_CERT_FILE` | unset | PEM client certificate chain for mutual TLS (with the key file) |
 //! | `RABBITMQ_CLIENT_KEY_FILE` | unset | PEM private key of the client certificate (mutual TLS) |
+//! | `RABBITMQ_ADDRESSES` | unset | more nodes of a cluster, `host:port,host:port`, sharing the URL's credentials and vhost (`RABBITMQ_URL` may also list several URLs separated by commas) |
+//! | `RABBITMQ_ADDRESS_ORDER` | `shuffle` | `shuffle` (spread clients over the nodes) or `in-order` (try the addresses as listed) |
 //! | `RABBITMQ_CONNECTION_NAME` | `switchyard` | connection name shown in the management UI (`/publish`, `/consume` appended) |
 //! | `RABBITMQ_CONNECTION_TIMEOUT` | `30.0` (seconds) | 0.1–300.0 |
 //! | `RABBITMQ_CONFIRM_TIMEOUT` | `30.0` (seconds) | 0.1–600.0 |
@@ -167,6 +169,12 @@ pub struct Settings {
     pub client_cert_file: Option<PathBuf>,
     /// `RABBITMQ_CLIENT_KEY_FILE`: PEM private key of the client certificate.
     pub client_key_file: Option<PathBuf>,
+    /// `RABBITMQ_ADDRESSES`: more `host:port` addresses of the same cluster,
+    /// sharing the credentials and vhost of the URL.
+    pub addresses: Vec<String>,
+    /// `RABBITMQ_ADDRESS_ORDER`: whether clients try the addresses shuffled
+    /// (the default: clients spread over the nodes) or in the listed order.
+    pub address_order: AddressOrder,
     /// `RABBITMQ_CONNECTION_NAME`: the connection name shown in the
     /// management UI (default `switchyard`; the transport appends its role).
     pub connection_name: String,
@@ -246,6 +254,8 @@ impl Default for Settings {
             ca_file: None,
             client_cert_file: None,
             client_key_file: None,
+            addresses: Vec::new(),
+            address_order: AddressOrder::Shuffle,
             connection_name: "switchyard".into(),
             connection_timeout: Duration::from_secs(30),
             confirm_timeout: Duration::from_secs(30),
@@ -277,6 +287,8 @@ impl fmt::Debug for Settings {
             .field("ca_file", &self.ca_file)
             .field("client_cert_file", &self.client_cert_file)
             .field("client_key_file", &self.client_key_file)
+            .field("addresses", &self.addresses)
+            .field("address_order", &self.address_order)
             .field("connection_name", &self.connection_name)
             .field("connection_timeout", &self.connection_timeout)
             .field("confirm_timeout", &self.confirm_timeout)
@@ -384,6 +396,38 @@ pub fn parse_bool(variable: &str, raw: &str) -> Result<bool> {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
         _ => Err(invalid(variable, raw, "must be one of true, false, 1, 0, yes, no")),
+    }
+}
+
+/// The order in which clients try the addresses of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddressOrder {
+    /// Shuffled once per transport, so that clients spread over the nodes.
+    #[default]
+    Shuffle,
+    /// As listed.
+    InOrder,
+}
+
+/// `host:port` (`[v6]:port`), or a bare host with `default_port`.
+fn parse_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+    let s = s.trim();
+    if s.is_empty() || s.contains('@') || s.contains('/') {
+        return None;
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok().filter(|p| *p > 0)?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.contains(':') => Some((h.to_owned(), p.parse().ok().filter(|p| *p > 0)?)),
+        Some(_) => None,
+        None => Some((s.to_owned(), default_port)),
     }
 }
 
@@ -645,6 +689,22 @@ impl Settings {
         if let Some(v) = get("RABBITMQ_CLIENT_KEY_FILE") {
             s.client_key_file = Some(PathBuf::from(v.trim()));
         }
+        if let Some(v) = get("RABBITMQ_ADDRESSES") {
+            s.addresses = v.split(',').map(|a| a.trim().to_owned()).collect();
+        }
+        if let Some(v) = get("RABBITMQ_ADDRESS_ORDER") {
+            s.address_order = match v.trim().to_ascii_lowercase().as_str() {
+                "shuffle" => AddressOrder::Shuffle,
+                "in-order" | "in_order" | "ordered" => AddressOrder::InOrder,
+                _ => {
+                    return Err(invalid(
+                        "RABBITMQ_ADDRESS_ORDER",
+                        v.trim(),
+                        "must be shuffle or in-order",
+                    ))
+                }
+            };
+        }
         if let Some(v) = get("RABBITMQ_CONNECTION_NAME") {
             s.connection_name = v.trim().to_owned();
         }
@@ -726,7 +786,7 @@ impl Settings {
         if self.transport == Some(TransportKind::Memory) {
             return Ok(());
         }
-        self.endpoint()?;
+        self.endpoints()?;
         Ok(())
     }
 
@@ -782,7 +842,14 @@ impl Settings {
     /// The effective URL with the password replaced by `***`.
     pub fn effective_url_redacted(&self) -> String {
         if self.url_takes_precedence() {
-            return redact_url(self.url.expose().trim());
+            return self
+                .url
+                .expose()
+                .trim()
+                .split(',')
+                .map(|u| redact_url(u.trim()))
+                .collect::<Vec<_>>()
+                .join(",");
         }
         self.url_from_parts("***")
     }
@@ -810,12 +877,92 @@ impl Settings {
     /// The effective URL's parts, decoded (for transports whose client
     /// takes host, port, user, password and vhost separately).
     pub fn endpoint(&self) -> Result<Endpoint> {
-        let variable = if self.url_takes_precedence() {
-            "RABBITMQ_URL"
+        Ok(self.endpoints()?.remove(0))
+    }
+
+    /// Every node address: the URL's (or the URLs', when `RABBITMQ_URL`
+    /// lists several separated by commas), then `RABBITMQ_ADDRESSES`. They
+    /// must share the scheme, credentials and vhost; an empty or unparsable
+    /// entry, or a mix, is an `invalid_config` error naming the entry
+    /// (without its password).
+    ///
+    /// ```
+    /// use switchyard_core::Settings;
+    /// let s = Settings::default()
+    ///     .with_url("amqp://app:pw@node1:5672/prod,amqp://app:pw@node2:5672/prod")
+    ///     .with_addresses(["node3:5673"]);
+    /// let eps = s.endpoints().unwrap();
+    /// assert_eq!(eps.iter().map(|e| e.port).collect::<Vec<_>>(), [5672, 5672, 5673]);
+    /// assert_eq!(eps[2].host, "node3");
+    /// let mixed = Settings::default().with_url("amqp://app:pw@a/prod,amqp://app:pw@b/test");
+    /// let e = mixed.endpoints().unwrap_err().to_string();
+    /// assert!(e.contains("vhost") && !e.contains("pw"), "{e}");
+    /// ```
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let mut out = Vec::new();
+        if self.url_takes_precedence() {
+            let url = self.url.expose().trim();
+            for (i, entry) in url.split(',').enumerate() {
+                let entry = entry.trim();
+                if entry.is_empty() {
+                    return Err(invalid(
+                        "RABBITMQ_URL",
+                        self.effective_url_redacted(),
+                        format!("entry {} of the comma-separated list is empty", i + 1),
+                    ));
+                }
+                out.push(parse_amqp_url("RABBITMQ_URL", entry)?);
+            }
         } else {
-            "RABBITMQ_HOST"
-        };
-        parse_amqp_url(variable, &self.effective_url())
+            out.push(parse_amqp_url("RABBITMQ_HOST", &self.effective_url())?);
+        }
+        let first = out[0].clone();
+        for (i, e) in out.iter().enumerate().skip(1) {
+            let what = if e.vhost != first.vhost {
+                Some("vhost")
+            } else if e.user != first.user || e.password != first.password {
+                Some("credentials")
+            } else if e.tls != first.tls {
+                Some("scheme (amqp / amqps)")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(invalid(
+                    "RABBITMQ_URL",
+                    redact_url(self.url.expose().trim().split(',').nth(i).unwrap_or("").trim()),
+                    format!(
+                        "entry {} has a different {what} from the first: every node of one cluster must share them",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        for (i, a) in self.addresses.iter().enumerate() {
+            let (host, port) = parse_host_port(a, if first.tls { 5671 } else { 5672 }).ok_or_else(|| {
+                invalid(
+                    "RABBITMQ_ADDRESSES",
+                    redact_url(a),
+                    format!("entry {} must be host:port (IPv6 as [addr]:port)", i + 1),
+                )
+            })?;
+            out.push(Endpoint {
+                host,
+                port,
+                ..first.clone()
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets `RABBITMQ_ADDRESSES`.
+    pub fn with_addresses<I, A>(mut self, addresses: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<String>,
+    {
+        self.addresses = addresses.into_iter().map(Into::into).collect();
+        self
     }
 
     /// True if the connection uses TLS (`amqps`).

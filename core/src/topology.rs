@@ -385,7 +385,42 @@ impl QueueSpec {
         self.arguments.delivery_limit = Some(n);
         self
     }
+
+    /// A durable work queue replicated across a cluster: a **quorum queue**
+    /// (RabbitMQ's replacement for mirrored "HA" queues, removed in 4.0) with
+    /// a delivery limit of [`WORK_QUEUE_DELIVERY_LIMIT`] (the broker-side
+    /// backstop against a message that fails forever) and dead-lettering to
+    /// `dead_letter_exchange` with **at-least-once** dead-lettering
+    /// (`x-dead-letter-strategy`, RabbitMQ ≥ 3.10, which needs
+    /// `x-overflow = reject-publish`: a full queue refuses publishes rather
+    /// than dropping from the head). On a broker without at-least-once
+    /// dead-lettering, build the spec without the strategy: dead-lettering is
+    /// then at-most-once.
+    ///
+    /// ```
+    /// use switchyard_core::{QueueSpec, QueueType};
+    /// let q = QueueSpec::work_queue("extraction.requests", "contextiq.dlx");
+    /// let h = q.arguments.to_headers();
+    /// assert_eq!(h.get_str("x-queue-type"), Some("quorum"));
+    /// assert_eq!(h.get_str("x-dead-letter-strategy"), Some("at-least-once"));
+    /// assert_eq!(h.get_str("x-overflow"), Some("reject-publish"));
+    /// assert!(q.durable);
+    /// ```
+    pub fn work_queue(name: impl Into<String>, dead_letter_exchange: impl Into<String>) -> Self {
+        let mut q = QueueSpec::new(name)
+            .durable(true)
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(WORK_QUEUE_DELIVERY_LIMIT)
+            .dead_letter(dead_letter_exchange, None);
+        q.arguments.overflow = Some(Overflow::RejectPublish);
+        q.arguments.extra.insert("x-dead-letter-strategy", "at-least-once");
+        q
+    }
 }
+
+/// The delivery limit of [`QueueSpec::work_queue`]: a message redelivered
+/// this many times is dead-lettered.
+pub const WORK_QUEUE_DELIVERY_LIMIT: u32 = 5;
 
 /// A binding of a queue (or exchange) to a source exchange.
 #[derive(Debug, Clone, PartialEq)]

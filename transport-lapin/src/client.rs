@@ -132,13 +132,7 @@ impl AmqpClient for LapinClient {
             }
             sig.lost("connection ended");
         });
-        // lapin does not expose the server properties: name the node by its address.
-        let server = Some(format!("{}:{}", params.host, params.port));
-        Ok(LapinConnection {
-            connection,
-            signals,
-            server,
-        })
+        Ok(LapinConnection { connection, signals })
     }
 }
 
@@ -146,7 +140,6 @@ impl AmqpClient for LapinClient {
 pub struct LapinConnection {
     connection: Connection,
     signals: Arc<ConnSignals>,
-    server: Option<String>,
 }
 
 #[async_trait]
@@ -163,7 +156,9 @@ impl AmqpConnection for LapinConnection {
     }
 
     fn server_name(&self) -> Option<String> {
-        self.server.clone()
+        // lapin does not expose the server properties; the engine knows the
+        // address it connected to (`connected_address`).
+        None
     }
 
     async fn close(&self) {

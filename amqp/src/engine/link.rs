@@ -39,6 +39,8 @@ pub(crate) type Slot<C> = tokio::sync::Mutex<Option<Arc<Chan<C>>>>;
 /// One live connection of a link.
 pub(crate) struct Live<C: AmqpClient> {
     pub conn: C::Connection,
+    /// The node it is connected to (`host:port`).
+    pub address: String,
     pub signals: Arc<ConnSignals>,
     /// Counts the link's connections (1 for the first).
     pub generation: u64,
@@ -65,6 +67,8 @@ pub(crate) struct Link<C: AmqpClient> {
     pub kick: Notify,
     pool_size: usize,
     generation: parking_lot::Mutex<u64>,
+    /// The address tried first by the next connection attempt.
+    cursor: std::sync::atomic::AtomicUsize,
 }
 
 impl<C: AmqpClient> Link<C> {
@@ -79,26 +83,75 @@ impl<C: AmqpClient> Link<C> {
             kick: Notify::new(),
             pool_size: pool_size.max(1),
             generation: parking_lot::Mutex::new(0),
+            cursor: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// Opens one connection (bounded by the connection timeout).
+    /// Opens one connection, trying every node address in turn from the
+    /// current one (each bounded by the connection timeout).
     pub async fn open(&self, client: &C) -> Result<Arc<Live<C>>> {
+        use std::sync::atomic::Ordering;
+        let n = self.params.addresses.len().max(1);
+        let start = self.cursor.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let idx = (start + k) % n;
+            let mut params = self.params.clone();
+            if let Some((host, port)) = self.params.addresses.get(idx) {
+                params.host = host.clone();
+                params.port = *port;
+            }
+            match self.open_at(client, &params).await {
+                Ok(live) => {
+                    self.cursor.store(idx, Ordering::Relaxed);
+                    return Ok(live);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        tracing::info!(link = ?self.role, address = %format!("{}:{}", params.host, params.port),
+                            error = %e, "node unreachable; trying the next address");
+                    }
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(Error::ConnectionFailed {
+            message: if failures.len() == 1 {
+                failures.remove(0)
+            } else {
+                format!("no node answered: {}", failures.join("; "))
+            },
+        })
+    }
+
+    /// Moves the first address to try to the next node (after a loss).
+    pub fn advance(&self) {
+        let n = self.params.addresses.len().max(1);
+        let _ = self.cursor.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |c| Some((c + 1) % n),
+        );
+    }
+
+    /// Opens one connection to the address in `params` (bounded by the
+    /// connection timeout).
+    async fn open_at(&self, client: &C, params: &ConnectParams) -> Result<Arc<Live<C>>> {
         let signals = Arc::new(ConnSignals::default());
-        let attempt = client.connect(&self.params, signals.clone());
-        let conn = match tokio::time::timeout(self.params.connection_timeout, attempt).await {
+        let attempt = client.connect(params, signals.clone());
+        let conn = match tokio::time::timeout(params.connection_timeout, attempt).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(Error::ConnectionFailed {
-                    message: format!("{}: {}", self.params.describe(), redact(&e.to_string(), &self.params)),
+                    message: format!("{}: {}", params.describe(), redact(&e.to_string(), params)),
                 })
             }
             Err(_) => {
                 return Err(Error::ConnectionFailed {
                     message: format!(
                         "{}: no answer within {:?}",
-                        self.params.describe(),
-                        self.params.connection_timeout
+                        params.describe(),
+                        params.connection_timeout
                     ),
                 })
             }
@@ -110,6 +163,7 @@ impl<C: AmqpClient> Link<C> {
         };
         Ok(Arc::new(Live {
             conn,
+            address: format!("{}:{}", params.host, params.port),
             signals,
             generation,
             pool: (0..self.pool_size).map(|_| tokio::sync::Mutex::new(None)).collect(),
@@ -217,6 +271,8 @@ impl<C: AmqpClient> Link<C> {
     {
         let mut backoff = recovery.backoff.delays();
         let mut attempt = 1u32;
+        // Start with the next node: the last one just failed.
+        self.advance();
         loop {
             self.state.set(ConnectionState::Reconnecting { attempt });
             let outcome: Result<()> = match self.open(client).await {

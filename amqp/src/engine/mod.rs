@@ -215,7 +215,8 @@ impl<C: AmqpClient> AmqpTransport<C> {
         self.inner.topology.resolve_queue(queue)
     }
 
-    /// The broker node the main connection is on, when the client knows it.
+    /// What the broker calls itself on the main connection (its
+    /// `cluster_name`), when the client reports it.
     pub fn server_name(&self) -> Option<String> {
         self.inner
             .main
@@ -223,6 +224,19 @@ impl<C: AmqpClient> AmqpTransport<C> {
             .read()
             .as_ref()
             .and_then(|l| l.conn.server_name())
+    }
+
+    /// The node (`host:port`) the main connection (declarations, consumers)
+    /// is on; `None` while disconnected.
+    pub fn connected_address(&self) -> Option<String> {
+        let live = self.inner.main.current.read().clone();
+        live.filter(|l| l.is_open()).map(|l| l.address.clone())
+    }
+
+    /// The node (`host:port`) the publishing connection is on.
+    pub fn publish_address(&self) -> Option<String> {
+        let live = self.inner.publisher.current.read().clone();
+        live.filter(|l| l.is_open()).map(|l| l.address.clone())
     }
 
     /// Moves the message at the head of `queue` to the queue `parking`
@@ -534,8 +548,9 @@ impl<C: AmqpClient> Inner<C> {
                 }
                 _ => {
                     return Err(Error::connection_closed(format!(
-                        "{} is {state}{}",
+                        "{} ({}) is {state}{}",
                         link.params.connection_name,
+                        inner_nodes(&link.params),
                         link.state
                             .last_error()
                             .map(|e| format!(" (last error: {e})"))
@@ -661,6 +676,14 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
             }
         }
     }
+}
+
+fn inner_nodes(p: &crate::client::ConnectParams) -> String {
+    p.addresses
+        .iter()
+        .map(|(h, port)| format!("{h}:{port}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Watches one link and recovers it when it drops.
