@@ -190,7 +190,7 @@ async fn sy_rpc(client: &RpcClient, queue: &str, n: usize) -> Vec<Duration> {
     for _ in 0..n {
         let start = Instant::now();
         client
-            .call(&dest, Message::new(vec![b'x'; 32]), Duration::from_secs(5))
+            .call(&dest, Message::new(vec![b'x'; 32]).transient(), Duration::from_secs(5))
             .await
             .unwrap();
         lat.push(start.elapsed());

@@ -237,7 +237,7 @@ async fn ours_rpc(client: &RpcClient, q: &str, n: usize) -> Vec<Duration> {
     for _ in 0..n {
         let start = Instant::now();
         client
-            .call(&dest, Message::new("ping"), Duration::from_secs(5))
+            .call(&dest, Message::new("ping").transient(), Duration::from_secs(5))
             .await
             .unwrap();
         lat.push(start.elapsed());
