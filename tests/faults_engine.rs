@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use switchyard::worker::{RouteConfig, Worker};
-use switchyard::{handler_fn, Admin, Destination, Envelope, Message, Publisher, QueueSpec, Transport};
+use switchyard::{handler_fn, Admin, Consumer, Destination, Envelope, Message, Publisher, QueueSpec, Transport};
 use switchyard_amqp::{AmqpClient, AmqpConfig, AmqpTransport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -187,7 +187,7 @@ async fn shutdown_mid_stream<C: AmqpClient + Default>(ending: Ending) {
     let stop_at = Arc::new(Mutex::new(None::<Instant>));
     let s2 = stop_at.clone();
     let signal = async move {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
         if ending == Ending::Frozen {
             frozen.store(true, Ordering::Release);
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -574,4 +574,115 @@ async fn amqprs_poison_message_is_isolated_paused_and_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lapin_handles_the_message_amqprs_cannot_decode() {
     poison_message::<switchyard::lapin::LapinClient>().await;
+}
+
+// ---------------------------------------------------------------------------
+// Permission errors are final; temporary queues are forgotten
+// ---------------------------------------------------------------------------
+
+/// A user without write or configure permission: publishing and declaring
+/// fail at once with `access_refused` (not transient, never retried), with
+/// the broker's reply attached and no password in the text.
+async fn permission_errors_are_final<C: AmqpClient + Default>() {
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(admin) = connect::<C>(&url, "switchyard fault permissions admin").await else {
+        return;
+    };
+    let client = admin.name();
+    let user = format!("sy-readonly-{}", &switchyard_core::message::new_id()[..8]);
+    rabbitmqctl(&["add_user", &user, "r3adonly-pw"]);
+    struct DropUser(String);
+    impl Drop for DropUser {
+        fn drop(&mut self) {
+            let _ = Command::new("rabbitmqctl").args(["delete_user", &self.0]).output();
+        }
+    }
+    let _cleanup = DropUser(user.clone());
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, "", "", ".*"]);
+    let ro_url = url.replace("guest:guest@", &format!("{user}:r3adonly-pw@"));
+    let Some(ro) = connect::<C>(&ro_url, "switchyard fault permissions reader").await else {
+        return;
+    };
+    let started = Instant::now();
+    let e = ro
+        .publish(&Destination::new("amq.direct", "x"), Message::new("nope"))
+        .await
+        .expect_err("no write permission");
+    let publish_took = started.elapsed();
+    let d = ro
+        .declare_queue(&QueueSpec::new(unique("sy-denied")))
+        .await
+        .expect_err("no configure permission");
+    println!(
+        "{client} permissions: publish -> {} in {publish_took:?} ({:?}); declare -> {} ({:?})",
+        e.code(),
+        e.reply().map(|r| r.to_string()),
+        d.code(),
+        d.reply().map(|r| r.to_string())
+    );
+    for err in [&e, &d] {
+        assert_eq!(err.code(), "access_refused", "{client}: {err}");
+        assert!(!err.is_transient(), "{client}: a permission error must not be retried");
+        assert_eq!(err.reply().map(|r| r.code), Some(403));
+        assert!(!err.to_string().contains("r3adonly-pw"));
+    }
+    assert!(
+        publish_took < Duration::from_secs(5),
+        "{client}: the publish was retried ({publish_took:?})"
+    );
+    // The transport still works for what the user may do.
+    ro.health_check().await.unwrap();
+    let _ = ro.close().await;
+    let _ = admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_permission_errors_are_final() {
+    permission_errors_are_final::<switchyard::lapin::LapinClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_permission_errors_are_final() {
+    permission_errors_are_final::<switchyard::amqprs::AmqprsClient>().await;
+}
+
+/// An exclusive or server-named queue is forgotten by the recovery registry
+/// once its consumer ends (it would otherwise be re-declared on every
+/// reconnect, forever).
+async fn temporary_queues_are_forgotten<C: AmqpClient + Default>() {
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(t) = connect::<C>(&url, "switchyard fault registry").await else {
+        return;
+    };
+    let durable = unique("sy-kept");
+    t.declare_queue(&QueueSpec::new(durable.as_str())).await.unwrap();
+    let temp = t.declare_queue(&QueueSpec::temporary()).await.unwrap().name;
+    let named = |t: &AmqpTransport<C>, q: &str| {
+        t.recorded_topology()
+            .iter()
+            .any(|e| matches!(e, switchyard_amqp::recovery::TopologyEntry::Queue { name, .. } if name == q))
+    };
+    assert!(named(&t, &temp) && named(&t, &durable));
+    let sub = t.consume(&temp, switchyard::ConsumeOptions::default()).await.unwrap();
+    sub.close().await.unwrap();
+    println!(
+        "{}: after its consumer ended the server-named queue is recorded: {}; the durable one: {}",
+        t.name(),
+        named(&t, &temp),
+        named(&t, &durable)
+    );
+    assert!(!named(&t, &temp), "the temporary queue is still recorded");
+    assert!(named(&t, &durable));
+    let _ = t.delete_queue(&durable).await;
+    let _ = t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_forgets_temporary_queues() {
+    temporary_queues_are_forgotten::<switchyard::lapin::LapinClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_forgets_temporary_queues() {
+    temporary_queues_are_forgotten::<switchyard::amqprs::AmqprsClient>().await;
 }
