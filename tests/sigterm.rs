@@ -58,9 +58,9 @@ async fn parent<C: AmqpClient + Default>(close: bool) -> Result<(), String> {
     let t = match AmqpTransport::<C>::connect_with(config("switchyard sigterm test")).await {
         Ok(t) => t,
         Err(e) => {
-            return match switchyard_core::testkit::broker_unreachable::<()>(e) {
-                _ => Ok(()),
-            }
+            // Panics when the broker is required (scripts/test.sh), else skips.
+            let _: Option<()> = switchyard_core::testkit::broker_unreachable(e);
+            return Ok(());
         }
     };
     let client = t.name();
