@@ -23,6 +23,7 @@ use switchyard_core::{
 };
 
 use crate::reply::{self, Op};
+use crate::arguments;
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
 /// Prefix of direct reply-to pseudo-queues.
@@ -340,6 +341,7 @@ struct QueueCfg {
     delivery_limit: Option<u32>,
     quorum: bool,
     single_active: bool,
+    expires: Option<Duration>,
 }
 
 impl QueueCfg {
@@ -361,6 +363,7 @@ impl QueueCfg {
             delivery_limit: if quorum { a.delivery_limit } else { None },
             quorum,
             single_active: a.single_active_consumer,
+            expires: a.expires,
         }
     }
 }
@@ -433,7 +436,7 @@ impl Queue {
 
     /// Renews the `x-expires` lease of an unused queue.
     fn touch(&mut self, fx: &mut Effects) {
-        if let Some(expires) = self.spec.arguments.expires {
+        if let Some(expires) = self.cfg.expires {
             if self.consumers.is_empty() {
                 let at = Instant::now() + expires;
                 self.lease_until = Some(at);
@@ -929,14 +932,6 @@ impl State {
             if q.owner.is_some_and(|o| o != conn) || q.owner.is_some() != spec.exclusive {
                 return Err(reply::locked(Op::QueueDeclare, &spec.name));
             }
-            let norm = |s: &QueueSpec| {
-                let mut a = s.arguments.clone();
-                a.extra = Headers::new();
-                if a.queue_type.is_none() {
-                    a.queue_type = Some(QueueType::Classic);
-                }
-                a
-            };
             let inequivalent = |what: &str, current: String, received: String| {
                 reply::precondition_failed(
                     Op::QueueDeclare,
@@ -962,12 +957,8 @@ impl State {
                     spec.auto_delete.to_string(),
                 ));
             }
-            if norm(&q.spec) != norm(spec) {
-                return Err(inequivalent(
-                    "arguments",
-                    format!("{:?}", q.spec.arguments),
-                    format!("{:?}", spec.arguments),
-                ));
+            if let Some(e) = arguments::inequivalent(&spec.name, &q.spec.arguments, &spec.arguments) {
+                return Err(e);
             }
             self.expire(&spec.name, fx);
             let q = self.queues.get_mut(spec.name.as_str()).expect("exists");
@@ -991,7 +982,11 @@ impl State {
         } else {
             Arc::from(spec.name.as_str())
         };
-        let a = &spec.arguments;
+        let typed = QueueSpec {
+            arguments: arguments::validate(&name, &spec.arguments)?,
+            ..spec.clone()
+        };
+        let a = &typed.arguments;
         if a.queue_type == Some(QueueType::Quorum) && (!spec.durable || spec.exclusive || spec.auto_delete) {
             return Err(reply::precondition_failed(
                 Op::QueueDeclare,
@@ -1007,16 +1002,9 @@ impl State {
                 feature: "stream queues in the memory transport".into(),
             });
         }
-        if a.max_priority == Some(0) {
-            return Err(reply::precondition_failed(
-                Op::QueueDeclare,
-                &name,
-                "invalid arg 'x-max-priority': must be between 1 and 255",
-            ));
-        }
         let mut stored = spec.clone();
         stored.name = name.to_string();
-        let cfg = QueueCfg::from_spec(spec);
+        let cfg = QueueCfg::from_spec(&typed);
         let q = Queue {
             name: name.clone(),
             uid: self.next_id + 1,

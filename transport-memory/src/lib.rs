@@ -100,6 +100,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod arguments;
 mod broker;
 mod consumer;
 mod reply;

@@ -544,6 +544,8 @@ macro_rules! conformance_tests {
                 refusals_carry_rabbitmq_reply_codes,
                 cc_and_bcc_route_copies,
                 cc_and_bcc_keys_route_dead_letters,
+                invalid_queue_arguments_are_refused_on_first_declare,
+                queue_equivalence_compares_known_arguments,
             ],
             get: [
                 empty_queue_gives_none,
