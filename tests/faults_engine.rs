@@ -608,7 +608,9 @@ async fn get_across_a_reconnect<C: AmqpClient + Default>() {
     let _serial = SERIAL.lock().await;
     let url = switchyard_core::testkit::rabbitmq_url();
     let name = unique("switchyard-get-reconnect");
-    let Some(t) = connect::<C>(&url, &name).await else { return };
+    let Some(t) = connect::<C>(&url, &name).await else {
+        return;
+    };
     let queue = unique("switchyard.fault.get");
     t.declare_queue(&QueueSpec::new(&queue)).await.expect("declare");
     let dest = Destination::queue(queue.as_str());
@@ -617,7 +619,11 @@ async fn get_across_a_reconnect<C: AmqpClient + Default>() {
     let stale = t.get(&queue, false).await.unwrap().expect("a message");
     assert_eq!(&stale.delivery.message.body[..], b"m1");
     let generation = t.state_watch().generation();
-    assert_eq!(close_connections_named(&format!("{name}/consume")), 1, "one main connection");
+    assert_eq!(
+        close_connections_named(&format!("{name}/consume")),
+        1,
+        "one main connection"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while t.state_watch().generation() == generation || !t.state().is_connected() {
         assert!(Instant::now() < deadline, "the transport did not reconnect");
@@ -640,7 +646,10 @@ async fn get_across_a_reconnect<C: AmqpClient + Default>() {
         if depth == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the fresh delivery was settled by the stale ack (depth {depth})");
+        assert!(
+            Instant::now() < deadline,
+            "the fresh delivery was settled by the stale ack (depth {depth})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     t.delete_queue(&queue).await.unwrap();

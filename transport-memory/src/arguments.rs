@@ -177,12 +177,22 @@ pub(crate) fn validate(queue: &str, args: &QueueArguments) -> Result<QueueArgume
         Some(HeaderValue::String(s)) if s == "classic" => Some(QueueType::Classic),
         Some(HeaderValue::String(s)) if s == "quorum" => Some(QueueType::Quorum),
         Some(HeaderValue::String(s)) if s == "stream" => Some(QueueType::Stream),
-        Some(v) => return Err(invalid("x-queue-type", format!("\"unsupported queue type '{}'\"", shown(v)))),
+        Some(v) => {
+            return Err(invalid(
+                "x-queue-type",
+                format!("\"unsupported queue type '{}'\"", shown(v)),
+            ))
+        }
     };
     match table.get("x-queue-mode") {
         None => {}
         Some(HeaderValue::String(s)) if s == "default" || s == "lazy" => {}
-        Some(v) => return Err(invalid("x-queue-mode", format!("\"unsupported queue mode '{}'\"", shown(v)))),
+        Some(v) => {
+            return Err(invalid(
+                "x-queue-mode",
+                format!("\"unsupported queue mode '{}'\"", shown(v)),
+            ))
+        }
     }
     let single_active = match table.get("x-single-active-consumer") {
         None => false,

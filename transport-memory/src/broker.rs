@@ -22,8 +22,8 @@ use switchyard_core::{
     QueueType, Result,
 };
 
-use crate::reply::{self, Op};
 use crate::arguments;
+use crate::reply::{self, Op};
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
 /// Prefix of direct reply-to pseudo-queues.
@@ -1104,7 +1104,7 @@ impl State {
         queue: &str,
         auto_ack: bool,
         fx: &mut Effects,
-    ) -> Result<Option<(OutItem, u32, Option<(u64, Arc<Outbox>)>)>> {
+    ) -> Result<Option<Got>> {
         self.check_conn(conn)?;
         self.queue_for(conn, queue, Op::BasicGet)?;
         self.expire(queue, fx);
@@ -1792,6 +1792,10 @@ impl State {
         }
     }
 }
+
+/// What `basic.get` took: the delivery, the ready count left behind it,
+/// and (manual ack) the id and outbox of the channel that settles it.
+pub(crate) type Got = (OutItem, u32, Option<(u64, Arc<Outbox>)>);
 
 /// How to settle a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,8 +112,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchyard_core::transport::ReplyChannel;
 use switchyard_core::{
-    Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, ExchangeSpec, GetOk, Message, PublishOptions,
-    Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
+    Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, ExchangeSpec, GetOk, Message,
+    PublishOptions, Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
 };
 
 use tokio::time::Instant;

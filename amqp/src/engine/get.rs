@@ -54,7 +54,13 @@ pub(crate) async fn get<C: AmqpClient>(inner: &Inner<C>, queue: &str, auto_ack: 
     let delivery = if auto_ack {
         Delivery::auto_acked(d.message, info)
     } else {
-        let live = inner.main.current.read().as_ref().map(Arc::downgrade).unwrap_or_default();
+        let live = inner
+            .main
+            .current
+            .read()
+            .as_ref()
+            .map(Arc::downgrade)
+            .unwrap_or_default();
         let acker = GetAcker::<C> {
             ch,
             live,

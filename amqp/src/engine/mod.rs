@@ -25,8 +25,7 @@ use switchyard_core::settings::Settings;
 use switchyard_core::transport::CancelHandle;
 use switchyard_core::{
     Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, Error, ExchangeSpec, GetOk, Message,
-    PublishOptions,
-    Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
+    PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;

@@ -31,7 +31,9 @@ pub(crate) fn cases() -> Vec<Case> {
 async fn take_one(t: &dyn Transport, queue: &str, auto_ack: bool, what: &str) -> Result<GetOk, String> {
     match t.get(queue, auto_ack).await.ctx(what)? {
         Some(g) => Ok(g),
-        None => Err(format!("{what}: the queue '{queue}' should have a message, get answered empty")),
+        None => Err(format!(
+            "{what}: the queue '{queue}' should have a message, get answered empty"
+        )),
     }
 }
 
@@ -57,7 +59,8 @@ async fn empty_queue_gives_none(ctx: &Ctx<'_>) -> Result<(), String> {
 async fn takes_in_order_with_the_remaining_count(ctx: &Ctx<'_>) -> Result<(), String> {
     let q = ctx.queue("q").await?;
     let t = ctx.transport();
-    ctx.publish_all(&Destination::queue(q.as_str()), &["a", "b", "c"]).await?;
+    ctx.publish_all(&Destination::queue(q.as_str()), &["a", "b", "c"])
+        .await?;
     let mut seen = Vec::new();
     for _ in 0..3 {
         let g = take_one(&**t, &q, true, "get auto-ack").await?;
@@ -77,7 +80,9 @@ async fn takes_in_order_with_the_remaining_count(ctx: &Ctx<'_>) -> Result<(), St
         vec![("a".to_owned(), 2), ("b".to_owned(), 1), ("c".to_owned(), 0)],
     )?;
     let r = t.get(&q, true).await.ctx("get on the drained queue")?;
-    ensure(r.is_none(), || format!("the drained queue should answer None, got {r:?}"))?;
+    ensure(r.is_none(), || {
+        format!("the drained queue should answer None, got {r:?}")
+    })?;
     ensure_eq("depth after auto-ack gets", ctx.depth(&q).await?, 0)
 }
 

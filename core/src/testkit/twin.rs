@@ -394,7 +394,11 @@ async fn invalid_queue_arguments_are_refused_on_first_declare(ctx: &Ctx<'_>) -> 
         .await?;
     ctx.publish_message(&Destination::queue(q.as_str()), Message::new("high").with_priority(9))
         .await?;
-    ensure_eq("x-max-priority 0 queue order (FIFO)", ctx.drain(&q).await?, vec!["low".to_owned(), "high".to_owned()])?;
+    ensure_eq(
+        "x-max-priority 0 queue order (FIFO)",
+        ctx.drain(&q).await?,
+        vec!["low".to_owned(), "high".to_owned()],
+    )?;
     ctx.declare_queue(with_extra(fresh("unknown"), "x-unknown", "whatever"))
         .await
         .map(|_| ())
@@ -422,18 +426,30 @@ async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(),
     no_foo.arguments.extra.remove("x-foo");
     let mut ttl_as_int = base.clone();
     ttl_as_int.arguments.message_ttl = None;
-    ttl_as_int.arguments.extra.insert("x-message-ttl", HeaderValue::I32(1000));
+    ttl_as_int
+        .arguments
+        .extra
+        .insert("x-message-ttl", HeaderValue::I32(1000));
     let mut bytes_as_long = base.clone();
-    bytes_as_long.arguments.extra.insert("x-max-length-bytes", HeaderValue::I64(1000));
+    bytes_as_long
+        .arguments
+        .extra
+        .insert("x-max-length-bytes", HeaderValue::I64(1000));
     let equivalent: Vec<(&str, QueueSpec)> = vec![
         ("identical arguments", base.clone()),
         ("x-foo changed", with_extra(base.clone(), "x-foo", "b")),
         ("x-foo left out", no_foo),
         ("x-bar added", with_extra(base.clone(), "x-bar", HeaderValue::I32(1))),
-        ("x-delivery-limit added", with_extra(base.clone(), "x-delivery-limit", HeaderValue::I32(3))),
+        (
+            "x-delivery-limit added",
+            with_extra(base.clone(), "x-delivery-limit", HeaderValue::I32(3)),
+        ),
         ("x-message-ttl as a signed int", ttl_as_int),
         ("x-max-length-bytes as a long", bytes_as_long),
-        ("x-queue-type classic added", base.clone().queue_type(crate::topology::QueueType::Classic)),
+        (
+            "x-queue-type classic added",
+            base.clone().queue_type(crate::topology::QueueType::Classic),
+        ),
     ];
     for (what, spec) in &equivalent {
         t.declare_queue(spec)
@@ -458,14 +474,26 @@ async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(),
             ttl_as_string,
             "inequivalent arg 'x-message-ttl'",
         ),
-        ("x-message-ttl left out", no_ttl, "received none but current is the value '1000'"),
-        ("x-max-length-bytes left out", no_bytes, "inequivalent arg 'x-max-length-bytes'"),
+        (
+            "x-message-ttl left out",
+            no_ttl,
+            "received none but current is the value '1000'",
+        ),
+        (
+            "x-max-length-bytes left out",
+            no_bytes,
+            "inequivalent arg 'x-max-length-bytes'",
+        ),
         (
             "x-single-active-consumer false added",
             with_extra(base.clone(), "x-single-active-consumer", false),
             "inequivalent arg 'x-single-active-consumer'",
         ),
-        ("x-max-priority added", base.clone().max_priority(5), "inequivalent arg 'x-max-priority'"),
+        (
+            "x-max-priority added",
+            base.clone().max_priority(5),
+            "inequivalent arg 'x-max-priority'",
+        ),
         (
             "x-dead-letter-exchange added",
             base.clone().dead_letter(ctx.name("dlx"), None),
@@ -492,5 +520,9 @@ async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(),
     .await?;
     // The refusals changed nothing.
     ctx.publish(&Destination::queue(name.as_str()), "kept").await?;
-    ensure_eq("the queue after the refused redeclarations", ctx.drain(&name).await?, vec!["kept".to_owned()])
+    ensure_eq(
+        "the queue after the refused redeclarations",
+        ctx.drain(&name).await?,
+        vec!["kept".to_owned()],
+    )
 }
