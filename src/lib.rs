@@ -11,11 +11,11 @@ pub use switchyard_core::{codec, envelope, error, handler, message, rpc, setting
 // pieces such as `Acker` stay under `switchyard::transport`).
 pub use switchyard_core::{
     handler_fn, headers, Admin, Binding, BrokerReply, Capabilities, CloseScope, Codec, ConsumeOptions, Consumer,
-    Delivery, DeliveryInfo, Destination, Envelope, Error, ExchangeKind, ExchangeSpec, Extensions, FailureKind,
-    FromEnvelope, FromHeaderValue, Handler, HandlerError, HeaderValue, Headers, IntoOutcome, Json, JsonCodec, Message,
-    Outbox, Outcome, Overflow, Properties, PublishOptions, Publisher, PublisherExt, QueueArguments, QueueInfo,
-    QueueSpec, QueueType, ReplyChannel, Result, Settings, State, StateLayer, Subscription, Topology, Transport,
-    TransportKind,
+    DeleteIf, Delivery, DeliveryInfo, Destination, Envelope, Error, ExchangeKind, ExchangeSpec, Extensions,
+    FailureKind, FromEnvelope, FromHeaderValue, GetOk, Handler, HandlerError, HeaderValue, Headers, IntoOutcome, Json,
+    JsonCodec, Message, Outbox, Outcome, Overflow, Properties, PublishOptions, Publisher, PublisherExt, QueueArguments,
+    QueueInfo, QueueSpec, QueueType, ReplyChannel, Result, Settings, State, StateLayer, Subscription, Topology,
+    Transport, TransportKind,
 };
 /// tower layers for handlers and publishers.
 pub use switchyard_middleware as middleware;

@@ -686,3 +686,93 @@ async fn lapin_forgets_temporary_queues() {
 async fn amqprs_forgets_temporary_queues() {
     temporary_queues_are_forgotten::<switchyard::amqprs::AmqprsClient>().await;
 }
+
+// ---------------------------------------------------------------------------
+// basic.get across a reconnect
+// ---------------------------------------------------------------------------
+
+/// Closes, on the broker, the connections whose client-provided name is
+/// `name`; returns how many.
+fn close_connections_named(name: &str) -> usize {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("\"{name}\"");
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, "switchyard fault test"]);
+    }
+    pids.len()
+}
+
+/// A message taken with `get` (manual ack) before the connection is lost:
+/// the broker requeues it; settling it afterwards fails with
+/// `settle_failed` and settles nothing else — in particular not the
+/// delivery a new `get` on the new connection received with the same tag.
+async fn get_across_a_reconnect<C: AmqpClient + Default>() {
+    let _serial = SERIAL.lock().await;
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let name = unique("switchyard-get-reconnect");
+    let Some(t) = connect::<C>(&url, &name).await else {
+        return;
+    };
+    let queue = unique("switchyard.fault.get");
+    t.declare_queue(&QueueSpec::new(&queue)).await.expect("declare");
+    let dest = Destination::queue(queue.as_str());
+    t.publish(&dest, Message::new("m1")).await.unwrap();
+    t.publish(&dest, Message::new("m2")).await.unwrap();
+    let stale = t.get(&queue, false).await.unwrap().expect("a message");
+    assert_eq!(&stale.delivery.message.body[..], b"m1");
+    let generation = t.state_watch().generation();
+    assert_eq!(
+        close_connections_named(&format!("{name}/consume")),
+        1,
+        "one main connection"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.state_watch().generation() == generation || !t.state().is_connected() {
+        assert!(Instant::now() < deadline, "the transport did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The broker requeued m1 with the old connection: the new get takes it,
+    // on a new channel whose first tag is the same as the stale one's.
+    let fresh = t.get(&queue, false).await.unwrap().expect("a message");
+    assert_eq!(&fresh.delivery.message.body[..], b"m1");
+    assert!(fresh.delivery.info.redelivered);
+    assert_eq!(fresh.message_count, 1);
+    assert_eq!(fresh.delivery.info.delivery_tag, stale.delivery.info.delivery_tag);
+    let e = stale.delivery.ack().await.unwrap_err();
+    assert_eq!(e.code(), "settle_failed", "{e}");
+    // The fresh delivery is still unsettled: dropping it requeues it.
+    drop(fresh);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let depth = t.queue_info(&queue).await.unwrap().message_count;
+        if depth == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fresh delivery was settled by the stale ack (depth {depth})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_get_across_a_reconnect_never_settles_another_delivery() {
+    get_across_a_reconnect::<switchyard::lapin::LapinClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_get_across_a_reconnect_never_settles_another_delivery() {
+    get_across_a_reconnect::<switchyard::amqprs::AmqprsClient>().await;
+}

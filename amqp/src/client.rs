@@ -226,6 +226,15 @@ pub struct RawDelivery {
     pub message: Message,
 }
 
+/// What `basic.get` answered when the queue had a message (`basic.get-ok`).
+#[derive(Debug)]
+pub struct RawGet {
+    /// The message (its tag is the channel's delivery tag).
+    pub delivery: RawDelivery,
+    /// The ready messages left in the queue.
+    pub message_count: u32,
+}
+
 /// What a consumer's channel reports.
 // One event per delivery: boxing the delivery would allocate per message.
 #[allow(clippy::large_enum_variant)]
@@ -304,10 +313,11 @@ pub trait AmqpChannel: Send + Sync + 'static {
     async fn bind(&self, binding: &Binding) -> Result<(), ClientError>;
     /// `queue.unbind` / `exchange.unbind`.
     async fn unbind(&self, binding: &Binding) -> Result<(), ClientError>;
-    /// `exchange.delete`.
-    async fn delete_exchange(&self, name: &str) -> Result<(), ClientError>;
-    /// `queue.delete`; the number of messages deleted.
-    async fn delete_queue(&self, name: &str) -> Result<u32, ClientError>;
+    /// `exchange.delete`, with the `if-unused` flag.
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), ClientError>;
+    /// `queue.delete`, with the `if-unused` and `if-empty` flags; the
+    /// number of messages deleted.
+    async fn delete_queue(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<u32, ClientError>;
     /// `queue.purge`; the number of messages purged.
     async fn purge_queue(&self, name: &str) -> Result<u32, ClientError>;
     /// `basic.publish`; on a confirm channel, the future of its confirm.
@@ -320,6 +330,11 @@ pub trait AmqpChannel: Send + Sync + 'static {
         no_ack: bool,
         exclusive: bool,
     ) -> Result<ConsumerEvents, ClientError>;
+    /// `basic.get` (with `no-ack` when `no_ack`): `None` on
+    /// `basic.get-empty`. A message taken without `no_ack` is settled with
+    /// [`ack`](Self::ack) / [`nack`](Self::nack) / [`reject`](Self::reject)
+    /// on this channel, or requeued by the broker when the channel closes.
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<RawGet>, ClientError>;
     /// `basic.cancel`.
     async fn cancel(&self, consumer_tag: &str) -> Result<(), ClientError>;
     /// `basic.ack`.

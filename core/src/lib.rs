@@ -40,6 +40,6 @@ pub use topology::{
     Topology,
 };
 pub use transport::{
-    Acker, Admin, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryInfo, PublishOptions, Publisher,
-    PublisherExt, ReplyChannel, Subscription, Transport,
+    Acker, Admin, Capabilities, ConsumeOptions, Consumer, DeleteIf, Delivery, DeliveryInfo, GetOk, PublishOptions,
+    Publisher, PublisherExt, ReplyChannel, Subscription, Transport,
 };

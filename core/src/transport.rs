@@ -473,13 +473,88 @@ impl Stream for Subscription {
     }
 }
 
-/// Starts consumers.
+/// One message taken from a queue with [`Consumer::get`] (AMQP `basic.get`).
+#[derive(Debug)]
+pub struct GetOk {
+    /// The message and the means to settle it (nothing to settle when it
+    /// was taken with `auto_ack`). Its [`DeliveryInfo::consumer_tag`] is empty.
+    pub delivery: Delivery,
+    /// How many ready messages the queue still holds, as the broker counted
+    /// them when it handed this one over.
+    pub message_count: u32,
+}
+
+/// Starts consumers and takes single messages.
 #[async_trait]
 pub trait Consumer: Send + Sync {
     /// Starts consuming `queue`. Fails with [`Error::QueueNotFound`] if the
     /// queue does not exist and [`Error::ResourceLocked`] if an exclusive
     /// consumer holds it.
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription>;
+
+    /// Takes one message from `queue` without a consumer (AMQP `basic.get`):
+    /// `Ok(None)` when the queue has no ready message, otherwise the
+    /// delivery and the number of ready messages left behind it.
+    ///
+    /// What it is for: inspecting or replaying a dead-letter queue one
+    /// message at a time, "take N then stop" jobs (a consumer would be sent
+    /// up to its prefetch at once), and polling a queue now and then. It
+    /// registers no consumer, so it never fires an auto-delete queue's
+    /// deletion, and it counts as use for `x-expires`. Each call is a
+    /// round trip: to move many messages, consume.
+    ///
+    /// With `auto_ack` the broker forgets the message as it hands it over.
+    /// Otherwise settle the delivery exactly once ([`Delivery::ack`],
+    /// [`Delivery::nack`], [`Delivery::reject`]); dropping it unsettled, or
+    /// losing the connection first, puts the message back in the queue
+    /// (redelivered), and settling it after the connection was lost fails
+    /// with [`Error::SettleFailed`]. RabbitMQ transports hold one channel
+    /// per unsettled message taken this way (a broker allows 2047 channels
+    /// per connection by default): settle as you go.
+    ///
+    /// Fails with [`Error::QueueNotFound`] if the queue does not exist and
+    /// [`Error::ResourceLocked`] if it is another connection's exclusive
+    /// queue. The default fails with [`Error::Unsupported`].
+    async fn get(&self, queue: &str, auto_ack: bool) -> Result<Option<GetOk>> {
+        let _ = (queue, auto_ack);
+        unsupported("basic.get")
+    }
+}
+
+/// Conditions of [`Admin::delete_queue_if`]: the queue is deleted only if
+/// each condition set holds, else the deletion fails with
+/// [`Error::PreconditionFailed`] (RabbitMQ's 406) and the queue stays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeleteIf {
+    /// Only if the queue has no consumers (`if-unused`).
+    pub unused: bool,
+    /// Only if the queue has no ready messages (`if-empty`; messages
+    /// delivered and not yet acknowledged do not count, as on RabbitMQ).
+    pub empty: bool,
+}
+
+impl DeleteIf {
+    /// Only if the queue has no consumers.
+    pub fn unused() -> Self {
+        DeleteIf {
+            unused: true,
+            empty: false,
+        }
+    }
+    /// Only if the queue has no ready messages.
+    pub fn empty() -> Self {
+        DeleteIf {
+            unused: false,
+            empty: true,
+        }
+    }
+    /// Only if the queue has neither consumers nor ready messages.
+    pub fn unused_and_empty() -> Self {
+        DeleteIf {
+            unused: true,
+            empty: true,
+        }
+    }
 }
 
 /// Declares, inspects and deletes topology.
@@ -501,6 +576,32 @@ pub trait Admin: Send + Sync {
     async fn delete_queue(&self, name: &str) -> Result<u32>;
     /// Removes all ready messages from a queue, returning how many.
     async fn purge_queue(&self, name: &str) -> Result<u32>;
+    /// Deletes a queue only if the conditions hold (AMQP `queue.delete`
+    /// with `if-unused` / `if-empty`), returning how many ready messages it
+    /// held; 0 if it did not exist. A queue with consumers (when `unused`
+    /// is asked) or with ready messages (when `empty` is asked) is left as
+    /// it is and the call fails with [`Error::PreconditionFailed`]. Use it
+    /// to retire a queue without losing what is still in it or cutting off
+    /// a consumer that is still running.
+    ///
+    /// The default deletes unconditionally when no condition is set and
+    /// fails with [`Error::Unsupported`] otherwise.
+    async fn delete_queue_if(&self, name: &str, only: DeleteIf) -> Result<u32> {
+        if only == DeleteIf::default() {
+            return self.delete_queue(name).await;
+        }
+        unsupported("conditional queue deletion")
+    }
+    /// Deletes an exchange only if no binding has it as its source (AMQP
+    /// `exchange.delete` with `if-unused`; being the destination of an
+    /// exchange-to-exchange binding does not count, as on RabbitMQ), else
+    /// fails with [`Error::PreconditionFailed`] and the exchange stays. No
+    /// error if it does not exist. The default fails with
+    /// [`Error::Unsupported`].
+    async fn delete_exchange_if_unused(&self, name: &str) -> Result<()> {
+        let _ = name;
+        unsupported("conditional exchange deletion")
+    }
     /// Facts about an existing queue (passive declare); [`Error::QueueNotFound`] if absent.
     async fn queue_info(&self, name: &str) -> Result<QueueInfo>;
     /// Checks that an exchange exists (passive declare).

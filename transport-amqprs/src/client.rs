@@ -43,10 +43,10 @@ use std::time::Duration;
 
 use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
-    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicNackArguments, BasicPublishArguments,
-    BasicQosArguments, BasicRejectArguments, Channel, ConfirmSelectArguments, ConsumerMessage, ExchangeBindArguments,
-    ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeUnbindArguments, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments, QueueUnbindArguments,
+    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicGetArguments, BasicNackArguments,
+    BasicPublishArguments, BasicQosArguments, BasicRejectArguments, Channel, ConfirmSelectArguments, ConsumerMessage,
+    ExchangeBindArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeUnbindArguments,
+    QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments, QueueUnbindArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
@@ -55,7 +55,7 @@ use futures_core::Stream;
 use parking_lot::Mutex;
 use switchyard_amqp::client::{
     AmqpChannel, AmqpClient, AmqpConnection, ClientCaps, ClientError, Confirm, ConfirmMap, ConfirmOutcome, ConnSignals,
-    ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery,
+    ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery, RawGet,
 };
 use switchyard_core::{Binding, BrokerReply, CloseScope, Destination, ExchangeSpec, Message, QueueInfo, QueueSpec};
 use tokio::sync::{mpsc, oneshot};
@@ -540,16 +540,19 @@ impl AmqpChannel for AmqprsChannel {
         }
     }
 
-    async fn delete_exchange(&self, name: &str) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
         check_short("exchange name", name)?;
-        let args = ExchangeDeleteArguments::new(name);
+        let mut args = ExchangeDeleteArguments::new(name);
+        args.if_unused = if_unused;
         let ch = self.ch.clone();
         self.detached(async move { ch.exchange_delete(args).await }).await
     }
 
-    async fn delete_queue(&self, name: &str) -> Result<u32> {
+    async fn delete_queue(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<u32> {
         check_short("queue name", name)?;
-        let args = QueueDeleteArguments::new(name);
+        let mut args = QueueDeleteArguments::new(name);
+        args.if_unused = if_unused;
+        args.if_empty = if_empty;
         let ch = self.ch.clone();
         Ok(self
             .detached(async move { ch.queue_delete(args).await })
@@ -649,6 +652,24 @@ impl AmqpChannel for AmqprsChannel {
         self.detached(async move { ch.basic_cancel(args).await })
             .await
             .map(|_| ())
+    }
+
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<RawGet>> {
+        check_short("queue name", queue)?;
+        let mut args = BasicGetArguments::new(queue);
+        args.no_ack = no_ack;
+        let ch = self.ch.clone();
+        let got = self.detached(async move { ch.basic_get(args).await }).await?;
+        Ok(got.map(|(get_ok, props, content)| RawGet {
+            delivery: RawDelivery {
+                delivery_tag: get_ok.delivery_tag(),
+                redelivered: get_ok.redelivered(),
+                exchange: get_ok.exchange().clone(),
+                routing_key: get_ok.routing_key().clone(),
+                message: to_message(Some(&props), Some(content)),
+            },
+            message_count: get_ok.message_count(),
+        }))
     }
 
     // Acks are asynchronous methods (no responder): cancel-safe as they are.

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use switchyard_amqp::client::{
     AmqpChannel, AmqpClient, AmqpConnection, ClientCaps, ClientError, Confirm, ConfirmOutcome, ConnSignals,
-    ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery,
+    ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery, RawGet,
 };
 use switchyard_core::{Binding, BrokerReply, Destination, ExchangeKind, ExchangeSpec, Message, QueueInfo, QueueSpec};
 
@@ -282,21 +283,28 @@ impl AmqpChannel for LapinChannel {
         r.map_err(client_error)
     }
 
-    async fn delete_exchange(&self, name: &str) -> Result<(), ClientError> {
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), ClientError> {
         self.channel
             .exchange_delete(
                 convert::short_name("exchange name", name).map_err(encode)?,
-                ExchangeDeleteOptions::default(),
+                ExchangeDeleteOptions {
+                    if_unused,
+                    ..Default::default()
+                },
             )
             .await
             .map_err(client_error)
     }
 
-    async fn delete_queue(&self, name: &str) -> Result<u32, ClientError> {
+    async fn delete_queue(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<u32, ClientError> {
         self.channel
             .queue_delete(
                 convert::short_name("queue name", name).map_err(encode)?,
-                QueueDeleteOptions::default(),
+                QueueDeleteOptions {
+                    if_unused,
+                    if_empty,
+                    ..Default::default()
+                },
             )
             .await
             .map_err(client_error)
@@ -372,6 +380,30 @@ impl AmqpChannel for LapinChannel {
             }
         });
         Ok(Box::pin(events))
+    }
+
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<RawGet>, ClientError> {
+        let got = self
+            .channel
+            .basic_get(
+                convert::short_name("queue name", queue).map_err(encode)?,
+                BasicGetOptions { no_ack },
+            )
+            .await
+            .map_err(client_error)?;
+        Ok(got.map(|g| {
+            let d = g.delivery;
+            RawGet {
+                delivery: RawDelivery {
+                    delivery_tag: d.delivery_tag,
+                    redelivered: d.redelivered,
+                    exchange: d.exchange.as_str().to_owned(),
+                    routing_key: d.routing_key.as_str().to_owned(),
+                    message: convert::from_delivery(d.data, &d.properties),
+                },
+                message_count: g.message_count,
+            }
+        }))
     }
 
     async fn cancel(&self, consumer_tag: &str) -> Result<(), ClientError> {

@@ -22,6 +22,7 @@ use switchyard_core::{
     QueueType, Result,
 };
 
+use crate::arguments;
 use crate::reply::{self, Op};
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
@@ -340,6 +341,7 @@ struct QueueCfg {
     delivery_limit: Option<u32>,
     quorum: bool,
     single_active: bool,
+    expires: Option<Duration>,
 }
 
 impl QueueCfg {
@@ -361,6 +363,7 @@ impl QueueCfg {
             delivery_limit: if quorum { a.delivery_limit } else { None },
             quorum,
             single_active: a.single_active_consumer,
+            expires: a.expires,
         }
     }
 }
@@ -433,7 +436,7 @@ impl Queue {
 
     /// Renews the `x-expires` lease of an unused queue.
     fn touch(&mut self, fx: &mut Effects) {
-        if let Some(expires) = self.spec.arguments.expires {
+        if let Some(expires) = self.cfg.expires {
             if self.consumers.is_empty() {
                 let at = Instant::now() + expires;
                 self.lease_until = Some(at);
@@ -793,7 +796,9 @@ impl State {
         Ok(name.is_empty() || self.exchanges.contains_key(name))
     }
 
-    pub(crate) fn delete_exchange(&mut self, conn: u64, name: &str) -> Result<()> {
+    /// `exchange.delete`; with `if_unused`, refused (406) while a binding
+    /// has the exchange as its source, as on RabbitMQ.
+    pub(crate) fn delete_exchange(&mut self, conn: u64, name: &str, if_unused: bool) -> Result<()> {
         self.check_conn(conn)?;
         if name.is_empty() {
             return Err(reply::default_exchange(Op::ExchangeDelete));
@@ -803,6 +808,13 @@ impl State {
                 Op::ExchangeDelete,
                 name,
                 format_args!("deletion of system exchange '{name}' in vhost '/' not allowed"),
+            ));
+        }
+        if if_unused && self.exchanges.get(name).is_some_and(|e| !e.binds.is_empty()) {
+            return Err(reply::precondition_failed(
+                Op::ExchangeDelete,
+                name,
+                format_args!("exchange '{name}' in vhost '/' in use"),
             ));
         }
         if self.exchanges.remove(name).is_some() {
@@ -920,14 +932,6 @@ impl State {
             if q.owner.is_some_and(|o| o != conn) || q.owner.is_some() != spec.exclusive {
                 return Err(reply::locked(Op::QueueDeclare, &spec.name));
             }
-            let norm = |s: &QueueSpec| {
-                let mut a = s.arguments.clone();
-                a.extra = Headers::new();
-                if a.queue_type.is_none() {
-                    a.queue_type = Some(QueueType::Classic);
-                }
-                a
-            };
             let inequivalent = |what: &str, current: String, received: String| {
                 reply::precondition_failed(
                     Op::QueueDeclare,
@@ -953,12 +957,8 @@ impl State {
                     spec.auto_delete.to_string(),
                 ));
             }
-            if norm(&q.spec) != norm(spec) {
-                return Err(inequivalent(
-                    "arguments",
-                    format!("{:?}", q.spec.arguments),
-                    format!("{:?}", spec.arguments),
-                ));
+            if let Some(e) = arguments::inequivalent(&spec.name, &q.spec.arguments, &spec.arguments) {
+                return Err(e);
             }
             self.expire(&spec.name, fx);
             let q = self.queues.get_mut(spec.name.as_str()).expect("exists");
@@ -982,7 +982,11 @@ impl State {
         } else {
             Arc::from(spec.name.as_str())
         };
-        let a = &spec.arguments;
+        let typed = QueueSpec {
+            arguments: arguments::validate(&name, &spec.arguments)?,
+            ..spec.clone()
+        };
+        let a = &typed.arguments;
         if a.queue_type == Some(QueueType::Quorum) && (!spec.durable || spec.exclusive || spec.auto_delete) {
             return Err(reply::precondition_failed(
                 Op::QueueDeclare,
@@ -998,16 +1002,9 @@ impl State {
                 feature: "stream queues in the memory transport".into(),
             });
         }
-        if a.max_priority == Some(0) {
-            return Err(reply::precondition_failed(
-                Op::QueueDeclare,
-                &name,
-                "invalid arg 'x-max-priority': must be between 1 and 255",
-            ));
-        }
         let mut stored = spec.clone();
         stored.name = name.to_string();
-        let cfg = QueueCfg::from_spec(spec);
+        let cfg = QueueCfg::from_spec(&typed);
         let q = Queue {
             name: name.clone(),
             uid: self.next_id + 1,
@@ -1060,7 +1057,16 @@ impl State {
         Ok(n)
     }
 
-    pub(crate) fn delete_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
+    /// `queue.delete`, with RabbitMQ's `if-unused` (no consumers) and
+    /// `if-empty` (no ready messages) conditions.
+    pub(crate) fn delete_queue(
+        &mut self,
+        conn: u64,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        fx: &mut Effects,
+    ) -> Result<u32> {
         self.check_conn(conn)?;
         match self.queue_for(conn, name, Op::QueueDelete) {
             Err(Error::QueueNotFound { .. }) => return Ok(0),
@@ -1068,7 +1074,74 @@ impl State {
             Ok(_) => {}
         }
         self.expire(name, fx);
+        let q = self.queues.get(name).expect("checked");
+        if if_unused && !q.consumers.is_empty() {
+            return Err(reply::precondition_failed(
+                Op::QueueDelete,
+                name,
+                format_args!("queue '{name}' in vhost '/' in use"),
+            ));
+        }
+        if if_empty && q.ready > 0 {
+            return Err(reply::precondition_failed(
+                Op::QueueDelete,
+                name,
+                format_args!("queue '{name}' in vhost '/' not empty"),
+            ));
+        }
         Ok(self.remove_queue(name, fx))
+    }
+
+    /// `basic.get`: takes the head message of `queue`, with the ready count
+    /// left behind it. Without `auto_ack` the message stays unacked on a
+    /// channel of its own (an inactive consumer entry of `conn`, tag 1),
+    /// returned as its id and outbox: settling it, dropping it or closing
+    /// the connection behaves as for a consumer's delivery. Registers no
+    /// consumer (auto-delete does not fire) and renews `x-expires`.
+    pub(crate) fn get(&mut self, conn: u64, queue: &str, auto_ack: bool, fx: &mut Effects) -> Result<Option<Got>> {
+        self.check_conn(conn)?;
+        self.queue_for(conn, queue, Op::BasicGet)?;
+        self.expire(queue, fx);
+        let cid = if auto_ack { 0 } else { self.id() };
+        let q = self.queues.get_mut(queue).expect("checked");
+        q.touch(fx);
+        let Some(m) = q.pop_head() else {
+            return Ok(None);
+        };
+        q.delivered += 1;
+        if q.flow_waiting && q.ready <= FLOW_LOW {
+            q.flow_waiting = false;
+            fx.drained = true;
+        }
+        let left = q.ready as u32;
+        let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
+        let (qname, uid) = (q.name.clone(), q.uid);
+        let mut message = m.message.clone();
+        if let Some(n) = quorum_count {
+            let mut copy = Message::clone(&message);
+            copy.headers.insert("x-delivery-count", HeaderValue::I64(n as i64));
+            message = Arc::new(copy);
+        }
+        let item = OutItem {
+            message,
+            tag: 1,
+            redelivered: m.redelivered,
+            exchange: m.exchange.clone(),
+            routing_key: Some(m.routing_key.clone().unwrap_or_else(|| qname.clone())),
+        };
+        if auto_ack {
+            return Ok(Some((item, left, None)));
+        }
+        let outbox = Outbox::new(false);
+        let mut c = ConsumerEntry::new(qname, uid, conn, 0, false, outbox.clone());
+        c.active = false;
+        c.next_tag = 2;
+        c.live = 1;
+        c.unacked.push_back(Some(m));
+        outbox.delivered_upto.store(1, Ordering::Release);
+        self.consumers.insert(cid, c);
+        self.conns.get_mut(&conn).expect("checked").consumers.push(cid);
+        Ok(Some((item, left, Some((cid, outbox)))))
     }
 
     /// Deletes a queue, cancelling its consumers; returns its ready count.
@@ -1713,6 +1786,10 @@ impl State {
         }
     }
 }
+
+/// What `basic.get` took: the delivery, the ready count left behind it,
+/// and (manual ack) the id and outbox of the channel that settles it.
+pub(crate) type Got = (OutItem, u32, Option<(u64, Arc<Outbox>)>);
 
 /// How to settle a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -203,3 +203,27 @@ pub(crate) fn subscription(
     let stream: DeliveryStream = Box::pin(stream);
     Subscription::new(queue, consumer_tag, stream, CancelHandle::new(channel))
 }
+
+/// The delivery of a `basic.get`: settled through a channel of its own
+/// (`channel`, the broker's inactive consumer entry and its outbox) unless
+/// it was taken with auto-ack.
+pub(crate) fn got(
+    broker: Arc<Broker>,
+    queue: Arc<str>,
+    item: OutItem,
+    channel: Option<(u64, Arc<Outbox>)>,
+) -> Delivery {
+    let info = DeliveryInfo {
+        delivery_tag: item.tag,
+        redelivered: item.redelivered,
+        exchange: item.exchange.unwrap_or_else(|| Arc::from("")),
+        routing_key: item.routing_key.unwrap_or_else(|| queue.clone()),
+        queue,
+        consumer_tag: Arc::from(""),
+    };
+    let message = Arc::try_unwrap(item.message).unwrap_or_else(|m| Message::clone(&m));
+    match channel {
+        Some((cid, outbox)) => Delivery::new(message, info, Arc::new(Channel { broker, cid, outbox })),
+        None => Delivery::auto_acked(message, info),
+    }
+}

@@ -100,6 +100,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod arguments;
 mod broker;
 mod consumer;
 mod reply;
@@ -111,8 +112,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchyard_core::transport::ReplyChannel;
 use switchyard_core::{
-    Admin, Binding, Capabilities, ConsumeOptions, Consumer, Destination, ExchangeSpec, Message, PublishOptions,
-    Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
+    Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, ExchangeSpec, GetOk, Message,
+    PublishOptions, Publisher, QueueInfo, QueueSpec, Result, Subscription, Transport,
 };
 
 use tokio::time::Instant;
@@ -287,6 +288,18 @@ impl Consumer for MemoryTransport {
             options.auto_ack,
         ))
     }
+
+    async fn get(&self, queue: &str, auto_ack: bool) -> Result<Option<GetOk>> {
+        let conn = self.conn;
+        let Some((item, left, channel)) = self.broker.with(|st, fx| st.get(conn, queue, auto_ack, fx))? else {
+            return Ok(None);
+        };
+        let delivery = consumer::got(self.broker.clone(), Arc::from(queue), item, channel);
+        Ok(Some(GetOk {
+            delivery,
+            message_count: left,
+        }))
+    }
 }
 
 #[async_trait]
@@ -313,12 +326,23 @@ impl Admin for MemoryTransport {
 
     async fn delete_exchange(&self, name: &str) -> Result<()> {
         let conn = self.conn;
-        self.broker.with(|st, _| st.delete_exchange(conn, name))
+        self.broker.with(|st, _| st.delete_exchange(conn, name, false))
     }
 
     async fn delete_queue(&self, name: &str) -> Result<u32> {
         let conn = self.conn;
-        self.broker.with(|st, fx| st.delete_queue(conn, name, fx))
+        self.broker.with(|st, fx| st.delete_queue(conn, name, false, false, fx))
+    }
+
+    async fn delete_queue_if(&self, name: &str, only: DeleteIf) -> Result<u32> {
+        let conn = self.conn;
+        self.broker
+            .with(|st, fx| st.delete_queue(conn, name, only.unused, only.empty, fx))
+    }
+
+    async fn delete_exchange_if_unused(&self, name: &str) -> Result<()> {
+        let conn = self.conn;
+        self.broker.with(|st, _| st.delete_exchange(conn, name, true))
     }
 
     async fn purge_queue(&self, name: &str) -> Result<u32> {

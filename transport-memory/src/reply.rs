@@ -19,6 +19,7 @@ pub(crate) enum Op {
     QueueUnbind,
     BasicConsume,
     BasicPublish,
+    BasicGet,
 }
 
 impl Op {
@@ -36,6 +37,7 @@ impl Op {
             Op::QueueUnbind => (50, 50),
             Op::BasicConsume => (60, 20),
             Op::BasicPublish => (60, 40),
+            Op::BasicGet => (60, 70),
         }
     }
 

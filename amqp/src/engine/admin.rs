@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use switchyard_core::{Binding, Error, ExchangeSpec, QueueInfo, QueueSpec, Result};
+use switchyard_core::{Binding, DeleteIf, Error, ExchangeSpec, QueueInfo, QueueSpec, Result};
 
 use crate::client::{AmqpChannel, AmqpClient, AmqpConnection, BoxFuture, ClientError};
 use crate::errors::Subject;
@@ -17,7 +17,8 @@ use super::Inner;
 type Chan<C> = <<C as AmqpClient>::Connection as AmqpConnection>::Channel;
 
 /// AMQP (class, method) ids of the operations, for errors.
-mod op {
+pub(super) mod op {
+    pub const BASIC_GET: (u16, u16) = (60, 70);
     pub const EXCHANGE_DECLARE: (u16, u16) = (40, 10);
     pub const EXCHANGE_DELETE: (u16, u16) = (40, 20);
     pub const EXCHANGE_BIND: (u16, u16) = (40, 30);
@@ -30,7 +31,7 @@ mod op {
     pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
 }
 
-async fn admin_channel<C: AmqpClient>(live: &Live<C>) -> std::result::Result<Arc<Chan<C>>, ClientError> {
+pub(super) async fn admin_channel<C: AmqpClient>(live: &Live<C>) -> std::result::Result<Arc<Chan<C>>, ClientError> {
     loop {
         let idle = live.admin_idle.lock().pop();
         match idle {
@@ -43,11 +44,30 @@ async fn admin_channel<C: AmqpClient>(live: &Live<C>) -> std::result::Result<Arc
 
 /// Runs `f` on an admin channel of the main connection, retrying across
 /// reconnects until the deadline. A channel the broker closed is dropped.
-async fn run<C, T, F>(inner: &Inner<C>, subject: Subject<'_>, op: (u16, u16), f: F) -> Result<T>
+pub(super) async fn run<C, T, F>(inner: &Inner<C>, subject: Subject<'_>, op: (u16, u16), f: F) -> Result<T>
 where
     C: AmqpClient,
     T: Send + 'static,
     F: Fn(Arc<Chan<C>>) -> BoxFuture<std::result::Result<T, ClientError>>,
+{
+    run_keep(inner, subject, op, f, |_| true).await
+}
+
+/// [`run`], where `reusable` says whether the channel may serve the next
+/// operation after a success (not when the result still needs it, e.g. an
+/// unsettled `basic.get`).
+pub(super) async fn run_keep<C, T, F, K>(
+    inner: &Inner<C>,
+    subject: Subject<'_>,
+    op: (u16, u16),
+    f: F,
+    reusable: K,
+) -> Result<T>
+where
+    C: AmqpClient,
+    T: Send + 'static,
+    F: Fn(Arc<Chan<C>>) -> BoxFuture<std::result::Result<T, ClientError>>,
+    K: Fn(&T) -> bool,
 {
     if inner.is_closed() {
         return Err(inner.shutdown_error());
@@ -74,7 +94,7 @@ where
         };
         match result {
             Ok(v) => {
-                if ch.is_open() {
+                if ch.is_open() && reusable(&v) {
                     live.admin_idle.lock().push(ch);
                 }
                 return Ok(v);
@@ -160,11 +180,11 @@ fn resolved<C: AmqpClient>(inner: &Inner<C>, b: &Binding) -> Binding {
     b
 }
 
-pub(crate) async fn delete_exchange<C: AmqpClient>(inner: &Inner<C>, name: &str) -> Result<()> {
+pub(crate) async fn delete_exchange<C: AmqpClient>(inner: &Inner<C>, name: &str, if_unused: bool) -> Result<()> {
     let n = name.to_owned();
     let r = run(inner, Subject::Exchange(name), op::EXCHANGE_DELETE, move |ch| {
         let n = n.clone();
-        Box::pin(async move { ch.delete_exchange(&n).await })
+        Box::pin(async move { ch.delete_exchange(&n, if_unused).await })
     })
     .await;
     match r {
@@ -176,11 +196,11 @@ pub(crate) async fn delete_exchange<C: AmqpClient>(inner: &Inner<C>, name: &str)
     }
 }
 
-pub(crate) async fn delete_queue<C: AmqpClient>(inner: &Inner<C>, name: &str) -> Result<u32> {
+pub(crate) async fn delete_queue<C: AmqpClient>(inner: &Inner<C>, name: &str, only: DeleteIf) -> Result<u32> {
     let n = inner.topology.resolve_queue(name);
     let r = run(inner, Subject::Queue(name), op::QUEUE_DELETE, move |ch| {
         let n = n.clone();
-        Box::pin(async move { ch.delete_queue(&n).await })
+        Box::pin(async move { ch.delete_queue(&n, only.unused, only.empty).await })
     })
     .await;
     match r {

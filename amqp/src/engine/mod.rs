@@ -11,6 +11,7 @@
 
 mod admin;
 mod consume;
+mod get;
 mod link;
 mod publish;
 
@@ -23,8 +24,8 @@ use async_trait::async_trait;
 use switchyard_core::settings::Settings;
 use switchyard_core::transport::CancelHandle;
 use switchyard_core::{
-    Admin, Binding, Capabilities, ConsumeOptions, Consumer, Destination, Error, ExchangeSpec, Message, PublishOptions,
-    Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
+    Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, Error, ExchangeSpec, GetOk, Message,
+    PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -772,6 +773,9 @@ impl<C: AmqpClient> Consumer for AmqpTransport<C> {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
         self.inner.consume(queue, options, false).await
     }
+    async fn get(&self, queue: &str, auto_ack: bool) -> Result<Option<GetOk>> {
+        get::get(&self.inner, queue, auto_ack).await
+    }
 }
 
 #[async_trait]
@@ -789,10 +793,16 @@ impl<C: AmqpClient> Admin for AmqpTransport<C> {
         admin::unbind(&self.inner, binding).await
     }
     async fn delete_exchange(&self, name: &str) -> Result<()> {
-        admin::delete_exchange(&self.inner, name).await
+        admin::delete_exchange(&self.inner, name, false).await
     }
     async fn delete_queue(&self, name: &str) -> Result<u32> {
-        admin::delete_queue(&self.inner, name).await
+        admin::delete_queue(&self.inner, name, DeleteIf::default()).await
+    }
+    async fn delete_queue_if(&self, name: &str, only: DeleteIf) -> Result<u32> {
+        admin::delete_queue(&self.inner, name, only).await
+    }
+    async fn delete_exchange_if_unused(&self, name: &str) -> Result<()> {
+        admin::delete_exchange(&self.inner, name, true).await
     }
     async fn purge_queue(&self, name: &str) -> Result<u32> {
         admin::purge_queue(&self.inner, name).await

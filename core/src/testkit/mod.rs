@@ -62,6 +62,8 @@
 //! | `delivery` | ack, nack/reject and requeue position, prefetch, round-robin, single active consumer, cancel, auto-ack |
 //! | `dead_letter` | reject, TTLs (per-message only at the head), max-length(-bytes), reject-publish, quorum delivery limit, `x-death` |
 //! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
+//! | `get` | `basic.get`: empty queue, order and remaining count, ack/nack/reject, auto-ack, dropped or cut-off deliveries, missing/locked queues, auto-delete queues |
+//! | `delete` | conditional deletes: queue `if-unused`/`if-empty`, exchange `if-unused`, their 406 answers |
 //! | `twin` | reply codes of refusals (403/404/405/406 with class and method), queue argument validation and equivalence, `CC`/`BCC`, max length on requeue, cancel |
 //! | `runtime` | Worker, RPC, graceful shutdown |
 //!
@@ -90,8 +92,10 @@ use crate::transport::{Capabilities, Delivery, Subscription, Transport};
 
 mod admin;
 mod dead_letter;
+mod delete;
 mod delivery;
 mod features;
+mod get;
 mod routing;
 mod runtime;
 mod support;
@@ -235,6 +239,8 @@ pub fn all_cases() -> Vec<Case> {
     v.extend(dead_letter::cases());
     v.extend(features::cases());
     v.extend(twin::cases());
+    v.extend(get::cases());
+    v.extend(delete::cases());
     v.extend(runtime::cases());
     v
 }
@@ -538,6 +544,24 @@ macro_rules! conformance_tests {
                 refusals_carry_rabbitmq_reply_codes,
                 cc_and_bcc_route_copies,
                 cc_and_bcc_keys_route_dead_letters,
+                invalid_queue_arguments_are_refused_on_first_declare,
+                queue_equivalence_compares_known_arguments,
+            ],
+            get: [
+                empty_queue_gives_none,
+                takes_in_order_with_the_remaining_count,
+                manual_settlement_acks_and_requeues,
+                dropped_unsettled_get_is_requeued,
+                settling_after_the_connection_closed_fails,
+                missing_queue_is_queue_not_found,
+                exclusive_queue_of_another_connection_is_locked,
+                does_not_delete_an_auto_delete_queue,
+            ],
+            delete: [
+                queue_if_unused_refuses_while_consumed,
+                queue_if_empty_counts_ready_messages_only,
+                exchange_if_unused_refuses_while_a_source,
+                conditional_deletes_of_missing_entities_succeed,
             ],
         }
     };

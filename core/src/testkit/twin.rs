@@ -18,6 +18,8 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::refusals_carry_rabbitmq_reply_codes),
         case!(twin::cc_and_bcc_route_copies),
         case!(twin::cc_and_bcc_keys_route_dead_letters, DeadLettering),
+        case!(twin::invalid_queue_arguments_are_refused_on_first_declare),
+        case!(twin::queue_equivalence_compares_known_arguments),
     ]
 }
 
@@ -298,4 +300,229 @@ async fn cc_and_bcc_keys_route_dead_letters(ctx: &Ctx<'_>) -> Result<(), String>
         Some(keys(&["d", "e"])),
     )?;
     ensure_eq("CC with x-dead-letter-routing-key", got.headers.get("CC"), None)
+}
+
+/// Declares `spec` expecting RabbitMQ's 406 with `text` in its reply text
+/// (when the transport reports it).
+async fn expect_refused(ctx: &Ctx<'_>, what: &str, spec: &QueueSpec, text: &str) -> Result<(), String> {
+    let e = expect_reply(
+        what,
+        ctx.transport().declare_queue(spec).await,
+        "precondition_failed",
+        406,
+        (50, 10),
+    )?;
+    if let Some(r) = e.reply() {
+        ensure(r.text.contains(text), || {
+            format!("{what}: the reply text should contain \"{text}\", got \"{}\"", r.text)
+        })?;
+    }
+    Ok(())
+}
+
+fn with_extra(spec: QueueSpec, key: &str, value: impl Into<HeaderValue>) -> QueueSpec {
+    let mut spec = spec;
+    spec.arguments.extra.insert(key, value);
+    spec
+}
+
+async fn invalid_queue_arguments_are_refused_on_first_declare(ctx: &Ctx<'_>) -> Result<(), String> {
+    let fresh = |suffix: &str| QueueSpec::new(ctx.queue_name(suffix));
+    let cases: Vec<(&str, QueueSpec, &str)> = vec![
+        (
+            "x-message-ttl as a string",
+            with_extra(fresh("ttl-str"), "x-message-ttl", "1000"),
+            "invalid arg 'x-message-ttl'",
+        ),
+        (
+            "x-message-ttl negative",
+            with_extra(fresh("ttl-neg"), "x-message-ttl", HeaderValue::I32(-1)),
+            "{value_negative,-1}",
+        ),
+        (
+            "x-expires 0",
+            with_extra(fresh("exp-0"), "x-expires", HeaderValue::I32(0)),
+            "{value_zero,0}",
+        ),
+        (
+            "x-max-length negative",
+            with_extra(fresh("len-neg"), "x-max-length", HeaderValue::I64(-1)),
+            "invalid arg 'x-max-length'",
+        ),
+        (
+            "x-overflow unknown",
+            with_extra(fresh("ovf"), "x-overflow", "bogus"),
+            "invalid_overflow",
+        ),
+        (
+            "x-max-priority 256",
+            with_extra(fresh("prio"), "x-max-priority", HeaderValue::I32(256)),
+            "{max_value_exceeded,256}",
+        ),
+        (
+            "x-dead-letter-routing-key without a dead-letter exchange",
+            with_extra(fresh("dlrk"), "x-dead-letter-routing-key", "k"),
+            "routing_key_but_no_dlx_defined",
+        ),
+        (
+            "x-single-active-consumer as a string",
+            with_extra(fresh("sac"), "x-single-active-consumer", "true"),
+            "invalid arg 'x-single-active-consumer'",
+        ),
+        (
+            "x-queue-type unknown",
+            with_extra(fresh("type"), "x-queue-type", "bogus"),
+            "unsupported queue type 'bogus'",
+        ),
+        (
+            "x-delivery-limit on a classic queue",
+            fresh("limit").delivery_limit(3),
+            "invalid arg 'x-delivery-limit'",
+        ),
+    ];
+    for (what, spec, text) in &cases {
+        expect_refused(ctx, &format!("first declare with {what}"), spec, text).await?;
+        expect_code(
+            &format!("queue_info after the refused declare with {what}"),
+            ctx.transport().queue_info(&spec.name).await,
+            "queue_not_found",
+        )?;
+    }
+    // Accepted: x-max-priority 0 (no priorities) and unknown x- arguments.
+    let q = ctx.declare_queue(fresh("prio-0").max_priority(0)).await?;
+    ctx.publish_message(&Destination::queue(q.as_str()), Message::new("low").with_priority(0))
+        .await?;
+    ctx.publish_message(&Destination::queue(q.as_str()), Message::new("high").with_priority(9))
+        .await?;
+    ensure_eq(
+        "x-max-priority 0 queue order (FIFO)",
+        ctx.drain(&q).await?,
+        vec!["low".to_owned(), "high".to_owned()],
+    )?;
+    ctx.declare_queue(with_extra(fresh("unknown"), "x-unknown", "whatever"))
+        .await
+        .map(|_| ())
+}
+
+async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(), String> {
+    let name = ctx.queue_name("eq");
+    let base = with_extra(
+        with_extra(
+            QueueSpec::new(name.clone())
+                .message_ttl(std::time::Duration::from_secs(1))
+                .max_length(10, crate::topology::Overflow::DropHead),
+            "x-foo",
+            "a",
+        ),
+        "x-max-length-bytes",
+        HeaderValue::I32(1000),
+    );
+    ctx.declare_queue(base.clone()).await?;
+    let t = ctx.transport();
+    // Equivalent: RabbitMQ ignores unknown x- arguments and x-delivery-limit,
+    // compares integers by value whatever their widths, and takes an absent
+    // x-queue-type as classic.
+    let mut no_foo = base.clone();
+    no_foo.arguments.extra.remove("x-foo");
+    let mut ttl_as_int = base.clone();
+    ttl_as_int.arguments.message_ttl = None;
+    ttl_as_int
+        .arguments
+        .extra
+        .insert("x-message-ttl", HeaderValue::I32(1000));
+    let mut bytes_as_long = base.clone();
+    bytes_as_long
+        .arguments
+        .extra
+        .insert("x-max-length-bytes", HeaderValue::I64(1000));
+    let equivalent: Vec<(&str, QueueSpec)> = vec![
+        ("identical arguments", base.clone()),
+        ("x-foo changed", with_extra(base.clone(), "x-foo", "b")),
+        ("x-foo left out", no_foo),
+        ("x-bar added", with_extra(base.clone(), "x-bar", HeaderValue::I32(1))),
+        (
+            "x-delivery-limit added",
+            with_extra(base.clone(), "x-delivery-limit", HeaderValue::I32(3)),
+        ),
+        ("x-message-ttl as a signed int", ttl_as_int),
+        ("x-max-length-bytes as a long", bytes_as_long),
+        (
+            "x-queue-type classic added",
+            base.clone().queue_type(crate::topology::QueueType::Classic),
+        ),
+    ];
+    for (what, spec) in &equivalent {
+        t.declare_queue(spec)
+            .await
+            .ctx(&format!("redeclare with {what} (RabbitMQ finds it equivalent)"))?;
+    }
+    let mut ttl_as_string = base.clone();
+    ttl_as_string.arguments.message_ttl = None;
+    ttl_as_string.arguments.extra.insert("x-message-ttl", "1000");
+    let mut no_ttl = base.clone();
+    no_ttl.arguments.message_ttl = None;
+    let mut no_bytes = base.clone();
+    no_bytes.arguments.extra.remove("x-max-length-bytes");
+    let inequivalent: Vec<(&str, QueueSpec, &str)> = vec![
+        (
+            "another x-message-ttl",
+            base.clone().message_ttl(std::time::Duration::from_secs(2)),
+            "inequivalent arg 'x-message-ttl'",
+        ),
+        (
+            "x-message-ttl as a string of the same digits",
+            ttl_as_string,
+            "inequivalent arg 'x-message-ttl'",
+        ),
+        (
+            "x-message-ttl left out",
+            no_ttl,
+            "received none but current is the value '1000'",
+        ),
+        (
+            "x-max-length-bytes left out",
+            no_bytes,
+            "inequivalent arg 'x-max-length-bytes'",
+        ),
+        (
+            "x-single-active-consumer false added",
+            with_extra(base.clone(), "x-single-active-consumer", false),
+            "inequivalent arg 'x-single-active-consumer'",
+        ),
+        (
+            "x-max-priority added",
+            base.clone().max_priority(5),
+            "inequivalent arg 'x-max-priority'",
+        ),
+        (
+            "x-dead-letter-exchange added",
+            base.clone().dead_letter(ctx.name("dlx"), None),
+            "inequivalent arg 'x-dead-letter-exchange'",
+        ),
+    ];
+    for (what, spec, text) in &inequivalent {
+        expect_refused(ctx, &format!("redeclare with {what}"), spec, text).await?;
+    }
+    // Explicit x-single-active-consumer=false is not the same as absent.
+    let sac = ctx
+        .declare_queue(with_extra(
+            QueueSpec::new(ctx.queue_name("sac")),
+            "x-single-active-consumer",
+            false,
+        ))
+        .await?;
+    expect_refused(
+        ctx,
+        "redeclare without the explicit x-single-active-consumer=false",
+        &QueueSpec::new(sac.clone()),
+        "inequivalent arg 'x-single-active-consumer'",
+    )
+    .await?;
+    // The refusals changed nothing.
+    ctx.publish(&Destination::queue(name.as_str()), "kept").await?;
+    ensure_eq(
+        "the queue after the refused redeclarations",
+        ctx.drain(&name).await?,
+        vec!["kept".to_owned()],
+    )
 }
