@@ -3,8 +3,9 @@
 #   1. makes sure RabbitMQ is installed, running and answering (installs
 #      rabbitmq-server with apt-get if missing, starts it detached);
 #   2. checks formatting and clippy (-D warnings);
-#   3. starts a three-node RabbitMQ cluster next to it (scripts/cluster.sh,
-#      torn down on exit) for the failover tests;
+#   3. starts a three-node RabbitMQ cluster next to it, and a node that
+#      requires client certificates (scripts/cluster.sh up / tls-up, torn
+#      down on exit) for the failover and mutual-TLS tests;
 #   4. runs the whole workspace's tests with every transport enabled (the
 #      wire tests also need python3 with aiormq/pamqp, installed with pip
 #      when missing).
@@ -69,6 +70,7 @@ log "starting the three-node test cluster (scripts/cluster.sh, next to the broke
 scripts/cluster.sh down >/dev/null 2>&1 || true
 trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
 scripts/cluster.sh up
+scripts/cluster.sh tls-up
 
 log "cargo test (workspace, all features)"
 cargo test --workspace --all-features

@@ -111,7 +111,7 @@ impl<C: AmqpClient> Link<C> {
                         tracing::info!(link = ?self.role, address = %format!("{}:{}", params.host, params.port),
                             error = %e, "node unreachable; trying the next address");
                     }
-                    failures.push(e.to_string());
+                    failures.push(plain(&e));
                 }
             }
         }
@@ -305,6 +305,15 @@ impl<C: AmqpClient> Link<C> {
                 }
             }
         }
+    }
+}
+
+/// An error's text without the variant's own prefix and hint, for nesting
+/// it in another `connection_failed`.
+pub(crate) fn plain(e: &Error) -> String {
+    match e {
+        Error::ConnectionFailed { message } => message.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -174,7 +174,7 @@ impl<C: AmqpClient> AmqpTransport<C> {
                 inner.main.state.set(ConnectionState::Closed);
                 inner.publisher.state.set(ConnectionState::Closed);
                 return Err(Error::ConnectionFailed {
-                    message: format!("after {attempts} attempt(s): {e}"),
+                    message: format!("after {attempts} attempt(s): {}", link::plain(&e)),
                 });
             }
             tokio::spawn(supervise(Arc::downgrade(&inner), link));
