@@ -226,14 +226,27 @@ impl RpcClient {
         }
         message.properties.reply_to = Some(self.reply_to.clone());
         message.properties.correlation_id = Some(id);
-        let exchange_call = async {
-            self.publisher.publish(dest, message).await?;
-            rx.await.map_err(|_| {
-                self.shared.closed_error().unwrap_or_else(|| Error::ConnectionClosed {
-                    reply: None,
-                    message: "rpc reply channel closed".into(),
-                })
+        let closed = || {
+            self.shared.closed_error().unwrap_or_else(|| Error::ConnectionClosed {
+                reply: None,
+                message: "rpc reply channel closed".into(),
             })
+        };
+        // The reply can come before the request's confirm: whichever is
+        // first decides. A reply proves the request arrived; a failed
+        // publish (no such exchange, unroutable) fails the call at once.
+        let exchange_call = async {
+            let publish = self.publisher.publish(dest, message);
+            tokio::pin!(publish);
+            let mut rx = rx;
+            tokio::select! {
+                biased;
+                sent = &mut publish => {
+                    sent?;
+                    rx.await.map_err(|_| closed())
+                }
+                reply = &mut rx => reply.map_err(|_| closed()),
+            }
         };
         match tokio::time::timeout(timeout, exchange_call).await {
             Ok(r) => r,

@@ -184,26 +184,38 @@ async fn settle<C: AmqpClient>(
     started: Instant,
 ) -> std::result::Result<(), Option<Error>> {
     match tokio::time::timeout_at(deadline, confirm).await {
-        Err(_) => Err(Some(match live.signals.blocked_reason() {
-            Some(reason) => Error::Blocked {
-                reason,
-                waited: started.elapsed(),
-            },
-            None => deadline_error(dest, "the broker sent no confirm"),
-        })),
-        Ok(ConfirmOutcome::Ack) | Ok(ConfirmOutcome::NotRequested) => Ok(()),
-        Ok(ConfirmOutcome::Nack) => Err(Some(Error::PublishUnconfirmed {
+        Err(_) => Err(Some(timed_out(dest, live, started))),
+        Ok(outcome) => classify(outcome, deadline, dest),
+    }
+}
+
+/// The error of a confirm that did not come before the deadline.
+fn timed_out<C: AmqpClient>(dest: &Destination, live: &Live<C>, started: Instant) -> Error {
+    match live.signals.blocked_reason() {
+        Some(reason) => Error::Blocked {
+            reason,
+            waited: started.elapsed(),
+        },
+        None => deadline_error(dest, "the broker sent no confirm"),
+    }
+}
+
+/// What a confirm means: `Err(None)` when the publish must be sent again.
+fn classify(outcome: ConfirmOutcome, deadline: Instant, dest: &Destination) -> std::result::Result<(), Option<Error>> {
+    match outcome {
+        ConfirmOutcome::Ack | ConfirmOutcome::NotRequested => Ok(()),
+        ConfirmOutcome::Nack => Err(Some(Error::PublishUnconfirmed {
             exchange: dest.exchange().to_owned(),
             routing_key: dest.routing_key().to_owned(),
             message: "the broker nacked the publish".into(),
         })),
-        Ok(ConfirmOutcome::Returned { reply, message }) => Err(Some(Error::Unroutable {
+        ConfirmOutcome::Returned { reply, message } => Err(Some(Error::Unroutable {
             exchange: dest.exchange().to_owned(),
             routing_key: dest.routing_key().to_owned(),
             reply: Some(Box::new(reply)),
             returned: message,
         })),
-        Ok(ConfirmOutcome::Lost(e)) => {
+        ConfirmOutcome::Lost(e) => {
             if Instant::now() >= deadline {
                 return Err(Some(deadline_error(dest, &format!("channel lost: {e}"))));
             }
@@ -293,9 +305,26 @@ pub(crate) async fn publish_batch<C: AmqpClient>(
     if sent.len() == messages.len() {
         first_unsent = messages.len();
     }
+    // One deadline over all the confirms: a timer per confirm would cost
+    // more than the confirm itself.
+    let live = sent.first().map(|(_, _, l)| l.clone());
+    let collect = async {
+        let mut outcomes = Vec::with_capacity(sent.len());
+        for (i, confirm, _) in sent {
+            outcomes.push((i, confirm.await));
+        }
+        outcomes
+    };
+    let outcomes = match tokio::time::timeout_at(deadline, collect).await {
+        Ok(o) => o,
+        Err(_) => {
+            let live = live.expect("confirms were awaited");
+            return Err(timed_out(dest, &live, started));
+        }
+    };
     let mut first_err = None;
-    for (i, confirm, live) in sent {
-        let outcome = settle(confirm, deadline, dest, &live, started).await;
+    for (i, outcome) in outcomes {
+        let outcome = classify(outcome, deadline, dest);
         if let Err(e) = publish_resolved(inner, dest, &messages[i], outcome).await {
             first_err.get_or_insert(e);
         }
