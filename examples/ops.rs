@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use switchyard::ops::OpsServer;
 use switchyard::worker::{shutdown_signal, Worker};
-use switchyard::{handler_fn, Admin, Destination, Message, Publisher, Settings, TransportKind};
+use switchyard::{handler_fn, Destination, Message, Settings, TransportKind};
 
 #[tokio::main]
 async fn main() -> switchyard::Result<()> {

@@ -358,7 +358,11 @@ async fn poll_depths(state: &Shared) {
     for q in state.config.worker.queues() {
         match t.queue_info(q).await {
             Ok(info) => {
-                state.depths.lock().unwrap_or_else(|e| e.into_inner()).insert(q.to_owned(), info.message_count);
+                state
+                    .depths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(q.to_owned(), info.message_count);
             }
             Err(e) => {
                 state.depths.lock().unwrap_or_else(|e| e.into_inner()).remove(q);
@@ -370,7 +374,11 @@ async fn poll_depths(state: &Shared) {
 
 impl Shared {
     fn depth(&self, queue: &str) -> Option<u32> {
-        self.depths.lock().unwrap_or_else(|e| e.into_inner()).get(queue).copied()
+        self.depths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(queue)
+            .copied()
     }
 }
 
@@ -458,7 +466,10 @@ fn reason(code: u16) -> &'static str {
 async fn route(state: &Shared, method: &str, path: &str) -> Response {
     let known = matches!(path, "/metrics" | "/healthz" | "/readyz" | "/status");
     if !known {
-        return Response::text(404, format!("not found: {path} (try /metrics, /healthz, /readyz, /status)\n"));
+        return Response::text(
+            404,
+            format!("not found: {path} (try /metrics, /healthz, /readyz, /status)\n"),
+        );
     }
     if method != "GET" {
         let mut r = Response::text(405, format!("method {method} not allowed: use GET\n"));
@@ -588,19 +599,45 @@ type Stat = fn(&RouteReport) -> u64;
 
 /// The Worker's counters in `/metrics`: name, help, reader.
 const COUNTERS: [(&str, &str, Stat); 9] = [
-    ("switchyard_worker_handled_total", "Deliveries whose handler finished.", |r| r.stats.handled),
-    ("switchyard_worker_acked_total", "Deliveries acknowledged.", |r| r.stats.acked),
-    ("switchyard_worker_requeued_total", "Deliveries nacked with requeue.", |r| r.stats.requeued),
-    ("switchyard_worker_rejected_total", "Deliveries rejected without requeue (dead-lettered).", |r| {
-        r.stats.rejected
+    (
+        "switchyard_worker_handled_total",
+        "Deliveries whose handler finished.",
+        |r| r.stats.handled,
+    ),
+    ("switchyard_worker_acked_total", "Deliveries acknowledged.", |r| {
+        r.stats.acked
     }),
-    ("switchyard_worker_failed_total", "Handler failures (errors and panics).", |r| r.stats.failed),
-    ("switchyard_worker_panicked_total", "Handler panics caught.", |r| r.stats.panicked),
-    ("switchyard_worker_replied_total", "RPC replies published.", |r| r.stats.replied),
-    ("switchyard_worker_published_total", "Messages published from outboxes.", |r| r.stats.published),
-    ("switchyard_worker_settle_failed_total", "Settlements or reply publishes that failed.", |r| {
-        r.stats.settle_failed
+    (
+        "switchyard_worker_requeued_total",
+        "Deliveries nacked with requeue.",
+        |r| r.stats.requeued,
+    ),
+    (
+        "switchyard_worker_rejected_total",
+        "Deliveries rejected without requeue (dead-lettered).",
+        |r| r.stats.rejected,
+    ),
+    (
+        "switchyard_worker_failed_total",
+        "Handler failures (errors and panics).",
+        |r| r.stats.failed,
+    ),
+    ("switchyard_worker_panicked_total", "Handler panics caught.", |r| {
+        r.stats.panicked
     }),
+    ("switchyard_worker_replied_total", "RPC replies published.", |r| {
+        r.stats.replied
+    }),
+    (
+        "switchyard_worker_published_total",
+        "Messages published from outboxes.",
+        |r| r.stats.published,
+    ),
+    (
+        "switchyard_worker_settle_failed_total",
+        "Settlements or reply publishes that failed.",
+        |r| r.stats.settle_failed,
+    ),
 ];
 
 fn metrics(state: &Shared) -> String {
@@ -614,17 +651,35 @@ fn metrics(state: &Shared) -> String {
             .collect()
     };
     for (name, help, read) in COUNTERS {
-        family(&mut out, name, "counter", help, &per_route(&|r| Some(read(r).to_string())));
+        family(
+            &mut out,
+            name,
+            "counter",
+            help,
+            &per_route(&|r| Some(read(r).to_string())),
+        );
     }
-    family(&mut out, "switchyard_worker_in_flight", "gauge", "Handlers running now.", &per_route(&|r| {
-        Some(r.stats.in_flight.to_string())
-    }));
-    family(&mut out, "switchyard_worker_max_in_flight", "gauge", "The most handlers that ran at once.", &per_route(
-        &|r| Some(r.stats.max_in_flight.to_string()),
-    ));
-    family(&mut out, "switchyard_worker_consuming", "gauge", "1 while the route consumes, else 0.", &per_route(
-        &|r| Some(u8::from(r.status == ConsumerStatus::Running).to_string()),
-    ));
+    family(
+        &mut out,
+        "switchyard_worker_in_flight",
+        "gauge",
+        "Handlers running now.",
+        &per_route(&|r| Some(r.stats.in_flight.to_string())),
+    );
+    family(
+        &mut out,
+        "switchyard_worker_max_in_flight",
+        "gauge",
+        "The most handlers that ran at once.",
+        &per_route(&|r| Some(r.stats.max_in_flight.to_string())),
+    );
+    family(
+        &mut out,
+        "switchyard_worker_consuming",
+        "gauge",
+        "1 while the route consumes, else 0.",
+        &per_route(&|r| Some(u8::from(r.status == ConsumerStatus::Running).to_string())),
+    );
     family(
         &mut out,
         "switchyard_worker_last_delivery_age_seconds",
@@ -639,35 +694,57 @@ fn metrics(state: &Shared) -> String {
         "Seconds without a delivery (since the start when none came).",
         &per_route(&|r| Some(format!("{:.3}", r.idle.as_secs_f64()))),
     );
-    family(&mut out, "switchyard_queue_depth", "gauge", "Messages ready in the queue (polled).", &per_route(&|r| {
-        state.depth(&r.queue).map(|d| d.to_string())
-    }));
-    family(&mut out, "switchyard_worker_uptime_seconds", "gauge", "Seconds since the Worker started.", &[(
-        String::new(),
-        format!("{:.3}", cfg.worker.uptime().as_secs_f64()),
-    )]);
+    family(
+        &mut out,
+        "switchyard_queue_depth",
+        "gauge",
+        "Messages ready in the queue (polled).",
+        &per_route(&|r| state.depth(&r.queue).map(|d| d.to_string())),
+    );
+    family(
+        &mut out,
+        "switchyard_worker_uptime_seconds",
+        "gauge",
+        "Seconds since the Worker started.",
+        &[(String::new(), format!("{:.3}", cfg.worker.uptime().as_secs_f64()))],
+    );
     if let Some(f) = &cfg.connection {
         let c = f();
-        family(&mut out, "switchyard_connection_up", "gauge", "1 while the transport is connected.", &[(
-            String::new(),
-            u8::from(c.connected).to_string(),
-        )]);
-        family(&mut out, "switchyard_connection_blocked", "gauge", "1 while the broker blocks publishing.", &[(
-            String::new(),
-            u8::from(c.blocked).to_string(),
-        )]);
-        family(&mut out, "switchyard_connection_reconnects_total", "counter", "Reconnections since the first connection.", &[(
-            String::new(),
-            c.reconnects.to_string(),
-        )]);
-        family(&mut out, "switchyard_connection_info", "gauge", "The connection's state and node.", &[(
-            format!(
-                "{{state=\"{}\",address=\"{}\"}}",
-                label(&c.state),
-                label(c.address.as_deref().unwrap_or(""))
-            ),
-            "1".into(),
-        )]);
+        family(
+            &mut out,
+            "switchyard_connection_up",
+            "gauge",
+            "1 while the transport is connected.",
+            &[(String::new(), u8::from(c.connected).to_string())],
+        );
+        family(
+            &mut out,
+            "switchyard_connection_blocked",
+            "gauge",
+            "1 while the broker blocks publishing.",
+            &[(String::new(), u8::from(c.blocked).to_string())],
+        );
+        family(
+            &mut out,
+            "switchyard_connection_reconnects_total",
+            "counter",
+            "Reconnections since the first connection.",
+            &[(String::new(), c.reconnects.to_string())],
+        );
+        family(
+            &mut out,
+            "switchyard_connection_info",
+            "gauge",
+            "The connection's state and node.",
+            &[(
+                format!(
+                    "{{state=\"{}\",address=\"{}\"}}",
+                    label(&c.state),
+                    label(c.address.as_deref().unwrap_or(""))
+                ),
+                "1".into(),
+            )],
+        );
     }
     #[cfg(feature = "prometheus")]
     if let Some(h) = &cfg.prometheus {

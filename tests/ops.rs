@@ -112,7 +112,10 @@ async fn metrics_health_readiness_and_status_answer_over_http() {
         !metrics.contains("switchyard_worker_last_delivery_age_seconds{queue=\"mails\"}"),
         "no delivery on mails yet: no age"
     );
-    assert!(!metrics.contains("switchyard_connection_up"), "no connection closure given");
+    assert!(
+        !metrics.contains("switchyard_connection_up"),
+        "no connection closure given"
+    );
 
     assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
     assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
@@ -184,8 +187,14 @@ async fn a_stale_route_a_stopped_route_and_queue_depths() {
         m.contains("switchyard_queue_depth{queue=\"slow\"} 2")
     })
     .await;
-    assert!(metrics.contains("switchyard_queue_depth{queue=\"fast\"} 0"), "{metrics}");
-    assert!(metrics.contains("switchyard_worker_in_flight{queue=\"slow\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_queue_depth{queue=\"fast\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_worker_in_flight{queue=\"slow\"} 1"),
+        "{metrics}"
+    );
     let (_, body) = eventually("stale", addr, "/readyz", |c, _| c == 503).await;
     assert!(body.contains("route slow: stale: 2 messages waiting"), "{body}");
     assert!(!body.contains("fast"), "{body}");
@@ -207,14 +216,21 @@ async fn a_stale_route_a_stopped_route_and_queue_depths() {
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("route fast: stopped"), "{body}");
-    assert!(get(addr, "/metrics").await.1.contains("switchyard_worker_consuming{queue=\"fast\"} 0"));
+    assert!(get(addr, "/metrics")
+        .await
+        .1
+        .contains("switchyard_worker_consuming{queue=\"fast\"} 0"));
     worker.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn connection_state_shows_in_metrics_and_readiness() {
     let (t, _b) = setup(&["q"]).await;
-    let worker = Worker::new(t.clone()).route("q", handler_fn(|| async {})).start().await.unwrap();
+    let worker = Worker::new(t.clone())
+        .route("q", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap();
     let info = Arc::new(Mutex::new(ConnectionInfo {
         state: "connected".into(),
         connected: true,
@@ -240,7 +256,10 @@ async fn connection_state_shows_in_metrics_and_readiness() {
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("blocked"), "{body}");
-    assert!(get(addr, "/metrics").await.1.contains("switchyard_connection_blocked 1"));
+    assert!(get(addr, "/metrics")
+        .await
+        .1
+        .contains("switchyard_connection_blocked 1"));
 
     *info.lock().unwrap() = ConnectionInfo {
         state: "reconnecting (attempt 3)".into(),
@@ -258,7 +277,11 @@ async fn connection_state_shows_in_metrics_and_readiness() {
 #[tokio::test]
 async fn a_closed_transport_fails_readiness_and_the_endpoint_stays_up_to_say_why() {
     let (t, _b) = setup(&["q"]).await;
-    let worker = Worker::new(t.clone()).route("q", handler_fn(|| async {})).start().await.unwrap();
+    let worker = Worker::new(t.clone())
+        .route("q", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap();
     let ops = serve(OpsServer::new(worker.clone()).transport(t.clone())).await;
     let addr = ops.local_addr();
     assert_eq!(get(addr, "/readyz").await.0, 200);
@@ -286,7 +309,11 @@ async fn refused(addr: SocketAddr) -> bool {
 async fn the_server_stops_with_the_worker_and_with_its_handle() {
     let (t, _b) = setup(&["q"]).await;
     let start = |t: Arc<dyn Transport>| async move {
-        Worker::new(t).route("q", handler_fn(|| async {})).start().await.unwrap()
+        Worker::new(t)
+            .route("q", handler_fn(|| async {}))
+            .start()
+            .await
+            .unwrap()
     };
     let worker: WorkerHandle = start(t.clone()).await;
     let ops = serve(OpsServer::new(worker.clone())).await;
@@ -313,7 +340,11 @@ async fn the_server_stops_with_the_worker_and_with_its_handle() {
 #[tokio::test]
 async fn binding_errors_name_the_address() {
     let (t, _b) = setup(&["q"]).await;
-    let worker = Worker::new(t).route("q", handler_fn(|| async {})).start().await.unwrap();
+    let worker = Worker::new(t)
+        .route("q", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap();
     let first = serve(OpsServer::new(worker.clone())).await;
     let taken = first.local_addr().to_string();
     let e = OpsServer::new(worker.clone()).bind(&taken).await.unwrap_err();

@@ -28,7 +28,9 @@ async fn metrics_facade_metrics_are_rendered_next_to_the_workers_counters() {
     assert!(e.to_string().contains("prometheus_handle"), "{e}");
     let ops = server.bind("127.0.0.1:0").await.unwrap();
     for i in 0..2 {
-        t.publish(&Destination::queue("jobs"), Message::new(format!("{i}"))).await.unwrap();
+        t.publish(&Destination::queue("jobs"), Message::new(format!("{i}")))
+            .await
+            .unwrap();
     }
     worker.wait_handled("jobs", 2, Duration::from_secs(5)).await.unwrap();
 

@@ -687,7 +687,9 @@ impl Settings {
                 .collect();
             tracing::debug!(file = %path.display(), entries = ?shown, "settings: read .env file");
         }
-        Self::from_lookup(|name| env(name).or_else(|| entries.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())))
+        Self::from_lookup(|name| {
+            env(name).or_else(|| entries.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        })
     }
 
     /// Reads variables through `lookup` (name → value) and validates. Tests
@@ -1105,7 +1107,11 @@ impl Settings {
         Topology::new()
             .exchange(self.exchange(self.dead_letter_exchange.clone()))
             .queue(QueueSpec::new(queue.clone()))
-            .binding(Binding::queue(queue, self.dead_letter_exchange.clone(), DEAD_LETTER_ROUTING_KEY))
+            .binding(Binding::queue(
+                queue,
+                self.dead_letter_exchange.clone(),
+                DEAD_LETTER_ROUTING_KEY,
+            ))
     }
 
     /// The dead-letter exchange, `None` when `RABBITMQ_ENABLE_DEAD_LETTER`
@@ -1277,7 +1283,11 @@ pub fn is_secret_variable(name: &str) -> bool {
 pub fn display_value(name: &str, value: &str) -> String {
     let n = name.to_ascii_uppercase();
     if n.contains("URL") && !(n.contains("PASSWORD") || n.contains("SECRET") || n.contains("TOKEN")) {
-        value.split(',').map(|u| redact_url(u.trim())).collect::<Vec<_>>().join(",")
+        value
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
     } else if is_secret_variable(name) {
         "***".to_owned()
     } else {
@@ -1294,8 +1304,13 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 fn read_env_file_with(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(ENV_FILE_VARIABLE, path.display().to_string(), format!("cannot read the file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            ENV_FILE_VARIABLE,
+            path.display().to_string(),
+            format!("cannot read the file: {e}"),
+        )
+    })?;
     parse_env_text(&path.display().to_string(), &text, env)
 }
 
@@ -1316,14 +1331,21 @@ fn parse_env_text(file: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) 
         let valid_key = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid_key {
-            return Err(bad("the name must be letters, digits and '_', not starting with a digit".into()));
+            return Err(bad(
+                "the name must be letters, digits and '_', not starting with a digit".into(),
+            ));
         }
         let rest = rest.trim_start();
         let lookup = |name: &str| -> String {
             env(name)
                 .or_else(|| out.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
                 .unwrap_or_else(|| {
-                    tracing::warn!(file, line = i + 1, variable = name, "${{{name}}} is not set: replaced by nothing");
+                    tracing::warn!(
+                        file,
+                        line = i + 1,
+                        variable = name,
+                        "${{{name}}} is not set: replaced by nothing"
+                    );
                     String::new()
                 })
         };
@@ -1888,7 +1910,10 @@ mod tests {
         read.sort();
         let mut sorted = listed.clone();
         sorted.sort();
-        assert_eq!(read, sorted, "from_lookup and VARIABLES differ: add an entry to VARIABLES (or remove one)");
+        assert_eq!(
+            read, sorted,
+            "from_lookup and VARIABLES differ: add an entry to VARIABLES (or remove one)"
+        );
         // The module docs' table lists the same variables, in the same order.
         let table: Vec<&str> = include_str!("settings.rs")
             .lines()
@@ -1929,7 +1954,12 @@ mod tests {
                 .step_by(2)
                 .filter(|t| t.contains("::") && !t.contains(' '))
                 .collect();
-            assert!(!named.is_empty(), "{}: takes_effect names no function: {}", v.name, v.takes_effect);
+            assert!(
+                !named.is_empty(),
+                "{}: takes_effect names no function: {}",
+                v.name,
+                v.takes_effect
+            );
             for item in named {
                 let f = item.rsplit("::").next().unwrap();
                 assert!(
@@ -1953,8 +1983,12 @@ mod tests {
             }
             let s = lookup(&pairs).unwrap_or_else(|e| panic!("{}={}: {e}", v.name, v.example));
             let with_partner_only = match v.name {
-                "RABBITMQ_CLIENT_CERT_FILE" => lookup(&[("RABBITMQ_CLIENT_KEY_FILE", "/k"), ("RABBITMQ_CLIENT_CERT_FILE", "/c")]).unwrap(),
-                "RABBITMQ_CLIENT_KEY_FILE" => lookup(&[("RABBITMQ_CLIENT_CERT_FILE", "/c"), ("RABBITMQ_CLIENT_KEY_FILE", "/k")]).unwrap(),
+                "RABBITMQ_CLIENT_CERT_FILE" => {
+                    lookup(&[("RABBITMQ_CLIENT_KEY_FILE", "/k"), ("RABBITMQ_CLIENT_CERT_FILE", "/c")]).unwrap()
+                }
+                "RABBITMQ_CLIENT_KEY_FILE" => {
+                    lookup(&[("RABBITMQ_CLIENT_CERT_FILE", "/c"), ("RABBITMQ_CLIENT_KEY_FILE", "/k")]).unwrap()
+                }
                 _ => Settings::default(),
             };
             assert_ne!(s, with_partner_only, "{}={} changed nothing", v.name, v.example);
@@ -1968,12 +2002,18 @@ mod tests {
         assert!(q.durable);
         assert_eq!(q.arguments.message_ttl, Some(Duration::from_millis(86_400_000)));
         assert_eq!(q.arguments.dead_letter_exchange.as_deref(), Some("contextiq.dlx"));
-        assert_eq!(q.arguments.dead_letter_routing_key.as_deref(), Some(DEAD_LETTER_ROUTING_KEY));
+        assert_eq!(
+            q.arguments.dead_letter_routing_key.as_deref(),
+            Some(DEAD_LETTER_ROUTING_KEY)
+        );
         assert_eq!(s.exchange("x").kind, ExchangeKind::Topic);
         let t = s.dead_letter_topology("dead_letter");
         assert_eq!(t.exchanges, vec![ExchangeSpec::topic("contextiq.dlx")]);
         assert_eq!(t.queues, vec![QueueSpec::new("dead_letter")]);
-        assert_eq!(t.bindings, vec![Binding::queue("dead_letter", "contextiq.dlx", DEAD_LETTER_ROUTING_KEY)]);
+        assert_eq!(
+            t.bindings,
+            vec![Binding::queue("dead_letter", "contextiq.dlx", DEAD_LETTER_ROUTING_KEY)]
+        );
         assert_eq!(s.dead_letter(), Some("contextiq.dlx"));
 
         let s = lookup(&[
@@ -1987,9 +2027,16 @@ mod tests {
         assert_eq!(s.dead_letter_topology("dead_letter"), Topology::new());
         assert_eq!(s.dead_letter(), None);
 
-        let s = lookup(&[("RABBITMQ_DEAD_LETTER_EXCHANGE", "app.dlx"), ("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "direct")]).unwrap();
+        let s = lookup(&[
+            ("RABBITMQ_DEAD_LETTER_EXCHANGE", "app.dlx"),
+            ("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "direct"),
+        ])
+        .unwrap();
         assert_eq!(s.queue("w").arguments.dead_letter_exchange.as_deref(), Some("app.dlx"));
-        assert_eq!(s.dead_letter_topology("dlq").exchanges, vec![ExchangeSpec::direct("app.dlx")]);
+        assert_eq!(
+            s.dead_letter_topology("dlq").exchanges,
+            vec![ExchangeSpec::direct("app.dlx")]
+        );
     }
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
@@ -2043,7 +2090,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("switchyard-env-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(".env");
-        std::fs::write(&file, "RABBITMQ_HOST=from-file\nRABBITMQ_PORT=5673\nRABBITMQ_HEARTBEAT=30\n").unwrap();
+        std::fs::write(
+            &file,
+            "RABBITMQ_HOST=from-file\nRABBITMQ_PORT=5673\nRABBITMQ_HEARTBEAT=30\n",
+        )
+        .unwrap();
         // ./.env (here: `file`) read; the environment wins over it.
         let s = Settings::from_sources(env_of(&[("RABBITMQ_HEARTBEAT", "45")]), &file).unwrap();
         assert_eq!((s.host.as_str(), s.port), ("from-file", 5673));
@@ -2058,7 +2109,10 @@ mod tests {
         let pairs: &'static [(&str, &str)] = Box::leak(vec![(ENV_FILE_VARIABLE, path)].into_boxed_slice());
         let s = Settings::from_sources(env_of(pairs), &file).unwrap();
         assert_eq!(s.default_prefetch_count, 20);
-        assert_eq!(s.host, "localhost", "the default file is not read when SWITCHYARD_ENV_FILE is set");
+        assert_eq!(
+            s.host, "localhost",
+            "the default file is not read when SWITCHYARD_ENV_FILE is set"
+        );
         let e = Settings::from_sources(env_of(&[(ENV_FILE_VARIABLE, "/nonexistent/x.env")]), &file).unwrap_err();
         assert!(e.to_string().contains("SWITCHYARD_ENV_FILE=/nonexistent/x.env"), "{e}");
         // A bad value in the file is reported like one from the environment.
@@ -2071,12 +2125,22 @@ mod tests {
     #[test]
     fn secret_values_are_never_displayed() {
         assert_eq!(display_value("RABBITMQ_PASSWORD", "hunter2"), "***");
-        assert_eq!(display_value("RABBITMQ_URL", "amqp://u:hunter2@h/v"), "amqp://u:***@h/v");
-        assert_eq!(display_value("RABBITMQ_URL", "amqp://u:a@h/v, amqp://u:b@i/v"), "amqp://u:***@h/v,amqp://u:***@i/v");
+        assert_eq!(
+            display_value("RABBITMQ_URL", "amqp://u:hunter2@h/v"),
+            "amqp://u:***@h/v"
+        );
+        assert_eq!(
+            display_value("RABBITMQ_URL", "amqp://u:a@h/v, amqp://u:b@i/v"),
+            "amqp://u:***@h/v,amqp://u:***@i/v"
+        );
         assert_eq!(display_value("RABBITMQ_HOST", "rabbit"), "rabbit");
         for v in VARIABLES {
-            assert_eq!(is_secret_variable(v.name), v.name == "RABBITMQ_PASSWORD" || v.name == "RABBITMQ_URL", "{}", v.name);
+            assert_eq!(
+                is_secret_variable(v.name),
+                v.name == "RABBITMQ_PASSWORD" || v.name == "RABBITMQ_URL",
+                "{}",
+                v.name
+            );
         }
     }
-
 }

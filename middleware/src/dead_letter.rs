@@ -596,8 +596,13 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let settings = switchyard_core::Settings::default().with_dead_letter(Some("app.dlx"));
         let layer = DeadLetterLayer::from_settings(rec.clone(), &settings).expect("dead-lettering is on");
-        let svc = layer.layer(handler_fn(|_e: Envelope| async { Err::<(), _>(HandlerError::reject("no")) }));
-        let out = svc.oneshot(Envelope::for_test(Message::new("x"), "orders")).await.unwrap();
+        let svc = layer.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::reject("no"))
+        }));
+        let out = svc
+            .oneshot(Envelope::for_test(Message::new("x"), "orders"))
+            .await
+            .unwrap();
         assert_eq!(out, Outcome::DeadLettered);
         assert_eq!(
             rec.sent.lock()[0].0,
