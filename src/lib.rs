@@ -26,8 +26,8 @@ pub use switchyard_middleware as middleware;
 pub use tower;
 pub use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-/// An HTTP endpoint next to a Worker: `/metrics`, `/healthz`, `/readyz`,
-/// `/status` (cargo feature `ops`).
+// An HTTP endpoint next to a Worker (cargo feature `ops`); documented
+// inside, so that its links resolve in the module.
 #[cfg(feature = "ops")]
 pub mod ops;
 

@@ -22,11 +22,11 @@
 //! [`queue_depth`](OpsServer::queue_depth) interval when set (and shown in
 //! `/metrics` and `/status`), else asked by `/readyz` for an idle route only.
 //!
-//! **Connection.** `ops` does not depend on a transport crate: give
-//! [`OpsServer::connection`] a closure that reads the state of a RabbitMQ
-//! transport (see its docs) to export the connection state, the node
-//! address and the reconnect count and to make `/readyz` fail while the
-//! connection is down or blocked by a resource alarm.
+//! **Connection.** [`OpsServer::amqp`] watches a RabbitMQ transport (lapin
+//! or amqprs): its connection state, node address and reconnect count go to
+//! `/metrics` and `/status`, and `/readyz` fails while the connection is
+//! down or blocked by a resource alarm. For any other source, give
+//! [`OpsServer::connection`] a closure.
 //!
 //! **Lifetime.** The server stops when its [`OpsHandle`] is dropped or
 //! [`shut down`](OpsHandle::shutdown), and when the Worker has stopped on
@@ -107,6 +107,25 @@ pub struct ConnectionInfo {
     pub reconnects: u64,
 }
 
+impl ConnectionInfo {
+    /// The connection of a RabbitMQ transport (cargo feature `lapin` or
+    /// `amqprs`): the consuming connection's state and node, blocked when
+    /// either connection is blocked by a resource alarm, and the reconnects
+    /// counted by its state watch (generation − 1).
+    #[cfg(any(feature = "lapin", feature = "amqprs"))]
+    pub fn of_amqp<C: switchyard_amqp::AmqpClient>(t: &switchyard_amqp::AmqpTransport<C>) -> Self {
+        use switchyard_amqp::ConnectionState;
+        let state = t.state_watch().get();
+        ConnectionInfo {
+            state: state.to_string(),
+            connected: state.is_connected(),
+            blocked: state == ConnectionState::Blocked || t.publish_state_watch().get() == ConnectionState::Blocked,
+            address: t.connected_address(),
+            reconnects: t.state_watch().generation().saturating_sub(1),
+        }
+    }
+}
+
 type ConnectionFn = Arc<dyn Fn() -> ConnectionInfo + Send + Sync>;
 
 /// Builds the ops endpoint of a Worker; see the [module docs](self).
@@ -182,6 +201,27 @@ impl OpsServer {
     pub fn connection(mut self, f: impl Fn() -> ConnectionInfo + Send + Sync + 'static) -> Self {
         self.connection = Some(Arc::new(f));
         self
+    }
+
+    /// Watches a RabbitMQ transport (lapin's or amqprs's, built directly
+    /// rather than through `switchyard::connect`): sets it as the
+    /// [`transport`](Self::transport) and reports its connection through
+    /// [`ConnectionInfo::of_amqp`] (cargo feature `lapin` or `amqprs`).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "lapin")]
+    /// # async fn demo(worker: switchyard::worker::WorkerHandle) -> switchyard::Result<()> {
+    /// use std::sync::Arc;
+    /// use switchyard::lapin::LapinTransport;
+    /// use switchyard::ops::OpsServer;
+    /// let rabbit = Arc::new(LapinTransport::connect(&switchyard::Settings::from_env()?).await?);
+    /// let ops = OpsServer::new(worker).amqp(rabbit).bind("0.0.0.0:9464").await?;
+    /// # let _ = ops; Ok(()) }
+    /// ```
+    #[cfg(any(feature = "lapin", feature = "amqprs"))]
+    pub fn amqp<C: switchyard_amqp::AmqpClient + 'static>(self, t: Arc<switchyard_amqp::AmqpTransport<C>>) -> Self {
+        let watched = t.clone();
+        self.transport(t).connection(move || ConnectionInfo::of_amqp(&watched))
     }
 
     /// How long a route may go without a delivery while its queue has

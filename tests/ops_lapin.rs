@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::lapin::{AmqpConfig, ConnectionState, LapinTransport};
-use switchyard::ops::{ConnectionInfo, OpsServer};
+use switchyard::lapin::{AmqpConfig, LapinTransport};
+use switchyard::ops::OpsServer;
 use switchyard::worker::Worker;
 use switchyard::{handler_fn, Destination, Message, Settings, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,19 +53,8 @@ async fn readyz_is_200_while_consuming_and_503_after_the_transport_is_closed() {
         .start()
         .await
         .unwrap();
-    let l = lapin.clone();
     let ops = OpsServer::new(worker.clone())
-        .transport(t.clone())
-        .connection(move || {
-            let state = l.state_watch().get();
-            ConnectionInfo {
-                state: state.to_string(),
-                connected: state.is_connected(),
-                blocked: state == ConnectionState::Blocked || l.publish_state_watch().get() == ConnectionState::Blocked,
-                address: l.connected_address(),
-                reconnects: l.state_watch().generation().saturating_sub(1),
-            }
-        })
+        .amqp(lapin.clone())
         .bind("127.0.0.1:0")
         .await
         .unwrap();

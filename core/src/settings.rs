@@ -50,8 +50,9 @@
 //! **Settings that shape topology.** `RABBITMQ_DEFAULT_MESSAGE_TTL`,
 //! `RABBITMQ_ENABLE_DEAD_LETTER` and `RABBITMQ_DEAD_LETTER_EXCHANGE` take
 //! effect on the queues built by [`Settings::queue`] (`x-message-ttl`,
-//! `x-dead-letter-exchange` with routing key [`DEAD_LETTER_ROUTING_KEY`]) and
-//! in [`Settings::dead_letter_topology`] (the dead-letter exchange and
+//! `x-dead-letter-exchange` with routing key [`DEAD_LETTER_ROUTING_KEY`]), on
+//! the queues of a [`Topology::with_defaults`] that lack them, and in
+//! [`Settings::dead_letter_topology`] (the dead-letter exchange and
 //! queue); `RABBITMQ_DEFAULT_EXCHANGE_TYPE` on the exchanges built by
 //! [`Settings::exchange`]. The dead-letter layer of `switchyard-middleware`
 //! takes its exchange from the settings with `DeadLetterLayer::from_settings`.
@@ -1253,10 +1254,10 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "RABBITMQ_CONNECTION_ATTEMPTS", example: "5", takes_effect: "`AmqpConfig::from_settings` (attempts of the first connection)" },
     Variable { name: "RABBITMQ_RETRY_DELAY", example: "5.0", takes_effect: "`AmqpConfig::from_settings` (delay between connection attempts; reconnect backoff cap)" },
     Variable { name: "RABBITMQ_DEFAULT_PREFETCH_COUNT", example: "20", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (routes' prefetch); `AmqpConfig::from_settings` (a consume without prefetch)" },
-    Variable { name: "RABBITMQ_DEFAULT_MESSAGE_TTL", example: "60000", takes_effect: "`Settings::queue` (`x-message-ttl` of queues declared from the settings)" },
+    Variable { name: "RABBITMQ_DEFAULT_MESSAGE_TTL", example: "60000", takes_effect: "`Settings::queue`, `Topology::with_defaults` (`x-message-ttl` of queues declared from the settings)" },
     Variable { name: "RABBITMQ_DEFAULT_EXCHANGE_TYPE", example: "direct", takes_effect: "`Settings::exchange` and `Settings::dead_letter_topology` (kind of exchanges declared from the settings)" },
-    Variable { name: "RABBITMQ_ENABLE_DEAD_LETTER", example: "false", takes_effect: "`Settings::queue` (`x-dead-letter-exchange` or none), `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings`" },
-    Variable { name: "RABBITMQ_DEAD_LETTER_EXCHANGE", example: "app.dlx", takes_effect: "`Settings::queue`, `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings` (the exchange dead letters go to)" },
+    Variable { name: "RABBITMQ_ENABLE_DEAD_LETTER", example: "false", takes_effect: "`Settings::queue`, `Topology::with_defaults` (`x-dead-letter-exchange` or none), `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings`" },
+    Variable { name: "RABBITMQ_DEAD_LETTER_EXCHANGE", example: "app.dlx", takes_effect: "`Settings::queue`, `Topology::with_defaults`, `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings` (the exchange dead letters go to)" },
     Variable { name: "RABBITMQ_ENABLE_PUBLISHER_CONFIRMS", example: "false", takes_effect: "`AmqpConfig::from_settings` (confirm mode of publishing channels)" },
     Variable { name: "RABBITMQ_ENABLE_CONSUMER_PREFETCH", example: "false", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (prefetch 0, unlimited, when false)" },
     Variable { name: "RABBITMQ_USE_TLS", example: "true", takes_effect: "`Settings::effective_url` (`amqps` when the URL is built from the parts) → `AmqpConfig::from_settings`" },
