@@ -26,6 +26,11 @@ pub use switchyard_middleware as middleware;
 pub use tower;
 pub use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
+// An HTTP endpoint next to a Worker (cargo feature `ops`); documented
+// inside, so that its links resolve in the module.
+#[cfg(feature = "ops")]
+pub mod ops;
+
 /// The in-process broker (cargo feature `memory`, on by default).
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;

@@ -33,6 +33,50 @@
 //! | `RABBITMQ_CONFIRM_TIMEOUT` | `30.0` (seconds) | 0.1–600.0 |
 //! | `RABBITMQ_TRANSPORT` | unset (see below) | memory, lapin, amqprs |
 //!
+//! Where each variable takes effect is listed in [`VARIABLES`] (a test
+//! keeps that list, this table and [`Settings::from_lookup`] in step).
+//!
+//! **`.env` files.** [`Settings::from_env`] also reads `./.env` when it
+//! exists, or the file `SWITCHYARD_ENV_FILE` names (which must exist): the
+//! seed's `.env.*` style — `KEY=value` lines, `#` comments, blank lines, an
+//! optional `export ` prefix, values in `"double"` (with `\n`, `\"`, `\\`
+//! escapes) or `'single'` quotes, and `${VAR}` references (to the process
+//! environment or an earlier line; unknown ones become empty, as
+//! python-dotenv does, with a warning naming the variable). Variables of the
+//! process environment take precedence over the file. A malformed line is an
+//! `invalid_config` error naming the file and the line number (never the
+//! line's value). Values of password and URL variables are never logged.
+//!
+//! **Settings that shape topology.** `RABBITMQ_DEFAULT_MESSAGE_TTL`,
+//! `RABBITMQ_ENABLE_DEAD_LETTER` and `RABBITMQ_DEAD_LETTER_EXCHANGE` take
+//! effect on the queues built by [`Settings::queue`] (`x-message-ttl`,
+//! `x-dead-letter-exchange` with routing key [`DEAD_LETTER_ROUTING_KEY`]), on
+//! the queues of a [`Topology::with_defaults`] that lack them, and in
+//! [`Settings::dead_letter_topology`] (the dead-letter exchange and
+//! queue); `RABBITMQ_DEFAULT_EXCHANGE_TYPE` on the exchanges built by
+//! [`Settings::exchange`]. The dead-letter layer of `switchyard-middleware`
+//! takes its exchange from the settings with `DeadLetterLayer::from_settings`.
+//! Queues and exchanges built by hand ([`QueueSpec::new`]) are left as
+//! written.
+//!
+//! ```
+//! use std::time::Duration;
+//! use switchyard_core::{Settings, Topology, ExchangeKind};
+//! let s = Settings::from_lookup(|k| match k {
+//!     "RABBITMQ_DEFAULT_MESSAGE_TTL" => Some("60000".into()),
+//!     "RABBITMQ_DEFAULT_EXCHANGE_TYPE" => Some("direct".into()),
+//!     _ => None,
+//! }).unwrap();
+//! let q = s.queue("extraction.requests");
+//! assert_eq!(q.arguments.message_ttl, Some(Duration::from_secs(60)));
+//! assert_eq!(q.arguments.dead_letter_exchange.as_deref(), Some("contextiq.dlx"));
+//! assert_eq!(s.exchange("contextiq.extraction").kind, ExchangeKind::Direct);
+//! let topology = s.dead_letter_topology("dead_letter")
+//!     .exchange(s.exchange("contextiq.extraction"))
+//!     .bound_queue(q, "contextiq.extraction", "extraction.request");
+//! assert_eq!(topology.queues.len(), 2);
+//! ```
+//!
 //! **Transport choice** (`switchyard::connect`): `RABBITMQ_TRANSPORT` names
 //! the transport; when it is unset, a `RABBITMQ_URL` of the form `memory://`
 //! selects the in-process broker, and anything else a RabbitMQ transport
@@ -66,12 +110,12 @@
 //! ```
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::topology::ExchangeKind;
+use crate::topology::{Binding, ExchangeKind, ExchangeSpec, QueueSpec, Topology};
 
 /// The default `RABBITMQ_URL`.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/";
@@ -608,9 +652,45 @@ pub fn parse_amqp_url(variable: &str, url: &str) -> Result<Endpoint> {
 }
 
 impl Settings {
-    /// Reads the process environment (`RABBITMQ_*`) and validates.
+    /// Reads the process environment (`RABBITMQ_*`) and the `.env` file —
+    /// `SWITCHYARD_ENV_FILE` if set, else `./.env` if it exists — with the
+    /// process environment taking precedence, and validates. See the
+    /// [module docs](self) for the file's syntax.
     pub fn from_env() -> Result<Settings> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_sources(|name| std::env::var(name).ok(), Path::new(".env"))
+    }
+
+    /// [`from_env`](Settings::from_env) with the process environment read
+    /// through `env` and `default_file` in place of `./.env`.
+    fn from_sources(env: impl Fn(&str) -> Option<String>, default_file: &Path) -> Result<Settings> {
+        let file = match env(ENV_FILE_VARIABLE).filter(|v| !v.trim().is_empty()) {
+            Some(path) => {
+                let path = PathBuf::from(path.trim());
+                if !path.is_file() {
+                    return Err(invalid(
+                        ENV_FILE_VARIABLE,
+                        path.display().to_string(),
+                        "no such file: point it at a .env file or unset it",
+                    ));
+                }
+                Some(path)
+            }
+            None => default_file.is_file().then(|| default_file.to_path_buf()),
+        };
+        let entries = match &file {
+            Some(path) => read_env_file_with(path, &env)?,
+            None => Vec::new(),
+        };
+        if let Some(path) = &file {
+            let shown: Vec<String> = entries
+                .iter()
+                .map(|(k, v)| format!("{k}={}", display_value(k, v)))
+                .collect();
+            tracing::debug!(file = %path.display(), entries = ?shown, "settings: read .env file");
+        }
+        Self::from_lookup(|name| {
+            env(name).or_else(|| entries.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        })
     }
 
     /// Reads variables through `lookup` (name → value) and validates. Tests
@@ -989,6 +1069,58 @@ impl Settings {
         }
     }
 
+    /// A durable queue named `name` with the settings' defaults:
+    /// `x-message-ttl` from `RABBITMQ_DEFAULT_MESSAGE_TTL` (none when 0) and,
+    /// when `RABBITMQ_ENABLE_DEAD_LETTER` is true, `x-dead-letter-exchange`
+    /// = `RABBITMQ_DEAD_LETTER_EXCHANGE` with `x-dead-letter-routing-key` =
+    /// [`DEAD_LETTER_ROUTING_KEY`] (the key [`dead_letter_topology`](Self::dead_letter_topology)
+    /// binds; RabbitMQ's `x-death` keeps the original key). Refine it with
+    /// the [`QueueSpec`] setters.
+    pub fn queue(&self, name: impl Into<String>) -> QueueSpec {
+        let mut q = QueueSpec::new(name);
+        if let Some(ttl) = self.message_ttl() {
+            q = q.message_ttl(ttl);
+        }
+        if self.enable_dead_letter {
+            q = q.dead_letter(self.dead_letter_exchange.clone(), Some(DEAD_LETTER_ROUTING_KEY));
+        }
+        q
+    }
+
+    /// A durable exchange named `name` of the kind
+    /// `RABBITMQ_DEFAULT_EXCHANGE_TYPE` (topic by default).
+    pub fn exchange(&self, name: impl Into<String>) -> ExchangeSpec {
+        ExchangeSpec::new(name, self.default_exchange_type)
+    }
+
+    /// The dead-letter exchange and queue (the seed's `contextiq.dlx` and
+    /// `dead_letter`): the exchange `RABBITMQ_DEAD_LETTER_EXCHANGE` of kind
+    /// `RABBITMQ_DEFAULT_EXCHANGE_TYPE`, and the durable queue `queue`
+    /// bound to it with [`DEAD_LETTER_ROUTING_KEY`] — without a TTL (dead
+    /// letters wait for inspection) and without a dead-letter exchange of
+    /// its own (no cycle). Empty when `RABBITMQ_ENABLE_DEAD_LETTER` is false.
+    /// Add the rest of the topology to it.
+    pub fn dead_letter_topology(&self, queue: impl Into<String>) -> Topology {
+        if !self.enable_dead_letter {
+            return Topology::new();
+        }
+        let queue = queue.into();
+        Topology::new()
+            .exchange(self.exchange(self.dead_letter_exchange.clone()))
+            .queue(QueueSpec::new(queue.clone()))
+            .binding(Binding::queue(
+                queue,
+                self.dead_letter_exchange.clone(),
+                DEAD_LETTER_ROUTING_KEY,
+            ))
+    }
+
+    /// The dead-letter exchange, `None` when `RABBITMQ_ENABLE_DEAD_LETTER`
+    /// is false.
+    pub fn dead_letter(&self) -> Option<&str> {
+        self.enable_dead_letter.then_some(self.dead_letter_exchange.as_str())
+    }
+
     /// Sets `RABBITMQ_URL`.
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = Secret(url.into());
@@ -1086,6 +1218,224 @@ impl Settings {
         self.confirm_timeout = d;
         self
     }
+}
+
+/// The routing key of dead letters: queues from [`Settings::queue`]
+/// dead-letter with it, [`Settings::dead_letter_topology`] binds the
+/// dead-letter queue with it, and `DeadLetterLayer::from_settings` publishes
+/// with it (the seed's `dead_letter` queue configuration).
+pub const DEAD_LETTER_ROUTING_KEY: &str = "dead_letter";
+
+/// The variable naming the `.env` file [`Settings::from_env`] reads.
+pub const ENV_FILE_VARIABLE: &str = "SWITCHYARD_ENV_FILE";
+
+/// One `RABBITMQ_*` variable and where it takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variable {
+    /// The variable's name.
+    pub name: &'static str,
+    /// A valid value other than the default (tests set it and check that
+    /// the settings change).
+    pub example: &'static str,
+    /// Where the value takes effect (the functions that read it, in backticks).
+    pub takes_effect: &'static str,
+}
+
+/// Every `RABBITMQ_*` variable [`Settings::from_lookup`] reads, in the
+/// order of the [module docs](self)' table, with where it takes effect.
+pub const VARIABLES: &[Variable] = &[
+    Variable { name: "RABBITMQ_URL", example: "amqp://u:p@rabbit:5673/v", takes_effect: "`AmqpConfig::from_settings` (nodes, credentials, vhost, TLS by scheme) through `Settings::endpoints`; `switchyard::connect` (a `memory://` URL selects the in-process broker)" },
+    Variable { name: "RABBITMQ_HOST", example: "rabbit", takes_effect: "`Settings::effective_url` (when RABBITMQ_URL is the default) → `AmqpConfig::from_settings`" },
+    Variable { name: "RABBITMQ_PORT", example: "5673", takes_effect: "`Settings::effective_url` → `AmqpConfig::from_settings`" },
+    Variable { name: "RABBITMQ_USER", example: "app", takes_effect: "`Settings::effective_url` → `AmqpConfig::from_settings` (login)" },
+    Variable { name: "RABBITMQ_PASSWORD", example: "s3cret", takes_effect: "`Settings::effective_url` → `AmqpConfig::from_settings` (login; never printed)" },
+    Variable { name: "RABBITMQ_VHOST", example: "prod", takes_effect: "`Settings::effective_url` → `AmqpConfig::from_settings` (virtual host)" },
+    Variable { name: "RABBITMQ_HEARTBEAT", example: "30", takes_effect: "`AmqpConfig::from_settings` (AMQP heartbeat of every connection)" },
+    Variable { name: "RABBITMQ_CONNECTION_ATTEMPTS", example: "5", takes_effect: "`AmqpConfig::from_settings` (attempts of the first connection)" },
+    Variable { name: "RABBITMQ_RETRY_DELAY", example: "5.0", takes_effect: "`AmqpConfig::from_settings` (delay between connection attempts; reconnect backoff cap)" },
+    Variable { name: "RABBITMQ_DEFAULT_PREFETCH_COUNT", example: "20", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (routes' prefetch); `AmqpConfig::from_settings` (a consume without prefetch)" },
+    Variable { name: "RABBITMQ_DEFAULT_MESSAGE_TTL", example: "60000", takes_effect: "`Settings::queue`, `Topology::with_defaults` (`x-message-ttl` of queues declared from the settings)" },
+    Variable { name: "RABBITMQ_DEFAULT_EXCHANGE_TYPE", example: "direct", takes_effect: "`Settings::exchange` and `Settings::dead_letter_topology` (kind of exchanges declared from the settings)" },
+    Variable { name: "RABBITMQ_ENABLE_DEAD_LETTER", example: "false", takes_effect: "`Settings::queue`, `Topology::with_defaults` (`x-dead-letter-exchange` or none), `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings`" },
+    Variable { name: "RABBITMQ_DEAD_LETTER_EXCHANGE", example: "app.dlx", takes_effect: "`Settings::queue`, `Topology::with_defaults`, `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings` (the exchange dead letters go to)" },
+    Variable { name: "RABBITMQ_ENABLE_PUBLISHER_CONFIRMS", example: "false", takes_effect: "`AmqpConfig::from_settings` (confirm mode of publishing channels)" },
+    Variable { name: "RABBITMQ_ENABLE_CONSUMER_PREFETCH", example: "false", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (prefetch 0, unlimited, when false)" },
+    Variable { name: "RABBITMQ_USE_TLS", example: "true", takes_effect: "`Settings::effective_url` (`amqps` when the URL is built from the parts) → `AmqpConfig::from_settings`" },
+    Variable { name: "RABBITMQ_CA_FILE", example: "/etc/ca.pem", takes_effect: "`AmqpConfig::from_settings` (trusted CAs, read at start)" },
+    Variable { name: "RABBITMQ_CLIENT_CERT_FILE", example: "/etc/client.pem", takes_effect: "`AmqpConfig::from_settings` (mutual TLS certificate, read at start)" },
+    Variable { name: "RABBITMQ_CLIENT_KEY_FILE", example: "/etc/client.key", takes_effect: "`AmqpConfig::from_settings` (mutual TLS key, read at start)" },
+    Variable { name: "RABBITMQ_ADDRESSES", example: "node2:5672,node3:5672", takes_effect: "`Settings::endpoints` → `AmqpConfig::from_settings` (more cluster nodes)" },
+    Variable { name: "RABBITMQ_ADDRESS_ORDER", example: "in-order", takes_effect: "`AmqpConfig::from_settings` (shuffle or keep the node order)" },
+    Variable { name: "RABBITMQ_CONNECTION_NAME", example: "billing", takes_effect: "`AmqpConfig::from_settings` (connection name in the management UI)" },
+    Variable { name: "RABBITMQ_CONNECTION_TIMEOUT", example: "5.0", takes_effect: "`AmqpConfig::from_settings` (limit of one connection attempt)" },
+    Variable { name: "RABBITMQ_CONFIRM_TIMEOUT", example: "10.0", takes_effect: "`AmqpConfig::from_settings` (how long a publish waits for its confirm)" },
+    Variable { name: "RABBITMQ_TRANSPORT", example: "memory", takes_effect: "`switchyard::connect` (which transport is built)" },
+];
+
+/// True for variables whose values must never be printed: passwords and
+/// URLs (which may hold one).
+pub fn is_secret_variable(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    n.contains("PASSWORD") || n.contains("URL") || n.contains("SECRET") || n.contains("TOKEN")
+}
+
+/// `value` as it may be printed for variable `name`: `***` for passwords
+/// and secrets, the URL with its password redacted for URL variables.
+pub fn display_value(name: &str, value: &str) -> String {
+    let n = name.to_ascii_uppercase();
+    if n.contains("URL") && !(n.contains("PASSWORD") || n.contains("SECRET") || n.contains("TOKEN")) {
+        value
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
+    } else if is_secret_variable(name) {
+        "***".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Reads a `.env` file (see the [module docs](self)): its `KEY=value`
+/// entries in file order, `${VAR}` references resolved against the process
+/// environment and earlier lines. Errors are `invalid_config` naming the
+/// file and line, never the value.
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    read_env_file_with(path, &|name: &str| std::env::var(name).ok())
+}
+
+fn read_env_file_with(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            ENV_FILE_VARIABLE,
+            path.display().to_string(),
+            format!("cannot read the file: {e}"),
+        )
+    })?;
+    parse_env_text(&path.display().to_string(), &text, env)
+}
+
+fn parse_env_text(file: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let at = format!("line {}", i + 1);
+        let bad = |reason: String| invalid(file, at.as_str(), reason);
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").map(str::trim_start).unwrap_or(line);
+        let Some((key, rest)) = line.split_once('=') else {
+            return Err(bad("expected KEY=value".into()));
+        };
+        let key = key.trim();
+        let valid_key = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_key {
+            return Err(bad(
+                "the name must be letters, digits and '_', not starting with a digit".into(),
+            ));
+        }
+        let rest = rest.trim_start();
+        let lookup = |name: &str| -> String {
+            env(name)
+                .or_else(|| out.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+                .unwrap_or_else(|| {
+                    tracing::warn!(
+                        file,
+                        line = i + 1,
+                        variable = name,
+                        "${{{name}}} is not set: replaced by nothing"
+                    );
+                    String::new()
+                })
+        };
+        let value = if let Some(body) = rest.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = body.chars();
+            let mut closed = None;
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => {
+                        closed = Some(chars.as_str());
+                        break;
+                    }
+                    '\\' => match chars.next() {
+                        Some('n') => v.push('\n'),
+                        Some('t') => v.push('\t'),
+                        Some(c @ ('"' | '\\' | '$')) => {
+                            if c == '$' {
+                                v.push('\u{0}');
+                            } else {
+                                v.push(c);
+                            }
+                        }
+                        Some(c) => {
+                            v.push('\\');
+                            v.push(c);
+                        }
+                        None => break,
+                    },
+                    c => v.push(c),
+                }
+            }
+            let Some(after) = closed else {
+                return Err(bad(format!("{key}: the double quote is not closed on this line")));
+            };
+            check_after_quote(after).map_err(|r| bad(format!("{key}: {r}")))?;
+            expand(&v, &lookup).replace('\u{0}', "$")
+        } else if let Some(body) = rest.strip_prefix('\'') {
+            let Some(end) = body.find('\'') else {
+                return Err(bad(format!("{key}: the single quote is not closed on this line")));
+            };
+            check_after_quote(&body[end + 1..]).map_err(|r| bad(format!("{key}: {r}")))?;
+            body[..end].to_owned()
+        } else {
+            // Unquoted: a '#' after whitespace starts a comment.
+            let mut end = rest.len();
+            let bytes = rest.as_bytes();
+            for (j, b) in bytes.iter().enumerate() {
+                if *b == b'#' && (j == 0 || bytes[j - 1].is_ascii_whitespace()) {
+                    end = j;
+                    break;
+                }
+            }
+            let v = rest[..end].trim();
+            if v.contains(['"', '\'']) {
+                return Err(bad(format!("{key}: quotes must enclose the whole value")));
+            }
+            expand(v, &lookup)
+        };
+        out.push((key.to_owned(), value));
+    }
+    Ok(out)
+}
+
+fn check_after_quote(after: &str) -> std::result::Result<(), &'static str> {
+    let t = after.trim_start();
+    if t.is_empty() || t.starts_with('#') {
+        Ok(())
+    } else {
+        Err("unexpected text after the closing quote")
+    }
+}
+
+/// Replaces `${NAME}` with `lookup(NAME)`.
+fn expand(v: &str, lookup: &dyn Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(start) = rest.find("${") {
+        match rest[start + 2..].find('}') {
+            Some(len) => {
+                out.push_str(&rest[..start]);
+                out.push_str(&lookup(&rest[start + 2..start + 2 + len]));
+                rest = &rest[start + 3 + len..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 static GLOBAL: OnceLock<std::result::Result<Settings, (String, String, String)>> = OnceLock::new();
@@ -1533,6 +1883,265 @@ mod tests {
             (Ok(a), Ok(b)) => assert_eq!(a, b),
             (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
             _ => panic!("cached getter changed its answer"),
+        }
+    }
+
+    /// The names of the `RABBITMQ_*` variables `from_lookup` reads, from
+    /// this file's source.
+    fn variables_read_by_from_lookup() -> Vec<String> {
+        let src = include_str!("settings.rs");
+        let start = src.find("pub fn from_lookup").unwrap();
+        let end = start + src[start..].find("s.validate()?;").unwrap();
+        let body = &src[start..end];
+        let mut names = Vec::new();
+        for pat in ["get(\"", "get_raw(\""] {
+            for (i, _) in body.match_indices(pat) {
+                let rest = &body[i + pat.len()..];
+                names.push(rest[..rest.find('"').unwrap()].to_owned());
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_variable_read_is_listed_with_where_it_takes_effect() {
+        let listed: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+        let mut read = variables_read_by_from_lookup();
+        assert!(read.len() >= 26, "{read:?}");
+        read.sort();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        assert_eq!(
+            read, sorted,
+            "from_lookup and VARIABLES differ: add an entry to VARIABLES (or remove one)"
+        );
+        // The module docs' table lists the same variables, in the same order.
+        let table: Vec<&str> = include_str!("settings.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! | `RABBITMQ_"))
+            .map(|l| l.split('`').next().unwrap())
+            .collect();
+        let table: Vec<String> = table.iter().map(|n| format!("RABBITMQ_{n}")).collect();
+        assert_eq!(table, listed, "the module docs' table and VARIABLES differ");
+    }
+
+    /// Every function a `takes_effect` names (in backticks) exists in the
+    /// workspace's sources.
+    #[test]
+    fn where_each_variable_takes_effect_names_existing_functions() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut sources = String::new();
+        fn walk(dir: &Path, out: &mut String) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push_str(&std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+        for krate in ["core", "amqp", "middleware", "."] {
+            let dir = root.join(krate).join("src");
+            if dir.is_dir() {
+                walk(&dir, &mut sources);
+            }
+        }
+        for v in VARIABLES {
+            let named: Vec<&str> = v
+                .takes_effect
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|t| t.contains("::") && !t.contains(' '))
+                .collect();
+            assert!(
+                !named.is_empty(),
+                "{}: takes_effect names no function: {}",
+                v.name,
+                v.takes_effect
+            );
+            for item in named {
+                let f = item.rsplit("::").next().unwrap();
+                assert!(
+                    sources.contains(&format!("fn {f}(")) || sources.contains(&format!("fn {f}<")),
+                    "{}: `{item}` not found in the workspace",
+                    v.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_variable_changes_the_settings() {
+        for v in VARIABLES {
+            let mut pairs = vec![(v.name, v.example)];
+            // Variables that only count together with another one.
+            match v.name {
+                "RABBITMQ_CLIENT_CERT_FILE" => pairs.push(("RABBITMQ_CLIENT_KEY_FILE", "/k")),
+                "RABBITMQ_CLIENT_KEY_FILE" => pairs.push(("RABBITMQ_CLIENT_CERT_FILE", "/c")),
+                _ => {}
+            }
+            let s = lookup(&pairs).unwrap_or_else(|e| panic!("{}={}: {e}", v.name, v.example));
+            let with_partner_only = match v.name {
+                "RABBITMQ_CLIENT_CERT_FILE" => {
+                    lookup(&[("RABBITMQ_CLIENT_KEY_FILE", "/k"), ("RABBITMQ_CLIENT_CERT_FILE", "/c")]).unwrap()
+                }
+                "RABBITMQ_CLIENT_KEY_FILE" => {
+                    lookup(&[("RABBITMQ_CLIENT_CERT_FILE", "/c"), ("RABBITMQ_CLIENT_KEY_FILE", "/k")]).unwrap()
+                }
+                _ => Settings::default(),
+            };
+            assert_ne!(s, with_partner_only, "{}={} changed nothing", v.name, v.example);
+        }
+    }
+
+    #[test]
+    fn queue_and_exchange_specs_apply_ttl_dead_lettering_and_exchange_type() {
+        let s = Settings::default();
+        let q = s.queue("work");
+        assert!(q.durable);
+        assert_eq!(q.arguments.message_ttl, Some(Duration::from_millis(86_400_000)));
+        assert_eq!(q.arguments.dead_letter_exchange.as_deref(), Some("contextiq.dlx"));
+        assert_eq!(
+            q.arguments.dead_letter_routing_key.as_deref(),
+            Some(DEAD_LETTER_ROUTING_KEY)
+        );
+        assert_eq!(s.exchange("x").kind, ExchangeKind::Topic);
+        let t = s.dead_letter_topology("dead_letter");
+        assert_eq!(t.exchanges, vec![ExchangeSpec::topic("contextiq.dlx")]);
+        assert_eq!(t.queues, vec![QueueSpec::new("dead_letter")]);
+        assert_eq!(
+            t.bindings,
+            vec![Binding::queue("dead_letter", "contextiq.dlx", DEAD_LETTER_ROUTING_KEY)]
+        );
+        assert_eq!(s.dead_letter(), Some("contextiq.dlx"));
+
+        let s = lookup(&[
+            ("RABBITMQ_DEFAULT_MESSAGE_TTL", "0"),
+            ("RABBITMQ_ENABLE_DEAD_LETTER", "false"),
+            ("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "fanout"),
+        ])
+        .unwrap();
+        assert_eq!(s.queue("work"), QueueSpec::new("work"));
+        assert_eq!(s.exchange("x"), ExchangeSpec::fanout("x"));
+        assert_eq!(s.dead_letter_topology("dead_letter"), Topology::new());
+        assert_eq!(s.dead_letter(), None);
+
+        let s = lookup(&[
+            ("RABBITMQ_DEAD_LETTER_EXCHANGE", "app.dlx"),
+            ("RABBITMQ_DEFAULT_EXCHANGE_TYPE", "direct"),
+        ])
+        .unwrap();
+        assert_eq!(s.queue("w").arguments.dead_letter_exchange.as_deref(), Some("app.dlx"));
+        assert_eq!(
+            s.dead_letter_topology("dlq").exchanges,
+            vec![ExchangeSpec::direct("app.dlx")]
+        );
+    }
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    fn parse(text: &str) -> Result<Vec<(String, String)>> {
+        parse_env_text(".env", text, &env_of(&[("FROM_ENV", "e")]))
+    }
+
+    #[test]
+    fn env_file_syntax_comments_quotes_exports_and_references() {
+        let got = parse(
+            "# comment\n\nRABBITMQ_HOST=rabbit # trailing comment\nexport RABBITMQ_USER = app\n\
+             RABBITMQ_PASSWORD=\"p#ss \\\"q\\\" ${FROM_ENV}\"\nRABBITMQ_VHOST='/ ${literal}'\n\
+             RABBITMQ_URL=amqps://app:${RABBITMQ_PASSWORD}@h:5671/v\nEMPTY=\nHASH=a#b\n",
+        )
+        .unwrap();
+        let get = |k: &str| got.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("RABBITMQ_HOST"), Some("rabbit"));
+        assert_eq!(get("RABBITMQ_USER"), Some("app"));
+        assert_eq!(get("RABBITMQ_PASSWORD"), Some("p#ss \"q\" e"));
+        assert_eq!(get("RABBITMQ_VHOST"), Some("/ ${literal}"));
+        assert_eq!(get("RABBITMQ_URL"), Some("amqps://app:p#ss \"q\" e@h:5671/v"));
+        assert_eq!(get("EMPTY"), Some(""));
+        assert_eq!(get("HASH"), Some("a#b"));
+        assert_eq!(got.len(), 7);
+    }
+
+    #[test]
+    fn malformed_env_lines_name_the_file_and_line_but_not_the_value() {
+        for (text, line, why) in [
+            ("A=1\nRABBITMQ_PASSWORD\n", 2, "expected KEY=value"),
+            ("RABBITMQ_PASSWORD=\"hunter2\n", 1, "not closed"),
+            ("\n\nRABBITMQ_PASSWORD='hunter2\n", 3, "not closed"),
+            ("RABBITMQ_PASSWORD=\"hunter2\" x\n", 1, "after the closing quote"),
+            ("1BAD=hunter2\n", 1, "letters, digits"),
+            ("RABBITMQ_PASSWORD=hun\"ter2\n", 1, "quotes"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.code(), "invalid_config");
+            let msg = e.to_string();
+            assert!(msg.contains(".env") && msg.contains(&format!("line {line}")), "{msg}");
+            assert!(msg.contains(why), "{msg}");
+            assert!(!msg.contains("hunter2") && !msg.contains("ter2"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn from_env_reads_the_file_with_the_process_environment_first() {
+        let dir = std::env::temp_dir().join(format!("switchyard-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(".env");
+        std::fs::write(
+            &file,
+            "RABBITMQ_HOST=from-file\nRABBITMQ_PORT=5673\nRABBITMQ_HEARTBEAT=30\n",
+        )
+        .unwrap();
+        // ./.env (here: `file`) read; the environment wins over it.
+        let s = Settings::from_sources(env_of(&[("RABBITMQ_HEARTBEAT", "45")]), &file).unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("from-file", 5673));
+        assert_eq!(s.heartbeat, Duration::from_secs(45));
+        // No file: defaults.
+        let s = Settings::from_sources(env_of(&[]), &dir.join("missing")).unwrap();
+        assert_eq!(s, Settings::default());
+        // SWITCHYARD_ENV_FILE points elsewhere (and must exist).
+        let other = dir.join("prod.env");
+        std::fs::write(&other, "RABBITMQ_DEFAULT_PREFETCH_COUNT=20\n").unwrap();
+        let path: &'static str = Box::leak(other.display().to_string().into_boxed_str());
+        let pairs: &'static [(&str, &str)] = Box::leak(vec![(ENV_FILE_VARIABLE, path)].into_boxed_slice());
+        let s = Settings::from_sources(env_of(pairs), &file).unwrap();
+        assert_eq!(s.default_prefetch_count, 20);
+        assert_eq!(
+            s.host, "localhost",
+            "the default file is not read when SWITCHYARD_ENV_FILE is set"
+        );
+        let e = Settings::from_sources(env_of(&[(ENV_FILE_VARIABLE, "/nonexistent/x.env")]), &file).unwrap_err();
+        assert!(e.to_string().contains("SWITCHYARD_ENV_FILE=/nonexistent/x.env"), "{e}");
+        // A bad value in the file is reported like one from the environment.
+        std::fs::write(&file, "RABBITMQ_HEARTBEAT=5\n").unwrap();
+        let e = Settings::from_sources(env_of(&[]), &file).unwrap_err();
+        assert!(e.to_string().contains("RABBITMQ_HEARTBEAT=5"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn secret_values_are_never_displayed() {
+        assert_eq!(display_value("RABBITMQ_PASSWORD", "hunter2"), "***");
+        assert_eq!(
+            display_value("RABBITMQ_URL", "amqp://u:hunter2@h/v"),
+            "amqp://u:***@h/v"
+        );
+        assert_eq!(
+            display_value("RABBITMQ_URL", "amqp://u:a@h/v, amqp://u:b@i/v"),
+            "amqp://u:***@h/v,amqp://u:***@i/v"
+        );
+        assert_eq!(display_value("RABBITMQ_HOST", "rabbit"), "rabbit");
+        for v in VARIABLES {
+            assert_eq!(
+                is_secret_variable(v.name),
+                v.name == "RABBITMQ_PASSWORD" || v.name == "RABBITMQ_URL",
+                "{}",
+                v.name
+            );
         }
     }
 }

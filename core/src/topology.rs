@@ -502,6 +502,51 @@ impl Topology {
         let b = Binding::queue(q.name.clone(), exchange, routing_key);
         self.queue(q).binding(b)
     }
+
+    /// Gives the queues that lack them the settings' defaults, as
+    /// [`Settings::queue`](crate::Settings::queue) would: `x-message-ttl`
+    /// (`RABBITMQ_DEFAULT_MESSAGE_TTL`) and, when `RABBITMQ_ENABLE_DEAD_LETTER`
+    /// is true, `x-dead-letter-exchange` (`RABBITMQ_DEAD_LETTER_EXCHANGE`,
+    /// with routing key [`DEAD_LETTER_ROUTING_KEY`](crate::settings::DEAD_LETTER_ROUTING_KEY)).
+    /// Left alone: server-named and exclusive queues (replies, temporary
+    /// queues), arguments already set, and the dead-letter queues — those
+    /// bound to the dead-letter exchange — which get neither (no cycle, no
+    /// expiry of dead letters).
+    ///
+    /// ```
+    /// use switchyard_core::{QueueSpec, Settings, Topology};
+    /// let s = Settings::default();
+    /// let t = Topology::new()
+    ///     .bound_queue(QueueSpec::new("dead_letter"), "contextiq.dlx", "dead_letter")
+    ///     .queue(QueueSpec::new("extraction.requests"))
+    ///     .with_defaults(&s);
+    /// assert_eq!(t.queues[0], QueueSpec::new("dead_letter"));
+    /// assert_eq!(t.queues[1], s.queue("extraction.requests"));
+    /// ```
+    pub fn with_defaults(mut self, settings: &crate::Settings) -> Self {
+        let dlx = settings.dead_letter();
+        let dead_letter_queues: Vec<String> = self
+            .bindings
+            .iter()
+            .filter(|b| !b.destination_is_exchange && Some(b.source.as_str()) == dlx)
+            .map(|b| b.destination.clone())
+            .collect();
+        for q in &mut self.queues {
+            if q.name.is_empty() || q.exclusive || dead_letter_queues.contains(&q.name) {
+                continue;
+            }
+            if q.arguments.message_ttl.is_none() {
+                q.arguments.message_ttl = settings.message_ttl();
+            }
+            if let (None, Some(dlx)) = (&q.arguments.dead_letter_exchange, dlx) {
+                q.arguments.dead_letter_exchange = Some(dlx.to_owned());
+                if q.arguments.dead_letter_routing_key.is_none() {
+                    q.arguments.dead_letter_routing_key = Some(crate::settings::DEAD_LETTER_ROUTING_KEY.to_owned());
+                }
+            }
+        }
+        self
+    }
 }
 
 /// Facts about a declared queue.
@@ -545,5 +590,37 @@ mod tests {
         assert_eq!("Topic".parse::<ExchangeKind>().unwrap(), ExchangeKind::Topic);
         let e = "fan".parse::<ExchangeKind>().unwrap_err();
         assert_eq!(e.code(), "invalid_config");
+    }
+
+    #[test]
+    fn with_defaults_fills_ttl_and_dead_lettering_where_missing_only() {
+        use crate::Settings;
+        let s = Settings::default().with_message_ttl(Duration::from_secs(60));
+        let t = Topology::new()
+            .bound_queue(QueueSpec::new("dead_letter"), "contextiq.dlx", "dead_letter")
+            .queue(QueueSpec::new("plain"))
+            .queue(QueueSpec::new("short").message_ttl(Duration::from_secs(1)))
+            .queue(QueueSpec::work_queue("work", "other.dlx"))
+            .queue(QueueSpec::temporary())
+            .queue(QueueSpec::new("mine").exclusive(true))
+            .with_defaults(&s);
+        let q = |name: &str| t.queues.iter().find(|q| q.name == name).unwrap().clone();
+        assert_eq!(q("dead_letter"), QueueSpec::new("dead_letter"));
+        assert_eq!(q("plain"), s.queue("plain"));
+        let short = q("short");
+        assert_eq!(short.arguments.message_ttl, Some(Duration::from_secs(1)));
+        assert_eq!(short.arguments.dead_letter_exchange.as_deref(), Some("contextiq.dlx"));
+        let work = q("work");
+        assert_eq!(work.arguments.dead_letter_exchange.as_deref(), Some("other.dlx"));
+        assert_eq!(work.arguments.dead_letter_routing_key, None);
+        assert_eq!(work.arguments.message_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(q(""), QueueSpec::temporary());
+        assert_eq!(q("mine"), QueueSpec::new("mine").exclusive(true));
+
+        let off = Settings::default()
+            .with_dead_letter(None)
+            .with_message_ttl(Duration::ZERO);
+        let t = Topology::new().queue(QueueSpec::new("plain")).with_defaults(&off);
+        assert_eq!(t.queues[0], QueueSpec::new("plain"));
     }
 }

@@ -136,6 +136,31 @@ impl DeadLetterLayer {
         }
     }
 
+    /// The layer the settings describe: dead letters go to
+    /// `RABBITMQ_DEAD_LETTER_EXCHANGE` with routing key
+    /// [`DEAD_LETTER_ROUTING_KEY`](switchyard_core::settings::DEAD_LETTER_ROUTING_KEY)
+    /// (where [`Settings::dead_letter_topology`](switchyard_core::Settings::dead_letter_topology)
+    /// binds the dead-letter queue). `None` when `RABBITMQ_ENABLE_DEAD_LETTER`
+    /// is false: then failures are rejected and the broker drops them (or
+    /// routes them by the queue's own `x-dead-letter-exchange`).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchyard_core::{Publisher, Settings};
+    /// use switchyard_middleware::dead_letter::DeadLetterLayer;
+    /// fn build(publisher: Arc<dyn Publisher>) -> switchyard_core::Result<()> {
+    ///     let settings = Settings::from_env()?;
+    ///     let dead_letter = DeadLetterLayer::from_settings(publisher, &settings);
+    ///     // `Option<Layer>` is a layer too: `ServiceBuilder::new().option_layer(dead_letter)`.
+    ///     # let _ = dead_letter;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn from_settings(publisher: Arc<dyn Publisher>, settings: &switchyard_core::Settings) -> Option<Self> {
+        let exchange = settings.dead_letter()?;
+        Some(Self::new(publisher, exchange).routing_key(switchyard_core::settings::DEAD_LETTER_ROUTING_KEY))
+    }
+
     fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
         let c = &self.config;
         let mut cfg = Config {
@@ -564,6 +589,27 @@ mod tests {
         }));
         assert_eq!(bare.oneshot(env("t")).await.unwrap_err().kind(), FailureKind::Transient);
         assert_eq!(rec.sent.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn from_settings_uses_the_dead_letter_exchange_and_key_or_nothing() {
+        let rec = Arc::new(Recorder::default());
+        let settings = switchyard_core::Settings::default().with_dead_letter(Some("app.dlx"));
+        let layer = DeadLetterLayer::from_settings(rec.clone(), &settings).expect("dead-lettering is on");
+        let svc = layer.layer(handler_fn(|_e: Envelope| async {
+            Err::<(), _>(HandlerError::reject("no"))
+        }));
+        let out = svc
+            .oneshot(Envelope::for_test(Message::new("x"), "orders"))
+            .await
+            .unwrap();
+        assert_eq!(out, Outcome::DeadLettered);
+        assert_eq!(
+            rec.sent.lock()[0].0,
+            Destination::new("app.dlx", switchyard_core::settings::DEAD_LETTER_ROUTING_KEY)
+        );
+        let off = switchyard_core::Settings::default().with_dead_letter(None);
+        assert!(DeadLetterLayer::from_settings(rec, &off).is_none());
     }
 
     #[tokio::test]

@@ -351,6 +351,7 @@ pub(super) async fn batch_loop(
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => true,
             d = sub.next() => match d {
                 Some(Ok(d)) => {
+                    cx.state.delivered();
                     if buf.is_empty() {
                         flush_at = Some(Instant::now() + config.max_wait);
                     }

@@ -576,6 +576,7 @@ impl Worker {
                 counters: Counters::default(),
                 completed: AtomicU64::new(0),
                 progress: progress.clone(),
+                last_delivery: Mutex::new(None),
             });
             let cx = Arc::new(RouteCtx {
                 panicked: Default::default(),
@@ -620,6 +621,7 @@ impl Worker {
                 consumers,
                 finished_tx,
                 progress,
+                started: Instant::now(),
             }),
         })
     }
@@ -687,9 +689,15 @@ struct ConsumerState {
     /// delivery's handling ends; [`WorkerHandle::wait_handled`] and
     /// [`WorkerHandle::wait_idle`] wait on it.
     progress: Arc<watch::Sender<u64>>,
+    /// When the latest delivery arrived (`None`: none yet).
+    last_delivery: Mutex<Option<Instant>>,
 }
 
 impl ConsumerState {
+    /// Records that a delivery arrived now.
+    fn delivered(&self) {
+        *self.last_delivery.lock() = Some(Instant::now());
+    }
     fn bump(&self) {
         self.progress.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -712,6 +720,8 @@ struct HandleInner {
     consumers: Vec<Arc<ConsumerState>>,
     finished_tx: Arc<watch::Sender<u64>>,
     progress: Arc<watch::Sender<u64>>,
+    /// When every consumer had subscribed.
+    started: Instant,
 }
 
 /// Controls a started [`Worker`]: stop one consumer, stop all, wait, read
@@ -888,6 +898,49 @@ impl WorkerHandle {
         self.consumer(queue).ok().map(|c| c.counters.snapshot())
     }
 
+    /// Every route's status, counters and delivery times, in routing order.
+    ///
+    /// ```
+    /// # fn demo(handle: switchyard_core::worker::WorkerHandle) {
+    /// use std::time::Duration;
+    /// for r in handle.routes() {
+    ///     let stale = r.idle > Duration::from_secs(300);
+    ///     println!("{}: {:?}, {} acked, stale: {stale}", r.queue, r.status, r.stats.acked);
+    /// }
+    /// # }
+    /// ```
+    pub fn routes(&self) -> Vec<RouteReport> {
+        let now = Instant::now();
+        self.inner
+            .consumers
+            .iter()
+            .filter_map(|c| {
+                let last = *c.last_delivery.lock();
+                let last_delivery_age = last.map(|t| now.saturating_duration_since(t));
+                Some(RouteReport {
+                    queue: c.queue.clone(),
+                    status: self.status(&c.queue)?,
+                    stats: c.counters.snapshot(),
+                    last_delivery_age,
+                    idle: last_delivery_age.unwrap_or_else(|| now.saturating_duration_since(self.inner.started)),
+                })
+            })
+            .collect()
+    }
+
+    /// How long ago the Worker started consuming.
+    pub fn uptime(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.inner.started)
+    }
+
+    /// True while every route is consuming ([`ConsumerStatus::Running`]).
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .consumers
+            .iter()
+            .all(|c| !c.done.is_cancelled() && !c.stop.is_cancelled())
+    }
+
     /// Every route's queue, status and counters, in routing order (for
     /// health checks and metrics).
     pub fn report(&self) -> Vec<(String, ConsumerStatus, RouteStats)> {
@@ -897,6 +950,24 @@ impl WorkerHandle {
             .filter_map(|c| Some((c.queue.clone(), self.status(&c.queue)?, c.counters.snapshot())))
             .collect()
     }
+}
+
+/// One route as [`WorkerHandle::routes`] reports it: the facts a health
+/// check or an ops endpoint needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteReport {
+    /// The routed queue.
+    pub queue: String,
+    /// Its consumer's state.
+    pub status: ConsumerStatus,
+    /// Its counters.
+    pub stats: RouteStats,
+    /// How long ago the latest delivery arrived; `None` when none has.
+    pub last_delivery_age: Option<Duration>,
+    /// How long the route has gone without a delivery: since the latest
+    /// one, or since the Worker started when none has arrived (the seed's
+    /// consumer health check counts from start-up the same way).
+    pub idle: Duration,
 }
 
 /// A copy of an error for a second reader (errors are not `Clone`): the
@@ -1127,6 +1198,7 @@ fn dispatch(
     tasks: &mut JoinSet<()>,
     abort: &CancellationToken,
 ) {
+    cx.state.delivered();
     let (message, info, settler) = delivery.into_parts();
     let carried = Carried::from_message(&message);
     let env = Envelope::new(message, info.clone());

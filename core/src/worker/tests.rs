@@ -182,3 +182,38 @@ fn route_config_defaults() {
     let w = Worker::new(Fake::new()).with_settings(&s);
     assert_eq!(w.default_prefetch, 25);
 }
+
+#[tokio::test]
+async fn routes_report_last_delivery_and_idle_time() {
+    let fake = Fake::new();
+    fake.add_queue("seen");
+    fake.add_queue("quiet");
+    let handle = Worker::new(transport(&fake))
+        .route("seen", handler_fn(|| async {}))
+        .route("quiet", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.is_running());
+    let before = handle.routes();
+    assert_eq!(before.len(), 2);
+    assert!(before.iter().all(|r| r.last_delivery_age.is_none()));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    publish(&fake, "seen", 1).await;
+    handle.wait_handled("seen", 1, Duration::from_secs(5)).await.unwrap();
+    let after = handle.routes();
+    let seen = after.iter().find(|r| r.queue == "seen").unwrap();
+    let quiet = after.iter().find(|r| r.queue == "quiet").unwrap();
+    let age = seen.last_delivery_age.expect("a delivery arrived");
+    assert_eq!(seen.idle, age);
+    assert_eq!(seen.stats.acked, 1);
+    assert_eq!(seen.status, ConsumerStatus::Running);
+    // No delivery on "quiet": idle counts from the start, longer than "seen"'s.
+    assert!(quiet.last_delivery_age.is_none());
+    assert!(quiet.idle >= Duration::from_millis(60), "{:?}", quiet.idle);
+    assert!(quiet.idle > seen.idle);
+    assert!(handle.uptime() >= quiet.idle);
+    handle.stop("quiet").await.unwrap();
+    assert!(!handle.is_running());
+    handle.shutdown().await.unwrap();
+}
