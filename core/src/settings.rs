@@ -199,8 +199,10 @@ pub struct Settings {
     pub dead_letter_exchange: String,
     /// `RABBITMQ_ENABLE_PUBLISHER_CONFIRMS`.
     pub enable_publisher_confirms: bool,
-    /// `RABBITMQ_ENABLE_CONSUMER_PREFETCH`: when false consumers get no
-    /// prefetch limit (prefetch 0).
+    /// `RABBITMQ_ENABLE_CONSUMER_PREFETCH`: when false the Worker asks for
+    /// prefetch 0 — unlimited on the memory broker; the RabbitMQ transports
+    /// never consume without a bound (the broker would push the whole queue
+    /// into memory) and use the default prefetch count instead.
     pub enable_consumer_prefetch: bool,
     /// `RABBITMQ_USE_TLS`: use `amqps` when the URL is built from the parts
     /// (a `RABBITMQ_URL` decides by its own scheme).
@@ -1259,7 +1261,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "RABBITMQ_ENABLE_DEAD_LETTER", example: "false", takes_effect: "`Settings::queue`, `Topology::with_defaults` (`x-dead-letter-exchange` or none), `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings`" },
     Variable { name: "RABBITMQ_DEAD_LETTER_EXCHANGE", example: "app.dlx", takes_effect: "`Settings::queue`, `Topology::with_defaults`, `Settings::dead_letter_topology`, `DeadLetterLayer::from_settings` (the exchange dead letters go to)" },
     Variable { name: "RABBITMQ_ENABLE_PUBLISHER_CONFIRMS", example: "false", takes_effect: "`AmqpConfig::from_settings` (confirm mode of publishing channels)" },
-    Variable { name: "RABBITMQ_ENABLE_CONSUMER_PREFETCH", example: "false", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (prefetch 0, unlimited, when false)" },
+    Variable { name: "RABBITMQ_ENABLE_CONSUMER_PREFETCH", example: "false", takes_effect: "`Settings::consumer_prefetch` → `Worker::with_settings` (prefetch 0 when false: unlimited on the memory broker; the RabbitMQ transports never consume unbounded and use `AmqpConfig::from_settings`'s default prefetch instead)" },
     Variable { name: "RABBITMQ_USE_TLS", example: "true", takes_effect: "`Settings::effective_url` (`amqps` when the URL is built from the parts) → `AmqpConfig::from_settings`" },
     Variable { name: "RABBITMQ_CA_FILE", example: "/etc/ca.pem", takes_effect: "`AmqpConfig::from_settings` (trusted CAs, read at start)" },
     Variable { name: "RABBITMQ_CLIENT_CERT_FILE", example: "/etc/client.pem", takes_effect: "`AmqpConfig::from_settings` (mutual TLS certificate, read at start)" },
