@@ -317,7 +317,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     pub window: usize,
     /// Consumer prefetch.
-    #[arg(long, short = 'q', default_value_t = 200)]
+    #[arg(long, default_value_t = 200)]
     pub prefetch: u16,
     /// Consumers auto-ack.
     #[arg(long)]
@@ -328,4 +328,13 @@ pub struct BenchArgs {
     /// Use this queue (declared if absent, kept) instead of a temporary one.
     #[arg(long)]
     pub queue: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
