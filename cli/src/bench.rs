@@ -15,7 +15,10 @@ use crate::connect;
 use crate::error::{CliError, CliResult, EXIT_FAILURE, EXIT_OK};
 
 fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// The value at `p` (0-100) of sorted `v` (nearest rank); 0 when empty.
@@ -30,18 +33,29 @@ pub fn percentile(v: &[u64], p: f64) -> u64 {
 /// Runs `bench`.
 pub async fn run(g: &Global, a: &BenchArgs) -> CliResult<u8> {
     if a.size < 8 {
-        return Err(CliError::usage("--size must be at least 8 bytes (the send time travels in the body)"));
+        return Err(CliError::usage(
+            "--size must be at least 8 bytes (the send time travels in the body)",
+        ));
     }
-    if !(a.duration > 0.0) || a.producers == 0 || a.rate.is_some_and(|r| !(r > 0.0)) {
-        return Err(CliError::usage("--duration and --rate must be positive and --producers at least 1"));
+    if !crate::error::positive(a.duration) || a.producers == 0 || a.rate.is_some_and(|r| !crate::error::positive(r)) {
+        return Err(CliError::usage(
+            "--duration and --rate must be positive and --producers at least 1",
+        ));
     }
     let mut settings = connect::settings(g)?;
     settings.enable_publisher_confirms = !a.no_confirms;
     let producer_side = connect::connect(&settings, "bench", true).await?;
     let consumer_side = connect::connect(&settings, "bench", true).await?;
     let temporary = a.queue.is_none();
-    let queue = a.queue.clone().unwrap_or_else(|| format!("switchyard-bench-{}-{}", std::process::id(), now_micros()));
-    let spec = if temporary { QueueSpec::new(queue.clone()).durable(false) } else { QueueSpec::new(queue.clone()) };
+    let queue = a
+        .queue
+        .clone()
+        .unwrap_or_else(|| format!("switchyard-bench-{}-{}", std::process::id(), now_micros()));
+    let spec = if temporary {
+        QueueSpec::new(queue.clone()).durable(false)
+    } else {
+        QueueSpec::new(queue.clone())
+    };
     producer_side.declare_queue(&spec).await.map_err(CliError::from)?;
 
     let sent = Arc::new(AtomicU64::new(0));
@@ -53,8 +67,13 @@ pub async fn run(g: &Global, a: &BenchArgs) -> CliResult<u8> {
     let mut consumers = Vec::new();
     for _ in 0..a.consumers {
         let t = consumer_side.clone();
-        let (q, received, stop, auto_ack, prefetch) =
-            (queue.clone(), received.clone(), stop_consumers.clone(), a.auto_ack, a.prefetch);
+        let (q, received, stop, auto_ack, prefetch) = (
+            queue.clone(),
+            received.clone(),
+            stop_consumers.clone(),
+            a.auto_ack,
+            a.prefetch,
+        );
         consumers.push(tokio::spawn(async move {
             let mut sub = t
                 .consume(&q, ConsumeOptions::default().prefetch(prefetch).auto_ack(auto_ack))
@@ -82,8 +101,14 @@ pub async fn run(g: &Global, a: &BenchArgs) -> CliResult<u8> {
     let mut producers = Vec::new();
     for _ in 0..a.producers {
         let t = producer_side.clone();
-        let (dest, sent, rate, window, size, persistent) =
-            (Destination::queue(queue.clone()), sent.clone(), a.rate, a.window.max(1), a.size, a.persistent);
+        let (dest, sent, rate, window, size, persistent) = (
+            Destination::queue(queue.clone()),
+            sent.clone(),
+            a.rate,
+            a.window.max(1),
+            a.size,
+            a.persistent,
+        );
         producers.push(tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
             let mut n = 0u64;
@@ -128,7 +153,11 @@ pub async fn run(g: &Global, a: &BenchArgs) -> CliResult<u8> {
                     "sent {s} ({:.0}/s), received {r} ({:.0}/s){}",
                     s as f64 / secs,
                     r as f64 / secs,
-                    if producing.load(Ordering::Relaxed) { "" } else { ", draining" }
+                    if producing.load(Ordering::Relaxed) {
+                        ""
+                    } else {
+                        ", draining"
+                    }
                 ));
             }
         })
@@ -221,7 +250,10 @@ pub async fn run(g: &Global, a: &BenchArgs) -> CliResult<u8> {
         );
     }
     if a.consumers > 0 && r < s {
-        eprintln!("error: {} message(s) confirmed but not received within 10 s of the end", s - r);
+        eprintln!(
+            "error: {} message(s) confirmed but not received within 10 s of the end",
+            s - r
+        );
         return Ok(EXIT_FAILURE);
     }
     Ok(EXIT_OK)

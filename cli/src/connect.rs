@@ -46,7 +46,11 @@ pub async fn connect(s: &Settings, command: &str, memory_ok: bool) -> CliResult<
 /// A progress bar on stderr, hidden with `--quiet`, `--json` or when
 /// stderr is not a terminal. `len` 0 makes a spinner.
 pub fn progress(g: &Global, len: u64, template: &str) -> ProgressBar {
-    let pb = if len == 0 { ProgressBar::new_spinner() } else { ProgressBar::new(len) };
+    let pb = if len == 0 {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::new(len)
+    };
     if g.quiet || g.json {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }

@@ -131,7 +131,7 @@ pub async fn get(g: &Global, a: &ConsumeArgs) -> CliResult<u8> {
 /// Runs `rpc`.
 pub async fn rpc(g: &Global, a: &RpcArgs) -> CliResult<u8> {
     message::check_headers(&a.message)?;
-    if !(a.timeout > 0.0) {
+    if !crate::error::positive(a.timeout) {
         return Err(CliError::usage("--timeout must be a positive number of seconds"));
     }
     let settings = connect::settings(g)?;
@@ -153,7 +153,10 @@ pub async fn rpc(g: &Global, a: &RpcArgs) -> CliResult<u8> {
     })?;
     let ms = latency.as_secs_f64() * 1000.0;
     if g.json {
-        println!("{}", json!({"latency_ms": ms, "reply": message::message_json(&reply, None)}));
+        println!(
+            "{}",
+            json!({"latency_ms": ms, "reply": message::message_json(&reply, None)})
+        );
     } else {
         print!("{}", message::message_human(&reply, None, "reply"));
         println!("latency: {ms:.2} ms");

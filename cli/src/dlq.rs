@@ -61,12 +61,12 @@ pub fn facts(m: &Message) -> DeadLetterFacts {
             .get_str("x-original-queue")
             .or_else(|| death.and_then(|d| d.get_str("queue")))
             .map(str::to_owned),
-        failed_at: h
-            .get_i64("x-failed-at")
-            .or_else(|| death.and_then(|d| d.get("time")).and_then(|t| match t {
+        failed_at: h.get_i64("x-failed-at").or_else(|| {
+            death.and_then(|d| d.get("time")).and_then(|t| match t {
                 switchyard::HeaderValue::Timestamp(t) => Some(*t as i64),
                 other => other.as_i64(),
-            })),
+            })
+        }),
         retries: h
             .get_i64("x-retry-count")
             .or_else(|| death.and_then(|d| d.get_i64("count"))),
@@ -109,7 +109,8 @@ pub async fn requeue(deliveries: Vec<Delivery>) -> CliResult<()> {
     }
     match first {
         None => Ok(()),
-        Some(e) => Err(CliError::from(e).context("could not requeue a dead letter (the broker requeues it when the connection closes)")),
+        Some(e) => Err(CliError::from(e)
+            .context("could not requeue a dead letter (the broker requeues it when the connection closes)")),
     }
 }
 
@@ -154,7 +155,10 @@ pub async fn run(g: &Global, c: &DlqCommand) -> CliResult<u8> {
                         ]
                     })
                     .collect();
-                print!("{}", table::render(&["INDEX", "MESSAGE-ID", "ORIGIN", "QUEUE", "RETRIES", "REASON"], &rows));
+                print!(
+                    "{}",
+                    table::render(&["INDEX", "MESSAGE-ID", "ORIGIN", "QUEUE", "RETRIES", "REASON"], &rows)
+                );
                 println!("{} dead letter(s) in '{queue}'", all.len());
             }
             Ok(EXIT_OK)
@@ -266,7 +270,11 @@ async fn replay_selected(
                 r["to"].as_str().unwrap_or("")
             );
         }
-        println!("{} dead letter(s) replayed from '{queue}', {} left there", replayed.len(), failed.len());
+        println!(
+            "{} dead letter(s) replayed from '{queue}', {} left there",
+            replayed.len(),
+            failed.len()
+        );
     }
     match failed.into_iter().next() {
         None => Ok(EXIT_OK),

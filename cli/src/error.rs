@@ -67,13 +67,23 @@ impl fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// True for a finite number above zero (rates, durations, timeouts).
+pub fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 /// The exit code of a switchyard error: 2 for what the user can fix in
 /// the command or the topology (missing queue or exchange, conflicting
 /// declaration, refused access, bad configuration), 1 otherwise.
 pub fn exit_code_of(e: &switchyard::Error) -> u8 {
     match e.code() {
-        "queue_not_found" | "exchange_not_found" | "precondition_failed" | "access_refused" | "resource_locked"
-        | "invalid_config" | "unsupported" => EXIT_USAGE,
+        "queue_not_found"
+        | "exchange_not_found"
+        | "precondition_failed"
+        | "access_refused"
+        | "resource_locked"
+        | "invalid_config"
+        | "unsupported" => EXIT_USAGE,
         _ => EXIT_FAILURE,
     }
 }

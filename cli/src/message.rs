@@ -11,8 +11,7 @@ use crate::args::MessageArgs;
 use crate::error::{CliError, CliResult};
 
 /// How `--header` values are written, for error messages.
-pub const HEADER_SYNTAX: &str =
-    "write headers as k=v (string), k:int=5, k:bool=true, k:float=1.5 or k:str=v";
+pub const HEADER_SYNTAX: &str = "write headers as k=v (string), k:int=5, k:bool=true, k:float=1.5 or k:str=v";
 
 /// Parses one `--header`: `k=v` is a string, `k:TYPE=v` a typed value
 /// (`str`/`string`, `int`/`i64`, `i32`, `bool`, `float`/`f64`).
@@ -111,8 +110,9 @@ pub fn header_json(v: &HeaderValue) -> Value {
         HeaderValue::F32(n) => json!(n),
         HeaderValue::F64(n) => json!(n),
         HeaderValue::String(s) => json!(s),
-        HeaderValue::Bytes(b) => json!(String::from_utf8(b.to_vec())
-            .unwrap_or_else(|_| base64::engine::general_purpose::STANDARD.encode(b))),
+        HeaderValue::Bytes(b) => {
+            json!(String::from_utf8(b.to_vec()).unwrap_or_else(|_| base64::engine::general_purpose::STANDARD.encode(b)))
+        }
         HeaderValue::Timestamp(t) => json!(t),
         HeaderValue::Array(a) => Value::Array(a.iter().map(header_json).collect()),
         HeaderValue::Table(t) => headers_json(t),
@@ -208,7 +208,11 @@ pub fn message_json(m: &Message, info: Option<&DeliveryInfo>) -> Value {
 pub fn message_human(m: &Message, info: Option<&DeliveryInfo>, title: &str) -> String {
     let mut out = format!("--- {title}");
     if let Some(i) = info {
-        let ex = if i.exchange.is_empty() { "(default)" } else { &i.exchange };
+        let ex = if i.exchange.is_empty() {
+            "(default)"
+        } else {
+            &i.exchange
+        };
         out.push_str(&format!(
             " (queue {}, exchange {ex}, routing key {}{})",
             i.queue,
@@ -250,11 +254,23 @@ mod tests {
 
     #[test]
     fn headers_parse_typed_and_refuse_malformed() {
-        assert_eq!(parse_header("a=b=c").unwrap(), ("a".into(), HeaderValue::String("b=c".into())));
+        assert_eq!(
+            parse_header("a=b=c").unwrap(),
+            ("a".into(), HeaderValue::String("b=c".into()))
+        );
         assert_eq!(parse_header("n:int=5").unwrap(), ("n".into(), HeaderValue::I64(5)));
-        assert_eq!(parse_header("ok:bool=true").unwrap(), ("ok".into(), HeaderValue::Bool(true)));
-        assert_eq!(parse_header("f:float=1.5").unwrap(), ("f".into(), HeaderValue::F64(1.5)));
-        assert_eq!(parse_header("s:str=5").unwrap(), ("s".into(), HeaderValue::String("5".into())));
+        assert_eq!(
+            parse_header("ok:bool=true").unwrap(),
+            ("ok".into(), HeaderValue::Bool(true))
+        );
+        assert_eq!(
+            parse_header("f:float=1.5").unwrap(),
+            ("f".into(), HeaderValue::F64(1.5))
+        );
+        assert_eq!(
+            parse_header("s:str=5").unwrap(),
+            ("s".into(), HeaderValue::String("5".into()))
+        );
         for bad in ["novalue", "n:int=abc", "k:date=1", "=x", "b:bool=maybe"] {
             let e = parse_header(bad).unwrap_err();
             assert_eq!(e.exit, crate::error::EXIT_USAGE);

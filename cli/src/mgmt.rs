@@ -100,7 +100,11 @@ impl Management {
             return Err(bad("no host"));
         }
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        let shown_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        let shown_host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
         Ok(Management {
             display: format!("http://{shown_host}:{port}{path}"),
             host,
@@ -117,7 +121,11 @@ impl Management {
         match std::env::var("RABBITMQ_MANAGEMENT_URL") {
             Ok(url) if !url.trim().is_empty() => Management::new(&url, &ep.user, ep.password.expose()),
             _ => {
-                let host = if ep.host.contains(':') { format!("[{}]", ep.host) } else { ep.host.clone() };
+                let host = if ep.host.contains(':') {
+                    format!("[{}]", ep.host)
+                } else {
+                    ep.host.clone()
+                };
                 Management::new(&format!("http://{host}:15672"), &ep.user, ep.password.expose())
             }
         }
@@ -159,7 +167,10 @@ impl Management {
         req.push_str("\r\n");
         req.push_str(&payload);
         let io = |e: std::io::Error| {
-            CliError::failure(format!("talking to the RabbitMQ management API at {}: {e}", self.display))
+            CliError::failure(format!(
+                "talking to the RabbitMQ management API at {}: {e}",
+                self.display
+            ))
         };
         stream.write_all(req.as_bytes()).await.map_err(io)?;
         let mut raw = Vec::new();

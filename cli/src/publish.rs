@@ -32,7 +32,11 @@ fn read_input(a: &PublishArgs) -> CliResult<Vec<u8>> {
 fn bodies(a: &PublishArgs) -> CliResult<Vec<Vec<u8>>> {
     if let Some(b) = &a.body {
         if a.lines {
-            return Ok(b.lines().filter(|l| !l.trim().is_empty()).map(|l| l.as_bytes().to_vec()).collect());
+            return Ok(b
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.as_bytes().to_vec())
+                .collect());
         }
         return Ok(vec![b.as_bytes().to_vec()]);
     }
@@ -65,8 +69,7 @@ pub async fn publish_all(
     let mut confirmed = 0u64;
     let mut first_error = None;
     let start = Instant::now();
-    let mut sent = 0u64;
-    for m in messages {
+    for (sent, m) in messages.enumerate() {
         if let Some(r) = rate.filter(|r| *r > 0.0) {
             let due = start + Duration::from_secs_f64(sent as f64 / r);
             tokio::time::sleep_until(due.into()).await;
@@ -89,7 +92,6 @@ pub async fn publish_all(
         let t = transport.clone();
         let d = dest.clone();
         in_flight.push(async move { t.publish_with(&d, m, options).await });
-        sent += 1;
     }
     while let Some(r) = in_flight.next().await {
         match r {
@@ -111,8 +113,10 @@ pub async fn publish_all(
 /// Runs `publish`.
 pub async fn run(g: &Global, a: &PublishArgs) -> CliResult<u8> {
     message::check_headers(&a.message)?;
-    if a.rate.is_some_and(|r| !(r > 0.0)) {
-        return Err(CliError::usage("--rate must be a positive number of messages per second"));
+    if a.rate.is_some_and(|r| !crate::error::positive(r)) {
+        return Err(CliError::usage(
+            "--rate must be a positive number of messages per second",
+        ));
     }
     let settings = connect::settings(g)?;
     if connect::is_memory(&settings) {
@@ -137,7 +141,16 @@ pub async fn run(g: &Global, a: &PublishArgs) -> CliResult<u8> {
         .flat_map(move |m| std::iter::repeat_n(m, count as usize));
     let options = PublishOptions { mandatory: a.mandatory };
     let started = Instant::now();
-    let result = publish_all(transport.clone(), dest.clone(), messages, options, a.rate, a.window, || pb.inc(1)).await;
+    let result = publish_all(
+        transport.clone(),
+        dest.clone(),
+        messages,
+        options,
+        a.rate,
+        a.window,
+        || pb.inc(1),
+    )
+    .await;
     pb.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
     match result {

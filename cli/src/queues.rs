@@ -63,8 +63,22 @@ pub async fn run(g: &Global, a: &QueuesArgs) -> CliResult<u8> {
         .collect();
     print!(
         "{}",
-        table::render(&["QUEUE", "TYPE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/S", "DELIVER/S"], &cells)
+        table::render(
+            &[
+                "QUEUE",
+                "TYPE",
+                "READY",
+                "UNACKED",
+                "CONSUMERS",
+                "PUBLISH/S",
+                "DELIVER/S"
+            ],
+            &cells
+        )
     );
-    println!("{} queue(s) in vhost '{vhost}' (the management API refreshes its figures every few seconds)", cells.len());
+    println!(
+        "{} queue(s) in vhost '{vhost}' (the management API refreshes its figures every few seconds)",
+        cells.len()
+    );
     Ok(EXIT_OK)
 }

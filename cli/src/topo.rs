@@ -25,9 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchyard::{
-    Binding, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Overflow, QueueSpec, QueueType, Topology,
-};
+use switchyard::{Binding, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Overflow, QueueSpec, QueueType, Topology};
 
 use crate::error::{CliError, CliResult};
 
@@ -186,10 +184,12 @@ impl TopologyFile {
     pub fn to_topology(&self) -> CliResult<Topology> {
         let mut t = Topology::new();
         for e in &self.exchanges {
-            let kind: ExchangeKind = e
-                .kind
-                .parse()
-                .map_err(|_| CliError::usage(format!("exchange '{}': type '{}' is not direct, topic, fanout or headers", e.name, e.kind)))?;
+            let kind: ExchangeKind = e.kind.parse().map_err(|_| {
+                CliError::usage(format!(
+                    "exchange '{}': type '{}' is not direct, topic, fanout or headers",
+                    e.name, e.kind
+                ))
+            })?;
             let mut spec = ExchangeSpec::new(e.name.clone(), kind)
                 .durable(e.durable)
                 .auto_delete(e.auto_delete);
@@ -259,8 +259,7 @@ fn queue_spec(q: &QueueDef) -> CliResult<QueueSpec> {
                 })
             }
             "x-delivery-limit" => {
-                a.delivery_limit =
-                    Some(u32::try_from(uint()?).map_err(|_| bad(k, "an integer that fits 32 bits"))?)
+                a.delivery_limit = Some(u32::try_from(uint()?).map_err(|_| bad(k, "an integer that fits 32 bits"))?)
             }
             "x-single-active-consumer" => {
                 a.single_active_consumer = v.as_bool().ok_or_else(|| bad(k, "true or false"))?

@@ -37,7 +37,9 @@ pub async fn live(m: &Management, vhost: &str) -> CliResult<TopologyFile> {
     let list = |v: Value, what: &str| -> CliResult<Vec<Value>> {
         match v {
             Value::Array(a) => Ok(a),
-            _ => Err(CliError::failure(format!("the management API's {what} list is not a JSON array"))),
+            _ => Err(CliError::failure(format!(
+                "the management API's {what} list is not a JSON array"
+            ))),
         }
     };
     let exchanges = list(m.get_json(&format!("/api/exchanges/{vh}")).await?, "exchange")?;
@@ -112,7 +114,11 @@ pub struct Difference {
 }
 
 fn binding_name(b: &BindingDef) -> String {
-    let kind = if b.destination_type == "exchange" { " (exchange)" } else { "" };
+    let kind = if b.destination_type == "exchange" {
+        " (exchange)"
+    } else {
+        ""
+    };
     format!("{} -> {}{kind} [{}]", b.source, b.destination, b.routing_key)
 }
 
@@ -193,7 +199,10 @@ pub fn diff(file: &TopologyFile, live: &TopologyFile, all: bool) -> Vec<Differen
             None => d("missing", "queue", q.name.clone(), String::new()),
             Some(l) => {
                 let mut why = Vec::new();
-                for (n, a, b) in [("durable", q.durable, l.durable), ("auto_delete", q.auto_delete, l.auto_delete)] {
+                for (n, a, b) in [
+                    ("durable", q.durable, l.durable),
+                    ("auto_delete", q.auto_delete, l.auto_delete),
+                ] {
                     if a != b {
                         why.push(format!("{n}: file {a}, broker {b}"));
                     }
@@ -242,17 +251,25 @@ pub async fn run(g: &Global, c: &TopologyCommand) -> CliResult<u8> {
             let transport = connect::connect(&settings, "topology apply", false).await?;
             transport.declare(&topology).await.map_err(|e| {
                 let hint = if e.code() == "precondition_failed" {
-                    format!(" — run `switchyard topology diff {}` to see what differs", file.display())
+                    format!(
+                        " — run `switchyard topology diff {}` to see what differs",
+                        file.display()
+                    )
                 } else {
                     String::new()
                 };
-                CliError::from(e).context(format!("applying {}", file.display())).context_suffix(&hint)
+                CliError::from(e)
+                    .context(format!("applying {}", file.display()))
+                    .context_suffix(&hint)
             })?;
             let (e, q, b) = (topology.exchanges.len(), topology.queues.len(), topology.bindings.len());
             if g.json {
                 println!("{}", json!({"exchanges": e, "queues": q, "bindings": b}));
             } else {
-                println!("declared {e} exchange(s), {q} queue(s), {b} binding(s) from {}", file.display());
+                println!(
+                    "declared {e} exchange(s), {q} queue(s), {b} binding(s) from {}",
+                    file.display()
+                );
             }
             Ok(EXIT_OK)
         }
@@ -269,7 +286,11 @@ pub async fn run(g: &Global, c: &TopologyCommand) -> CliResult<u8> {
                 println!("no differences between {} and vhost '{vhost}'", file.display());
             } else {
                 for x in &diffs {
-                    let detail = if x.detail.is_empty() { String::new() } else { format!(": {}", x.detail) };
+                    let detail = if x.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", x.detail)
+                    };
                     let note = if x.status == "mismatched" {
                         " (declaring it would fail with PRECONDITION_FAILED)"
                     } else {

@@ -20,7 +20,11 @@ struct Out {
 
 impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -95,7 +99,9 @@ async fn temp_queue(t: &Arc<dyn Transport>, q: &str) {
 }
 
 fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 #[tokio::test]
@@ -104,9 +110,27 @@ async fn publish_then_get_prints_typed_headers_properties_and_json_body() {
     let q = name("publish-get");
     temp_queue(&t, &q).await;
     let out = run(&[
-        "publish", "", &q, r#"{"session_id":"s-1","n":2}"#, "--header", "tenant=acme", "--header", "n:int=5",
-        "--header", "ok:bool=true", "--header", "f:float=1.5", "--priority", "3", "--correlation-id", "c-1",
-        "--message-id", "m-1", "--transient", "--count", "3",
+        "publish",
+        "",
+        &q,
+        r#"{"session_id":"s-1","n":2}"#,
+        "--header",
+        "tenant=acme",
+        "--header",
+        "n:int=5",
+        "--header",
+        "ok:bool=true",
+        "--header",
+        "f:float=1.5",
+        "--priority",
+        "3",
+        "--correlation-id",
+        "c-1",
+        "--message-id",
+        "m-1",
+        "--transient",
+        "--count",
+        "3",
     ])
     .await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -155,7 +179,15 @@ async fn publish_lines_and_files_then_consume_with_requeue_reject_and_ack() {
     let out = run(&["consume", &q, "--count", "4", "--requeue", "--json"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let bodies: Vec<Value> = json_lines(&out.stdout).iter().map(|m| m["body"].clone()).collect();
-    assert_eq!(bodies, vec![Value::from("one"), "two".into(), "three".into(), serde_json::json!([1, 2, 3])]);
+    assert_eq!(
+        bodies,
+        vec![
+            Value::from("one"),
+            "two".into(),
+            "three".into(),
+            serde_json::json!([1, 2, 3])
+        ]
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(t.queue_info(&q).await.unwrap().message_count, 4, "requeued");
     // --reject drops (no dead-letter exchange here), --ack takes
@@ -194,7 +226,10 @@ async fn an_unreachable_broker_fails_without_printing_the_password() {
     )
     .await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(!out.stderr.contains("sekret-pw") && !out.stdout.contains("sekret-pw"), "{out:?}");
+    assert!(
+        !out.stderr.contains("sekret-pw") && !out.stdout.contains("sekret-pw"),
+        "{out:?}"
+    );
     assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
 }
 
@@ -202,7 +237,11 @@ async fn an_unreachable_broker_fails_without_printing_the_password() {
 async fn an_unknown_queue_is_a_usage_error() {
     let Some(_t) = broker().await else { return };
     let q = name("missing");
-    for args in [vec!["get", q.as_str()], vec!["consume", q.as_str(), "--count", "1"], vec!["dlq", "list", q.as_str()]] {
+    for args in [
+        vec!["get", q.as_str()],
+        vec!["consume", q.as_str(), "--count", "1"],
+        vec!["dlq", "list", q.as_str()],
+    ] {
         let out = run(&args).await;
         assert_error(&out, 2, "not found");
     }
@@ -245,12 +284,23 @@ async fn rpc_prints_the_reply_and_its_latency_and_times_out_with_exit_1() {
 /// An exchange `ex` with a queue `work` (dead-lettering by RabbitMQ to
 /// `dlx`) and a dead-letter queue `dl` bound to `dlx`.
 async fn dlq_setup(t: &Arc<dyn Transport>, tag: &str) -> (String, String, String) {
-    let (ex, dlx, work, dl) = (name(&format!("{tag}-ex")), name(&format!("{tag}-dlx")), name(&format!("{tag}-work")), name(&format!("{tag}-dl")));
+    let (ex, dlx, work, dl) = (
+        name(&format!("{tag}-ex")),
+        name(&format!("{tag}-dlx")),
+        name(&format!("{tag}-work")),
+        name(&format!("{tag}-dl")),
+    );
     t.delete_queue(&work).await.unwrap();
     t.delete_queue(&dl).await.unwrap();
-    t.declare_exchange(&ExchangeSpec::direct(&ex).durable(false)).await.unwrap();
-    t.declare_exchange(&ExchangeSpec::direct(&dlx).durable(false)).await.unwrap();
-    t.declare_queue(&QueueSpec::new(&work).durable(false).dead_letter(&dlx, Some("dl"))).await.unwrap();
+    t.declare_exchange(&ExchangeSpec::direct(&ex).durable(false))
+        .await
+        .unwrap();
+    t.declare_exchange(&ExchangeSpec::direct(&dlx).durable(false))
+        .await
+        .unwrap();
+    t.declare_queue(&QueueSpec::new(&work).durable(false).dead_letter(&dlx, Some("dl")))
+        .await
+        .unwrap();
     t.declare_queue(&QueueSpec::new(&dl).durable(false)).await.unwrap();
     t.bind(&Binding::queue(&work, &ex, "work")).await.unwrap();
     t.bind(&Binding::queue(&dl, &dlx, "dl")).await.unwrap();
@@ -273,10 +323,19 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let Some(t) = broker().await else { return };
     let (ex, work, dl) = dlq_setup(&t, "dlq").await;
     let to_dl = Destination::queue(dl.clone());
-    t.publish(&to_dl, switchyard_dead_letter("m-1", &ex, "no such customer")).await.unwrap();
-    t.publish(&to_dl, switchyard_dead_letter("m-2", &ex, "bad amount")).await.unwrap();
+    t.publish(&to_dl, switchyard_dead_letter("m-1", &ex, "no such customer"))
+        .await
+        .unwrap();
+    t.publish(&to_dl, switchyard_dead_letter("m-2", &ex, "bad amount"))
+        .await
+        .unwrap();
     // one dead-lettered by RabbitMQ itself: rejected from `work`
-    t.publish(&Destination::new(ex.clone(), "work"), Message::new("rejected").with_message_id("m-3")).await.unwrap();
+    t.publish(
+        &Destination::new(ex.clone(), "work"),
+        Message::new("rejected").with_message_id("m-3"),
+    )
+    .await
+    .unwrap();
     let out = run(&["get", &work, "--reject"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -294,13 +353,19 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     assert!(list[2]["reason"].as_str().unwrap().starts_with("rejected"), "{list:?}");
     assert_eq!(list[2]["origin"], format!("{ex}/work"));
     let out = run(&["dlq", "list", &dl]).await;
-    assert!(out.stdout.contains("no such customer") && out.stdout.contains("3 dead letter(s)"), "{out:?}");
+    assert!(
+        out.stdout.contains("no such customer") && out.stdout.contains("3 dead letter(s)"),
+        "{out:?}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(t.queue_info(&dl).await.unwrap().message_count, 3, "listing leaves them");
 
     let out = run(&["dlq", "show", &dl, "--id", "m-2"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("bad amount") && out.stdout.contains("\"id\": \"m-2\""), "{out:?}");
+    assert!(
+        out.stdout.contains("bad amount") && out.stdout.contains("\"id\": \"m-2\""),
+        "{out:?}"
+    );
     let out = run(&["dlq", "show", &dl, "--id", "nope"]).await;
     assert_error(&out, 2, "dlq list");
 
@@ -315,13 +380,20 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let back = json_lines(&out.stdout);
     assert_eq!(back.len(), 2, "{out:?}");
     assert_eq!(back[0]["properties"]["message_id"], "m-1");
-    assert!(back[0]["headers"].get("x-error").is_none(), "dead-letter headers stripped: {out:?}");
+    assert!(
+        back[0]["headers"].get("x-error").is_none(),
+        "dead-letter headers stripped: {out:?}"
+    );
     assert_eq!(back[1]["properties"]["message_id"], "m-3");
     assert!(back[1]["headers"].get("x-death").is_none(), "{out:?}");
 
     let out = run(&["dlq", "purge", &dl]).await;
     assert_error(&out, 2, "--yes");
-    assert_eq!(t.queue_info(&dl).await.unwrap().message_count, 1, "nothing purged without --yes");
+    assert_eq!(
+        t.queue_info(&dl).await.unwrap().message_count,
+        1,
+        "nothing purged without --yes"
+    );
     let out = run(&["dlq", "purge", &dl, "--yes"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(t.queue_info(&dl).await.unwrap().message_count, 0);
@@ -335,14 +407,26 @@ async fn a_failed_replay_leaves_the_dead_letter_where_it_was() {
     let (ex, work, dl) = dlq_setup(&t, "replay-fail").await;
     let to_dl = Destination::queue(dl.clone());
     let missing = name("no-such-exchange");
-    t.publish(&to_dl, switchyard_dead_letter("lost", &missing, "boom")).await.unwrap();
-    t.publish(&to_dl, switchyard_dead_letter("fine", &ex, "boom")).await.unwrap();
+    t.publish(&to_dl, switchyard_dead_letter("lost", &missing, "boom"))
+        .await
+        .unwrap();
+    t.publish(&to_dl, switchyard_dead_letter("fine", &ex, "boom"))
+        .await
+        .unwrap();
     let out = run(&["dlq", "replay", &dl, "--all"]).await;
     assert_error(&out, 2, "not found");
     assert!(out.stderr.contains("lost") && out.stderr.contains("left in"), "{out:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(t.queue_info(&dl).await.unwrap().message_count, 1, "the failed one stays");
-    assert_eq!(t.queue_info(&work).await.unwrap().message_count, 1, "the good one went back");
+    assert_eq!(
+        t.queue_info(&dl).await.unwrap().message_count,
+        1,
+        "the failed one stays"
+    );
+    assert_eq!(
+        t.queue_info(&work).await.unwrap().message_count,
+        1,
+        "the good one went back"
+    );
     let out = run(&["dlq", "list", &dl, "--json"]).await;
     let list: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(list[0]["message_id"], "lost", "{out:?}");
@@ -374,13 +458,33 @@ fn the_contextiq_topology_file_matches_the_example() {
         .queue(q("memory.events"))
         .queue(q("webhooks.session-created"))
         .queue(QueueSpec::new("dead_letter"))
-        .binding(Binding::queue("extraction.requests", "contextiq.extraction", "extraction.request"))
-        .binding(Binding::queue("extraction.results", "contextiq.extraction", "extraction.result"))
-        .binding(Binding::queue("consolidation.requests", "contextiq.consolidation", "consolidation.request"))
-        .binding(Binding::queue("consolidation.results", "contextiq.consolidation", "consolidation.result"))
+        .binding(Binding::queue(
+            "extraction.requests",
+            "contextiq.extraction",
+            "extraction.request",
+        ))
+        .binding(Binding::queue(
+            "extraction.results",
+            "contextiq.extraction",
+            "extraction.result",
+        ))
+        .binding(Binding::queue(
+            "consolidation.requests",
+            "contextiq.consolidation",
+            "consolidation.request",
+        ))
+        .binding(Binding::queue(
+            "consolidation.results",
+            "contextiq.consolidation",
+            "consolidation.result",
+        ))
         .binding(Binding::queue("session.events", "contextiq.events", "session.*"))
         .binding(Binding::queue("memory.events", "contextiq.events", "memory.*"))
-        .binding(Binding::queue("webhooks.session-created", "contextiq.events", "session.created"))
+        .binding(Binding::queue(
+            "webhooks.session-created",
+            "contextiq.events",
+            "session.created",
+        ))
         .binding(Binding::queue("dead_letter", DLX, "dead_letter"));
     let file = TopologyFile::load(&contextiq_file()).unwrap();
     assert_eq!(file.to_topology().unwrap(), expected);
@@ -389,7 +493,11 @@ fn the_contextiq_topology_file_matches_the_example() {
 #[tokio::test]
 async fn unparsable_or_unreadable_topology_files_are_usage_errors() {
     let bad = std::env::temp_dir().join(format!("{}.toml", name("bad-topology")));
-    std::fs::write(&bad, "[[queues]]\nname = \"q\"\narguments = { \"x-max-priority\" = \"high\" }\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[[queues]]\nname = \"q\"\narguments = { \"x-max-priority\" = \"high\" }\n",
+    )
+    .unwrap();
     for sub in ["apply", "diff"] {
         let out = run(&["topology", sub, bad.to_str().unwrap()]).await;
         assert_error(&out, 2, "x-max-priority");
@@ -405,7 +513,11 @@ async fn unparsable_or_unreadable_topology_files_are_usage_errors() {
 #[tokio::test]
 async fn a_missing_management_plugin_is_a_usage_error_that_says_what_to_do() {
     let env = [("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:1")];
-    for args in [vec!["queues"], vec!["topology", "export"], vec!["topology", "diff", contextiq_file().to_str().unwrap()]] {
+    for args in [
+        vec!["queues"],
+        vec!["topology", "export"],
+        vec!["topology", "diff", contextiq_file().to_str().unwrap()],
+    ] {
         let out = run_with(&args, &env, None).await;
         assert_error(&out, 2, "rabbitmq-plugins enable rabbitmq_management");
     }
@@ -421,24 +533,43 @@ struct Vhost {
 
 impl Vhost {
     async fn create(tag: &str) -> Vhost {
-        let base = Settings::from_env().unwrap().with_url(switchyard_core::testkit::rabbitmq_url());
+        let base = Settings::from_env()
+            .unwrap()
+            .with_url(switchyard_core::testkit::rabbitmq_url());
         let ep = base.endpoint().unwrap();
         let mgmt = switchyard_cli::mgmt::Management::from_settings(&base).unwrap();
         let name = name(tag);
         let vh = switchyard_cli::mgmt::encode_segment(&name);
-        mgmt.put_json(&format!("/api/vhosts/{vh}"), &serde_json::json!({})).await.unwrap();
+        mgmt.put_json(&format!("/api/vhosts/{vh}"), &serde_json::json!({}))
+            .await
+            .unwrap();
         mgmt.put_json(
-            &format!("/api/permissions/{vh}/{}", switchyard_cli::mgmt::encode_segment(&ep.user)),
+            &format!(
+                "/api/permissions/{vh}/{}",
+                switchyard_cli::mgmt::encode_segment(&ep.user)
+            ),
             &serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
         )
         .await
         .unwrap();
-        let url = format!("amqp://{}:{}@{}:{}/{vh}", ep.user, ep.password.expose(), ep.host, ep.port);
+        let url = format!(
+            "amqp://{}:{}@{}:{}/{vh}",
+            ep.user,
+            ep.password.expose(),
+            ep.host,
+            ep.port
+        );
         Vhost { mgmt, name, url }
     }
 
     async fn drop_it(self) {
-        let _ = self.mgmt.delete(&format!("/api/vhosts/{}", switchyard_cli::mgmt::encode_segment(&self.name))).await;
+        let _ = self
+            .mgmt
+            .delete(&format!(
+                "/api/vhosts/{}",
+                switchyard_cli::mgmt::encode_segment(&self.name)
+            ))
+            .await;
     }
 }
 
@@ -457,7 +588,10 @@ async fn contextiq_topology_apply_then_diff_shows_nothing_and_export_round_trips
 
     let out = run_with(&["topology", "apply", file], &env, None).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("declared 4 exchange(s), 8 queue(s), 8 binding(s)"), "{out:?}");
+    assert!(
+        out.stdout.contains("declared 4 exchange(s), 8 queue(s), 8 binding(s)"),
+        "{out:?}"
+    );
     let out = run_with(&["topology", "diff", file], &env, None).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("no differences"), "{out:?}");
@@ -475,27 +609,41 @@ async fn contextiq_topology_apply_then_diff_shows_nothing_and_export_round_trips
     for t in [&mut a, &mut b] {
         t.exchanges.sort_by(|x, y| x.name.cmp(&y.name));
         t.queues.sort_by(|x, y| x.name.cmp(&y.name));
-        t.bindings.sort_by(|x, y| (&x.source, &x.destination).cmp(&(&y.source, &y.destination)));
+        t.bindings
+            .sort_by(|x, y| (&x.source, &x.destination).cmp(&(&y.source, &y.destination)));
     }
     assert_eq!(a, b);
 
     // a mismatched argument: diff names it, apply refuses with exit 2
-    let text = std::fs::read_to_string(contextiq_file()).unwrap().replace("\"x-max-priority\" = 10", "\"x-max-priority\" = 5");
+    let text = std::fs::read_to_string(contextiq_file())
+        .unwrap()
+        .replace("\"x-max-priority\" = 10", "\"x-max-priority\" = 5");
     std::fs::write(&exported, text).unwrap();
     let out = run_with(&["topology", "diff", exported.to_str().unwrap()], &env, None).await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stdout.contains("mismatched") && out.stdout.contains("x-max-priority: file 5, broker 10"), "{out:?}");
+    assert!(
+        out.stdout.contains("mismatched") && out.stdout.contains("x-max-priority: file 5, broker 10"),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("PRECONDITION_FAILED"), "{out:?}");
     let out = run_with(&["topology", "apply", exported.to_str().unwrap()], &env, None).await;
     assert_error(&out, 2, "topology diff");
 
     // an extra binding on a queue of the file
-    let settings = Settings::from_env().unwrap().with_url(vhost.url.clone()).with_transport(TransportKind::Lapin);
+    let settings = Settings::from_env()
+        .unwrap()
+        .with_url(vhost.url.clone())
+        .with_transport(TransportKind::Lapin);
     let t = switchyard::connect(&settings).await.unwrap();
-    t.bind(&Binding::queue("session.events", "contextiq.events", "audit.#")).await.unwrap();
+    t.bind(&Binding::queue("session.events", "contextiq.events", "audit.#"))
+        .await
+        .unwrap();
     let out = run_with(&["topology", "diff", file], &env, None).await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stdout.contains("extra") && out.stdout.contains("audit.#"), "{out:?}");
+    assert!(
+        out.stdout.contains("extra") && out.stdout.contains("audit.#"),
+        "{out:?}"
+    );
     std::fs::remove_file(exported).ok();
     drop(t);
     vhost.drop_it().await;
@@ -509,7 +657,11 @@ async fn queues_shows_depth_and_consumers() {
     let out = run(&["publish", "", &q, "x", "--count", "3"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let _sub = t.consume(&q, ConsumeOptions::default().prefetch(1)).await.unwrap();
-    let mut last = Out { code: -1, stdout: String::new(), stderr: String::new() };
+    let mut last = Out {
+        code: -1,
+        stdout: String::new(),
+        stderr: String::new(),
+    };
     for _ in 0..40 {
         last = run(&["queues", &q, "--json"]).await;
         assert_eq!(last.code, 0, "{last:?}");
@@ -535,15 +687,41 @@ fn check_bench(out: &Out, transport: &str) {
     assert!(sent > 0, "{out:?}");
     assert_eq!(v["received"].as_u64().unwrap(), sent, "{out:?}");
     let l = &v["latency_ms"];
-    let (p50, p95, p99, max) = (l["p50"].as_f64().unwrap(), l["p95"].as_f64().unwrap(), l["p99"].as_f64().unwrap(), l["max"].as_f64().unwrap());
+    let (p50, p95, p99, max) = (
+        l["p50"].as_f64().unwrap(),
+        l["p95"].as_f64().unwrap(),
+        l["p99"].as_f64().unwrap(),
+        l["max"].as_f64().unwrap(),
+    );
     assert!(p50 <= p95 && p95 <= p99 && p99 <= max, "{out:?}");
 }
 
 #[tokio::test]
 async fn bench_on_memory_reports_throughput_and_latency_percentiles() {
-    let out = run(&["bench", "--transport", "memory", "--duration", "0.5", "--size", "64", "--json"]).await;
+    let out = run(&[
+        "bench",
+        "--transport",
+        "memory",
+        "--duration",
+        "0.5",
+        "--size",
+        "64",
+        "--json",
+    ])
+    .await;
     check_bench(&out, "memory");
-    let out = run(&["bench", "--transport", "memory", "--duration", "0.3", "--producers", "2", "--consumers", "2"]).await;
+    let out = run(&[
+        "bench",
+        "--transport",
+        "memory",
+        "--duration",
+        "0.3",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+    ])
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("latency ms: p50"), "{out:?}");
     let out = run(&["bench", "--transport", "memory", "--size", "4"]).await;
@@ -554,7 +732,22 @@ async fn bench_on_memory_reports_throughput_and_latency_percentiles() {
 async fn bench_on_rabbitmq_with_both_clients() {
     let Some(_t) = broker().await else { return };
     for (transport, extra) in [("lapin", "--persistent"), ("amqprs", "--auto-ack")] {
-        let out = run(&["bench", "--transport", transport, "--duration", "0.5", "--producers", "2", "--consumers", "2", "--rate", "500", extra, "--json"]).await;
+        let out = run(&[
+            "bench",
+            "--transport",
+            transport,
+            "--duration",
+            "0.5",
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--rate",
+            "500",
+            extra,
+            "--json",
+        ])
+        .await;
         check_bench(&out, transport);
     }
 }
