@@ -138,7 +138,7 @@ pub struct PublishArgs {
     /// Fail when no queue is bound for the routing key (instead of the broker dropping the message).
     #[arg(long)]
     pub mandatory: bool,
-    /// Most publishes awaiting their confirm at once.
+    /// Messages per confirmed batch (published in order, pipelined within a batch).
     #[arg(long, default_value_t = 256)]
     pub window: usize,
     /// Properties and headers.

@@ -4,7 +4,6 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use switchyard::{Destination, Message, PublishOptions, Transport};
 
@@ -53,9 +52,10 @@ fn bodies(a: &PublishArgs) -> CliResult<Vec<Vec<u8>>> {
     }
 }
 
-/// Publishes `messages` with at most `window` awaiting their confirm and at
-/// most `rate` per second; calls `on_confirm` after each confirm. Returns
-/// how many were confirmed, or the first error with that count.
+/// Publishes `messages` in order: in confirmed batches of `window` (the
+/// transport pipelines a batch), or one at a time at most `rate` per second;
+/// calls `on_confirm(n)` as they are confirmed. Returns how many were
+/// confirmed, or the first error with the count confirmed before it.
 pub async fn publish_all(
     transport: Arc<dyn Transport>,
     dest: Destination,
@@ -63,51 +63,43 @@ pub async fn publish_all(
     options: PublishOptions,
     rate: Option<f64>,
     window: usize,
-    mut on_confirm: impl FnMut(),
+    mut on_confirm: impl FnMut(u64),
 ) -> Result<u64, (u64, switchyard::Error)> {
-    let mut in_flight = FuturesUnordered::new();
     let mut confirmed = 0u64;
-    let mut first_error = None;
     let start = Instant::now();
-    for (sent, m) in messages.enumerate() {
-        if let Some(r) = rate.filter(|r| *r > 0.0) {
-            let due = start + Duration::from_secs_f64(sent as f64 / r);
-            tokio::time::sleep_until(due.into()).await;
+    if let Some(r) = rate {
+        for (sent, m) in messages.enumerate() {
+            tokio::time::sleep_until((start + Duration::from_secs_f64(sent as f64 / r)).into()).await;
+            transport
+                .publish_with(&dest, m, options)
+                .await
+                .map_err(|e| (confirmed, e))?;
+            confirmed += 1;
+            on_confirm(1);
         }
-        while in_flight.len() >= window.max(1) {
-            match in_flight.next().await {
-                Some(Ok(())) => {
-                    confirmed += 1;
-                    on_confirm();
+        return Ok(confirmed);
+    }
+    let mut messages = messages.peekable();
+    while messages.peek().is_some() {
+        let batch: Vec<Message> = messages.by_ref().take(window.max(1)).collect();
+        let n = batch.len() as u64;
+        let result = if options.mandatory || n == 1 {
+            let mut r = Ok(());
+            for m in batch {
+                r = transport.publish_with(&dest, m, options).await;
+                if r.is_err() {
+                    break;
                 }
-                Some(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                None => break,
             }
-        }
-        if first_error.is_some() {
-            break;
-        }
-        let t = transport.clone();
-        let d = dest.clone();
-        in_flight.push(async move { t.publish_with(&d, m, options).await });
+            r
+        } else {
+            transport.publish_batch(&dest, batch).await
+        };
+        result.map_err(|e| (confirmed, e))?;
+        confirmed += n;
+        on_confirm(n);
     }
-    while let Some(r) = in_flight.next().await {
-        match r {
-            Ok(()) => {
-                confirmed += 1;
-                on_confirm();
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    match first_error {
-        None => Ok(confirmed),
-        Some(e) => Err((confirmed, e)),
-    }
+    Ok(confirmed)
 }
 
 /// Runs `publish`.
@@ -148,7 +140,7 @@ pub async fn run(g: &Global, a: &PublishArgs) -> CliResult<u8> {
         options,
         a.rate,
         a.window,
-        || pb.inc(1),
+        |n| pb.inc(n),
     )
     .await;
     pb.finish_and_clear();
