@@ -56,7 +56,24 @@ ensure_python_peer() {
     fi
 }
 
+ensure_management() {
+    # The CLI's queues / topology diff / export read the management API.
+    if ! rabbitmq-plugins -q list -e 2>/dev/null | grep -q "rabbitmq_management "; then
+        log "enabling the management plugin"
+        rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+    fi
+    local deadline=$((SECONDS + 60))
+    until (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            echo "the management API (port 15672) did not open within 60 s" >&2
+            return 1
+        fi
+        sleep 1
+    done
+}
+
 ensure_rabbitmq
+ensure_management
 ensure_python_peer
 export SWITCHYARD_REQUIRE_RABBITMQ=1
 
