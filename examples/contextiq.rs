@@ -7,6 +7,23 @@
 //! cargo run --example contextiq --features lapin -- --transport lapin --quorum  # the work queues as quorum queues
 //! ```
 //!
+//! The same pipeline as long-running processes, the way the seed runs its
+//! services (several copies of a worker compete for the same queue; each
+//! stops gracefully on SIGTERM; with `--features ops` each serves
+//! `/metrics`, `/healthz`, `/readyz`, `/status` on `--ops ADDR`):
+//!
+//! ```text
+//! contextiq extraction-worker [--ops 127.0.0.1:9464]    # extraction.requests
+//! contextiq consolidation-worker [--ops ..]             # consolidation.requests
+//! contextiq events [--ops ..]                           # session.events, memory.events, webhooks, dead_letter
+//! contextiq publish N                                   # N extraction requests, then exit
+//! ```
+//!
+//! Roles read their settings from `RABBITMQ_*` (and `.env`); `--transport`
+//! works as above; `CONTEXTIQ_WORK_MS` sets the extraction work per request
+//! for `publish`. The results (`extraction.results`, `consolidation.results`)
+//! are left for downstream consumers: `switchyard get` / `consume` read them.
+//!
 //! `--quorum` declares the work queues as quorum queues
 //! (`QueueSpec::work_queue`: replicated across a cluster, delivery limit,
 //! at-least-once dead-lettering) — what a clustered deployment should use
@@ -55,8 +72,8 @@ use switchyard::middleware::retry::{RetryLayer, RetryPolicy};
 use switchyard::rpc::RpcClient;
 use switchyard::worker::{RouteConfig, Worker};
 use switchyard::{
-    handler_fn, headers, Destination, Envelope, ExchangeSpec, HandlerError, Json, Message, PublisherExt, QueueSpec,
-    ServiceBuilder, Settings, Topology, TransportKind,
+    handler_fn, headers, Destination, Envelope, ExchangeSpec, HandlerError, Json, JsonCodec, Message, PublisherExt,
+    QueueSpec, ServiceBuilder, Settings, Topology, Transport, TransportKind,
 };
 
 const EXTRACTION: &str = "contextiq.extraction";
@@ -164,31 +181,168 @@ struct Observed {
 
 type Seen = State<Arc<Observed>>;
 
-/// The command line: the transport, and whether the work queues are quorum queues.
-fn args() -> Result<(TransportKind, bool), String> {
-    let mut args = std::env::args().skip(1);
-    let mut kind = "memory".to_owned();
+/// A long-running role (see the module docs), or the one-shot demo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    Demo,
+    ExtractionWorker,
+    ConsolidationWorker,
+    Events,
+    Publish(usize),
+}
+
+/// The command line.
+struct Args {
+    role: Role,
+    kind: TransportKind,
+    quorum: bool,
+    ops: String,
+}
+
+fn args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1).peekable();
+    let role = match args.peek().map(String::as_str) {
+        Some("extraction-worker") => Role::ExtractionWorker,
+        Some("consolidation-worker") => Role::ConsolidationWorker,
+        Some("events") => Role::Events,
+        Some("publish") => {
+            args.next();
+            let n = args
+                .peek()
+                .and_then(|n| n.parse().ok())
+                .ok_or("publish needs a count: publish N")?;
+            Role::Publish(n)
+        }
+        Some(other) if !other.starts_with('-') => return Err(format!("unknown role '{other}'")),
+        _ => Role::Demo,
+    };
+    if role != Role::Demo {
+        args.next();
+    }
+    let mut kind = None;
     let mut quorum = false;
+    let mut ops = "127.0.0.1:0".to_owned();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--transport" | "-t" => kind = args.next().ok_or("--transport needs a value")?,
-            s if s.starts_with("--transport=") => kind = s["--transport=".len()..].to_owned(),
+            "--transport" | "-t" => kind = Some(args.next().ok_or("--transport needs a value")?),
+            s if s.starts_with("--transport=") => kind = Some(s["--transport=".len()..].to_owned()),
             "--quorum" => quorum = true,
+            "--ops" => ops = args.next().ok_or("--ops needs an address")?,
             "--help" | "-h" => {
-                println!("usage: contextiq [--transport memory|lapin|amqprs] [--quorum]");
+                println!(
+                    "usage: contextiq [extraction-worker|consolidation-worker|events|publish N] \
+                     [--transport memory|lapin|amqprs] [--quorum] [--ops ADDR]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
-    let kind = kind.parse().map_err(|e: switchyard::Error| e.to_string())?;
-    Ok((kind, quorum))
+    // The demo runs in memory unless told otherwise; roles follow the settings.
+    let kind = match kind {
+        Some(k) => k.parse().map_err(|e: switchyard::Error| e.to_string())?,
+        None if role == Role::Demo => TransportKind::Memory,
+        None => Settings::from_env()
+            .map_err(|e| e.to_string())?
+            .transport
+            .unwrap_or(TransportKind::Lapin),
+    };
+    Ok(Args {
+        role,
+        kind,
+        quorum,
+        ops,
+    })
+}
+
+/// The retry and dead-letter layers around every route of `worker`.
+fn with_shared_layers(worker: Worker, transport: &Arc<dyn Transport>) -> Worker {
+    worker.layer(
+        ServiceBuilder::new()
+            .layer(DeadLetterLayer::new(transport.clone(), DLX).routing_key(DEAD_LETTER))
+            .layer(RetryLayer::in_process(RetryPolicy::explicit([
+                Duration::from_millis(10),
+                Duration::from_millis(50),
+                Duration::from_millis(100),
+            ]))),
+    )
+}
+
+/// One role as a long-running process: declare, consume, serve the ops
+/// endpoint, stop gracefully on SIGTERM / SIGINT.
+async fn run_role(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let settings = Settings::from_env()?.with_transport(a.kind);
+    let transport = switchyard::connect(&settings).await?;
+    if let Err(e) = transport.declare(&topology(a.quorum)).await {
+        eprintln!("error: declaring the ContextIQ topology: {e} (queues declared with other arguments? see --quorum)");
+        return Ok(false);
+    }
+    if let Role::Publish(n) = a.role {
+        let work_ms = std::env::var("CONTEXTIQ_WORK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let extraction = Destination::new(EXTRACTION, "extraction.request");
+        let requests = (0..n).map(|i| {
+            JsonCodec.to_message(&ExtractionRequest {
+                session_id: format!("req-{i}"),
+                user_id: "user_123".into(),
+                work_ms,
+            })
+        });
+        let batch = requests.collect::<switchyard::Result<Vec<_>>>()?;
+        transport.publish_batch(&extraction, batch).await?;
+        println!("published {n} extraction requests");
+        transport.close().await?;
+        return Ok(true);
+    }
+    let worker = with_shared_layers(Worker::new(transport.clone()), &transport)
+        .with_state(Arc::new(Observed::default()))
+        .shutdown_timeout(Duration::from_secs(10));
+    let worker = match a.role {
+        Role::ExtractionWorker => worker.route_with(
+            EXTRACTION_REQUESTS,
+            handler_fn(extract),
+            RouteConfig::default().prefetch(8).concurrency(4),
+        ),
+        Role::ConsolidationWorker => worker.route(CONSOLIDATION_REQUESTS, handler_fn(consolidate)),
+        _ => worker
+            .route_with(
+                SESSION_EVENTS,
+                handler_fn(analytics),
+                RouteConfig::default().prefetch(20),
+            )
+            .route(MEMORY_EVENTS, handler_fn(audit_log))
+            .route(WEBHOOKS, handler_fn(webhook))
+            .route(DEAD_LETTER, handler_fn(dead_letters)),
+    };
+    let handle = worker.start().await?;
+    #[cfg(feature = "ops")]
+    let _ops = {
+        let ops = switchyard::ops::OpsServer::new(handle.clone())
+            .transport(transport.clone())
+            .bind(a.ops.as_str())
+            .await?;
+        println!("ops listening on http://{}", ops.local_addr());
+        ops
+    };
+    #[cfg(not(feature = "ops"))]
+    println!("(no ops endpoint for {}: build with --features ops)", a.ops);
+    println!("ready: {:?} on {}", a.role, a.kind);
+    switchyard::worker::shutdown_signal().await;
+    println!("stopping");
+    let stopped = handle.shutdown().await;
+    transport.close().await?;
+    stopped?;
+    println!("stopped");
+    Ok(true)
 }
 
 #[tokio::main]
 async fn main() {
     let result = match args() {
-        Ok((kind, quorum)) => run(kind, quorum).await,
+        Ok(a) if a.role == Role::Demo => run(a.kind, a.quorum).await,
+        Ok(a) => run_role(&a).await,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
@@ -346,16 +500,8 @@ async fn run(kind: TransportKind, quorum: bool) -> Result<bool, Box<dyn std::err
     }
 
     // 2. The workers: state, and retry inside dead-lettering around every route.
-    let shared_layers = ServiceBuilder::new()
-        .layer(DeadLetterLayer::new(transport.clone(), DLX).routing_key(DEAD_LETTER))
-        .layer(RetryLayer::in_process(RetryPolicy::explicit([
-            Duration::from_millis(10),
-            Duration::from_millis(50),
-            Duration::from_millis(100),
-        ])));
-    let worker = Worker::new(transport.clone())
+    let worker = with_shared_layers(Worker::new(transport.clone()), &transport)
         .with_state(seen.clone())
-        .layer(shared_layers)
         // prefetch 1 and one handler at a time: the broker hands out the highest priority first.
         .route_with(
             EXTRACTION_REQUESTS,
