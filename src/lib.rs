@@ -31,6 +31,10 @@ pub use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 #[cfg(feature = "ops")]
 pub mod ops;
 
+// The user guide's samples, as doc tests (docs/guide/).
+#[cfg(doctest)]
+mod guide;
+
 /// The in-process broker (cargo feature `memory`, on by default).
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
