@@ -353,7 +353,9 @@ pub trait AmqpChannel: Send + Sync + 'static {
 
 struct Pending {
     tx: oneshot::Sender<ConfirmOutcome>,
-    mandatory: Option<(Arc<str>, Arc<str>)>,
+    /// Exchange, routing key and a fingerprint of the message (body and
+    /// message id), for matching a `basic.return`.
+    mandatory: Option<(Arc<str>, Arc<str>, u64)>,
     returned: Option<(BrokerReply, Option<Box<Message>>)>,
 }
 
@@ -378,14 +380,20 @@ impl fmt::Debug for ConfirmMap {
 }
 
 impl ConfirmMap {
-    /// Registers publish `seq` and returns the future of its confirm.
-    pub fn register(&self, seq: u64, dest: &Destination, mandatory: bool) -> Confirm {
+    /// Registers publish `seq` of `message` and returns the future of its confirm.
+    pub fn register(&self, seq: u64, dest: &Destination, message: &Message, mandatory: bool) -> Confirm {
         let (tx, rx) = oneshot::channel();
         self.inner.lock().insert(
             seq,
             Pending {
                 tx,
-                mandatory: mandatory.then(|| (dest.exchange_arc().clone(), dest.routing_key_arc().clone())),
+                mandatory: mandatory.then(|| {
+                    (
+                        dest.exchange_arc().clone(),
+                        dest.routing_key_arc().clone(),
+                        fingerprint(message),
+                    )
+                }),
                 returned: None,
             },
         );
@@ -428,15 +436,28 @@ impl ConfirmMap {
         }
     }
 
-    /// `basic.return` of a mandatory publish to `exchange` / `routing_key`.
+    /// `basic.return` of a mandatory publish to `exchange` / `routing_key`:
+    /// marks the oldest pending mandatory publish with the same exchange,
+    /// routing key and message (body and message id) — or, when the client
+    /// did not hand the message over, the same exchange and routing key.
+    /// Confirms may arrive out of order (an unroutable publish is acked at
+    /// once, an earlier routable one only when its queue has it), so the
+    /// message matters.
     pub fn returned(&self, exchange: &str, routing_key: &str, reply: BrokerReply, message: Option<Message>) {
         let mut g = self.inner.lock();
-        if let Some(p) = g.values_mut().find(|p| {
+        let print = message.as_ref().map(fingerprint);
+        let matches = |p: &Pending, exact: bool| {
             p.returned.is_none()
                 && p.mandatory
                     .as_ref()
-                    .is_some_and(|(e, k)| &**e == exchange && &**k == routing_key)
-        }) {
+                    .is_some_and(|(e, k, f)| &**e == exchange && &**k == routing_key && (!exact || print == Some(*f)))
+        };
+        let seq = g
+            .iter()
+            .find(|(_, p)| matches(p, true))
+            .or_else(|| g.iter().find(|(_, p)| matches(p, false)))
+            .map(|(s, _)| *s);
+        if let Some(p) = seq.and_then(|s| g.get_mut(&s)) {
             p.returned = Some((reply, message.map(Box::new)));
         }
     }
@@ -460,6 +481,15 @@ impl ConfirmMap {
     }
 }
 
+/// A cheap identity of a message for matching returns: body and message id.
+fn fingerprint(m: &Message) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.body.hash(&mut h);
+    m.properties.message_id.hash(&mut h);
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,11 +510,11 @@ mod tests {
         let m = ConfirmMap::default();
         let d = Destination::new("ex", "a");
         let b = Destination::new("ex", "b");
-        let c1 = m.register(1, &d, false);
-        let c2 = m.register(2, &b, true);
-        let c3 = m.register(3, &b, true);
-        let c4 = m.register(4, &d, false);
-        let c5 = m.register(5, &d, false);
+        let c1 = m.register(1, &d, &Message::new("1"), false);
+        let c2 = m.register(2, &b, &Message::new("x"), true);
+        let c3 = m.register(3, &b, &Message::new("y"), true);
+        let c4 = m.register(4, &d, &Message::new("4"), false);
+        let c5 = m.register(5, &d, &Message::new("5"), false);
         m.returned("ex", "b", BrokerReply::new(312, "NO_ROUTE"), Some(Message::new("x")));
         m.ack(3, true);
         m.nack(4, false);
@@ -499,6 +529,22 @@ mod tests {
                 outcome(c5).await
             ],
             ["ack", "returned 312", "ack", "nack", "lost"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_return_marks_the_publish_it_belongs_to_not_the_oldest() {
+        // A (routable, acked late) then B (unroutable, returned and acked at once).
+        let m = ConfirmMap::default();
+        let d = Destination::new("ex", "k");
+        let a = m.register(1, &d, &Message::new("a"), true);
+        let b = m.register(2, &d, &Message::new("b"), true);
+        m.returned("ex", "k", BrokerReply::new(312, "NO_ROUTE"), Some(Message::new("b")));
+        m.ack(2, false);
+        m.ack(1, false);
+        assert_eq!(
+            (outcome(a).await, outcome(b).await),
+            ("ack".into(), "returned 312".into())
         );
     }
 }

@@ -594,7 +594,7 @@ impl AmqpChannel for AmqprsChannel {
                 Err(e) => Err(self.error(e)),
             };
         };
-        let confirm = self.state.confirms.register(n, dest, mandatory);
+        let confirm = self.state.confirms.register(n, dest, message, mandatory);
         match self.ch.basic_publish(props, body, args).await {
             Ok(()) => {
                 *seq = Some(n + 1);

@@ -201,6 +201,7 @@ impl<C: AmqpClient> Cancel for CancelImpl<C> {
         if let Some((ch, _)) = ch {
             ch.close().await;
         }
+        super::close_own(&self.cs).await;
         r
     }
 }

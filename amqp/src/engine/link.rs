@@ -7,11 +7,36 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use switchyard_core::{Error, Result};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::client::{AmqpClient, AmqpConnection, ClientError, ConnSignals, ConnectParams};
 use crate::recovery::{ConnectionState, RecoveryConfig, StateWatch};
+
+/// A level-triggered stop signal: once fired, every wait sees it, also the
+/// ones that start later (a `Notify` would lose a stop fired while nobody
+/// was waiting, e.g. during a connection attempt).
+#[derive(Clone)]
+pub(crate) struct Stop(Arc<watch::Sender<bool>>);
+
+impl Stop {
+    pub fn new() -> Self {
+        Stop(Arc::new(watch::channel(false).0))
+    }
+    /// Fires the signal (for good).
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+    /// True once fired.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Waits until fired.
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
 
 /// What a link is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,10 +248,13 @@ impl<C: AmqpClient> Link<C> {
     }
 
     /// Waits until `live` is lost (or `stop` fires); returns why, or `None` on stop.
-    pub async fn watch(&self, live: &Live<C>, stop: &Notify) -> Option<String> {
+    pub async fn watch(&self, live: &Live<C>, stop: &Stop) -> Option<String> {
         let mut lost = live.signals.watch_lost();
         let mut blocked = live.signals.watch_blocked();
         loop {
+            if stop.is_set() {
+                return None;
+            }
             if let Some(why) = live.signals.lost_reason() {
                 return Some(why);
             }
@@ -236,7 +264,7 @@ impl<C: AmqpClient> Link<C> {
                 return Some(live.signals.lost_reason().unwrap_or_else(|| "connection closed".into()));
             }
             tokio::select! {
-                _ = stop.notified() => return None,
+                _ = stop.wait() => return None,
                 _ = lost.changed() => {}
                 r = blocked.changed() => {
                     if r.is_ok() {
@@ -262,7 +290,7 @@ impl<C: AmqpClient> Link<C> {
         &self,
         client: &C,
         recovery: &RecoveryConfig,
-        stop: &Notify,
+        stop: &Stop,
         mut setup: F,
     ) -> Result<Option<Arc<Live<C>>>>
     where
@@ -274,8 +302,16 @@ impl<C: AmqpClient> Link<C> {
         // Start with the next node: the last one just failed.
         self.advance();
         loop {
+            if stop.is_set() {
+                return Ok(None);
+            }
             self.state.set(ConnectionState::Reconnecting { attempt });
             let outcome: Result<()> = match self.open(client).await {
+                Ok(live) if stop.is_set() => {
+                    // Closed while connecting: this connection is not wanted.
+                    live.conn.close().await;
+                    return Ok(None);
+                }
                 Ok(live) => match setup(live.clone()).await {
                     Ok(()) => return Ok(Some(live)),
                     Err(e) => {
@@ -293,7 +329,7 @@ impl<C: AmqpClient> Link<C> {
                         attempt += 1;
                         tokio::select! {
                             _ = tokio::time::sleep(d) => {}
-                            _ = stop.notified() => return Ok(None),
+                            _ = stop.wait() => return Ok(None),
                         }
                     }
                     None => {

@@ -27,7 +27,7 @@ use switchyard_core::{
     Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, Error, ExchangeSpec, GetOk, Message,
     PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::client::{AmqpChannel, AmqpClient, AmqpConnection};
@@ -38,7 +38,7 @@ use crate::recovery::{ConnectionState, ConsumerRegistry, StateWatch, TopologyReg
 use crate::DIRECT_REPLY_TO;
 
 use consume::{CancelImpl, ChannelAcks, ConsumerShared, DeliveryStream};
-use link::{map, Link, Live, Role};
+use link::{map, Link, Live, Role, Stop};
 
 /// The switchyard transport for RabbitMQ over the client library `C`.
 ///
@@ -76,21 +76,27 @@ pub(crate) struct Inner<C: AmqpClient> {
     topology: TopologyRegistry,
     consumers: ConsumerRegistry<Arc<ConsumerShared<C>>>,
     closed: AtomicBool,
-    stop: Arc<Notify>,
+    stop: Stop,
     me: Weak<Inner<C>>,
 }
 
 impl<C: AmqpClient> Drop for Inner<C> {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
-        self.stop.notify_waiters();
+        self.stop.fire();
         // Best effort: flush what consumers settled and close politely. A
         // Worker closes its subscriptions itself before it returns.
         let consumers: Vec<_> = self.consumers.entries().into_iter().map(|(_, e)| e.sink).collect();
-        let links: Vec<Arc<Live<C>>> = [self.main.current.write().take(), self.publisher.current.write().take()]
-            .into_iter()
-            .flatten()
-            .collect();
+        // One statement per lock: the two links are the same one when the
+        // connections are not separate.
+        let main = self.main.current.write().take();
+        let publisher = if Arc::ptr_eq(&self.main, &self.publisher) {
+            None
+        } else {
+            self.publisher.current.write().take()
+        };
+        let owned: Vec<_> = consumers.iter().filter_map(|c| c.own.lock().take()).collect();
+        let links: Vec<Arc<Live<C>>> = [main, publisher].into_iter().flatten().chain(owned).collect();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for c in consumers {
@@ -142,7 +148,7 @@ impl<C: AmqpClient> AmqpTransport<C> {
             topology: TopologyRegistry::new(),
             consumers: ConsumerRegistry::new(),
             closed: AtomicBool::new(false),
-            stop: Arc::new(Notify::new()),
+            stop: Stop::new(),
             me: me.clone(),
         });
         let links = if inner.config.separate_connections {
@@ -247,6 +253,13 @@ impl<C: AmqpClient> AmqpTransport<C> {
     /// a second. The way out for a message one client cannot decode (see
     /// the poison-message notes in the README): run it on a client that can.
     pub async fn park_head(&self, queue: &str, parking: &str) -> Result<bool> {
+        if !self.inner.config.publisher_confirms {
+            return Err(Error::InvalidConfig {
+                variable: "RABBITMQ_ENABLE_PUBLISHER_CONFIRMS".into(),
+                value: "false".into(),
+                reason: "park_head acks the original only once its copy is confirmed: enable publisher confirms".into(),
+            });
+        }
         self.declare_queue(&QueueSpec::new(parking)).await?;
         let mut sub = self
             .inner
@@ -262,7 +275,8 @@ impl<C: AmqpClient> AmqpTransport<C> {
         };
         let mut copy = d.message.clone();
         copy.headers.insert("x-parked-from", queue);
-        if let Err(e) = self.publish(&Destination::queue(parking), copy).await {
+        let mandatory = PublishOptions { mandatory: true };
+        if let Err(e) = self.publish_with(&Destination::queue(parking), copy, mandatory).await {
             let _ = d.nack(true).await;
             let _ = sub.close().await;
             return Err(e);
@@ -469,6 +483,7 @@ impl<C: AmqpClient> Inner<C> {
                     self.consumers.remove(id);
                 }
                 cs.ended.store(true, Ordering::Release);
+                close_own(&cs).await;
                 return Err(e);
             }
             break;
@@ -493,6 +508,13 @@ impl<C: AmqpClient> Inner<C> {
             let cs = entry.sink;
             match self.start_consumer(&live, &cs).await {
                 Ok(()) => {}
+                Err(e) if matches!(e.code(), "access_refused" | "resource_locked") => {
+                    // An exclusive consumer (or queue) still held by the old
+                    // connection, which the broker has not noticed is gone:
+                    // retry until it has (bounded), without holding up the rest.
+                    tracing::info!(queue = %cs.queue, error = %e, "exclusive consumer still held by the lost connection; retrying");
+                    tokio::spawn(restart_exclusive(self.me.clone(), cs.clone(), e));
+                }
                 Err(e) if !e.is_transient() => {
                     tracing::warn!(queue = %cs.queue, error = %e, "consumer could not be restarted after reconnect");
                     self.consumers.remove(id);
@@ -519,8 +541,9 @@ impl<C: AmqpClient> Inner<C> {
                 let _ = co.close().await;
             }
             cs.end(None);
+            close_own(&cs).await;
         }
-        self.stop.notify_waiters();
+        self.stop.fire();
         for link in [&self.main, &self.publisher] {
             link.state.set(ConnectionState::Closed);
             let live = link.current.write().take();
@@ -581,6 +604,69 @@ const POISON_LOSSES: usize = 3;
 /// See [`POISON_LOSSES`].
 const POISON_WINDOW: Duration = Duration::from_secs(60);
 
+/// Restarts an exclusive consumer that the broker still attributes to a lost
+/// connection: once a second, for up to two heartbeat intervals (at least
+/// 30 s) — the time the broker takes to notice the old connection is gone —
+/// then ends it with the broker's error.
+async fn restart_exclusive<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C>>, first: Error) {
+    let limit = {
+        let Some(i) = weak.upgrade() else { return };
+        (i.config.connect.heartbeat * 2).max(Duration::from_secs(30))
+    };
+    let until = Instant::now() + limit;
+    let mut last = first;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.is_closed() || cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
+            return;
+        }
+        let main = inner.main.current.read().clone();
+        let Some(main) = main.filter(|l| l.is_open()) else {
+            return; // the next recovery restarts it
+        };
+        match inner.start_consumer(&main, &cs).await {
+            Ok(()) => {
+                tracing::info!(queue = %cs.queue, "exclusive consumer restarted");
+                return;
+            }
+            Err(e) if matches!(e.code(), "access_refused" | "resource_locked") || e.is_transient() => last = e,
+            Err(e) => {
+                last = e;
+                break;
+            }
+        }
+    }
+    if let Some(inner) = weak.upgrade() {
+        tracing::warn!(queue = %cs.queue, error = %last, "consumer could not be restarted after reconnect");
+        inner.forget_consumer(&cs);
+        cs.end(Some(last));
+    }
+}
+
+/// Closes `live` if it is `cs`'s own connection, and forgets it there.
+async fn release_own<C: AmqpClient>(cs: &ConsumerShared<C>, live: &Arc<Live<C>>) {
+    let mine = {
+        let mut own = cs.own.lock();
+        if own.as_ref().is_some_and(|l| Arc::ptr_eq(l, live)) {
+            own.take()
+        } else {
+            None
+        }
+    };
+    if let Some(l) = mine {
+        l.conn.close().await;
+    }
+}
+
+/// Closes whatever own connection `cs` has.
+pub(crate) async fn close_own<C: AmqpClient>(cs: &ConsumerShared<C>) {
+    let own = cs.own.lock().take();
+    if let Some(l) = own {
+        l.conn.close().await;
+    }
+}
+
 /// Watches a consumer's own connection: restarts the consumer when it
 /// drops, and pauses it when it keeps dropping while the broker stays up
 /// (a delivery the client cannot decode is redelivered each time).
@@ -591,6 +677,11 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
     };
     let mut lost = live.signals.watch_lost();
     let why = loop {
+        if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
+            // The consumer is over: its connection goes with it.
+            release_own(&cs, &live).await;
+            return;
+        }
         if let Some(w) = live.signals.lost_reason() {
             break w;
         }
@@ -599,7 +690,7 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
             break live.signals.lost_reason().unwrap_or_else(|| "connection closed".into());
         }
         tokio::select! {
-            _ = stop.notified() => return,
+            _ = stop.wait() => return,
             _ = lost.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
@@ -654,7 +745,7 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
     loop {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.notified() => return,
+            _ = stop.wait() => return,
         }
         if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) || inner.is_closed() {
             return;
@@ -730,6 +821,10 @@ async fn supervise<C: AmqpClient>(weak: Weak<Inner<C>>, link: Arc<Link<C>>) {
             })
             .await;
         match outcome {
+            Ok(Some(live)) if inner.is_closed() => {
+                live.conn.close().await;
+                return;
+            }
             Ok(Some(live)) => link.install(live),
             Ok(None) => return,
             Err(e) => {
@@ -740,7 +835,7 @@ async fn supervise<C: AmqpClient>(weak: Weak<Inner<C>>, link: Arc<Link<C>>) {
                 for (_, c) in inner.consumers.entries() {
                     c.sink.end(Some(e.clone_shallow()));
                 }
-                inner.stop.notify_waiters();
+                inner.stop.fire();
                 return;
             }
         }

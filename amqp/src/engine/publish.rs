@@ -141,9 +141,13 @@ pub(crate) async fn publish<C: AmqpClient>(
             }
             continue;
         }
-        let ch = match channel(inner, via, &live).await {
-            Ok(c) => c,
-            Err(e) => match after_failure(e, dest, message) {
+        // Bounded too: a connection the broker stopped reading (a resource
+        // alarm the client was not told about) must not hold a publish past
+        // its deadline.
+        let ch = match tokio::time::timeout_at(deadline, channel(inner, via, &live)).await {
+            Err(_) => return Err(timed_out(dest, &live, started)),
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => match after_failure(e, dest, message) {
                 Next::Fail(e) => return Err(e),
                 Next::Retry => {
                     link.suspect().await;
@@ -154,9 +158,11 @@ pub(crate) async fn publish<C: AmqpClient>(
                 }
             },
         };
-        let confirm = match ch.publish(dest, message, options.mandatory).await {
-            Ok(c) => c,
-            Err(e) => match after_failure(e, dest, message) {
+        let sent = tokio::time::timeout_at(deadline, ch.publish(dest, message, options.mandatory)).await;
+        let confirm = match sent {
+            Err(_) => return Err(timed_out(dest, &live, started)),
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => match after_failure(e, dest, message) {
                 Next::Fail(e) => return Err(e),
                 Next::Retry => {
                     link.suspect().await;
@@ -285,12 +291,13 @@ pub(crate) async fn publish_batch<C: AmqpClient>(
         if live.signals.blocked_reason().is_none() {
             if let Ok(ch) = pool_channel(&live, inner.config.publisher_confirms).await {
                 for (i, m) in messages.iter().enumerate() {
-                    match ch.publish(dest, m, false).await {
-                        Ok(c) => sent.push((i, c, live.clone())),
-                        Err(_) => {
+                    match tokio::time::timeout_at(deadline, ch.publish(dest, m, false)).await {
+                        Ok(Ok(c)) => sent.push((i, c, live.clone())),
+                        Ok(Err(_)) => {
                             first_unsent = i;
                             break;
                         }
+                        Err(_) => return Err(timed_out(dest, &live, started)),
                     }
                 }
             } else {
