@@ -138,6 +138,7 @@ impl ConnectParams {
 pub struct ConnSignals {
     blocked: watch::Sender<Option<String>>,
     lost: watch::Sender<Option<String>>,
+    by_broker: std::sync::atomic::AtomicBool,
 }
 
 impl Default for ConnSignals {
@@ -145,6 +146,7 @@ impl Default for ConnSignals {
         ConnSignals {
             blocked: watch::channel(None).0,
             lost: watch::channel(None).0,
+            by_broker: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -168,6 +170,17 @@ impl ConnSignals {
                 false
             }
         });
+    }
+    /// The broker closed the connection (`connection.close`, e.g. 320
+    /// CONNECTION_FORCED from an operator or a node shutting down) — as
+    /// opposed to a connection that broke under the client.
+    pub fn closed_by_broker(&self, reply: &BrokerReply) {
+        self.by_broker.store(true, std::sync::atomic::Ordering::Release);
+        self.lost(&format!("the broker closed the connection: {reply}"));
+    }
+    /// True when the loss was the broker's `connection.close`.
+    pub fn is_closed_by_broker(&self) -> bool {
+        self.by_broker.load(std::sync::atomic::Ordering::Acquire)
     }
     /// Why the broker blocks the connection, while it does.
     pub fn blocked_reason(&self) -> Option<String> {

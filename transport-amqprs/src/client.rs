@@ -181,9 +181,7 @@ impl ConnectionCallback for ConnCallback {
             .scope(CloseScope::Connection);
         tracing::warn!(code = reply.code, text = %reply.text, "the broker closed the connection");
         *self.0.closed.lock() = Some(reply.clone());
-        self.0
-            .signals
-            .lost(&format!("the broker closed the connection: {reply}"));
+        self.0.signals.closed_by_broker(&reply);
         // Ok: amqprs answers close-ok and shuts the connection down.
         Ok(())
     }

@@ -57,6 +57,10 @@ pub(crate) struct ConsumerShared<C: AmqpClient> {
     pub own: Mutex<Option<Arc<super::link::Live<C>>>>,
     /// When its own connection was lost while the broker stayed up.
     pub losses: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    /// The main link's generation when the own connection was opened: a
+    /// reconnect of the main link meanwhile means the broker (not a
+    /// message) took the connections down.
+    pub own_main_generation: std::sync::atomic::AtomicU64,
 }
 
 impl<C: AmqpClient> ConsumerShared<C> {

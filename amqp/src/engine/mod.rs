@@ -351,6 +351,8 @@ impl<C: AmqpClient> Inner<C> {
                 Some(l) => l,
                 None => {
                     let l = self.main.open(&self.client).await?;
+                    cs.own_main_generation
+                        .store(self.main.state.generation(), Ordering::Release);
                     *cs.own.lock() = Some(l.clone());
                     tokio::spawn(watch_own(self.me.clone(), cs.clone(), l.clone()));
                     l
@@ -459,6 +461,7 @@ impl<C: AmqpClient> Inner<C> {
             temporary,
             own: parking_lot::Mutex::new(None),
             losses: parking_lot::Mutex::new(Default::default()),
+            own_main_generation: Default::default(),
         });
         // Registered first, so that a recovery racing with this start
         // restarts it too (starts are serialised and skip a live channel).
@@ -701,6 +704,9 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
             *own = None;
         }
     }
+    // The broker's own connection.close (an operator, a node going down) is
+    // not a message the client choked on.
+    let by_broker = live.signals.is_closed_by_broker();
     drop(live);
     if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
         return;
@@ -709,8 +715,11 @@ async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C
     if inner.is_closed() {
         return;
     }
-    let main_ok = inner.main.current.read().as_ref().is_some_and(|l| l.is_open());
-    if main_ok {
+    // Wait a moment: when the broker went away, the main link sees it too.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let main_ok = inner.main.current.read().as_ref().is_some_and(|l| l.is_open())
+        && inner.main.state.generation() == cs.own_main_generation.load(Ordering::Acquire);
+    if main_ok && !by_broker {
         let now = Instant::now();
         let n = {
             let mut losses = cs.losses.lock();
