@@ -16,7 +16,7 @@
 //! | `Ok(Reply(m))`, no `reply_to` | ack (the reply is dropped, logged at debug) |
 //! | `Err` of kind `Transient` or `Timeout` | nack with requeue |
 //! | `Err` of kind `Permanent` or `Decode` | reject without requeue (dead-letters if the queue has a DLX) |
-//! | panic, or `Err` of kind `Panic` | first delivery: nack with requeue; already redelivered: reject without requeue |
+//! | panic, or `Err` of kind `Panic` | first panic of this message: nack with requeue; second: reject without requeue (counted by the quorum queue's `x-delivery-count` when present, else by the route's memory of panicked messages — not by `redelivered`, which any requeue sets) |
 //! | auto-ack route | nothing to settle; failures are logged and counted |
 //!
 //! The panic rule gives a panicking message exactly one more chance and then
