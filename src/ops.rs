@@ -488,8 +488,18 @@ async fn handle_conn(mut stream: TcpStream, state: &Shared) -> std::io::Result<(
     }
     out.push_str("\r\n");
     out.push_str(&response.body);
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
+    // A client that does not read must not hold the task forever.
+    let write = async {
+        stream.write_all(out.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(HEALTH_TIMEOUT, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client did not read the response",
+        )),
+    }
 }
 
 fn reason(code: u16) -> &'static str {
@@ -599,7 +609,11 @@ async fn readyz(state: &Shared) -> Response {
         let depth = match state.depth(&r.queue) {
             Some(d) => Some(d),
             None => match &cfg.transport {
-                Some(t) => t.queue_info(&r.queue).await.ok().map(|i| i.message_count),
+                Some(t) => tokio::time::timeout(HEALTH_TIMEOUT, t.queue_info(&r.queue))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map(|i| i.message_count),
                 None => None,
             },
         };

@@ -1033,3 +1033,39 @@ async fn batch_routes_refuse_a_prefetch_below_the_batch_size() {
     // The default prefetch is the batch size.
     assert_eq!(BatchConfig::new(50, Duration::from_millis(10)).effective_prefetch(), 50);
 }
+
+/// The panic rule on batch routes counts panics, not `redelivered`: a batch
+/// requeued once for a transient error that then panics is requeued again,
+/// and dead-lettered only when it panics a second time.
+#[tokio::test]
+async fn a_batch_that_panics_after_a_requeue_gets_one_more_chance() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    let dead = dead_letter_topology(&t, "pb").await;
+    for body in ["a", "b"] {
+        t.publish(&Destination::queue("pb"), Message::new(body)).await.unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let handler = batch_fn(move |rows: Vec<Envelope>| {
+        let n = c2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return vec![Err(HandlerError::retry("busy")); rows.len()];
+            }
+            panic!("bug in batch call {n}");
+        }
+    });
+    let h = Worker::new(t.clone())
+        .batch_route("pb", handler, BatchConfig::new(2, Duration::from_millis(100)))
+        .start()
+        .await
+        .unwrap();
+    wait_for("dead letters", || h.stats("pb").unwrap().rejected == 2).await;
+    h.shutdown().await.unwrap();
+    let s = h.stats("pb").unwrap();
+    // transient → 2 requeued; first panic (redelivered) → 2 requeued; second → 2 rejected.
+    assert_eq!((s.requeued, s.rejected, s.panicked), (4, 2, 4), "{s:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(depth(&t, &dead).await, 2);
+}

@@ -49,10 +49,19 @@ async fn requeue(held: Vec<Delivery>) -> CliResult<()> {
 
 /// Runs `consume`.
 pub async fn consume(g: &Global, a: &ConsumeArgs) -> CliResult<u8> {
+    if a.idle.is_some_and(|i| !crate::error::positive(i)) {
+        return Err(CliError::usage(
+            "--idle must be a number of seconds between 0.001 and 1e9",
+        ));
+    }
     let settings = connect::settings(g)?;
     let transport = connect::connect(&settings, "consume", false).await?;
     let prefetch = match a.count {
         Some(c) if c < a.prefetch as u64 => c.max(1) as u16,
+        // --requeue holds every message until the end: the window must fit
+        // them all, or the broker stops sending and the command waits forever.
+        Some(c) if a.settle.requeue => c.min(u16::MAX as u64) as u16,
+        None if a.settle.requeue => 0,
         _ => a.prefetch,
     };
     let mut sub = transport

@@ -69,7 +69,9 @@ impl std::error::Error for CliError {}
 
 /// True for a finite number above zero (rates, durations, timeouts).
 pub fn positive(x: f64) -> bool {
-    x.is_finite() && x > 0.0
+    // Bounded so that durations and rates built from it cannot overflow:
+    // from a millisecond (or 0.001 per second) to about 31 years.
+    x.is_finite() && (1e-3..=1e9).contains(&x)
 }
 
 /// The exit code of a switchyard error: 2 for what the user can fix in

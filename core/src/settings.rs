@@ -684,11 +684,10 @@ impl Settings {
             None => Vec::new(),
         };
         if let Some(path) = &file {
-            let shown: Vec<String> = entries
-                .iter()
-                .map(|(k, v)| format!("{k}={}", display_value(k, v)))
-                .collect();
-            tracing::debug!(file = %path.display(), entries = ?shown, "settings: read .env file");
+            // Names only: a .env file holds other services' secrets too,
+            // under names no pattern can recognise.
+            let names: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+            tracing::debug!(file = %path.display(), variables = ?names, "settings: read .env file");
         }
         Self::from_lookup(|name| {
             env(name).or_else(|| entries.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))

@@ -438,9 +438,14 @@ impl Queue {
     fn touch(&mut self, fx: &mut Effects) {
         if let Some(expires) = self.cfg.expires {
             if self.consumers.is_empty() {
-                let at = Instant::now() + expires;
-                self.lease_until = Some(at);
-                fx.leases.push((self.name.clone(), self.uid, at));
+                // A lease too long for the clock never expires.
+                match Instant::now().checked_add(expires) {
+                    Some(at) => {
+                        self.lease_until = Some(at);
+                        fx.leases.push((self.name.clone(), self.uid, at));
+                    }
+                    None => self.lease_until = None,
+                }
             } else {
                 self.lease_until = None;
             }
@@ -1802,7 +1807,8 @@ pub(crate) enum Settle {
 impl QMsg {
     /// Sets the expiry (from now) and puts the message in the queue.
     fn expires_after(mut self, ttl: Option<Duration>, q: &mut Queue) {
-        self.expires = ttl.map(|t| Instant::now() + t);
+        // A TTL too long for the clock never expires.
+        self.expires = ttl.and_then(|t| Instant::now().checked_add(t));
         q.push_ready(self);
     }
 }

@@ -430,3 +430,23 @@ async fn topic_empty_words_and_empty_key_through_the_broker() {
     assert_eq!(drain(&t, "a-hash").await, vec!["[a]", "[a.]", "[a.b.c]"]);
     assert_eq!(drain(&t, "empty").await, vec!["[]"]);
 }
+
+/// A TTL or lease too long for the clock is "never" — not a panic inside
+/// the broker (RabbitMQ accepts such values).
+#[tokio::test]
+async fn huge_ttls_and_expiries_never_expire_and_never_panic() {
+    let t = MemoryTransport::new();
+    let huge = std::time::Duration::from_millis(i64::MAX as u64);
+    t.declare_queue(&QueueSpec::new("forever").message_ttl(huge))
+        .await
+        .unwrap();
+    let mut spec = QueueSpec::new("leased");
+    spec.arguments.expires = Some(huge);
+    t.declare_queue(&spec).await.unwrap();
+    for q in ["forever", "leased"] {
+        t.publish(&Destination::queue(q), Message::new("x").with_expiration(huge))
+            .await
+            .unwrap();
+        assert_eq!(t.queue_info(q).await.unwrap().message_count, 1, "{q}");
+    }
+}

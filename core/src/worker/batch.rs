@@ -410,8 +410,12 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
     let mut infos = Vec::with_capacity(batch.len());
     let mut settlers = Vec::with_capacity(batch.len());
     let mut envs = Vec::with_capacity(batch.len());
+    // Per message, what the panic rule needs (see `settle` in the Worker).
+    let mut panic_ids = Vec::with_capacity(batch.len());
     for d in batch {
         let (message, info, settler) = d.into_parts();
+        let carried = super::Carried::from_message(&message);
+        panic_ids.push((carried.panic_key, carried.delivery_count));
         let env = Envelope::new(message, info.clone());
         envs.push(if state.is_empty() {
             env
@@ -464,7 +468,8 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
             Err(HandlerError::retry("no result from the batch handler"))
         });
     }
-    for ((info, settler), result) in infos.iter().zip(settlers).zip(results) {
+    for (((info, settler), result), (panic_key, panic_count)) in infos.iter().zip(settlers).zip(results).zip(panic_ids)
+    {
         inc(&counters.handled);
         let action = match result {
             Ok(()) => Action::Ack,
@@ -475,7 +480,13 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
                     FailureKind::Permanent | FailureKind::Decode => Action::Reject,
                     FailureKind::Panic => {
                         inc(&counters.panicked);
-                        if info.redelivered {
+                        // The Worker's rule: one more chance per message that
+                        // panicked, counted by panics, not by `redelivered`.
+                        let again = match panic_count {
+                            Some(n) => n >= 1,
+                            None => cx.panicked.lock().seen(panic_key),
+                        };
+                        if again {
                             Action::Reject
                         } else {
                             Action::Requeue
