@@ -126,6 +126,25 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
     d
 }
 
+/// The broker's delivery ceiling for this queue: raw amqprs with no acks at
+/// all (auto-ack), the same prefetch-free push the broker can sustain.
+async fn raw_consume_no_ack(conn: &Connection, queue: &str, n: usize) -> Duration {
+    let ch = conn.open_channel(None).await.unwrap();
+    let mut args = BasicConsumeArguments::new(queue, "raw-bench-noack");
+    args.auto_ack(true);
+    let start = Instant::now();
+    let (tag, mut rx) = ch.basic_consume_rx(args).await.unwrap();
+    for _ in 0..n {
+        rx.recv().await.expect("delivery");
+    }
+    let d = start.elapsed();
+    ch.basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
+        .await
+        .unwrap();
+    ch.close().await.unwrap();
+    d
+}
+
 async fn sy_consume(t: &AmqprsTransport, queue: &str, n: usize) -> Duration {
     let start = Instant::now();
     let mut sub = t.consume(queue, ConsumeOptions::default().prefetch(100)).await.unwrap();
@@ -309,6 +328,21 @@ async fn main() {
             );
         }
         results.push((label.into(), r, s));
+        // How close both come to what the broker can push at all.
+        let mut ceiling = Vec::new();
+        for _ in 0..runs {
+            raw_publish(&raw, &q, CONSUME_N, false).await;
+            let d = raw_consume_no_ack(&raw, &q, CONSUME_N).await;
+            ceiling.push(CONSUME_N as f64 / d.as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            purge(&raw, &q).await;
+        }
+        let sy_consume = results.last().map(|(_, _, s)| s.clone()).unwrap_or_default();
+        results.push((
+            "consume: broker ceiling (raw no-ack) vs switchyard manual ack".into(),
+            ceiling,
+            sy_consume,
+        ));
     }
 
     let server = tokio::spawn(echo_server(raw_connection("bench echo server").await, rpcq.clone()));
