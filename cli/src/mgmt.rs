@@ -8,6 +8,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use switchyard::settings::percent_decode;
+
 use crate::error::{CliError, CliResult};
 
 /// How long a request may take, connection included.
@@ -30,37 +32,6 @@ impl std::fmt::Debug for Management {
     }
 }
 
-/// Percent-encodes one path segment (a vhost or a name): `/` becomes `%2F`.
-pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(Ok(v)) = s.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16)) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl Management {
     /// A client of the API at `url` (`http://[user:password@]host[:port][/prefix]`);
     /// the user and password default to `user` / `password`.
@@ -74,18 +45,27 @@ impl Management {
             .trim()
             .strip_prefix("http://")
             .ok_or_else(|| bad("only http:// is supported"))?;
-        let (authority, path) = match rest.find('/') {
+        // The user information ends at the last '@' (a password may hold one);
+        // unencoded '/', '?' or '#' in it would make the URL ambiguous.
+        let (creds, rest) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        if creds.is_some_and(|c| c.contains(['/', '?', '#'])) {
+            return Err(bad(
+                "the user or password holds an unencoded '/', '?' or '#': percent-encode them (%2F, %3F, %23)",
+            ));
+        }
+        let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        let (creds, hostport) = match authority.rsplit_once('@') {
-            Some((c, h)) => (Some(c), h),
-            None => (None, authority),
-        };
+        let decode =
+            |v: &str| percent_decode(v).ok_or_else(|| bad("the user or password is not valid percent-encoding"));
         let (user, password) = match creds {
             Some(c) => match c.split_once(':') {
-                Some((u, p)) => (percent_decode(u), percent_decode(p)),
-                None => (percent_decode(c), String::new()),
+                Some((u, p)) => (decode(u)?, decode(p)?),
+                None => (decode(c)?, String::new()),
             },
             None => (user.to_owned(), password.to_owned()),
         };
@@ -267,6 +247,7 @@ fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard::settings::percent_encode;
 
     #[test]
     fn urls_parse_and_never_show_the_password() {
@@ -278,7 +259,18 @@ mod tests {
         let m = Management::new("http://localhost", "guest", "pw").unwrap();
         assert_eq!(m.display, "http://localhost:15672");
         assert!(Management::new("https://x", "a", "b").is_err());
-        assert_eq!(encode_segment("/"), "%2F");
+        assert_eq!(percent_encode("/"), "%2F");
+        // A '/' in the password must be encoded: refused, and never shown.
+        let e = Management::new("http://admin:12/x@rabbit:15672", "g", "g")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("percent-encode") && !e.contains("12/x"), "{e}");
+        let m = Management::new("http://admin:12%2Fx@rabbit:15672", "g", "g").unwrap();
+        assert_eq!(m.display, "http://rabbit:15672");
+        let token = base64::engine::general_purpose::STANDARD.encode("admin:12/x");
+        assert_eq!(m.authorization, format!("Basic {token}"));
+        // A malformed escape is an error, not a panic (non-ASCII after '%').
+        assert!(Management::new("http://u:p%1\u{e9}@host:15672", "g", "g").is_err());
     }
 
     #[test]

@@ -5,8 +5,9 @@ use serde_json::{json, Value};
 use crate::args::{Global, QueuesArgs};
 use crate::connect;
 use crate::error::{CliError, CliResult, EXIT_OK};
-use crate::mgmt::{encode_segment, Management};
+use crate::mgmt::Management;
 use crate::table;
+use switchyard::settings::percent_encode;
 
 fn rate(q: &Value, stat: &str) -> f64 {
     q.pointer(&format!("/message_stats/{stat}_details/rate"))
@@ -23,7 +24,7 @@ pub async fn run(g: &Global, a: &QueuesArgs) -> CliResult<u8> {
     let settings = connect::settings(g)?;
     let m = Management::from_settings(&settings)?;
     let vhost = settings.endpoint().map_err(CliError::from)?.vhost;
-    let list = m.get_json(&format!("/api/queues/{}", encode_segment(&vhost))).await?;
+    let list = m.get_json(&format!("/api/queues/{}", percent_encode(&vhost))).await?;
     let list = list.as_array().cloned().unwrap_or_default();
     let rows: Vec<Value> = list
         .iter()

@@ -6,8 +6,9 @@ use serde_json::{json, Value};
 use crate::args::{Global, TopologyCommand};
 use crate::connect;
 use crate::error::{CliError, CliResult, EXIT_FAILURE, EXIT_OK};
-use crate::mgmt::{encode_segment, Management};
+use crate::mgmt::Management;
 use crate::topo::{arguments_eq, value_eq, Arguments, BindingDef, ExchangeDef, QueueDef, TopologyFile};
+use switchyard::settings::percent_encode;
 
 fn arguments(v: &Value) -> Arguments {
     v.get("arguments")
@@ -33,7 +34,7 @@ pub fn builtin_exchange(name: &str) -> bool {
 /// Built-in exchanges, exclusive and server-named queues, and the default
 /// exchange's implicit bindings are left out.
 pub async fn live(m: &Management, vhost: &str) -> CliResult<TopologyFile> {
-    let vh = encode_segment(vhost);
+    let vh = percent_encode(vhost);
     let list = |v: Value, what: &str| -> CliResult<Vec<Value>> {
         match v {
             Value::Array(a) => Ok(a),

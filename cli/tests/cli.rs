@@ -539,14 +539,14 @@ impl Vhost {
         let ep = base.endpoint().unwrap();
         let mgmt = switchyard_cli::mgmt::Management::from_settings(&base).unwrap();
         let name = name(tag);
-        let vh = switchyard_cli::mgmt::encode_segment(&name);
+        let vh = switchyard::settings::percent_encode(&name);
         mgmt.put_json(&format!("/api/vhosts/{vh}"), &serde_json::json!({}))
             .await
             .unwrap();
         mgmt.put_json(
             &format!(
                 "/api/permissions/{vh}/{}",
-                switchyard_cli::mgmt::encode_segment(&ep.user)
+                switchyard::settings::percent_encode(&ep.user)
             ),
             &serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
         )
@@ -567,7 +567,7 @@ impl Vhost {
             .mgmt
             .delete(&format!(
                 "/api/vhosts/{}",
-                switchyard_cli::mgmt::encode_segment(&self.name)
+                switchyard::settings::percent_encode(&self.name)
             ))
             .await;
     }
