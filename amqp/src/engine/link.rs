@@ -66,6 +66,9 @@ pub(crate) struct Live<C: AmqpClient> {
     pub conn: C::Connection,
     /// The node it is connected to (`host:port`).
     pub address: String,
+    /// The client reports `connection.blocked` (else a blocked connection
+    /// only shows as confirms that do not come).
+    pub blocked_notifications: bool,
     pub signals: Arc<ConnSignals>,
     /// Counts the link's connections (1 for the first).
     pub generation: u64,
@@ -189,6 +192,7 @@ impl<C: AmqpClient> Link<C> {
         Ok(Arc::new(Live {
             conn,
             address: format!("{}:{}", params.host, params.port),
+            blocked_notifications: client.caps().blocked_notifications,
             signals,
             generation,
             pool: (0..self.pool_size).map(|_| tokio::sync::Mutex::new(None)).collect(),

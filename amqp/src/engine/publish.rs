@@ -202,7 +202,12 @@ fn timed_out<C: AmqpClient>(dest: &Destination, live: &Live<C>, started: Instant
             reason,
             waited: started.elapsed(),
         },
-        None => deadline_error(dest, "the broker sent no confirm"),
+        None if live.blocked_notifications => deadline_error(dest, "the broker sent no confirm"),
+        None => deadline_error(
+            dest,
+            "the broker sent no confirm (this client cannot be told of connection.blocked: check the broker's \
+             memory and disk alarms)",
+        ),
     }
 }
 
