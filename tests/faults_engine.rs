@@ -424,7 +424,10 @@ async fn memory_alarm<C: AmqpClient + Default>() {
         // amqprs 2.1.5 does not advertise it: the broker blocks silently and
         // the publish fails at its deadline.
         assert!(matches!(e.code(), "blocked" | "publish_unconfirmed"), "{client}: {e}");
-        assert!(e.to_string().contains("alarms"), "{client}: the error should point at the alarms: {e}");
+        assert!(
+            e.to_string().contains("alarms"),
+            "{client}: the error should point at the alarms: {e}"
+        );
     }
     assert!(
         confirmed_total >= before_resume + 10,

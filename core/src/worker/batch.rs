@@ -415,7 +415,7 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
     for d in batch {
         let (message, info, settler) = d.into_parts();
         let carried = super::Carried::from_message(&message);
-        panic_ids.push((carried.panic_key, carried.delivery_count));
+        panic_ids.push((carried.panic_id, carried.delivery_count));
         let env = Envelope::new(message, info.clone());
         envs.push(if state.is_empty() {
             env
@@ -468,8 +468,7 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
             Err(HandlerError::retry("no result from the batch handler"))
         });
     }
-    for (((info, settler), result), (panic_key, panic_count)) in infos.iter().zip(settlers).zip(results).zip(panic_ids)
-    {
+    for (((info, settler), result), (panic_id, panic_count)) in infos.iter().zip(settlers).zip(results).zip(panic_ids) {
         inc(&counters.handled);
         let action = match result {
             Ok(()) => Action::Ack,
@@ -484,7 +483,7 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
                         // panicked, counted by panics, not by `redelivered`.
                         let again = match panic_count {
                             Some(n) => n >= 1,
-                            None => cx.panicked.lock().seen(panic_key),
+                            None => cx.panicked.lock().seen(panic_id.key()),
                         };
                         if again {
                             Action::Reject

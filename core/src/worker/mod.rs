@@ -1283,12 +1283,33 @@ impl PanicMemory {
     }
 }
 
+/// What identifies a message for the panic rule: its message id, else its
+/// body. Kept as is (a reference-counted body) and hashed only when a
+/// handler panics, so the delivery path pays nothing for it.
+#[derive(Debug, Clone, Default)]
+struct PanicId {
+    message_id: Option<String>,
+    body: bytes::Bytes,
+}
+
+impl PanicId {
+    fn key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match &self.message_id {
+            Some(id) => id.hash(&mut h),
+            None => self.body.hash(&mut h),
+        }
+        h.finish()
+    }
+}
+
 /// What the Worker carries from a handled message to the messages it
 /// publishes for it (replies and outbox messages).
 #[derive(Debug, Clone, Default)]
 struct Carried {
-    /// Identifies the message for the panic rule (message id, else body and routing key).
-    panic_key: u64,
+    /// Identifies the message for the panic rule (see [`PanicId`]).
+    panic_id: PanicId,
     /// RabbitMQ's `x-delivery-count` (quorum queues): earlier deliveries.
     delivery_count: Option<u64>,
     reply_to: Option<String>,
@@ -1299,12 +1320,6 @@ struct Carried {
 
 impl Carried {
     fn from_message(m: &crate::message::Message) -> Self {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        match &m.properties.message_id {
-            Some(id) => id.hash(&mut h),
-            None => m.body.hash(&mut h),
-        }
         let delivery_count = match m.headers.get("x-delivery-count") {
             Some(crate::message::HeaderValue::I64(n)) => u64::try_from(*n).ok(),
             Some(crate::message::HeaderValue::I32(n)) => u64::try_from(*n).ok(),
@@ -1312,7 +1327,10 @@ impl Carried {
             _ => None,
         };
         Carried {
-            panic_key: h.finish(),
+            panic_id: PanicId {
+                message_id: m.properties.message_id.clone(),
+                body: m.body.clone(),
+            },
             delivery_count,
             reply_to: m.properties.reply_to.clone(),
             correlation_id: m.properties.correlation_id.clone(),
@@ -1398,7 +1416,7 @@ async fn settle(
     let Carried {
         reply_to,
         correlation_id,
-        panic_key,
+        panic_id,
         delivery_count: panic_count,
         ..
     } = carried;
@@ -1446,7 +1464,7 @@ async fn settle(
                     // — not `redelivered`, which any requeue sets.
                     let again = match panic_count {
                         Some(n) => n >= 1,
-                        None => cx.panicked.lock().seen(panic_key),
+                        None => cx.panicked.lock().seen(panic_id.key()),
                     };
                     if again {
                         Action::Reject
