@@ -14,8 +14,8 @@ pub use switchyard_core::{
     DeleteIf, Delivery, DeliveryInfo, Destination, Envelope, Error, ExchangeKind, ExchangeSpec, Extensions,
     FailureKind, FromEnvelope, FromHeaderValue, GetOk, Handler, HandlerError, HeaderValue, Headers, IntoOutcome, Json,
     JsonCodec, Message, Outbox, Outcome, Overflow, Properties, PublishOptions, Publisher, PublisherExt, QueueArguments,
-    QueueInfo, QueueSpec, QueueType, ReplyChannel, Result, Settings, State, StateLayer, Subscription, Topology,
-    Transport, TransportKind,
+    QueueInfo, QueueSpec, QueueType, ReplyChannel, Result, Settings, State, StateLayer, StreamOffset, Subscription,
+    Topology, Transport, TransportKind,
 };
 /// tower layers for handlers and publishers.
 pub use switchyard_middleware as middleware;

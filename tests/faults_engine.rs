@@ -650,6 +650,66 @@ async fn amqprs_permission_errors_are_final() {
     permission_errors_are_final::<switchyard::amqprs::AmqprsClient>().await;
 }
 
+/// An exchange kind the broker has no plugin for is refused with the
+/// broker's own words (503, not transient, so nothing retries it), the
+/// refused exchange is not recorded for re-declaration, and the transport
+/// carries on (RabbitMQ closes the whole connection for this error).
+async fn unknown_exchange_kinds_are_final<C: AmqpClient + Default>() {
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let Some(t) = connect::<C>(&url, "switchyard fault plugin kind").await else {
+        return;
+    };
+    let x = unique("sy-delayed");
+    let started = Instant::now();
+    let e = t
+        .declare_exchange(&switchyard::ExchangeSpec::delayed(
+            x.as_str(),
+            switchyard::ExchangeKind::Direct,
+        ))
+        .await
+        .expect_err("the test broker has no delayed-message plugin");
+    let took = started.elapsed();
+    println!(
+        "{}: x-delayed-message without the plugin -> {} ({:?}) in {took:?}",
+        t.name(),
+        e.code(),
+        e.reply().map(|r| r.to_string())
+    );
+    assert_eq!(e.reply().map(|r| r.code), Some(503), "{e}");
+    assert!(
+        e.to_string().contains("unknown exchange type 'x-delayed-message'"),
+        "{e}"
+    );
+    assert!(!e.is_transient(), "an unknown exchange type must not be retried");
+    assert!(took < Duration::from_secs(5), "it was retried ({took:?})");
+    let recorded = t
+        .recorded_topology()
+        .iter()
+        .any(|entry| matches!(entry, switchyard_amqp::recovery::TopologyEntry::Exchange(spec) if spec.name == x));
+    assert!(
+        !recorded,
+        "a refused exchange must not be re-declared on every reconnect"
+    );
+    let q = unique("sy-after-plugin");
+    t.declare_queue(&QueueSpec::new(q.as_str())).await.unwrap();
+    t.publish(&Destination::queue(q.as_str()), Message::new("still works"))
+        .await
+        .unwrap();
+    assert_eq!(drain(&t, &q, Duration::from_millis(300)).await, ["still works"]);
+    let _ = t.delete_queue(&q).await;
+    let _ = t.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_unknown_exchange_kinds_are_final() {
+    unknown_exchange_kinds_are_final::<switchyard::lapin::LapinClient>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_unknown_exchange_kinds_are_final() {
+    unknown_exchange_kinds_are_final::<switchyard::amqprs::AmqprsClient>().await;
+}
+
 /// An exclusive or server-named queue is forgotten by the recovery registry
 /// once its consumer ends (it would otherwise be re-declared on every
 /// reconnect, forever).

@@ -61,7 +61,7 @@ async fn round_trip<C: AmqpClient + Default>(invalid_utf8: bool) {
         );
     }
     assert_eq!(d.message.properties.priority, Some(7));
-    assert!(d.message.properties.persistent);
+    assert!(d.message.properties.is_persistent());
     t.publish(&Destination::queue(q_out.as_str()), d.message.clone())
         .await
         .unwrap();

@@ -762,7 +762,7 @@ async fn outbox_messages_are_published_before_the_ack_with_correlation_and_trace
     let accepted = drain(&t, "accepted").await;
     assert_eq!(accepted.len(), 1);
     assert_eq!(&accepted[0].body[..], b"40");
-    assert!(accepted[0].properties.persistent);
+    assert!(accepted[0].properties.is_persistent());
     assert_eq!(accepted[0].properties.correlation_id.as_deref(), Some("order-4"));
     assert_eq!(accepted[0].headers.get_str(headers::TRACEPARENT), Some(tp));
     assert_eq!(accepted[0].headers.get_str(headers::TRACESTATE), Some("vendor=1"));

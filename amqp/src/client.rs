@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures_core::Stream;
 use parking_lot::Mutex;
 use switchyard_core::settings::Secret;
-use switchyard_core::{Binding, BrokerReply, Destination, ExchangeSpec, Message, QueueInfo, QueueSpec};
+use switchyard_core::{Binding, BrokerReply, Destination, ExchangeSpec, Headers, Message, QueueInfo, QueueSpec};
 use tokio::sync::{oneshot, watch};
 
 /// A boxed, sendable future.
@@ -65,6 +65,16 @@ impl ClientError {
             ClientError::Broker(r) => r.scope == switchyard_core::CloseScope::Connection,
             _ => false,
         }
+    }
+
+    /// True when the broker closed the connection because of the request
+    /// itself (a hard error that is not transient, e.g. 503 COMMAND_INVALID
+    /// for an unknown exchange type): the connection is gone, but sending
+    /// the same request on a fresh one would only close that one too, so
+    /// the engine reconnects and reports the error instead of retrying.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::Broker(r)
+            if r.scope == switchyard_core::CloseScope::Connection && !r.is_transient())
     }
 }
 
@@ -335,13 +345,15 @@ pub trait AmqpChannel: Send + Sync + 'static {
     async fn purge_queue(&self, name: &str) -> Result<u32, ClientError>;
     /// `basic.publish`; on a confirm channel, the future of its confirm.
     async fn publish(&self, dest: &Destination, message: &Message, mandatory: bool) -> Result<Confirm, ClientError>;
-    /// `basic.consume`; the consumer's events.
+    /// `basic.consume` with `arguments` (`x-priority`, `x-stream-offset`,
+    /// …); the consumer's events.
     async fn consume(
         &self,
         queue: &str,
         consumer_tag: &str,
         no_ack: bool,
         exclusive: bool,
+        arguments: &Headers,
     ) -> Result<ConsumerEvents, ClientError>;
     /// `basic.get` (with `no-ack` when `no_ack`): `None` on
     /// `basic.get-empty`. A message taken without `no_ack` is settled with

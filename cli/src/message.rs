@@ -178,10 +178,12 @@ pub fn properties_json(m: &Message) -> Value {
     put("timestamp", p.timestamp.map(|v| json!(v)));
     put("priority", p.priority.map(|v| json!(v)));
     put("expiration_ms", p.expiration.map(|v| json!(v.as_millis() as u64)));
-    put("persistent", Some(json!(p.persistent)));
+    put("delivery_mode", p.delivery_mode.map(|v| json!(v)));
+    put("persistent", Some(json!(p.is_persistent())));
     put("type", p.kind.as_ref().map(|v| json!(v)));
     put("app_id", p.app_id.as_ref().map(|v| json!(v)));
     put("user_id", p.user_id.as_ref().map(|v| json!(v)));
+    put("cluster_id", p.cluster_id.as_ref().map(|v| json!(v)));
     Value::Object(o)
 }
 

@@ -396,7 +396,7 @@ impl Envelope {
 
     /// True if the message was published persistent (delivery mode 2).
     pub fn persistent(&self) -> bool {
-        self.properties().persistent
+        self.properties().is_persistent()
     }
 
     /// The creation timestamp (seconds since the Unix epoch), if set.

@@ -125,23 +125,72 @@ impl From<&str> for HeaderValue {
 /// An ordered map of typed headers (AMQP field table).
 ///
 /// Keys are kept sorted, as RabbitMQ and both AMQP clients keep them.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Headers(BTreeMap<String, HeaderValue>);
+///
+/// A message's headers also record whether the wire carries a headers table
+/// at all: "no headers property" and "an empty headers table" are different
+/// messages in AMQP, and a message received with an empty table is published
+/// on with an empty table. [`Headers::new`] has no table until a header is
+/// inserted; [`Headers::empty_table`] is an explicitly empty one. Equality
+/// compares the entries and [`has_table`](Headers::has_table). Tables nested
+/// in a [`HeaderValue::Table`] are always tables.
+///
+/// ```
+/// use switchyard_core::Headers;
+/// let none = Headers::new();
+/// assert!(!none.has_table());
+/// assert!(Headers::empty_table().has_table());
+/// assert_ne!(none, Headers::empty_table());
+/// let mut h = Headers::new();
+/// h.insert("tenant", "acme");
+/// assert!(h.has_table());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Headers {
+    map: BTreeMap<String, HeaderValue>,
+    /// The table is present even when empty.
+    table: bool,
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map && self.has_table() == other.has_table()
+    }
+}
 
 impl Headers {
-    /// An empty header table.
+    /// No headers (no table on the wire until a header is inserted).
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// An empty headers table that is sent as such (AMQP distinguishes it
+    /// from no headers property).
+    pub fn empty_table() -> Self {
+        Headers {
+            map: BTreeMap::new(),
+            table: true,
+        }
+    }
+
+    /// True when a headers table is present: it has entries, or it was
+    /// received or built as an explicitly empty table.
+    pub fn has_table(&self) -> bool {
+        self.table || !self.map.is_empty()
+    }
+
+    /// Marks the table present (`true`) or absent when empty (`false`).
+    pub fn set_table(&mut self, present: bool) {
+        self.table = present;
+    }
+
     /// Sets `key` to `value`, returning the previous value.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<HeaderValue>) -> Option<HeaderValue> {
-        self.0.insert(key.into(), value.into())
+        self.map.insert(key.into(), value.into())
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&HeaderValue> {
-        self.0.get(key)
+        self.map.get(key)
     }
 
     /// The value of `key` if it is a string.
@@ -156,48 +205,51 @@ impl Headers {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &str) -> Option<HeaderValue> {
-        self.0.remove(key)
+        self.map.remove(key)
     }
 
     /// True if `key` is present.
     pub fn contains_key(&self, key: &str) -> bool {
-        self.0.contains_key(key)
+        self.map.contains_key(key)
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     /// True if there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.map.is_empty()
     }
 
     /// Iterates over the headers in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &HeaderValue)> {
-        self.0.iter()
+        self.map.iter()
     }
 
     /// Keeps only the headers for which `f` returns true.
     pub fn retain(&mut self, mut f: impl FnMut(&str, &HeaderValue) -> bool) {
-        self.0.retain(|k, v| f(k, v))
+        self.map.retain(|k, v| f(k, v))
     }
 
     /// The underlying map.
     pub fn as_map(&self) -> &BTreeMap<String, HeaderValue> {
-        &self.0
+        &self.map
     }
 
     /// The underlying map, mutably.
     pub fn as_map_mut(&mut self) -> &mut BTreeMap<String, HeaderValue> {
-        &mut self.0
+        &mut self.map
     }
 }
 
 impl<K: Into<String>, V: Into<HeaderValue>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Headers(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Headers {
+            map: iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            table: false,
+        }
     }
 }
 
@@ -205,7 +257,7 @@ impl IntoIterator for Headers {
     type Item = (String, HeaderValue);
     type IntoIter = std::collections::btree_map::IntoIter<String, HeaderValue>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        self.map.into_iter()
     }
 }
 
@@ -213,17 +265,19 @@ impl<'a> IntoIterator for &'a Headers {
     type Item = (&'a String, &'a HeaderValue);
     type IntoIter = std::collections::btree_map::Iter<'a, String, HeaderValue>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.map.iter()
     }
 }
 
 /// AMQP basic properties of a message.
 ///
-/// `persistent` maps to delivery mode 2 (true) or 1 (false) and is **true by
-/// default**: a message survives a broker restart on a durable queue unless
-/// you opt out with [`Message::transient`] / [`Message::persistent`]`(false)`.
-/// `expiration` is the per-message TTL, sent to the broker in whole
-/// milliseconds.
+/// `delivery_mode` is **`Some(2)` (persistent) by default**: a message
+/// survives a broker restart on a durable queue unless you opt out with
+/// [`Message::transient`] / [`Message::persistent`]`(false)` (mode 1). A
+/// received message carries what the wire carried, including no delivery
+/// mode at all (`None`, which brokers treat as transient); see
+/// [`Properties::is_persistent`]. `expiration` is the per-message TTL, sent
+/// to the broker in whole milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Properties {
     /// MIME type of the body, e.g. `application/json`.
@@ -238,22 +292,42 @@ pub struct Properties {
     pub message_id: Option<String>,
     /// Creation time, seconds since the Unix epoch.
     pub timestamp: Option<u64>,
-    /// Priority 0–9 (honoured by queues with `x-max-priority`).
+    /// Priority 0–255, honoured by queues with `x-max-priority`: a queue
+    /// declared with `x-max-priority` N delivers higher priorities first and
+    /// treats anything above N as N (AMQP suggests 0–9; RabbitMQ allows a
+    /// queue maximum of up to 255). Sent as set, never clamped.
     pub priority: Option<u8>,
     /// Per-message time to live.
     pub expiration: Option<Duration>,
-    /// Delivery mode 2 (written to disk on durable queues) when true (the default).
-    pub persistent: bool,
+    /// AMQP delivery mode: 2 is persistent (written to disk on durable
+    /// queues; the default), 1 transient; `None` when the wire carried none.
+    pub delivery_mode: Option<u8>,
     /// Application message type name (AMQP `type`).
     pub kind: Option<String>,
     /// Creating application's id.
     pub app_id: Option<String>,
     /// Authenticated user id (RabbitMQ validates it against the connection's user).
     pub user_id: Option<String>,
+    /// AMQP `cluster-id` (deprecated by AMQP 0-9-1 but carried by RabbitMQ
+    /// and both clients; kept so that a message is relayed as received).
+    pub cluster_id: Option<String>,
+}
+
+impl Properties {
+    /// Delivery mode 2, the persistent mode.
+    pub const PERSISTENT: u8 = 2;
+    /// Delivery mode 1, the transient mode.
+    pub const TRANSIENT: u8 = 1;
+
+    /// True when the delivery mode is 2 (persistent). Brokers treat any other
+    /// value, and no delivery mode, as transient.
+    pub fn is_persistent(&self) -> bool {
+        self.delivery_mode == Some(Self::PERSISTENT)
+    }
 }
 
 impl Default for Properties {
-    /// No properties set, except `persistent` (true).
+    /// No properties set, except the delivery mode (2, persistent).
     fn default() -> Self {
         Properties {
             content_type: None,
@@ -264,10 +338,11 @@ impl Default for Properties {
             timestamp: None,
             priority: None,
             expiration: None,
-            persistent: true,
+            delivery_mode: Some(Properties::PERSISTENT),
             kind: None,
             app_id: None,
             user_id: None,
+            cluster_id: None,
         }
     }
 }
@@ -285,8 +360,8 @@ impl Default for Properties {
 ///     .with_header("tenant", "acme");
 /// assert_eq!(m.properties.priority, Some(5));
 /// assert_eq!(m.headers.get_str("tenant"), Some("acme"));
-/// assert!(m.properties.persistent);
-/// assert!(!Message::new("event").transient().properties.persistent);
+/// assert!(m.properties.is_persistent());
+/// assert!(!Message::new("event").transient().properties.is_persistent());
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Message {
@@ -343,9 +418,10 @@ impl Message {
         self
     }
 
-    /// Sets the priority (values above 9 are clamped to 9, as AMQP defines 0–9).
+    /// Sets the priority (0–255, sent as given; a queue with
+    /// `x-max-priority` N treats anything above N as N).
     pub fn with_priority(mut self, p: u8) -> Self {
-        self.properties.priority = Some(p.min(9));
+        self.properties.priority = Some(p);
         self
     }
 
@@ -376,7 +452,11 @@ impl Message {
     /// Makes the message persistent (delivery mode 2, the default) or
     /// transient (delivery mode 1).
     pub fn persistent(mut self, yes: bool) -> Self {
-        self.properties.persistent = yes;
+        self.properties.delivery_mode = Some(if yes {
+            Properties::PERSISTENT
+        } else {
+            Properties::TRANSIENT
+        });
         self
     }
 
@@ -384,6 +464,14 @@ impl Message {
     /// the broker restarts. Same as `.persistent(false)`.
     pub fn transient(self) -> Self {
         self.persistent(false)
+    }
+
+    /// Sets the `x-delay` header (whole milliseconds, saturating) read by
+    /// an `x-delayed-message` exchange (see
+    /// [`ExchangeSpec::delayed`](crate::ExchangeSpec::delayed)).
+    pub fn with_delay(self, delay: Duration) -> Self {
+        let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        self.with_header("x-delay", HeaderValue::I64(ms))
     }
 
     /// Adds a header.
@@ -445,16 +533,36 @@ mod tests {
 
     #[test]
     fn messages_are_persistent_unless_made_transient() {
-        assert!(Message::new("x").properties.persistent);
-        assert!(Message::default().properties.persistent);
-        assert!(Message::json(&1).unwrap().properties.persistent);
-        assert!(!Message::new("x").transient().properties.persistent);
-        assert!(!Message::new("x").persistent(false).properties.persistent);
+        assert!(Message::new("x").properties.is_persistent());
+        assert!(Message::default().properties.is_persistent());
+        assert!(Message::json(&1).unwrap().properties.is_persistent());
+        assert_eq!(Message::new("x").transient().properties.delivery_mode, Some(1));
+        assert!(!Message::new("x").persistent(false).properties.is_persistent());
+        let none = Properties {
+            delivery_mode: None,
+            ..Properties::default()
+        };
+        assert!(!none.is_persistent());
     }
 
     #[test]
-    fn priority_is_clamped_and_ids_are_unique() {
-        assert_eq!(Message::new("x").with_priority(200).properties.priority, Some(9));
+    fn headers_tell_no_table_from_an_empty_table() {
+        assert!(!Headers::new().has_table());
+        assert!(!Message::new("x").headers.has_table());
+        assert!(Headers::empty_table().has_table());
+        assert_ne!(Headers::new(), Headers::empty_table());
+        let mut h = Headers::new();
+        h.insert("a", 1i64);
+        assert_eq!(h, [("a", 1i64)].into_iter().collect::<Headers>());
+        h.remove("a");
+        assert!(!h.has_table(), "a table emptied by removals is no table unless marked");
+        h.set_table(true);
+        assert_eq!(h, Headers::empty_table());
+    }
+
+    #[test]
+    fn priority_is_kept_as_set_and_ids_are_unique() {
+        assert_eq!(Message::new("x").with_priority(200).properties.priority, Some(200));
         let ids: std::collections::HashSet<_> = (0..1000).map(|_| new_id()).collect();
         assert_eq!(ids.len(), 1000);
         assert_eq!(new_id().len(), 32);

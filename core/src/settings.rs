@@ -1093,7 +1093,7 @@ impl Settings {
     /// A durable exchange named `name` of the kind
     /// `RABBITMQ_DEFAULT_EXCHANGE_TYPE` (topic by default).
     pub fn exchange(&self, name: impl Into<String>) -> ExchangeSpec {
-        ExchangeSpec::new(name, self.default_exchange_type)
+        ExchangeSpec::new(name, self.default_exchange_type.clone())
     }
 
     /// The dead-letter exchange and queue (the seed's `contextiq.dlx` and

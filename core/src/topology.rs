@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::message::Headers;
+use crate::message::{HeaderValue, Headers};
 
 /// Where a message is published: an exchange (empty = the default
 /// exchange) and a routing key. Cheap to clone.
@@ -75,7 +75,21 @@ impl fmt::Display for Destination {
 }
 
 /// The routing algorithm of an exchange.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// The four AMQP kinds, two common RabbitMQ plugin kinds by name, and any
+/// other plugin kind as [`Custom`](ExchangeKind::Custom). The AMQP
+/// transports pass every kind through to the broker (which refuses a kind
+/// whose plugin is not enabled with `command_invalid`, 503); the memory
+/// transport implements the four kinds and `x-delayed-message`, and
+/// reports the others as `unsupported`.
+///
+/// ```
+/// use switchyard_core::ExchangeKind;
+/// assert_eq!("x-delayed-message".parse::<ExchangeKind>().unwrap(), ExchangeKind::DelayedMessage);
+/// assert_eq!("x-random".parse::<ExchangeKind>().unwrap().as_str(), "x-random");
+/// assert!("random".parse::<ExchangeKind>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ExchangeKind {
     /// Routes on exact routing-key equality.
     Direct,
@@ -85,32 +99,72 @@ pub enum ExchangeKind {
     Fanout,
     /// Routes on header values (`x-match` = `all` or `any`).
     Headers,
+    /// `x-delayed-message` (RabbitMQ plugin `rabbitmq_delayed_message_exchange`):
+    /// holds each message for its `x-delay` header (milliseconds, see
+    /// [`Message::with_delay`](crate::Message::with_delay)), then routes it
+    /// as the exchange's `x-delayed-type` argument says (see
+    /// [`ExchangeSpec::delayed`]).
+    DelayedMessage,
+    /// `x-consistent-hash` (RabbitMQ plugin
+    /// `rabbitmq_consistent_hash_exchange`, shipped with RabbitMQ): routes
+    /// each routing key to one bound queue, chosen on a hash ring where a
+    /// binding's routing key is its weight.
+    ConsistentHash,
+    /// Any other exchange type a broker plugin provides, by its name (by
+    /// convention starting with `x-`).
+    Custom(String),
 }
 
 impl ExchangeKind {
-    /// The AMQP name (`direct`, `topic`, `fanout`, `headers`).
-    pub fn as_str(&self) -> &'static str {
+    /// The AMQP name (`direct`, `topic`, `fanout`, `headers`,
+    /// `x-delayed-message`, `x-consistent-hash`, or the custom name).
+    pub fn as_str(&self) -> &str {
         match self {
             ExchangeKind::Direct => "direct",
             ExchangeKind::Topic => "topic",
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::DelayedMessage => "x-delayed-message",
+            ExchangeKind::ConsistentHash => "x-consistent-hash",
+            ExchangeKind::Custom(name) => name,
         }
+    }
+
+    /// True for the four kinds every AMQP 0-9-1 broker has.
+    pub fn is_standard(&self) -> bool {
+        matches!(
+            self,
+            ExchangeKind::Direct | ExchangeKind::Topic | ExchangeKind::Fanout | ExchangeKind::Headers
+        )
+    }
+}
+
+impl std::fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 impl std::str::FromStr for ExchangeKind {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
+        let t = s.trim();
+        match t.to_ascii_lowercase().as_str() {
             "direct" => Ok(ExchangeKind::Direct),
             "topic" => Ok(ExchangeKind::Topic),
             "fanout" => Ok(ExchangeKind::Fanout),
             "headers" => Ok(ExchangeKind::Headers),
+            "x-delayed-message" => Ok(ExchangeKind::DelayedMessage),
+            "x-consistent-hash" => Ok(ExchangeKind::ConsistentHash),
+            lower if lower.starts_with("x-") && lower.len() > 2 && t.len() <= 255 => {
+                Ok(ExchangeKind::Custom(t.to_owned()))
+            }
             _ => Err(crate::Error::InvalidConfig {
                 variable: "exchange type".into(),
                 value: s.into(),
-                reason: "must be one of direct, topic, fanout, headers".into(),
+                reason: "must be one of direct, topic, fanout, headers, or a plugin's type starting with x- \
+                         (x-delayed-message, x-consistent-hash, ...)"
+                    .into(),
             }),
         }
     }
@@ -161,6 +215,31 @@ impl ExchangeSpec {
     /// A durable headers exchange.
     pub fn headers(name: impl Into<String>) -> Self {
         Self::new(name, ExchangeKind::Headers)
+    }
+    /// A durable `x-delayed-message` exchange that routes, once a message's
+    /// delay is over, as an exchange of kind `routes_as` (its
+    /// `x-delayed-type` argument). Needs the RabbitMQ plugin
+    /// `rabbitmq_delayed_message_exchange`; the memory transport has it
+    /// built in.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchyard_core::{ExchangeKind, ExchangeSpec, Message};
+    /// let x = ExchangeSpec::delayed("retries", ExchangeKind::Direct);
+    /// assert_eq!(x.kind, ExchangeKind::DelayedMessage);
+    /// assert_eq!(x.arguments.get_str("x-delayed-type"), Some("direct"));
+    /// let m = Message::new("again").with_delay(Duration::from_secs(300));
+    /// assert_eq!(m.headers.get_i64("x-delay"), Some(300_000));
+    /// ```
+    pub fn delayed(name: impl Into<String>, routes_as: ExchangeKind) -> Self {
+        let mut spec = Self::new(name, ExchangeKind::DelayedMessage);
+        spec.arguments.insert("x-delayed-type", routes_as.as_str());
+        spec
+    }
+    /// Adds an argument (e.g. `alternate-exchange`, `x-delayed-type`).
+    pub fn argument(mut self, key: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.arguments.insert(key, value);
+        self
     }
     /// Sets durability.
     pub fn durable(mut self, yes: bool) -> Self {

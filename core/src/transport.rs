@@ -15,7 +15,7 @@ use futures_core::Stream;
 
 use crate::codec::{Codec, JsonCodec};
 use crate::error::{Error, Result};
-use crate::message::Message;
+use crate::message::{HeaderValue, Headers, Message};
 use crate::topology::{Binding, Destination, ExchangeSpec, QueueInfo, QueueSpec, Topology};
 
 /// Per-publish options.
@@ -147,7 +147,7 @@ pub trait PublisherExt: Publisher {
 impl<P: Publisher + ?Sized> PublisherExt for P {}
 
 /// Options of a consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsumeOptions {
     /// Most unacknowledged deliveries the broker sends this consumer (QoS
     /// prefetch). `0` means unlimited; transports that can only work with a
@@ -159,6 +159,16 @@ pub struct ConsumeOptions {
     pub exclusive: bool,
     /// Consumer tag; generated when empty.
     pub consumer_tag: String,
+    /// Consumer priority (`x-priority`): while a consumer of higher priority
+    /// can take a delivery (its prefetch is not full), consumers of lower
+    /// priority get none; consumers of equal priority share round-robin.
+    /// `None` is priority 0.
+    pub priority: Option<i32>,
+    /// Where a consumer of a stream queue starts reading (`x-stream-offset`).
+    pub stream_offset: Option<StreamOffset>,
+    /// Further `basic.consume` arguments, passed to the broker as given
+    /// (`x-priority` and `x-stream-offset` above take precedence).
+    pub arguments: Headers,
 }
 
 impl Default for ConsumeOptions {
@@ -168,6 +178,47 @@ impl Default for ConsumeOptions {
             auto_ack: false,
             exclusive: false,
             consumer_tag: String::new(),
+            priority: None,
+            stream_offset: None,
+            arguments: Headers::new(),
+        }
+    }
+}
+
+/// Where a consumer of a stream queue starts (`x-stream-offset`).
+///
+/// Stream queues keep their messages after consumption; every consumer
+/// reads from an offset of its choosing and must acknowledge manually with
+/// a prefetch (RabbitMQ refuses auto-ack consumers on streams).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamOffset {
+    /// The first message still in the stream (`"first"`).
+    First,
+    /// The last chunk of the stream (`"last"`).
+    Last,
+    /// Only messages published after the consumer starts (`"next"`, the
+    /// broker's default).
+    Next,
+    /// The message at this offset (0-based) or the first one after it.
+    Offset(u64),
+    /// Messages stored at or after this time, in seconds since the epoch
+    /// (sent as an AMQP timestamp).
+    Timestamp(u64),
+    /// Messages of the last interval, e.g. `"1h"`, `"30m"`, `"7D"`
+    /// (RabbitMQ's interval syntax: `Y`, `M`, `D`, `h`, `m`, `s`).
+    Interval(String),
+}
+
+impl StreamOffset {
+    /// The `x-stream-offset` argument's value.
+    pub fn to_header(&self) -> HeaderValue {
+        match self {
+            StreamOffset::First => HeaderValue::String("first".into()),
+            StreamOffset::Last => HeaderValue::String("last".into()),
+            StreamOffset::Next => HeaderValue::String("next".into()),
+            StreamOffset::Offset(n) => HeaderValue::I64(i64::try_from(*n).unwrap_or(i64::MAX)),
+            StreamOffset::Timestamp(t) => HeaderValue::Timestamp(*t),
+            StreamOffset::Interval(s) => HeaderValue::String(s.clone()),
         }
     }
 }
@@ -192,6 +243,40 @@ impl ConsumeOptions {
     pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
         self.consumer_tag = tag.into();
         self
+    }
+    /// Sets the consumer priority (`x-priority`).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+    /// Sets where a stream queue consumer starts (`x-stream-offset`).
+    pub fn stream_offset(mut self, offset: StreamOffset) -> Self {
+        self.stream_offset = Some(offset);
+        self
+    }
+    /// Adds a `basic.consume` argument.
+    pub fn argument(mut self, key: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.arguments.insert(key, value);
+        self
+    }
+    /// The `basic.consume` arguments: [`arguments`](Self::arguments) with
+    /// `x-priority` and `x-stream-offset` set from the typed options.
+    ///
+    /// ```
+    /// use switchyard_core::transport::{ConsumeOptions, StreamOffset};
+    /// let a = ConsumeOptions::default().priority(5).stream_offset(StreamOffset::First).consume_arguments();
+    /// assert_eq!(a.get_i64("x-priority"), Some(5));
+    /// assert_eq!(a.get_str("x-stream-offset"), Some("first"));
+    /// ```
+    pub fn consume_arguments(&self) -> Headers {
+        let mut a = self.arguments.clone();
+        if let Some(p) = self.priority {
+            a.insert("x-priority", HeaderValue::I32(p));
+        }
+        if let Some(o) = &self.stream_offset {
+            a.insert("x-stream-offset", o.to_header());
+        }
+        a
     }
 }
 
@@ -648,6 +733,20 @@ pub struct Capabilities {
     pub exclusive: bool,
     /// Mandatory publishes reported as unroutable.
     pub mandatory_returns: bool,
+    /// Consumer priorities (`x-priority`).
+    pub consumer_priorities: bool,
+    /// Stream queues read with `x-stream-offset` (RabbitMQ 3.9+; not the
+    /// memory transport).
+    pub stream_queues: bool,
+    /// `x-delayed-message` exchanges. The memory transport has them built
+    /// in; on RabbitMQ they need the `rabbitmq_delayed_message_exchange`
+    /// plugin, which is not part of RabbitMQ, so the AMQP transports report
+    /// `false` (they pass the kind through to the broker all the same).
+    pub delayed_message_exchange: bool,
+    /// `x-consistent-hash` exchanges (the plugin shipped with RabbitMQ,
+    /// `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`; not the
+    /// memory transport).
+    pub consistent_hash_exchange: bool,
 }
 
 impl Capabilities {
@@ -663,6 +762,10 @@ impl Capabilities {
         quorum_queues: true,
         exclusive: true,
         mandatory_returns: true,
+        consumer_priorities: true,
+        stream_queues: true,
+        delayed_message_exchange: true,
+        consistent_hash_exchange: true,
     };
 }
 
@@ -781,7 +884,7 @@ mod tests {
             .await
             .unwrap();
         let sent = p.0.lock();
-        assert!(sent[0].0.properties.persistent);
+        assert!(sent[0].0.properties.is_persistent());
         assert_eq!(sent[0].0.properties.content_type.as_deref(), Some("application/json"));
         let m = &sent[1].0;
         assert_eq!(&m.body[..], b"2");
@@ -790,7 +893,7 @@ mod tests {
         assert_eq!(m.properties.message_id.as_deref(), Some("m"));
         assert_eq!(m.headers.get_i64("h"), Some(1));
         assert_eq!(m.properties.expiration, Some(std::time::Duration::from_secs(2)));
-        assert!(!m.properties.persistent);
+        assert!(!m.properties.is_persistent());
         assert!(!sent[1].1.mandatory);
         assert!(sent[2].1.mandatory);
     }

@@ -57,7 +57,9 @@ use switchyard_amqp::client::{
     AmqpChannel, AmqpClient, AmqpConnection, ClientCaps, ClientError, Confirm, ConfirmMap, ConfirmOutcome, ConnSignals,
     ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery, RawGet,
 };
-use switchyard_core::{Binding, BrokerReply, CloseScope, Destination, ExchangeSpec, Message, QueueInfo, QueueSpec};
+use switchyard_core::{
+    Binding, BrokerReply, CloseScope, Destination, ExchangeSpec, Headers, Message, QueueInfo, QueueSpec,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::convert::{check_short, headers_to_table, to_basic_properties, to_message};
@@ -610,9 +612,17 @@ impl AmqpChannel for AmqprsChannel {
         }
     }
 
-    async fn consume(&self, queue: &str, consumer_tag: &str, no_ack: bool, exclusive: bool) -> Result<ConsumerEvents> {
+    async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+        arguments: &Headers,
+    ) -> Result<ConsumerEvents> {
         check_short("queue name", queue)?;
         check_short("consumer tag", consumer_tag)?;
+        let table = headers_to_table(arguments)?;
         let flag = Arc::new(AtomicU8::new(RUNNING));
         self.state
             .consumers
@@ -621,6 +631,7 @@ impl AmqpChannel for AmqprsChannel {
         let args = BasicConsumeArguments::new(queue, consumer_tag)
             .manual_ack(!no_ack)
             .exclusive(exclusive)
+            .arguments(table)
             .finish();
         let ch = self.ch.clone();
         let (_, rx) = match self.detached(async move { ch.basic_consume_rx(args).await }).await {

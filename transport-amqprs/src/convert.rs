@@ -151,10 +151,16 @@ pub fn to_basic_properties(p: &Properties, headers: &Headers) -> Result<BasicPro
         check_short("content_encoding", v)?;
         b.with_content_encoding(v);
     }
-    if !headers.is_empty() {
+    if headers.has_table() {
         b.with_headers(headers_to_table(headers)?);
     }
-    b.with_persistence(p.persistent);
+    if let Some(v) = p.delivery_mode {
+        b.with_delivery_mode(v);
+    }
+    if let Some(v) = &p.cluster_id {
+        check_short("cluster_id", v)?;
+        b.with_cluster_id(v);
+    }
     if let Some(v) = p.priority {
         b.with_priority(v);
     }
@@ -205,12 +211,20 @@ pub fn from_basic_properties(b: &BasicProperties) -> (Properties, Headers) {
             .expiration()
             .and_then(|e| e.trim().parse::<u64>().ok())
             .map(Duration::from_millis),
-        persistent: b.delivery_mode() == Some(amqprs::DELIVERY_MODE_PERSISTENT),
+        delivery_mode: b.delivery_mode(),
         kind: b.message_type().cloned(),
         app_id: b.app_id().cloned(),
         user_id: b.user_id().cloned(),
+        cluster_id: b.cluster_id().cloned(),
     };
-    let headers = b.headers().map(table_to_headers).unwrap_or_default();
+    let headers = b
+        .headers()
+        .map(|t| {
+            let mut h = table_to_headers(t);
+            h.set_table(true);
+            h
+        })
+        .unwrap_or_default();
     (props, headers)
 }
 
@@ -285,10 +299,11 @@ mod tests {
             timestamp: Some(1_700_000_000),
             priority: Some(7),
             expiration: Some(Duration::from_millis(1500)),
-            persistent: true,
+            delivery_mode: Some(2),
             kind: Some("order.created".into()),
             app_id: Some("billing".into()),
             user_id: Some("guest".into()),
+            cluster_id: Some("c1".into()),
         };
         let h = all_types();
         let b = to_basic_properties(&p, &h).unwrap();
@@ -299,13 +314,30 @@ mod tests {
         assert_eq!(h2, h);
 
         let transient = Properties {
-            persistent: false,
+            delivery_mode: Some(1),
             ..Properties::default()
         };
         let b = to_basic_properties(&transient, &Headers::new()).unwrap();
         assert_eq!(b.delivery_mode(), Some(1));
         assert!(b.headers().is_none());
         assert_eq!(from_basic_properties(&b), (transient, Headers::new()));
+    }
+
+    #[test]
+    fn absent_properties_and_an_empty_table_are_kept_apart() {
+        let bare = Properties {
+            delivery_mode: None,
+            ..Properties::default()
+        };
+        let b = to_basic_properties(&bare, &Headers::new()).unwrap();
+        assert_eq!(b.delivery_mode(), None);
+        assert!(b.headers().is_none());
+        assert_eq!(from_basic_properties(&b), (bare.clone(), Headers::new()));
+        let b = to_basic_properties(&bare, &Headers::empty_table()).unwrap();
+        assert_eq!(b.headers().map(|t| t.as_ref().len()), Some(0));
+        let (_, h) = from_basic_properties(&b);
+        assert!(h.has_table() && h.is_empty());
+        assert_eq!(h, Headers::empty_table());
     }
 
     #[test]

@@ -18,7 +18,9 @@ use switchyard_amqp::client::{
     AmqpChannel, AmqpClient, AmqpConnection, ClientCaps, ClientError, Confirm, ConfirmOutcome, ConnSignals,
     ConnectParams, ConsumerEvent, ConsumerEvents, RawDelivery, RawGet,
 };
-use switchyard_core::{Binding, BrokerReply, Destination, ExchangeKind, ExchangeSpec, Message, QueueInfo, QueueSpec};
+use switchyard_core::{
+    Binding, BrokerReply, Destination, ExchangeKind, ExchangeSpec, Headers, Message, QueueInfo, QueueSpec,
+};
 
 use crate::convert;
 
@@ -39,12 +41,14 @@ pub(crate) fn client_error(e: lapin::Error) -> ClientError {
     }
 }
 
-fn kind(k: ExchangeKind) -> lapin::ExchangeKind {
+fn kind(k: &ExchangeKind) -> lapin::ExchangeKind {
     match k {
         ExchangeKind::Direct => lapin::ExchangeKind::Direct,
         ExchangeKind::Topic => lapin::ExchangeKind::Topic,
         ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
         ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        // Plugin kinds are passed through by name.
+        other => lapin::ExchangeKind::Custom(other.as_str().to_owned()),
     }
 }
 
@@ -217,7 +221,7 @@ impl AmqpChannel for LapinChannel {
         self.channel
             .exchange_declare(
                 convert::short_name("exchange name", &spec.name).map_err(encode)?,
-                kind(spec.kind),
+                kind(&spec.kind),
                 ExchangeDeclareOptions {
                     passive,
                     durable: spec.durable,
@@ -345,7 +349,9 @@ impl AmqpChannel for LapinChannel {
         consumer_tag: &str,
         no_ack: bool,
         exclusive: bool,
+        arguments: &Headers,
     ) -> Result<ConsumerEvents, ClientError> {
+        let arguments = convert::headers_to_table(arguments).map_err(encode)?;
         let consumer = self
             .channel
             .basic_consume(
@@ -356,7 +362,7 @@ impl AmqpChannel for LapinChannel {
                     exclusive,
                     ..Default::default()
                 },
-                Default::default(),
+                arguments,
             )
             .await
             .map_err(client_error)?;

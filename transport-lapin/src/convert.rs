@@ -119,10 +119,17 @@ fn value_from_amqp(v: &AMQPValue) -> HeaderValue {
     }
 }
 
-/// The AMQP basic properties of `m` (delivery mode always set: 2 persistent, 1 transient).
+/// The AMQP basic properties of `m`, each sent only when set (a headers
+/// table when [`Headers::has_table`]).
 pub(crate) fn to_properties(m: &Message) -> Result<BasicProperties> {
     let p = &m.properties;
-    let mut bp = BasicProperties::default().with_delivery_mode(if p.persistent { 2 } else { 1 });
+    let mut bp = BasicProperties::default();
+    if let Some(v) = p.delivery_mode {
+        bp = bp.with_delivery_mode(v);
+    }
+    if let Some(v) = &p.cluster_id {
+        bp = bp.with_cluster_id(short("cluster_id", v)?);
+    }
     if let Some(v) = &p.content_type {
         bp = bp.with_content_type(short("content_type", v)?);
     }
@@ -156,7 +163,7 @@ pub(crate) fn to_properties(m: &Message) -> Result<BasicProperties> {
     if let Some(v) = &p.user_id {
         bp = bp.with_user_id(short("user_id", v)?);
     }
-    if !m.headers.is_empty() {
+    if m.headers.has_table() {
         bp = bp.with_headers(headers_to_table(&m.headers)?);
     }
     Ok(bp)
@@ -178,12 +185,21 @@ pub(crate) fn from_delivery(body: Vec<u8>, bp: &BasicProperties) -> Message {
             .as_ref()
             .and_then(|e| e.as_str().trim().parse::<u64>().ok())
             .map(Duration::from_millis),
-        persistent: *bp.delivery_mode() == Some(2),
+        delivery_mode: *bp.delivery_mode(),
         kind: s(bp.kind()),
         app_id: s(bp.app_id()),
         user_id: s(bp.user_id()),
+        cluster_id: s(bp.cluster_id()),
     };
-    let headers = bp.headers().as_ref().map(table_to_headers).unwrap_or_default();
+    let headers = bp
+        .headers()
+        .as_ref()
+        .map(|t| {
+            let mut h = table_to_headers(t);
+            h.set_table(true);
+            h
+        })
+        .unwrap_or_default();
     Message {
         body: Bytes::from(body),
         properties,
@@ -245,7 +261,25 @@ mod tests {
         let back = from_delivery(m2.body.to_vec(), &bp);
         assert_eq!(back, m2);
         let transient = from_delivery(vec![], &to_properties(&Message::new("").transient()).unwrap());
-        assert!(!transient.properties.persistent);
+        assert_eq!(transient.properties.delivery_mode, Some(1));
+    }
+
+    #[test]
+    fn absent_properties_and_an_empty_table_are_kept_apart() {
+        let mut bare = Message::new("x");
+        bare.properties.delivery_mode = None;
+        let bp = to_properties(&bare).unwrap();
+        assert_eq!(*bp.delivery_mode(), None);
+        assert!(bp.headers().is_none());
+        assert_eq!(from_delivery(b"x".to_vec(), &bp), bare);
+        let mut m = Message::new("x").with_headers(Headers::empty_table());
+        m.properties.cluster_id = Some("c1".into());
+        m.properties.priority = Some(200);
+        let bp = to_properties(&m).unwrap();
+        assert_eq!(bp.headers().as_ref().map(|t| t.inner().len()), Some(0));
+        let back = from_delivery(b"x".to_vec(), &bp);
+        assert!(back.headers.has_table() && back.headers.is_empty());
+        assert_eq!(back, m);
     }
 
     #[test]

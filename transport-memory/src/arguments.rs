@@ -235,3 +235,22 @@ pub(crate) fn validate(queue: &str, args: &QueueArguments) -> Result<QueueArgume
         extra: args.extra.clone(),
     })
 }
+
+/// The consumer priority of `basic.consume` `arguments` (`x-priority`,
+/// 0 when absent). As RabbitMQ checks it: any integer type, else 406.
+pub(crate) fn consumer_priority(queue: &str, arguments: &Headers) -> Result<i64, Error> {
+    match arguments.get("x-priority") {
+        None => Ok(0),
+        Some(v) => match int(v) {
+            Some(n) => Ok(n.clamp(i64::MIN as i128, i64::MAX as i128) as i64),
+            None => Err(reply::precondition_failed(
+                Op::BasicConsume,
+                queue,
+                format_args!(
+                    "invalid arg 'x-priority' for queue '{queue}' in vhost '/': {{unacceptable_type,{}}}",
+                    amqp_type(v)
+                ),
+            )),
+        },
+    }
+}

@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use parking_lot::Mutex;
 use switchyard_core::message::unix_now;
 use switchyard_core::{
-    Binding, Error, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Message, Overflow, QueueInfo, QueueSpec,
-    QueueType, Result,
+    Binding, ConsumeOptions, Error, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Message, Overflow, QueueInfo,
+    QueueSpec, QueueType, Result,
 };
 
-use crate::arguments;
+use crate::arguments::{self, consumer_priority};
 use crate::reply::{self, Op};
 use crate::routing::{split_words, HeadersPattern, TopicPattern};
 
@@ -118,6 +118,8 @@ pub(crate) struct Effects {
     wakes: Vec<Waker>,
     timers: Vec<(Arc<str>, u64, Instant)>,
     leases: Vec<(Arc<str>, u64, Instant)>,
+    /// When held delayed messages fall due.
+    delays: Vec<Instant>,
     drained: bool,
 }
 
@@ -148,7 +150,7 @@ impl Broker {
         if fx.drained {
             self.drained.notify_waiters();
         }
-        if fx.timers.is_empty() && fx.leases.is_empty() {
+        if fx.timers.is_empty() && fx.leases.is_empty() && fx.delays.is_empty() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -162,6 +164,15 @@ impl Broker {
                 tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
                     b.with(|st, fx| st.lease_expired(&queue, uid, at, fx));
+                }
+            });
+        }
+        for at in fx.delays {
+            let weak: Weak<Broker> = Arc::downgrade(self);
+            handle.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(b) = weak.upgrade() {
+                    b.with(|st, fx| st.release_delayed(fx));
                 }
             });
         }
@@ -378,8 +389,12 @@ pub(crate) struct Queue {
     ready: usize,
     ready_bytes: u64,
     expiring: usize,
-    consumers: Vec<u64>,
+    /// `(consumer id, priority)`, by decreasing priority.
+    consumers: Vec<(u64, i64)>,
     rr: usize,
+    /// Consumers of different priorities have been attached (until the
+    /// queue has none).
+    prioritized: bool,
     had_consumer: bool,
     exclusive_consumer: bool,
     timer: Option<Instant>,
@@ -477,8 +492,44 @@ struct Bind {
 
 struct Exchange {
     spec: ExchangeSpec,
+    /// How it matches bindings (an `x-delayed-message` exchange: as its
+    /// `x-delayed-type`).
+    routes: RouteAs,
+    /// An `x-delayed-message` exchange: holds messages for their `x-delay`.
+    delayed: bool,
     alternate: Option<Arc<str>>,
     binds: Vec<Bind>,
+}
+
+/// The routing algorithm of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteAs {
+    Direct,
+    Topic,
+    Fanout,
+    Headers,
+}
+
+impl RouteAs {
+    /// The algorithm of a standard kind (`None` for plugin kinds).
+    fn of(kind: &ExchangeKind) -> Option<RouteAs> {
+        Some(match kind {
+            ExchangeKind::Direct => RouteAs::Direct,
+            ExchangeKind::Topic => RouteAs::Topic,
+            ExchangeKind::Fanout => RouteAs::Fanout,
+            ExchangeKind::Headers => RouteAs::Headers,
+            _ => return None,
+        })
+    }
+}
+
+/// A message an `x-delayed-message` exchange holds until `due`.
+struct DelayedMsg {
+    due: Instant,
+    seq: u64,
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
+    message: Message,
 }
 
 pub(crate) struct ConsumerEntry {
@@ -659,6 +710,8 @@ pub(crate) struct State {
     next_seq: u64,
     /// Set by `deliver_to_queue` when the queue is backlogged (flow control).
     flow_hint: Option<Arc<str>>,
+    /// Messages held by `x-delayed-message` exchanges, in no order.
+    delayed: Vec<DelayedMsg>,
 }
 
 fn shutdown() -> Error {
@@ -685,6 +738,7 @@ impl State {
             next_id: 1,
             next_seq: 1,
             flow_hint: None,
+            delayed: Vec::new(),
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -696,6 +750,8 @@ impl State {
             st.exchanges.insert(
                 Arc::from(name),
                 Exchange {
+                    routes: RouteAs::of(&kind).expect("a standard kind"),
+                    delayed: false,
                     spec: ExchangeSpec::new(name, kind),
                     alternate: None,
                     binds: Vec::new(),
@@ -784,11 +840,14 @@ impl State {
                 format_args!("exchange name '{}' contains reserved prefix 'amq.*'", spec.name),
             ));
         }
+        let (routes, delayed) = exchange_kind(spec)?;
         let alternate = spec.arguments.get_str("alternate-exchange").map(Arc::from);
         self.exchanges.insert(
             Arc::from(spec.name.as_str()),
             Exchange {
                 spec: spec.clone(),
+                routes,
+                delayed,
                 alternate,
                 binds: Vec::new(),
             },
@@ -824,6 +883,8 @@ impl State {
         }
         if self.exchanges.remove(name).is_some() {
             self.remove_bindings_to(name, true);
+            // The plugin keeps held messages with their exchange.
+            self.delayed.retain(|d| &*d.exchange != name);
         }
         Ok(())
     }
@@ -865,8 +926,8 @@ impl State {
         if exists {
             return Ok(());
         }
-        let topic = (src.spec.kind == ExchangeKind::Topic).then(|| TopicPattern::new(&b.routing_key));
-        let headers = if src.spec.kind == ExchangeKind::Headers {
+        let topic = (src.routes == RouteAs::Topic).then(|| TopicPattern::new(&b.routing_key));
+        let headers = if src.routes == RouteAs::Headers {
             Some(HeadersPattern::new(&b.arguments).map_err(|m| reply::precondition_failed(op, &b.source, m))?)
         } else {
             None
@@ -1022,6 +1083,7 @@ impl State {
             expiring: 0,
             consumers: Vec::new(),
             rr: 0,
+            prioritized: false,
             had_consumer: false,
             exclusive_consumer: false,
             timer: None,
@@ -1152,7 +1214,7 @@ impl State {
     /// Deletes a queue, cancelling its consumers; returns its ready count.
     fn remove_queue(&mut self, name: &str, fx: &mut Effects) -> u32 {
         let Some(q) = self.queues.remove(name) else { return 0 };
-        for cid in &q.consumers {
+        for (cid, _) in &q.consumers {
             if let Some(c) = self.consumers.get_mut(cid) {
                 c.active = false;
                 c.outbox.end(End::BrokerCancelled, false, fx);
@@ -1175,7 +1237,42 @@ impl State {
         fx: &mut Effects,
     ) -> Result<Option<Arc<str>>> {
         self.check_conn(conn)?;
+        self.publish_routed(exchange, routing_key, message, mandatory, fx)
+    }
+
+    /// [`publish`](Self::publish) on behalf of a connection, or of an
+    /// `x-delayed-message` exchange releasing a message.
+    fn publish_routed(
+        &mut self,
+        exchange: &Arc<str>,
+        routing_key: &Arc<str>,
+        message: Message,
+        mandatory: bool,
+        fx: &mut Effects,
+    ) -> Result<Option<Arc<str>>> {
         let mut message = message;
+        if !exchange.is_empty() && self.exchanges.get(&**exchange).is_some_and(|e| e.delayed) {
+            self.check_publish_exchange(exchange)?;
+            if let Some(delay) = positive_delay(&message.headers) {
+                // Held, then routed as the plugin does; like the plugin, no
+                // `mandatory` return for a held message.
+                let now = Instant::now();
+                let due = now
+                    .checked_add(delay)
+                    .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.delayed.push(DelayedMsg {
+                    due,
+                    seq,
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                    message,
+                });
+                fx.delays.push(due);
+                return Ok(None);
+            }
+        }
         // Sender-selected distribution: `CC` and `BCC` keys route copies too.
         let extra = if message.headers.is_empty() {
             None
@@ -1258,6 +1355,32 @@ impl State {
         }
     }
 
+    /// Routes the held delayed messages that are due, in due order (then
+    /// publish order), and arms a timer for the next one.
+    pub(crate) fn release_delayed(&mut self, fx: &mut Effects) {
+        let now = Instant::now();
+        let (mut due, held): (Vec<DelayedMsg>, Vec<DelayedMsg>) = std::mem::take(&mut self.delayed)
+            .into_iter()
+            .partition(|d| d.due <= now);
+        self.delayed = held;
+        due.sort_by_key(|d| (d.due, d.seq));
+        for d in due {
+            let mut message = d.message;
+            // The plugin hands the message on with its delay negated, so
+            // that it is not held again when it passes another delayed
+            // exchange (e.g. after dead-lettering).
+            if let Some(v) = message.headers.get("x-delay").and_then(HeaderValue::as_i64) {
+                message.headers.insert("x-delay", HeaderValue::I64(-v));
+            }
+            // Routing failures (the message became unroutable, a queue
+            // refused it) drop it, as the plugin does after its confirm.
+            let _ = self.publish_routed(&d.exchange, &d.routing_key, message, false, fx);
+        }
+        if let Some(next) = self.delayed.iter().map(|d| d.due).min() {
+            fx.delays.push(next);
+        }
+    }
+
     /// Refuses a publish to a missing or internal exchange.
     fn check_publish_exchange(&self, exchange: &str) -> Result<()> {
         let Some(ex) = self.exchanges.get(exchange) else {
@@ -1315,16 +1438,16 @@ impl State {
         }
         let Some(ex) = self.exchanges.get(exchange) else { return };
         let before = out.len();
-        let words = (ex.spec.kind == ExchangeKind::Topic).then(|| split_words(key));
+        let words = (ex.routes == RouteAs::Topic).then(|| split_words(key));
         for b in &ex.binds {
-            let hit = match ex.spec.kind {
-                ExchangeKind::Direct => b.key == key,
-                ExchangeKind::Fanout => true,
-                ExchangeKind::Topic => b
+            let hit = match ex.routes {
+                RouteAs::Direct => b.key == key,
+                RouteAs::Fanout => true,
+                RouteAs::Topic => b
                     .topic
                     .as_ref()
                     .is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
-                ExchangeKind::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
+                RouteAs::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
             };
             if !hit {
                 continue;
@@ -1577,18 +1700,21 @@ impl State {
 
     // ----- consumers ---------------------------------------------------
 
-    #[allow(clippy::too_many_arguments)]
+    /// `basic.consume`: registers a consumer of `queue` with `options`
+    /// (prefetch, auto-ack, exclusivity and the consumer priority
+    /// `x-priority`; `x-stream-offset` has no meaning here, as memory has no
+    /// stream queues).
     pub(crate) fn consume(
         &mut self,
         conn: u64,
         queue: &str,
-        prefetch: u16,
-        auto_ack: bool,
-        exclusive: bool,
+        options: &ConsumeOptions,
         fx: &mut Effects,
     ) -> Result<(u64, Arc<str>, Arc<Outbox>)> {
+        let (prefetch, auto_ack, exclusive) = (options.prefetch, options.auto_ack, options.exclusive);
         self.check_conn(conn)?;
         self.queue_for(conn, queue, Op::BasicConsume)?;
+        let priority = consumer_priority(queue, &options.consume_arguments())?;
         let cid = self.id();
         let q = self.queues.get_mut(queue).expect("checked");
         if q.exclusive_consumer || (exclusive && !q.consumers.is_empty()) {
@@ -1599,7 +1725,18 @@ impl State {
             ));
         }
         let outbox = Outbox::new(!auto_ack && prefetch >= LAZY_PREFETCH);
-        q.consumers.push(cid);
+        // Consumers are kept by decreasing priority, in arrival order within
+        // a priority (RabbitMQ's order, round-robin within a priority).
+        let at = q
+            .consumers
+            .iter()
+            .position(|&(_, p)| p < priority)
+            .unwrap_or(q.consumers.len());
+        q.consumers.insert(at, (cid, priority));
+        if at <= q.rr && at < q.consumers.len() - 1 {
+            q.rr += 1;
+        }
+        q.prioritized |= priority != q.consumers[0].1 || priority != q.consumers[q.consumers.len() - 1].1;
         q.had_consumer = true;
         q.lease_until = None;
         q.exclusive_consumer = exclusive;
@@ -1662,11 +1799,17 @@ impl State {
     /// when it was its last consumer.
     fn detach(&mut self, cid: u64, queue: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(queue) else { return };
-        if let Some(i) = q.consumers.iter().position(|&c| c == cid) {
+        if let Some(i) = q.consumers.iter().position(|&(c, _)| c == cid) {
             q.consumers.remove(i);
             q.exclusive_consumer = false;
             if q.rr > i {
                 q.rr -= 1;
+            }
+            if q.rr >= q.consumers.len() {
+                q.rr = 0;
+            }
+            if q.consumers.is_empty() {
+                q.prioritized = false;
             }
         }
         if q.consumers.is_empty() && q.had_consumer && q.spec.auto_delete {
@@ -1834,19 +1977,44 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
         return None;
     }
     if q.cfg.single_active {
-        let cid = q.consumers[0];
+        let cid = q.consumers[0].0;
         return consumers
             .get_mut(&cid)
             .is_some_and(|c| c.has_capacity(pool))
             .then_some(cid);
     }
+    if q.prioritized {
+        return pick_by_priority(q, consumers, pool);
+    }
     for k in 0..n {
         let i = (q.rr + k) % n;
-        let cid = q.consumers[i];
+        let cid = q.consumers[i].0;
         if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
             q.rr = (i + 1) % n;
             return Some(cid);
         }
+    }
+    None
+}
+
+/// [`pick_consumer`] with consumer priorities: the highest priority with a
+/// consumer that has capacity wins; within it, round-robin (the chosen
+/// consumer moves behind the others of its priority).
+#[cold]
+fn pick_by_priority(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, pool: &mut Vec<Arc<Message>>) -> Option<u64> {
+    let n = q.consumers.len();
+    let mut start = 0;
+    while start < n {
+        let p = q.consumers[start].1;
+        let end = start + q.consumers[start..].iter().take_while(|c| c.1 == p).count();
+        for i in start..end {
+            let cid = q.consumers[i].0;
+            if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
+                q.consumers[i..end].rotate_left(1);
+                return Some(cid);
+            }
+        }
+        start = end;
     }
     None
 }
@@ -1900,7 +2068,7 @@ fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
             if head_expired {
                 // Left for `expire`; have the next in-order acks refill, so
                 // the messages behind it are not left waiting.
-                for cid in &q.consumers {
+                for (cid, _) in &q.consumers {
                     if let Some(c) = consumers.map.get(cid) {
                         c.outbox.starved.store(true, Ordering::SeqCst);
                     }
@@ -1968,6 +2136,47 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys
     h.insert("x-death", HeaderValue::Array(deaths));
 }
 
+/// How an exchange of `spec`'s kind routes, and whether it holds messages
+/// (`x-delayed-message`); `unsupported` for the plugin kinds the memory
+/// broker does not have, 406 for a delayed exchange without a valid
+/// `x-delayed-type`, as the plugin answers.
+fn exchange_kind(spec: &ExchangeSpec) -> Result<(RouteAs, bool)> {
+    if let Some(r) = RouteAs::of(&spec.kind) {
+        return Ok((r, false));
+    }
+    if spec.kind != ExchangeKind::DelayedMessage {
+        return Err(Error::Unsupported {
+            feature: format!(
+                "exchange type '{}' in the memory transport (it implements direct, topic, fanout, headers and \
+                 x-delayed-message)",
+                spec.kind
+            ),
+        });
+    }
+    let routes = spec
+        .arguments
+        .get_str("x-delayed-type")
+        .and_then(|t| t.parse::<ExchangeKind>().ok())
+        .and_then(|k| RouteAs::of(&k));
+    match routes {
+        Some(r) => Ok((r, true)),
+        None => Err(reply::precondition_failed(
+            Op::ExchangeDeclare,
+            &spec.name,
+            "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+        )),
+    }
+}
+
+/// The `x-delay` of a message published to an `x-delayed-message`
+/// exchange, when it is a positive integer (anything else routes at once).
+fn positive_delay(headers: &Headers) -> Option<Duration> {
+    match headers.get("x-delay")?.as_i64()? {
+        ms if ms > 0 => Some(Duration::from_millis(ms as u64)),
+        _ => None,
+    }
+}
+
 /// The `CC` and `BCC` keys of a message (sender-selected distribution),
 /// with `BCC` removed from its headers; `None` when it has neither. As
 /// RabbitMQ does, a `CC`/`BCC` header that is not an array refuses the
@@ -1994,6 +2203,8 @@ fn sender_selected(message: &mut Message) -> Result<Option<(Vec<Arc<str>>, Vec<A
     }
     let cc = string_keys(h.get("CC"));
     let bcc = string_keys(h.remove("BCC").as_ref());
+    // The table was on the wire; removing `BCC` leaves it, maybe empty.
+    h.set_table(true);
     Ok(Some((cc, bcc)))
 }
 
@@ -2069,7 +2280,9 @@ mod tests {
                 )
                 .unwrap();
             }
-            let (cid, _, outbox) = st.consume(conn, "q", 100, false, false, fx).unwrap();
+            let (cid, _, outbox) = st
+                .consume(conn, "q", &ConsumeOptions::default().prefetch(100), fx)
+                .unwrap();
             (conn, cid, outbox)
         });
         (b, conn, cid, outbox)
@@ -2111,7 +2324,9 @@ mod tests {
         let (conn, cid, outbox) = b.with(|st, fx| {
             let conn = st.open_conn();
             st.declare_queue(conn, &QueueSpec::new("q"), fx).unwrap();
-            let (cid, _, outbox) = st.consume(conn, "q", 2, false, false, fx).unwrap();
+            let (cid, _, outbox) = st
+                .consume(conn, "q", &ConsumeOptions::default().prefetch(2), fx)
+                .unwrap();
             (conn, cid, outbox)
         });
         let publish = |body: &str| {

@@ -271,9 +271,7 @@ async fn flow_wait(broker: &Arc<Broker>, queue: &str) {
 impl Consumer for MemoryTransport {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
         let conn = self.conn;
-        let (cid, queue, outbox) = self
-            .broker
-            .with(|st, fx| st.consume(conn, queue, options.prefetch, options.auto_ack, options.exclusive, fx))?;
+        let (cid, queue, outbox) = self.broker.with(|st, fx| st.consume(conn, queue, &options, fx))?;
         let tag: Arc<str> = if options.consumer_tag.is_empty() {
             Arc::from(format!("amq.ctag-{}", &switchyard_core::message::new_id()[..22]))
         } else {
@@ -399,7 +397,11 @@ impl Transport for MemoryTransport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        Capabilities {
+            stream_queues: false,
+            consistent_hash_exchange: false,
+            ..Capabilities::ALL
+        }
     }
 
     async fn health_check(&self) -> Result<()> {

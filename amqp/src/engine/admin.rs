@@ -101,7 +101,7 @@ where
             }
             Err(e) if e.is_lost() || !live.is_open() => {
                 inner.main.suspect().await;
-                if tokio::time::Instant::now() >= deadline {
+                if e.is_refusal() || tokio::time::Instant::now() >= deadline {
                     return Err(map(e, subject, op));
                 }
             }

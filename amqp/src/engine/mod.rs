@@ -394,7 +394,13 @@ impl<C: AmqpClient> Inner<C> {
             self.topology.resolve_queue(&cs.queue)
         };
         let events = match ch
-            .consume(&queue, &cs.tag, cs.options.auto_ack, cs.options.exclusive)
+            .consume(
+                &queue,
+                &cs.tag,
+                cs.options.auto_ack,
+                cs.options.exclusive,
+                &cs.options.consume_arguments(),
+            )
             .await
         {
             Ok(ev) => ev,
@@ -949,6 +955,8 @@ impl<C: AmqpClient> Transport for AmqpTransport<C> {
         Capabilities {
             publisher_confirms: confirms,
             mandatory_returns: confirms,
+            // A third-party broker plugin; the kind is passed through.
+            delayed_message_exchange: false,
             ..Capabilities::ALL
         }
     }

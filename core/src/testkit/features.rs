@@ -220,10 +220,11 @@ async fn properties_round_trip(ctx: &Ctx<'_>) -> Result<(), String> {
         timestamp: Some(1_700_000_000),
         priority: Some(4),
         expiration: Some(Duration::from_secs(60)),
-        persistent: true,
+        delivery_mode: Some(2),
         kind: Some("order.created".into()),
         app_id: Some("switchyard-conformance".into()),
         user_id: None,
+        cluster_id: Some("cluster-a".into()),
     };
     let sent = Message {
         body: Bytes::from_static(b"{\"x\":1}"),

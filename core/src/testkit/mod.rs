@@ -65,6 +65,7 @@
 //! | `get` | `basic.get`: empty queue, order and remaining count, ack/nack/reject, auto-ack, dropped or cut-off deliveries, missing/locked queues, auto-delete queues |
 //! | `delete` | conditional deletes: queue `if-unused`/`if-empty`, exchange `if-unused`, their 406 answers |
 //! | `twin` | reply codes of refusals (403/404/405/406 with class and method), queue argument validation and equivalence, `CC`/`BCC`, max length on requeue, cancel |
+//! | `model` | the message model as the wire carries it (priorities 0–255, absent vs empty properties, `cluster_id`), `x-delayed-message` and `x-consistent-hash` exchanges, consumer priorities, stream offsets |
 //! | `runtime` | Worker, RPC, graceful shutdown |
 //!
 //! # Writing a scenario
@@ -96,6 +97,7 @@ mod delete;
 mod delivery;
 mod features;
 mod get;
+mod model;
 mod routing;
 mod runtime;
 mod support;
@@ -178,6 +180,14 @@ pub enum Cap {
     Exclusive,
     /// [`Capabilities::mandatory_returns`].
     MandatoryReturns,
+    /// [`Capabilities::consumer_priorities`].
+    ConsumerPriorities,
+    /// [`Capabilities::stream_queues`].
+    StreamQueues,
+    /// [`Capabilities::delayed_message_exchange`].
+    DelayedMessageExchange,
+    /// [`Capabilities::consistent_hash_exchange`].
+    ConsistentHashExchange,
 }
 
 impl Cap {
@@ -194,6 +204,10 @@ impl Cap {
             Cap::QuorumQueues => "quorum_queues",
             Cap::Exclusive => "exclusive",
             Cap::MandatoryReturns => "mandatory_returns",
+            Cap::ConsumerPriorities => "consumer_priorities",
+            Cap::StreamQueues => "stream_queues",
+            Cap::DelayedMessageExchange => "delayed_message_exchange",
+            Cap::ConsistentHashExchange => "consistent_hash_exchange",
         }
     }
 
@@ -210,6 +224,10 @@ impl Cap {
             Cap::QuorumQueues => caps.quorum_queues,
             Cap::Exclusive => caps.exclusive,
             Cap::MandatoryReturns => caps.mandatory_returns,
+            Cap::ConsumerPriorities => caps.consumer_priorities,
+            Cap::StreamQueues => caps.stream_queues,
+            Cap::DelayedMessageExchange => caps.delayed_message_exchange,
+            Cap::ConsistentHashExchange => caps.consistent_hash_exchange,
         }
     }
 }
@@ -241,6 +259,7 @@ pub fn all_cases() -> Vec<Case> {
     v.extend(twin::cases());
     v.extend(get::cases());
     v.extend(delete::cases());
+    v.extend(model::cases());
     v.extend(runtime::cases());
     v
 }
@@ -562,6 +581,15 @@ macro_rules! conformance_tests {
                 queue_if_empty_counts_ready_messages_only,
                 exchange_if_unused_refuses_while_a_source,
                 conditional_deletes_of_missing_entities_succeed,
+            ],
+            model: [
+                priorities_above_nine_order_and_are_kept,
+                absent_and_empty_properties_stay_apart,
+                bcc_only_message_keeps_an_empty_table,
+                delayed_exchange_holds_then_routes,
+                consistent_hash_sends_a_key_to_one_queue,
+                higher_priority_consumers_are_served_first,
+                stream_consumers_start_at_their_offset,
             ],
         }
     };

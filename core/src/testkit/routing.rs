@@ -47,7 +47,7 @@ async fn routing_table(
     table: &[(&str, Headers, &[&str])],
     messages: &[(&str, Headers, &str)],
 ) -> Result<(), String> {
-    let ex = ctx.exchange("ex", kind).await?;
+    let ex = ctx.exchange("ex", kind.clone()).await?;
     let mut queues = Vec::new();
     for (i, (pattern, args, _)) in table.iter().enumerate() {
         let q = ctx.queue(&format!("q{i}")).await?;

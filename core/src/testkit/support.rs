@@ -101,7 +101,7 @@ impl<'f> Ctx<'f> {
     pub async fn exchange(&self, suffix: &str, kind: ExchangeKind) -> Result<String, String> {
         let name = self.exchange_name(suffix);
         self.transport
-            .declare_exchange(&ExchangeSpec::new(name.clone(), kind))
+            .declare_exchange(&ExchangeSpec::new(name.clone(), kind.clone()))
             .await
             .ctx(&format!("declare {} exchange '{name}'", kind.as_str()))?;
         Ok(name)
