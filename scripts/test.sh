@@ -62,6 +62,12 @@ ensure_management() {
         log "enabling the management plugin"
         rabbitmq-plugins -q enable rabbitmq_management >/dev/null
     fi
+    # The conformance suite's x-consistent-hash scenario needs the plugin
+    # shipped with RabbitMQ.
+    if ! rabbitmq-plugins -q list -e 2>/dev/null | grep -q "rabbitmq_consistent_hash_exchange "; then
+        log "enabling the consistent-hash exchange plugin"
+        rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange >/dev/null
+    fi
     local deadline=$((SECONDS + 60))
     until (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null; do
         if ((SECONDS > deadline)); then
