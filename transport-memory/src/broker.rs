@@ -712,6 +712,9 @@ pub(crate) struct State {
     flow_hint: Option<Arc<str>>,
     /// Messages held by `x-delayed-message` exchanges, in no order.
     delayed: Vec<DelayedMsg>,
+    /// How many `x-delayed-message` exchanges exist (publishes skip the
+    /// check while there are none).
+    delayed_exchanges: usize,
 }
 
 fn shutdown() -> Error {
@@ -739,6 +742,7 @@ impl State {
             next_seq: 1,
             flow_hint: None,
             delayed: Vec::new(),
+            delayed_exchanges: 0,
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -841,6 +845,7 @@ impl State {
             ));
         }
         let (routes, delayed) = exchange_kind(spec)?;
+        self.delayed_exchanges += usize::from(delayed);
         let alternate = spec.arguments.get_str("alternate-exchange").map(Arc::from);
         self.exchanges.insert(
             Arc::from(spec.name.as_str()),
@@ -881,12 +886,20 @@ impl State {
                 format_args!("exchange '{name}' in vhost '/' in use"),
             ));
         }
-        if self.exchanges.remove(name).is_some() {
-            self.remove_bindings_to(name, true);
-            // The plugin keeps held messages with their exchange.
-            self.delayed.retain(|d| &*d.exchange != name);
-        }
+        self.drop_exchange(name);
         Ok(())
+    }
+
+    /// Removes exchange `name`, the bindings to it and the messages it
+    /// holds (the delayed-message plugin keeps them with their exchange).
+    fn drop_exchange(&mut self, name: &str) {
+        if let Some(e) = self.exchanges.remove(name) {
+            if e.delayed {
+                self.delayed_exchanges -= 1;
+                self.delayed.retain(|d| &*d.exchange != name);
+            }
+            self.remove_bindings_to(name, true);
+        }
     }
 
     /// Removes every binding whose destination is `dest`, then deletes
@@ -902,8 +915,7 @@ impl State {
             }
         }
         for name in emptied {
-            self.exchanges.remove(&name);
-            self.remove_bindings_to(&name, true);
+            self.drop_exchange(&name);
         }
     }
 
@@ -975,8 +987,7 @@ impl State {
                 && x.args == b.arguments)
         });
         if before > 0 && src.binds.is_empty() && src.spec.auto_delete {
-            self.exchanges.remove(b.source.as_str());
-            self.remove_bindings_to(&b.source, true);
+            self.drop_exchange(&b.source);
         }
         Ok(())
     }
@@ -1251,7 +1262,10 @@ impl State {
         fx: &mut Effects,
     ) -> Result<Option<Arc<str>>> {
         let mut message = message;
-        if !exchange.is_empty() && self.exchanges.get(&**exchange).is_some_and(|e| e.delayed) {
+        if self.delayed_exchanges > 0
+            && !exchange.is_empty()
+            && self.exchanges.get(&**exchange).is_some_and(|e| e.delayed)
+        {
             self.check_publish_exchange(exchange)?;
             if let Some(delay) = positive_delay(&message.headers) {
                 // Held, then routed as the plugin does; like the plugin, no
