@@ -1069,3 +1069,49 @@ async fn a_batch_that_panics_after_a_requeue_gets_one_more_chance() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(depth(&t, &dead).await, 2);
 }
+
+/// Handlers that finish at once run inline on the consume loop; a handler
+/// that blocks its thread (CPU-bound work) must still run concurrently on a
+/// multi-thread runtime, as when every delivery had a task of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_handlers_still_run_in_parallel() {
+    let broker = MemoryBroker::new();
+    let t = connect(&broker);
+    t.declare_queue(&QueueSpec::new("cpu")).await.unwrap();
+    for i in 0..12 {
+        t.publish(&Destination::queue("cpu"), Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (r, m) = (running.clone(), most.clone());
+    let handler = handler_fn(move |_: Message| {
+        let (r, m) = (r.clone(), m.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            // Blocks the thread, like a CPU-bound handler.
+            std::thread::sleep(Duration::from_millis(30));
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<(), switchyard::HandlerError>(())
+        }
+    });
+    let w = Worker::new(t.clone())
+        .route_with("cpu", handler, RouteConfig::default().prefetch(12).concurrency(4))
+        .start()
+        .await
+        .unwrap();
+    let stats = w.wait_handled("cpu", 12, Duration::from_secs(30)).await.unwrap();
+    w.shutdown().await.unwrap();
+    println!(
+        "12 blocking handlers, concurrency 4, 2 threads: at most {} at once, {} acked",
+        most.load(Ordering::SeqCst),
+        stats.acked
+    );
+    assert_eq!(stats.acked, 12);
+    assert!(
+        most.load(Ordering::SeqCst) >= 2,
+        "blocking handlers ran one at a time: inline handling must hand slow handlers to tasks"
+    );
+}

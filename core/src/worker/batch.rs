@@ -414,8 +414,7 @@ async fn run_batch(cx: &RouteCtx, svc: &mut BoxBatchHandler, batch: Vec<Delivery
     let mut panic_ids = Vec::with_capacity(batch.len());
     for d in batch {
         let (message, info, settler) = d.into_parts();
-        let carried = super::Carried::from_message(&message);
-        panic_ids.push((carried.panic_id, carried.delivery_count));
+        panic_ids.push((super::PanicId::of(&message), super::delivery_count(&message)));
         let env = Envelope::new(message, info.clone());
         envs.push(if state.is_empty() {
             env

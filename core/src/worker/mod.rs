@@ -87,10 +87,12 @@ use crate::handler::{boxed, BoxHandler, FailureKind, Handler, HandlerError, Outb
 use crate::settings::{Settings, DEFAULT_PREFETCH};
 use crate::topology::Destination;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Publisher, Settler, Subscription, Transport};
+use progress::{Inline, Progress, INLINE_YIELD_EVERY};
 
 mod batch;
 #[cfg(test)]
 pub(crate) mod fake;
+mod progress;
 #[cfg(test)]
 mod tests;
 
@@ -583,8 +585,7 @@ impl Worker {
         }
         let (finished_tx, _) = watch::channel(0u64);
         let finished_tx = Arc::new(finished_tx);
-        let (progress, _) = watch::channel(0u64);
-        let progress = Arc::new(progress);
+        let progress = Arc::new(Progress::default());
         let worker_state = state;
         let mut consumers = Vec::with_capacity(specs.len());
         for (((queue, config), handler), sub) in specs.into_iter().zip(handlers).zip(subs) {
@@ -708,7 +709,7 @@ struct ConsumerState {
     /// Bumped (for every consumer of the Worker) when a handler starts or a
     /// delivery's handling ends; [`WorkerHandle::wait_handled`] and
     /// [`WorkerHandle::wait_idle`] wait on it.
-    progress: Arc<watch::Sender<u64>>,
+    progress: Arc<Progress>,
     /// When the latest delivery arrived (`None`: none yet).
     last_delivery: Mutex<Option<Instant>>,
 }
@@ -719,7 +720,7 @@ impl ConsumerState {
         *self.last_delivery.lock() = Some(Instant::now());
     }
     fn bump(&self) {
-        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+        self.progress.bump();
     }
     fn completed_one(&self, n: u64) {
         self.completed.fetch_add(n, Ordering::Relaxed);
@@ -739,7 +740,7 @@ impl ConsumerState {
 struct HandleInner {
     consumers: Vec<Arc<ConsumerState>>,
     finished_tx: Arc<watch::Sender<u64>>,
-    progress: Arc<watch::Sender<u64>>,
+    progress: Arc<Progress>,
     /// When every consumer had subscribed.
     started: Instant,
 }
@@ -860,25 +861,22 @@ impl WorkerHandle {
     /// ```
     pub async fn wait_handled(&self, queue: &str, n: u64, timeout: Duration) -> Result<RouteStats> {
         let c = self.consumer(queue)?;
-        let mut rx = self.inner.progress.subscribe();
+        let progress = &self.inner.progress;
         let deadline = Instant::now() + timeout;
         loop {
-            rx.borrow_and_update();
+            let seen = progress.seen();
             if c.completed.load(Ordering::Relaxed) >= n {
                 return Ok(c.counters.snapshot());
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    let done = c.completed.load(Ordering::Relaxed);
-                    if done >= n {
-                        return Ok(c.counters.snapshot());
-                    }
-                    return Err(Error::Timeout {
-                        operation: format!("waiting for {n} deliveries handled on queue '{queue}' ({done} so far)"),
-                        timeout,
-                    });
+            if !progress.changed_since(seen, deadline).await {
+                let done = c.completed.load(Ordering::Relaxed);
+                if done >= n {
+                    return Ok(c.counters.snapshot());
                 }
+                return Err(Error::Timeout {
+                    operation: format!("waiting for {n} deliveries handled on queue '{queue}' ({done} so far)"),
+                    timeout,
+                });
             }
         }
     }
@@ -887,10 +885,10 @@ impl WorkerHandle {
     /// started or finished for `quiet` (the pipeline has drained, as far as
     /// this Worker can tell). Fails with `timeout` after `timeout`.
     pub async fn wait_idle(&self, quiet: Duration, timeout: Duration) -> Result<()> {
-        let mut rx = self.inner.progress.subscribe();
+        let progress = &self.inner.progress;
         let deadline = Instant::now() + timeout;
         loop {
-            rx.borrow_and_update();
+            let seen = progress.seen();
             let busy = self
                 .inner
                 .consumers
@@ -898,17 +896,17 @@ impl WorkerHandle {
                 .any(|c| c.counters.in_flight.load(Ordering::Relaxed) > 0);
             let quiet_until = Instant::now() + quiet;
             let until = if busy { deadline } else { quiet_until.min(deadline) };
-            match tokio::time::timeout_at(until, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(()),
-                Err(_) if !busy && Instant::now() >= quiet_until => return Ok(()),
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(Error::Timeout {
-                        operation: "waiting for the worker to be idle".into(),
-                        timeout,
-                    })
-                }
-                Err(_) => {}
+            if progress.changed_since(seen, until).await {
+                continue;
+            }
+            if !busy && Instant::now() >= quiet_until {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    operation: "waiting for the worker to be idle".into(),
+                    timeout,
+                });
             }
         }
     }
@@ -1044,20 +1042,34 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
     let abort = CancellationToken::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut stream_open = true;
+    let mut inline = Inline::default();
 
     let ended: Result<()> = loop {
         while let Some(r) = tasks.try_join_next() {
             log_task_join(&cx, r);
         }
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break Ok(()),
-            p = permits.clone().acquire_owned() => p.expect("the permit semaphore is never closed"),
+        // Each step first tries without waiting: a `select!` with the stop
+        // token registers and unregisters a waiter on every call, which the
+        // common case (a permit free, the handler ready, a delivery
+        // buffered) does not need.
+        if stop.is_cancelled() {
+            break Ok(());
+        }
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                p = permits.clone().acquire_owned() => p.expect("the permit semaphore is never closed"),
+            },
         };
-        let ready = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break Ok(()),
-            r = svc.ready() => r.map(|_| ()),
+        let ready = match svc.ready().now_or_never() {
+            Some(r) => r.map(|_| ()),
+            None => tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                r = svc.ready() => r.map(|_| ()),
+            },
         };
         if let Err(e) = ready {
             break Err(Error::transport(format!(
@@ -1065,10 +1077,13 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
                 cx.queue
             )));
         }
-        let next = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break Ok(()),
-            d = sub.next() => d,
+        let next = match sub.next().now_or_never() {
+            Some(d) => d,
+            None => tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                d = sub.next() => d,
+            },
         };
         let delivery = match next {
             Some(Ok(d)) => d,
@@ -1084,7 +1099,26 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
                 });
             }
         };
-        dispatch(&cx, delivery, permit, &mut svc, &mut tasks, &abort);
+        let task = dispatch(&cx, delivery, permit, &mut svc, &abort);
+        if !inline.next_inline() {
+            tasks.spawn(task);
+            continue;
+        }
+        // One inline poll in eight is timed (a clock read costs about as
+        // much as the rest of a trivial handler's bookkeeping).
+        let started = (inline.run % 8 == 0).then(std::time::Instant::now);
+        if let Some(waiting) = poll_once(&cx, task).await {
+            tasks.spawn(waiting);
+        }
+        if let Some(started) = started {
+            inline.record(started.elapsed());
+        }
+        inline.run += 1;
+        if inline.run >= INLINE_YIELD_EVERY {
+            // Deliveries that are always ready must not starve the runtime.
+            inline.run = 0;
+            tokio::task::yield_now().await;
+        }
     };
 
     // Graceful stop: no new deliveries, requeue what was received but not
@@ -1209,19 +1243,40 @@ async fn cancel_and_requeue(queue: &str, mut sub: Subscription, until: Instant) 
     }
 }
 
-/// Starts the handler for one delivery on its own task.
+/// A delivery's handling, settlement and bookkeeping, as one future.
+type DeliveryTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Polls `task` once on the consume loop; returns it if it is not finished
+/// (to be spawned). A panic outside the handler (which the task catches
+/// itself) is logged as a spawned task's would be.
+async fn poll_once(cx: &RouteCtx, mut task: DeliveryTask) -> Option<DeliveryTask> {
+    let polled = std::future::poll_fn(|ctx| {
+        std::task::Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(ctx))))
+    })
+    .await;
+    match polled {
+        Ok(std::task::Poll::Pending) => Some(task),
+        Ok(std::task::Poll::Ready(())) => None,
+        Err(_) => {
+            tracing::error!(queue = %cx.queue, "a worker task panicked while settling");
+            None
+        }
+    }
+}
+
+/// Calls the handler for one delivery and returns the rest of its
+/// handling (await the outcome, settle, count) as a task.
 fn dispatch(
     cx: &Arc<RouteCtx>,
     delivery: Delivery,
     permit: tokio::sync::OwnedSemaphorePermit,
     svc: &mut BoxHandler,
-    tasks: &mut JoinSet<()>,
     abort: &CancellationToken,
-) {
+) -> DeliveryTask {
     cx.state.delivered();
     let (message, info, settler) = delivery.into_parts();
-    let carried = Carried::from_message(&message);
     let env = Envelope::new(message, info.clone());
+    let carried = Carried(env.clone());
     // Handler logs carry the queue and delivery tag.
     let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = info.delivery_tag);
     let call = span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(env))));
@@ -1249,7 +1304,16 @@ fn dispatch(
         match result {
             Some(result) => {
                 inc(&cx.counters().handled);
-                settle(&cx, &info, settler, result, carried).await;
+                match result {
+                    // The common case, without the (large) future of the
+                    // other outcomes in every delivery's task.
+                    Ok(Outcome::Ack) => {
+                        if settler.needs_settlement() {
+                            settle_action(&cx, &info, settler, Action::Ack, "handled").await;
+                        }
+                    }
+                    other => Box::pin(settle(&cx, &info, settler, other, carried)).await,
+                }
             }
             None => {
                 // Shutdown deadline passed: the handler was dropped unfinished.
@@ -1263,9 +1327,14 @@ fn dispatch(
         }
         cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
         cx.state.completed_one(1);
+    };
+    // A disabled span (no subscriber wants it) costs an enter and exit on
+    // every poll for nothing.
+    if span.is_disabled() {
+        Box::pin(task)
+    } else {
+        Box::pin(task.instrument(span))
     }
-    .instrument(span);
-    tasks.spawn(task);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1313,6 +1382,13 @@ struct PanicId {
 }
 
 impl PanicId {
+    fn of(m: &crate::message::Message) -> Self {
+        PanicId {
+            message_id: m.properties.message_id.clone(),
+            body: m.body.clone(),
+        }
+    }
+
     fn key(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1324,50 +1400,39 @@ impl PanicId {
     }
 }
 
-/// What the Worker carries from a handled message to the messages it
-/// publishes for it (replies and outbox messages).
-#[derive(Debug, Clone, Default)]
-struct Carried {
-    /// Identifies the message for the panic rule (see [`PanicId`]).
-    panic_id: PanicId,
-    /// RabbitMQ's `x-delivery-count` (quorum queues): earlier deliveries.
-    delivery_count: Option<u64>,
-    reply_to: Option<String>,
-    correlation_id: Option<String>,
-    traceparent: Option<crate::message::HeaderValue>,
-    tracestate: Option<crate::message::HeaderValue>,
+/// What the Worker keeps of a handled message for what it does after the
+/// handler: the panic rule's facts, the reply address, and what replies
+/// and outbox messages inherit (correlation id, trace context). It shares
+/// the delivered message (an [`Envelope`] clone: two reference counts, no
+/// copy) and reads it only when needed.
+#[derive(Debug, Clone)]
+struct Carried(Envelope);
+
+/// RabbitMQ's `x-delivery-count` of `m` (quorum queues): earlier deliveries.
+fn delivery_count(m: &crate::message::Message) -> Option<u64> {
+    match m.headers.get("x-delivery-count") {
+        Some(crate::message::HeaderValue::I64(n)) => u64::try_from(*n).ok(),
+        Some(crate::message::HeaderValue::I32(n)) => u64::try_from(*n).ok(),
+        Some(crate::message::HeaderValue::U32(n)) => Some(u64::from(*n)),
+        _ => None,
+    }
 }
 
 impl Carried {
-    fn from_message(m: &crate::message::Message) -> Self {
-        let delivery_count = match m.headers.get("x-delivery-count") {
-            Some(crate::message::HeaderValue::I64(n)) => u64::try_from(*n).ok(),
-            Some(crate::message::HeaderValue::I32(n)) => u64::try_from(*n).ok(),
-            Some(crate::message::HeaderValue::U32(n)) => Some(u64::from(*n)),
-            _ => None,
-        };
-        Carried {
-            panic_id: PanicId {
-                message_id: m.properties.message_id.clone(),
-                body: m.body.clone(),
-            },
-            delivery_count,
-            reply_to: m.properties.reply_to.clone(),
-            correlation_id: m.properties.correlation_id.clone(),
-            traceparent: m.headers.get(headers::TRACEPARENT).cloned(),
-            tracestate: m.headers.get(headers::TRACESTATE).cloned(),
-        }
+    fn message(&self) -> &crate::message::Message {
+        self.0.message()
     }
 
     /// Sets what `m` lacks: the correlation id and the trace context.
     fn stamp(&self, mut m: crate::message::Message) -> crate::message::Message {
+        let from = self.message();
         if m.properties.correlation_id.is_none() {
-            m.properties.correlation_id = self.correlation_id.clone();
+            m.properties.correlation_id = from.properties.correlation_id.clone();
         }
-        if let Some(tp) = &self.traceparent {
+        if let Some(tp) = from.headers.get(headers::TRACEPARENT) {
             if !m.headers.contains_key(headers::TRACEPARENT) {
                 m.headers.insert(headers::TRACEPARENT, tp.clone());
-                if let Some(ts) = &self.tracestate {
+                if let Some(ts) = from.headers.get(headers::TRACESTATE) {
                     if !m.headers.contains_key(headers::TRACESTATE) {
                         m.headers.insert(headers::TRACESTATE, ts.clone());
                     }
@@ -1433,13 +1498,8 @@ async fn settle(
         }
         other => other,
     };
-    let Carried {
-        reply_to,
-        correlation_id,
-        panic_id,
-        delivery_count: panic_count,
-        ..
-    } = carried;
+    let reply_to = carried.message().properties.reply_to.clone();
+    let correlation_id = carried.message().properties.correlation_id.clone();
     let action = match result {
         Ok(Outcome::Ack) | Ok(Outcome::Retried) | Ok(Outcome::DeadLettered) | Ok(Outcome::Publish(_)) => Action::Ack,
         Ok(Outcome::Reply(mut reply)) => match reply_to {
@@ -1482,9 +1542,9 @@ async fn settle(
                     // broker's delivery count where it keeps one (quorum
                     // queues), else this route's memory of panicked messages
                     // — not `redelivered`, which any requeue sets.
-                    let again = match panic_count {
+                    let again = match delivery_count(carried.message()) {
                         Some(n) => n >= 1,
-                        None => cx.panicked.lock().seen(panic_id.key()),
+                        None => cx.panicked.lock().seen(PanicId::of(carried.message()).key()),
                     };
                     if again {
                         Action::Reject
