@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use switchyard_core::transport::Cancel;
 use switchyard_core::{ConsumeOptions, Delivery, DeliveryInfo, Error, Result};
@@ -233,48 +233,67 @@ pub(crate) async fn pump<C: AmqpClient>(
     let mut failure: Option<ClientError> = None;
     let mut broker_cancel = false;
     loop {
-        tokio::select! {
-            _ = cs.tx.closed() => {
-                // The application dropped the subscription: stop, flush the
-                // settled acks and close the channel (the broker requeues
-                // whatever is unsettled).
-                cs.cancelled.store(true, Ordering::Release);
-                if let Some(i) = inner.upgrade() { i.forget_consumer(&cs); }
-                let _ = ch.cancel(&cs.tag).await;
-                if let Some(c) = &coalescer { let _ = c.close().await; }
-                ch.close().await;
-                return;
-            }
-            ev = events.next() => match ev {
-                Some(ConsumerEvent::Delivery(d)) => {
-                    let tag = d.delivery_tag;
-                    if *last_exchange != *d.exchange {
-                        last_exchange = d.exchange.as_str().into();
-                    }
-                    if *last_routing_key != *d.routing_key {
-                        last_routing_key = d.routing_key.as_str().into();
-                    }
-                    let info = DeliveryInfo {
-                        delivery_tag: tag,
-                        redelivered: d.redelivered,
-                        exchange: last_exchange.clone(),
-                        routing_key: last_routing_key.clone(),
-                        queue: cs.queue.clone(),
-                        consumer_tag: cs.tag.clone(),
-                    };
-                    let delivery = match &acker {
-                        Some(a) => {
-                            if let Some(c) = &coalescer { c.delivered(tag); }
-                            Delivery::new(d.message, info, a.clone())
-                        }
-                        None => Delivery::auto_acked(d.message, info),
-                    };
-                    let _ = cs.tx.send(Item::Delivery(Ok(delivery)));
+        // An event already at hand needs no `select!` (whose `closed()`
+        // future registers and unregisters a waiter every time).
+        let ready = if cs.tx.is_closed() {
+            None
+        } else {
+            events.next().now_or_never()
+        };
+        let ev = match ready {
+            Some(ev) => ev,
+            None => tokio::select! {
+                _ = cs.tx.closed() => {
+                    // The application dropped the subscription: stop, flush the
+                    // settled acks and close the channel (the broker requeues
+                    // whatever is unsettled).
+                    cs.cancelled.store(true, Ordering::Release);
+                    if let Some(i) = inner.upgrade() { i.forget_consumer(&cs); }
+                    let _ = ch.cancel(&cs.tag).await;
+                    if let Some(c) = &coalescer { let _ = c.close().await; }
+                    ch.close().await;
+                    return;
                 }
-                Some(ConsumerEvent::Cancelled) => { broker_cancel = true; break; }
-                Some(ConsumerEvent::Closed(e)) => { failure = Some(e); break; }
-                None => break,
+                ev = events.next() => ev,
+            },
+        };
+        match ev {
+            Some(ConsumerEvent::Delivery(d)) => {
+                let tag = d.delivery_tag;
+                if *last_exchange != *d.exchange {
+                    last_exchange = d.exchange.as_str().into();
+                }
+                if *last_routing_key != *d.routing_key {
+                    last_routing_key = d.routing_key.as_str().into();
+                }
+                let info = DeliveryInfo {
+                    delivery_tag: tag,
+                    redelivered: d.redelivered,
+                    exchange: last_exchange.clone(),
+                    routing_key: last_routing_key.clone(),
+                    queue: cs.queue.clone(),
+                    consumer_tag: cs.tag.clone(),
+                };
+                let delivery = match &acker {
+                    Some(a) => {
+                        if let Some(c) = &coalescer {
+                            c.delivered(tag);
+                        }
+                        Delivery::new(d.message, info, a.clone())
+                    }
+                    None => Delivery::auto_acked(d.message, info),
+                };
+                let _ = cs.tx.send(Item::Delivery(Ok(delivery)));
             }
+            Some(ConsumerEvent::Cancelled) => {
+                broker_cancel = true;
+                break;
+            }
+            Some(ConsumerEvent::Closed(e)) => {
+                failure = Some(e);
+                break;
+            }
+            None => break,
         }
     }
     drop(events);
