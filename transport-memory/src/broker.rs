@@ -1209,6 +1209,9 @@ impl State {
         if let Some((cc, bcc)) = extra {
             let mut m = m;
             m.bcc = (!bcc.is_empty()).then(|| Arc::from(bcc.as_slice()));
+            // Every copy carries the key it was published with, also those
+            // the default exchange routes by a CC or BCC key (RabbitMQ 3.10).
+            m.routing_key = Some(routing_key.clone());
             if !default {
                 self.check_publish_exchange(exchange)?;
             }

@@ -546,6 +546,7 @@ macro_rules! conformance_tests {
                 cc_and_bcc_keys_route_dead_letters,
                 invalid_queue_arguments_are_refused_on_first_declare,
                 queue_equivalence_compares_known_arguments,
+                default_exchange_cc_copies_keep_the_published_key,
             ],
             get: [
                 empty_queue_gives_none,

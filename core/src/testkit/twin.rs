@@ -20,6 +20,7 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::cc_and_bcc_keys_route_dead_letters, DeadLettering),
         case!(twin::invalid_queue_arguments_are_refused_on_first_declare),
         case!(twin::queue_equivalence_compares_known_arguments),
+        case!(twin::default_exchange_cc_copies_keep_the_published_key),
     ]
 }
 
@@ -525,4 +526,49 @@ async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(),
         ctx.drain(&name).await?,
         vec!["kept".to_owned()],
     )
+}
+
+/// Found by the differential test (`tests/difftest.rs`): a copy the default
+/// exchange routes by a `CC` or `BCC` key is delivered with the routing key
+/// the message was published with, not with the name of the queue it
+/// reached.
+async fn default_exchange_cc_copies_keep_the_published_key(ctx: &Ctx<'_>) -> Result<(), String> {
+    let direct = ctx.queue("direct").await?;
+    let cc = ctx.queue("cc").await?;
+    let bcc = ctx.queue("bcc").await?;
+    let m = Message::new("m1")
+        .with_header("CC", keys(&[cc.as_str()]))
+        .with_header("BCC", keys(&[bcc.as_str()]));
+    ctx.publish_message(&Destination::queue(direct.as_str()), m).await?;
+    // A key that names no queue: only the CC/BCC copies are routed.
+    let m = Message::new("m2")
+        .with_header("CC", keys(&[cc.as_str()]))
+        .with_header("BCC", keys(&[bcc.as_str()]));
+    ctx.publish_message(&Destination::queue("#"), m).await?;
+    let t = ctx.transport();
+    for (q, expected) in [
+        (&direct, vec![("m1", direct.as_str())]),
+        (&cc, vec![("m1", direct.as_str()), ("m2", "#")]),
+        (&bcc, vec![("m1", direct.as_str()), ("m2", "#")]),
+    ] {
+        let mut got = Vec::new();
+        while let Some(g) = t.get(q, true).await.ctx(&format!("get from '{q}'"))? {
+            let info = &g.delivery.info;
+            got.push((
+                body(&g.delivery),
+                info.exchange.to_string(),
+                info.routing_key.to_string(),
+            ));
+        }
+        let expected: Vec<(String, String, String)> = expected
+            .into_iter()
+            .map(|(b, k)| (b.to_owned(), String::new(), k.to_owned()))
+            .collect();
+        ensure_eq(
+            &format!("(body, exchange, routing key) of the copies in '{q}'"),
+            got,
+            expected,
+        )?;
+    }
+    Ok(())
 }
