@@ -1396,6 +1396,10 @@ impl State {
             (a, b) => a.or(b),
         };
         if q.ready == 0 {
+            // The TTL runs from now even for a message handed straight to a
+            // consumer: requeued later, it expires if its time is up (as on
+            // RabbitMQ, where a requeue does not reset the TTL).
+            m.expires = ttl.and_then(|t| Instant::now().checked_add(t));
             if let Some(m) = try_direct(q, &mut self.consumers, m, fx) {
                 m.expires_after(ttl, q);
             } else {

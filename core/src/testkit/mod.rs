@@ -547,6 +547,7 @@ macro_rules! conformance_tests {
                 invalid_queue_arguments_are_refused_on_first_declare,
                 queue_equivalence_compares_known_arguments,
                 default_exchange_cc_copies_keep_the_published_key,
+                requeued_message_past_its_ttl_expires,
             ],
             get: [
                 empty_queue_gives_none,

@@ -21,6 +21,7 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::invalid_queue_arguments_are_refused_on_first_declare),
         case!(twin::queue_equivalence_compares_known_arguments),
         case!(twin::default_exchange_cc_copies_keep_the_published_key),
+        case!(twin::requeued_message_past_its_ttl_expires, MessageTtl, DeadLettering),
     ]
 }
 
@@ -571,4 +572,49 @@ async fn default_exchange_cc_copies_keep_the_published_key(ctx: &Ctx<'_>) -> Res
         )?;
     }
     Ok(())
+}
+
+/// Found by the differential test: a message handed straight to a consumer
+/// still has its queue TTL running from when it was enqueued, so when it is
+/// requeued after that time it expires (dead-lettered as `expired`) instead
+/// of going back to the queue.
+async fn requeued_message_past_its_ttl_expires(ctx: &Ctx<'_>) -> Result<(), String> {
+    let dlx = ctx.exchange("dlx", ExchangeKind::Fanout).await?;
+    let dead = ctx.queue("dead").await?;
+    ctx.bind(&dead, &dlx, "").await?;
+    let q = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("src"))
+                .message_ttl(std::time::Duration::ZERO)
+                .dead_letter(dlx.as_str(), None),
+        )
+        .await?;
+    let mut sub = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    ctx.publish(&Destination::queue(q.as_str()), "m1").await?;
+    // With a TTL of 0 the message is only delivered because a consumer
+    // could take it at once.
+    let d = recv(&mut sub, WAIT).await?;
+    ensure_eq("delivered body", body(&d), "m1".to_string())?;
+    cancel(&sub).await.ctx("cancel")?;
+    d.nack(true).await.ctx("nack with requeue")?;
+    let t = ctx.transport();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let g = loop {
+        if let Some(g) = t.get(&dead, true).await.ctx("get from the dead-letter queue")? {
+            break g;
+        }
+        ensure(tokio::time::Instant::now() < deadline, || {
+            "the requeued message, past its TTL of 0, should be dead-lettered".to_string()
+        })?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    ensure_eq("dead letter body", body(&g.delivery), "m1".to_string())?;
+    let reason = g
+        .delivery
+        .message
+        .headers
+        .get_str("x-first-death-reason")
+        .map(str::to_owned);
+    ensure_eq("x-first-death-reason", reason, Some("expired".to_string()))?;
+    ensure_eq("depth of the source queue", ctx.depth(&q).await?, 0)
 }
