@@ -1118,6 +1118,10 @@ impl State {
             q.flow_waiting = false;
             fx.drained = true;
         }
+        // As RabbitMQ's fetch: the expired messages the taken one uncovers
+        // at the head go first, then what is left is counted.
+        self.expire(queue, fx);
+        let q = self.queues.get_mut(queue).expect("checked");
         let left = q.ready as u32;
         let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
         let (qname, uid) = (q.name.clone(), q.uid);

@@ -548,6 +548,7 @@ macro_rules! conformance_tests {
                 queue_equivalence_compares_known_arguments,
                 default_exchange_cc_copies_keep_the_published_key,
                 requeued_message_past_its_ttl_expires,
+                get_count_excludes_expired_messages_behind_the_taken_one,
             ],
             get: [
                 empty_queue_gives_none,

@@ -22,6 +22,10 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::queue_equivalence_compares_known_arguments),
         case!(twin::default_exchange_cc_copies_keep_the_published_key),
         case!(twin::requeued_message_past_its_ttl_expires, MessageTtl, DeadLettering),
+        case!(
+            twin::get_count_excludes_expired_messages_behind_the_taken_one,
+            MessageTtl
+        ),
     ]
 }
 
@@ -617,4 +621,30 @@ async fn requeued_message_past_its_ttl_expires(ctx: &Ctx<'_>) -> Result<(), Stri
         .map(str::to_owned);
     ensure_eq("x-first-death-reason", reason, Some("expired".to_string()))?;
     ensure_eq("depth of the source queue", ctx.depth(&q).await?, 0)
+}
+
+/// Found by the differential test: `basic.get` drops the expired messages
+/// that the taken one uncovers at the head before it counts what is left
+/// (RabbitMQ's `fetch` then `drop_expired_msgs`), so a message with
+/// `expiration: 0` right behind the taken one is not counted (one further
+/// back is, until it reaches the head).
+async fn get_count_excludes_expired_messages_behind_the_taken_one(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    ctx.publish_message(&dest, Message::new("m2").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    ctx.publish(&dest, "m3").await?;
+    ctx.publish_message(&dest, Message::new("m4").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    let t = ctx.transport();
+    let mut got = Vec::new();
+    while let Some(g) = t.get(&q, true).await.ctx("get")? {
+        got.push((body(&g.delivery), g.message_count));
+    }
+    ensure_eq(
+        "(body, message_count) of each get",
+        got,
+        vec![("m1".to_string(), 2), ("m3".to_string(), 0)],
+    )
 }
