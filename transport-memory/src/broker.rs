@@ -1449,13 +1449,27 @@ impl State {
             dispatch(q, &mut self.consumers, fx);
             return;
         }
-        self.expire(name, fx);
-        let Some(q) = self.queues.get_mut(name) else { return };
-        dispatch(q, &mut self.consumers, fx);
-        if q.expiring > 0 || q.cfg.ttl.is_some() {
-            // Dispatch may have exposed new heads.
-            let n = q.name.clone();
-            self.expire(&n, fx);
+        loop {
+            self.expire(name, fx);
+            let Some(q) = self.queues.get_mut(name) else { return };
+            dispatch(q, &mut self.consumers, fx);
+            if q.expiring == 0 && q.cfg.ttl.is_none() {
+                return;
+            }
+            // Dispatch stops at an expired head: expire it (and whatever
+            // expired behind it) and go on delivering, as RabbitMQ drops
+            // expired messages between deliveries.
+            let now = Instant::now();
+            let head_expired = q
+                .head_level()
+                .and_then(|l| q.levels[l].front())
+                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
+            if !head_expired {
+                // Dispatch may have exposed new heads: arm their timer.
+                let n = q.name.clone();
+                self.expire(&n, fx);
+                return;
+            }
         }
     }
 

@@ -549,6 +549,7 @@ macro_rules! conformance_tests {
                 default_exchange_cc_copies_keep_the_published_key,
                 requeued_message_past_its_ttl_expires,
                 get_count_excludes_expired_messages_behind_the_taken_one,
+                consumer_gets_the_messages_behind_an_expired_one,
             ],
             get: [
                 empty_queue_gives_none,

@@ -26,6 +26,7 @@ pub(crate) fn cases() -> Vec<Case> {
             twin::get_count_excludes_expired_messages_behind_the_taken_one,
             MessageTtl
         ),
+        case!(twin::consumer_gets_the_messages_behind_an_expired_one, MessageTtl),
     ]
 }
 
@@ -647,4 +648,46 @@ async fn get_count_excludes_expired_messages_behind_the_taken_one(ctx: &Ctx<'_>)
         got,
         vec![("m1".to_string(), 2), ("m3".to_string(), 0)],
     )
+}
+
+/// Found by the differential test: a new consumer is sent what is ready,
+/// the expired messages it reaches at the head dropped on the way, not only
+/// what comes before the first of them.
+async fn consumer_gets_the_messages_behind_an_expired_one(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    ctx.publish_message(&dest, Message::new("m2").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    ctx.publish(&dest, "m3").await?;
+    for auto_ack in [true, false] {
+        let mut sub = ctx
+            .consume(&q, ConsumeOptions::default().auto_ack(auto_ack).prefetch(1))
+            .await?;
+        let mut got = Vec::new();
+        for d in take(&mut sub, if auto_ack { 2 } else { 1 }).await? {
+            got.push(body(&d));
+            if !auto_ack {
+                d.ack().await.ctx("ack")?;
+            }
+        }
+        if !auto_ack {
+            got.push(body(&recv(&mut sub, WAIT).await?));
+        }
+        let expected = if auto_ack { vec!["m1", "m3"] } else { vec!["m4", "m6"] };
+        ensure_eq(
+            &format!("bodies delivered (auto_ack {auto_ack})"),
+            got,
+            expected.into_iter().map(String::from).collect(),
+        )?;
+        expect_nothing(&mut sub, QUIET).await?;
+        cancel(&sub).await.ctx("cancel")?;
+        // The same with a manual-ack consumer of prefetch 1: the ack of the
+        // first delivery brings the one behind the expired message.
+        ctx.publish(&dest, "m4").await?;
+        ctx.publish_message(&dest, Message::new("m5").with_expiration(std::time::Duration::ZERO))
+            .await?;
+        ctx.publish(&dest, "m6").await?;
+    }
+    Ok(())
 }
