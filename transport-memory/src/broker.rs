@@ -1219,10 +1219,13 @@ impl State {
             if !default {
                 self.check_publish_exchange(exchange)?;
             }
+            let keys: Vec<&str> = std::iter::once(routing_key)
+                .chain(&cc)
+                .chain(&bcc)
+                .map(|k| &**k)
+                .collect();
             let mut targets = Vec::new();
-            for key in std::iter::once(routing_key).chain(&cc).chain(&bcc) {
-                self.route(exchange, key, &m.message.headers, &mut targets, 0);
-            }
+            self.route(exchange, &keys, &m.message.headers, &mut targets);
             let routed = self.deliver_all(&targets, m, expires, 0, fx);
             let flow = self.flow_hint.take();
             return match routed {
@@ -1247,7 +1250,7 @@ impl State {
         } else {
             self.check_publish_exchange(exchange)?;
             let mut targets = Vec::new();
-            self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
+            self.route(exchange, &[routing_key], &m.message.headers, &mut targets);
             self.deliver_all(&targets, m, expires, 0, fx)
         };
         if let Some(q) = self.flow_hint.take() {
@@ -1307,44 +1310,70 @@ impl State {
         result
     }
 
-    /// Collects the queues `exchange` routes `key`/`headers` to.
-    fn route(&self, exchange: &str, key: &str, headers: &Headers, out: &mut Vec<Arc<str>>, depth: u32) {
-        if depth > 16 {
-            return;
-        }
+    /// Collects the queues `exchange` routes a message with routing `keys`
+    /// (its routing key, then any `CC` and `BCC` keys) and `headers` to, as
+    /// RabbitMQ 3.10's `rabbit_exchange:route` does: every exchange reached
+    /// is routed once, with all the keys, whatever bindings led to it (so
+    /// cycles of exchange-to-exchange bindings end), and an exchange's
+    /// alternate exchange is tried only when none of its bindings matched.
+    fn route(&self, exchange: &str, keys: &[&str], headers: &Headers, out: &mut Vec<Arc<str>>) {
         if exchange.is_empty() {
-            if let Some(q) = self.queues.get(key) {
-                if !out.contains(&q.name) {
-                    out.push(q.name.clone());
+            for key in keys {
+                if let Some(q) = self.queues.get(*key) {
+                    if !out.contains(&q.name) {
+                        out.push(q.name.clone());
+                    }
                 }
             }
             return;
         }
-        let Some(ex) = self.exchanges.get(exchange) else { return };
-        let before = out.len();
-        let words = (ex.spec.kind == ExchangeKind::Topic).then(|| split_words(key));
-        for b in &ex.binds {
-            let hit = match ex.spec.kind {
-                ExchangeKind::Direct => b.key == key,
-                ExchangeKind::Fanout => true,
-                ExchangeKind::Topic => b
-                    .topic
-                    .as_ref()
-                    .is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
-                ExchangeKind::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
-            };
-            if !hit {
-                continue;
+        // Exchanges reached and still to route (no allocation unless an
+        // exchange-to-exchange binding or alternate exchange is taken).
+        let mut seen: Vec<&str> = Vec::new();
+        let mut work: Vec<&str> = Vec::new();
+        let mut current = exchange;
+        loop {
+            if let Some(ex) = self.exchanges.get(current) {
+                let words: Vec<Vec<&str>> = if ex.spec.kind == ExchangeKind::Topic {
+                    keys.iter().map(|k| split_words(k)).collect()
+                } else {
+                    Vec::new()
+                };
+                let mut matched = false;
+                for b in &ex.binds {
+                    let hit = match ex.spec.kind {
+                        ExchangeKind::Direct => keys.iter().any(|k| b.key == *k),
+                        ExchangeKind::Fanout => true,
+                        ExchangeKind::Topic => b.topic.as_ref().is_some_and(|t| words.iter().any(|w| t.matches(w))),
+                        ExchangeKind::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
+                    };
+                    if !hit {
+                        continue;
+                    }
+                    matched = true;
+                    if b.dest_is_exchange {
+                        let d: &str = &b.dest;
+                        if d != exchange && !seen.contains(&d) && self.exchanges.contains_key(d) {
+                            seen.push(d);
+                            work.push(d);
+                        }
+                    } else if self.queues.contains_key(&*b.dest) && !out.contains(&b.dest) {
+                        out.push(b.dest.clone());
+                    }
+                }
+                if !matched {
+                    if let Some(ae) = &ex.alternate {
+                        let d: &str = ae;
+                        if d != exchange && !seen.contains(&d) && self.exchanges.contains_key(d) {
+                            seen.push(d);
+                            work.push(d);
+                        }
+                    }
+                }
             }
-            if b.dest_is_exchange {
-                self.route(&b.dest, key, headers, out, depth + 1);
-            } else if self.queues.contains_key(&*b.dest) && !out.contains(&b.dest) {
-                out.push(b.dest.clone());
-            }
-        }
-        if out.len() == before {
-            if let Some(ae) = &ex.alternate {
-                self.route(ae, key, headers, out, depth + 1);
+            match work.pop() {
+                Some(next) => current = next,
+                None => return,
             }
         }
     }
@@ -1575,10 +1604,8 @@ impl State {
         };
         let key = dlrk.unwrap_or_else(|| rk.unwrap_or_else(|| queue.clone()));
         let mut targets = Vec::new();
-        self.route(&dlx, &key, &message.headers, &mut targets, 0);
-        for k in &extra {
-            self.route(&dlx, k, &message.headers, &mut targets, 0);
-        }
+        let keys: Vec<&str> = std::iter::once(&*key).chain(extra.iter().map(|k| &**k)).collect();
+        self.route(&dlx, &keys, &message.headers, &mut targets);
         if reason != "rejected" {
             if let Some(HeaderValue::Array(deaths)) = message.headers.get("x-death") {
                 targets.retain(|t| !is_cycle(t, deaths));

@@ -550,6 +550,8 @@ macro_rules! conformance_tests {
                 requeued_message_past_its_ttl_expires,
                 get_count_excludes_expired_messages_behind_the_taken_one,
                 consumer_gets_the_messages_behind_an_expired_one,
+                exchanges_are_routed_once_with_every_key,
+                alternate_exchange_only_when_no_binding_matched,
             ],
             get: [
                 empty_queue_gives_none,

@@ -27,6 +27,8 @@ pub(crate) fn cases() -> Vec<Case> {
             MessageTtl
         ),
         case!(twin::consumer_gets_the_messages_behind_an_expired_one, MessageTtl),
+        case!(twin::exchanges_are_routed_once_with_every_key),
+        case!(twin::alternate_exchange_only_when_no_binding_matched),
     ]
 }
 
@@ -690,4 +692,93 @@ async fn consumer_gets_the_messages_behind_an_expired_one(ctx: &Ctx<'_>) -> Resu
         ctx.publish(&dest, "m6").await?;
     }
     Ok(())
+}
+
+/// Found by the differential test: every exchange a message reaches is
+/// routed once, with all its keys (routing key and `CC`), however many
+/// bindings lead to it: cycles of exchange-to-exchange bindings end at
+/// once, and a `CC` key routes at an exchange reached through the routing
+/// key.
+async fn exchanges_are_routed_once_with_every_key(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let loop_x = ctx.exchange("loop", ExchangeKind::Fanout).await?;
+    let q = ctx.queue("q").await?;
+    ctx.bind(&q, &loop_x, "").await?;
+    for k in ["a", "b"] {
+        t.bind(&Binding::exchange(loop_x.clone(), loop_x.clone(), k))
+            .await
+            .ctx("bind the fanout exchange to itself")?;
+    }
+    let other = ctx.exchange("other", ExchangeKind::Fanout).await?;
+    for (s, d) in [(&loop_x, &other), (&other, &loop_x)] {
+        t.bind(&Binding::exchange(d.clone(), s.clone(), ""))
+            .await
+            .ctx("bind the two fanout exchanges both ways")?;
+    }
+    let started = std::time::Instant::now();
+    ctx.publish(&Destination::new(loop_x.as_str(), "k"), "m1").await?;
+    ensure(started.elapsed() < std::time::Duration::from_secs(1), || {
+        format!("publishing through a cycle of exchanges took {:?}", started.elapsed())
+    })?;
+    ensure_eq("copies through the cycle", ctx.drain(&q).await?, vec!["m1".to_string()])?;
+    // x1 is reached through the routing key "a" and routed with the CC
+    // key "b" too.
+    let x0 = ctx.exchange("x0", ExchangeKind::Direct).await?;
+    let x1 = ctx.exchange("x1", ExchangeKind::Direct).await?;
+    t.bind(&Binding::exchange(x1.clone(), x0.clone(), "a"))
+        .await
+        .ctx("bind x1 to x0 with a")?;
+    let qb = ctx.queue("qb").await?;
+    ctx.bind(&qb, &x1, "b").await?;
+    let m = Message::new("m2").with_header("CC", keys(&["b"]));
+    ctx.publish_message(&Destination::new(x0.as_str(), "a"), m).await?;
+    ensure_eq(
+        "queue bound to x1 with the CC key",
+        ctx.drain(&qb).await?,
+        vec!["m2".to_string()],
+    )
+}
+
+/// Found by the differential test: an exchange's alternate exchange takes
+/// a message only when none of the exchange's bindings matched it; a match
+/// that leads nowhere (an exchange binding to an exchange without queues,
+/// a queue already reached another way) does not count as unroutable.
+async fn alternate_exchange_only_when_no_binding_matched(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let ae = ctx.exchange("ae", ExchangeKind::Fanout).await?;
+    let caught = ctx.queue("caught").await?;
+    ctx.bind(&caught, &ae, "").await?;
+    let mut main = ExchangeSpec::direct(ctx.exchange_name("main"));
+    main.arguments.insert("alternate-exchange", ae.as_str());
+    t.declare_exchange(&main)
+        .await
+        .ctx("declare an exchange with an alternate exchange")?;
+    let empty = ctx.exchange("empty", ExchangeKind::Fanout).await?;
+    t.bind(&Binding::exchange(empty.clone(), main.name.clone(), "to-empty"))
+        .await
+        .ctx("bind an exchange without queues")?;
+    ctx.publish(&Destination::new(main.name.as_str(), "to-empty"), "m1")
+        .await?;
+    ctx.publish(&Destination::new(main.name.as_str(), "nothing"), "m2")
+        .await?;
+    ensure_eq(
+        "messages the alternate exchange took",
+        ctx.drain(&caught).await?,
+        vec!["m2".to_string()],
+    )?;
+    expect_code(
+        "mandatory publish that only reaches an exchange without queues",
+        t.publish_with(
+            &Destination::new(main.name.as_str(), "to-empty"),
+            Message::new("m3"),
+            crate::transport::PublishOptions::mandatory(),
+        )
+        .await,
+        "unroutable",
+    )?;
+    ensure_eq(
+        "nothing more in the alternate queue",
+        ctx.drain(&caught).await?,
+        Vec::<String>::new(),
+    )
 }
