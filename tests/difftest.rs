@@ -11,6 +11,7 @@
 //!   a quarter of that for each random seed).
 //! * `DIFFTEST_CASE=<n>`: run the single case with that case seed (as a
 //!   divergence report prints it), with shrinking.
+//! * `DIFFTEST_VERBOSE=1`: print each case seed before running it.
 //!
 //! A divergence is confirmed by running the case on RabbitMQ again, shrunk
 //! to a minimal case (ops, then topology, then message details removed
@@ -1406,6 +1407,7 @@ async fn memory_matches_rabbitmq_on_random_cases() {
             }
         }
     }
+    let verbose = std::env::var("DIFFTEST_VERBOSE").as_deref() == Ok("1");
     let started = Instant::now();
     let mut cases_run = 0u64;
     let mut ops_run = 0u64;
@@ -1432,6 +1434,9 @@ async fn memory_matches_rabbitmq_on_random_cases() {
                 divergences.len(),
                 started.elapsed().as_secs_f64()
             );
+        }
+        if verbose {
+            eprintln!("difftest: case {cs} ({} ops): {case:?}", case.ops.len());
         }
         let outcome = h.run(&case).await;
         if outcome.late_only() {
