@@ -59,6 +59,9 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 /// does on the in-process broker.
 const ASYNC_SETTLE: Duration = Duration::from_millis(8);
 
+/// How long one side may take to run one case.
+const SIDE_LIMIT: Duration = Duration::from_secs(60);
+
 // ---------------------------------------------------------------------------
 // Random generation
 // ---------------------------------------------------------------------------
@@ -1108,7 +1111,7 @@ async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>, Error> {
 /// clock is paused: operations take no time and a `Wait` advances the clock
 /// at once, so TTLs there are exact.
 async fn run_memory(case: Case) -> Run {
-    tokio::task::spawn_blocking(move || {
+    let run = tokio::task::spawn_blocking(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
@@ -1120,9 +1123,14 @@ async fn run_memory(case: Case) -> Run {
             let _ = t.close().await;
             run
         })
-    })
-    .await
-    .expect("memory side panicked")
+    });
+    match tokio::time::timeout(SIDE_LIMIT, run).await {
+        Ok(run) => run.expect("memory side panicked"),
+        Err(_) => Run {
+            lines: vec![format!("memory side did not finish within {SIDE_LIMIT:?}")],
+            ..Run::default()
+        },
+    }
 }
 
 /// The outcome of one case on both sides.
@@ -1170,7 +1178,15 @@ impl Harness {
             self.rabbit = connect(&self.settings).await.expect("reconnect to RabbitMQ");
         }
         let prefix = format!("sy-dt.{}", &switchyard_core::message::new_id()[..10]);
-        let rabbit = execute(self.rabbit.clone(), prefix, case, Side::Rabbit { hints: &memory.hints }).await;
+        let rabbit = tokio::time::timeout(
+            SIDE_LIMIT,
+            execute(self.rabbit.clone(), prefix, case, Side::Rabbit { hints: &memory.hints }),
+        )
+        .await
+        .unwrap_or_else(|_| Run {
+            lines: vec![format!("RabbitMQ side did not finish within {SIDE_LIMIT:?}")],
+            ..Run::default()
+        });
         Outcome { memory, rabbit }
     }
 
