@@ -1511,18 +1511,24 @@ impl State {
         }
         let now = Instant::now();
         let mut dead = Vec::new();
-        for l in 0..q.levels.len() {
+        // Only at the head, in delivery order (highest priority first): an
+        // expired message behind one that has not expired stays until it
+        // reaches the head, in a priority queue too (RabbitMQ's
+        // `rabbit_priority_queue:fetchwhile` stops at the first priority
+        // whose head has not expired).
+        let mut next = None;
+        'levels: for l in (0..q.levels.len()).rev() {
             while let Some(h) = q.levels[l].front() {
                 if h.expires.is_some_and(|e| e <= now) {
                     let h = q.levels[l].pop_front().expect("front exists");
                     q.took(&h);
                     dead.push(h);
                 } else {
-                    break;
+                    next = h.expires;
+                    break 'levels;
                 }
             }
         }
-        let next = q.levels.iter().filter_map(|l| l.front().and_then(|h| h.expires)).min();
         if let Some(at) = next {
             if q.timer.is_none_or(|t| at < t) {
                 q.timer = Some(at);

@@ -552,6 +552,7 @@ macro_rules! conformance_tests {
                 consumer_gets_the_messages_behind_an_expired_one,
                 exchanges_are_routed_once_with_every_key,
                 alternate_exchange_only_when_no_binding_matched,
+                priority_queue_expires_only_at_its_head,
             ],
             get: [
                 empty_queue_gives_none,

@@ -29,6 +29,7 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::consumer_gets_the_messages_behind_an_expired_one, MessageTtl),
         case!(twin::exchanges_are_routed_once_with_every_key),
         case!(twin::alternate_exchange_only_when_no_binding_matched),
+        case!(twin::priority_queue_expires_only_at_its_head, Priorities, MessageTtl),
     ]
 }
 
@@ -781,4 +782,43 @@ async fn alternate_exchange_only_when_no_binding_matched(ctx: &Ctx<'_>) -> Resul
         ctx.drain(&caught).await?,
         Vec::<String>::new(),
     )
+}
+
+/// Found by the differential test: in a priority queue too, a message whose
+/// TTL has run out expires only once it is at the head (the next to be
+/// delivered, highest priority first): behind a higher-priority message
+/// that does not expire it is still counted, and it goes when that message
+/// is taken.
+async fn priority_queue_expires_only_at_its_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("q")).max_priority(4))
+        .await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish_message(
+        &dest,
+        Message::new("low").with_expiration(std::time::Duration::from_millis(50)),
+    )
+    .await?;
+    ctx.publish_message(&dest, Message::new("high").with_priority(4))
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ensure_eq(
+        "depth with the expired message behind the head",
+        ctx.depth(&q).await?,
+        2,
+    )?;
+    let t = ctx.transport();
+    let g = t
+        .get(&q, true)
+        .await
+        .ctx("get")?
+        .ok_or("the queue should not be empty")?;
+    ensure_eq(
+        "(body, message_count) of the get",
+        (body(&g.delivery), g.message_count),
+        ("high".to_string(), 0),
+    )?;
+    ensure(t.get(&q, true).await.ctx("second get")?.is_none(), || {
+        "the expired message should be gone once it reached the head".to_string()
+    })
 }
