@@ -659,6 +659,11 @@ pub(crate) struct State {
     next_seq: u64,
     /// Set by `deliver_to_queue` when the queue is backlogged (flow control).
     flow_hint: Option<Arc<str>>,
+    /// While a message is delivered to the queues it was routed to, the
+    /// dead letters that causes (a TTL of 0, an overflow) wait here, to be
+    /// routed once every queue has the message: on RabbitMQ a dead letter
+    /// is a new publish by the queue, after the original's deliveries.
+    deferred_dead: Option<Vec<DeadLetter>>,
 }
 
 fn shutdown() -> Error {
@@ -685,6 +690,7 @@ impl State {
             next_id: 1,
             next_seq: 1,
             flow_hint: None,
+            deferred_dead: None,
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -1297,6 +1303,10 @@ impl State {
         let mut result = Routed::Ok;
         let last = targets.len() - 1;
         let mut m = Some(m);
+        let outer = last > 0 && self.deferred_dead.is_none();
+        if outer {
+            self.deferred_dead = Some(Vec::new());
+        }
         for (i, t) in targets.iter().enumerate() {
             let copy = if i == last {
                 m.take().expect("one message per target")
@@ -1305,6 +1315,11 @@ impl State {
             };
             if let (Routed::Refused(w), _) = self.deliver_to_queue(t, copy, expiration, depth, fx) {
                 result = Routed::Refused(w);
+            }
+        }
+        if outer {
+            for d in self.deferred_dead.take().unwrap_or_default() {
+                self.dead_letter(&d.queue, d.dlx, d.dlrk, d.message, d.reason, d.depth, fx);
             }
         }
         result
@@ -1587,6 +1602,17 @@ impl State {
         fx: &mut Effects,
     ) {
         let Some(dlx) = dlx else { return };
+        if let Some(deferred) = &mut self.deferred_dead {
+            deferred.push(DeadLetter {
+                queue: queue.clone(),
+                dlx: Some(dlx),
+                dlrk,
+                message: m,
+                reason,
+                depth,
+            });
+            return;
+        }
         if depth > 16 || !(dlx.is_empty() || self.exchanges.contains_key(&*dlx)) {
             return;
         }
@@ -1848,6 +1874,17 @@ impl State {
             }
         }
     }
+}
+
+/// A dead letter waiting for the deliveries of the publish that caused it
+/// (see `State::deferred_dead`).
+struct DeadLetter {
+    queue: Arc<str>,
+    dlx: Option<Arc<str>>,
+    dlrk: Option<Arc<str>>,
+    message: QMsg,
+    reason: &'static str,
+    depth: u32,
 }
 
 /// What `basic.get` took: the delivery, the ready count left behind it,

@@ -553,6 +553,7 @@ macro_rules! conformance_tests {
                 exchanges_are_routed_once_with_every_key,
                 alternate_exchange_only_when_no_binding_matched,
                 priority_queue_expires_only_at_its_head,
+                dead_letter_follows_the_publish_that_caused_it,
             ],
             get: [
                 empty_queue_gives_none,

@@ -30,6 +30,11 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::exchanges_are_routed_once_with_every_key),
         case!(twin::alternate_exchange_only_when_no_binding_matched),
         case!(twin::priority_queue_expires_only_at_its_head, Priorities, MessageTtl),
+        case!(
+            twin::dead_letter_follows_the_publish_that_caused_it,
+            MessageTtl,
+            DeadLettering
+        ),
     ]
 }
 
@@ -821,4 +826,48 @@ async fn priority_queue_expires_only_at_its_head(ctx: &Ctx<'_>) -> Result<(), St
     ensure(t.get(&q, true).await.ctx("second get")?.is_none(), || {
         "the expired message should be gone once it reached the head".to_string()
     })
+}
+
+/// Found by the differential test: a dead letter caused by a publish (here
+/// a queue TTL of 0) is published by the queue after the original message
+/// reached every queue it was routed to, so a queue that gets both sees
+/// the original first (here the dead-letter exchange is the exchange the
+/// message was published to).
+async fn dead_letter_follows_the_publish_that_caused_it(ctx: &Ctx<'_>) -> Result<(), String> {
+    let x = ctx.exchange("x", ExchangeKind::Fanout).await?;
+    let expiring = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("expiring"))
+                .message_ttl(std::time::Duration::ZERO)
+                .dead_letter(x.as_str(), None),
+        )
+        .await?;
+    // Bound first, so that it comes first in routing order.
+    ctx.bind(&expiring, &x, "").await?;
+    let both = ctx.queue("both").await?;
+    ctx.bind(&both, &x, "").await?;
+    let mut sub = ctx
+        .consume(&both, ConsumeOptions::default().auto_ack(true).prefetch(1))
+        .await?;
+    ctx.publish(&Destination::new(x.as_str(), "k"), "m1").await?;
+    let mut got = Vec::new();
+    for d in take(&mut sub, 2).await? {
+        got.push((
+            body(&d),
+            d.message.headers.get_str("x-first-death-reason").map(str::to_owned),
+        ));
+    }
+    ensure_eq(
+        "(body, x-first-death-reason) of the deliveries from the queue bound next to the expiring one",
+        got,
+        vec![
+            ("m1".to_string(), None),
+            ("m1".to_string(), Some("expired".to_string())),
+        ],
+    )?;
+    // The dead letter routed back to the queue it expired in is dropped
+    // (a cycle): nothing more arrives.
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    Ok(())
 }
