@@ -144,10 +144,21 @@ enum HVal {
     I64One,
     I64Two,
     True,
+    Str1,
+    F64One,
 }
 
 impl HVal {
-    const ALL: &'static [HVal] = &[HVal::S1, HVal::S2, HVal::I32One, HVal::I64One, HVal::I64Two, HVal::True];
+    const ALL: &'static [HVal] = &[
+        HVal::S1,
+        HVal::S2,
+        HVal::I32One,
+        HVal::I64One,
+        HVal::I64Two,
+        HVal::True,
+        HVal::Str1,
+        HVal::F64One,
+    ];
     fn value(self) -> HeaderValue {
         match self {
             HVal::S1 => HeaderValue::from("v1"),
@@ -156,6 +167,8 @@ impl HVal {
             HVal::I64One => HeaderValue::I64(1),
             HVal::I64Two => HeaderValue::I64(2),
             HVal::True => HeaderValue::Bool(true),
+            HVal::Str1 => HeaderValue::from("1"),
+            HVal::F64One => HeaderValue::F64(1.0),
         }
     }
 }
@@ -165,6 +178,7 @@ struct ExDef {
     kind: ExchangeKind,
     alternate: Option<usize>,
     internal: bool,
+    auto_delete: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -243,12 +257,15 @@ enum Op {
     },
     DeleteQueue {
         queue: usize,
+        if_unused: bool,
+        if_empty: bool,
     },
     DeclareQueue {
         queue: usize,
     },
     DeleteExchange {
         exchange: usize,
+        if_unused: bool,
     },
     DeclareExchange {
         exchange: usize,
@@ -320,6 +337,7 @@ fn gen_case(seed: u64) -> Case {
             kind: r.pick(&kinds),
             alternate: if r.chance(15) { Some(r.below(n_ex)) } else { None },
             internal: r.chance(8),
+            auto_delete: r.chance(10),
         })
         .collect();
     let queues: Vec<QDef> = (0..n_q)
@@ -463,10 +481,15 @@ fn gen_case(seed: u64) -> Case {
                 Op::Cancel { consumer }
             }
             83..=85 => Op::Purge { queue: r.below(n_q) },
-            86..=87 => Op::DeleteQueue { queue: r.below(n_q) },
+            86..=87 => Op::DeleteQueue {
+                queue: r.below(n_q),
+                if_unused: r.chance(30),
+                if_empty: r.chance(30),
+            },
             88..=89 => Op::DeclareQueue { queue: r.below(n_q) },
             90 if n_ex > 0 => Op::DeleteExchange {
                 exchange: r.below(n_ex),
+                if_unused: r.chance(50),
             },
             91 if n_ex > 0 => Op::DeclareExchange {
                 exchange: r.below(n_ex),
@@ -544,6 +567,7 @@ impl Names {
         let d = &c.exchanges[i];
         let mut spec = ExchangeSpec::new(self.ex(i), d.kind).durable(false);
         spec.internal = d.internal;
+        spec.auto_delete = d.auto_delete;
         if let Some(a) = d.alternate {
             spec.arguments.insert("alternate-exchange", self.ex(a));
         }
@@ -924,16 +948,29 @@ impl Exec<'_> {
                 let r = self.t.purge_queue(&self.names.q(*queue)).await;
                 result_line(&r, |n| format!("ok {n}"))
             }
-            Op::DeleteQueue { queue } => {
-                let r = self.t.delete_queue(&self.names.q(*queue)).await;
+            Op::DeleteQueue {
+                queue,
+                if_unused,
+                if_empty,
+            } => {
+                let only = switchyard_core::DeleteIf {
+                    unused: *if_unused,
+                    empty: *if_empty,
+                };
+                let r = self.t.delete_queue_if(&self.names.q(*queue), only).await;
                 result_line(&r, |n| format!("ok {n}"))
             }
             Op::DeclareQueue { queue } => {
                 let r = self.t.declare_queue(&self.names.queue_spec(c, *queue)).await;
                 result_line(&r, |q| format!("ok {} {}", q.message_count, q.consumer_count))
             }
-            Op::DeleteExchange { exchange } => {
-                let r = self.t.delete_exchange(&self.names.ex(*exchange)).await;
+            Op::DeleteExchange { exchange, if_unused } => {
+                let name = self.names.ex(*exchange);
+                let r = if *if_unused {
+                    self.t.delete_exchange_if_unused(&name).await
+                } else {
+                    self.t.delete_exchange(&name).await
+                };
                 result_line(&r, |_| "ok".into())
             }
             Op::DeclareExchange { exchange } => {
