@@ -1568,6 +1568,15 @@ async fn memory_matches_rabbitmq_on_random_cases() {
             "{}(the minimal case diverged again in {repeats} of 3 further runs)\n",
             describe(&small, &o)
         );
+        if repeats == 0 {
+            // A divergence must be reproducible: one that only showed while
+            // shrinking (a busy shared broker) is reported, not counted.
+            flaky += 1;
+            eprintln!(
+                "difftest: case {cs} (seed {seed:?}): the minimal case no longer diverges; not counted:\n{report}"
+            );
+            continue;
+        }
         eprintln!("difftest: DIVERGENCE, minimal case:\n{report}");
         divergences.push(report);
     }
