@@ -715,6 +715,11 @@ pub(crate) struct State {
     /// How many `x-delayed-message` exchanges exist (publishes skip the
     /// check while there are none).
     delayed_exchanges: usize,
+    /// While a message is delivered to the queues it was routed to, the
+    /// dead letters that causes (a TTL of 0, an overflow) wait here, to be
+    /// routed once every queue has the message: on RabbitMQ a dead letter
+    /// is a new publish by the queue, after the original's deliveries.
+    deferred_dead: Option<Vec<DeadLetter>>,
 }
 
 fn shutdown() -> Error {
@@ -743,6 +748,7 @@ impl State {
             flow_hint: None,
             delayed: Vec::new(),
             delayed_exchanges: 0,
+            deferred_dead: None,
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -1191,6 +1197,10 @@ impl State {
             q.flow_waiting = false;
             fx.drained = true;
         }
+        // As RabbitMQ's fetch: the expired messages the taken one uncovers
+        // at the head go first, then what is left is counted.
+        self.expire(queue, fx);
+        let q = self.queues.get_mut(queue).expect("checked");
         let left = q.ready as u32;
         let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
         let (qname, uid) = (q.name.clone(), q.uid);
@@ -1320,13 +1330,19 @@ impl State {
         if let Some((cc, bcc)) = extra {
             let mut m = m;
             m.bcc = (!bcc.is_empty()).then(|| Arc::from(bcc.as_slice()));
+            // Every copy carries the key it was published with, also those
+            // the default exchange routes by a CC or BCC key (RabbitMQ 3.10).
+            m.routing_key = Some(routing_key.clone());
             if !default {
                 self.check_publish_exchange(exchange)?;
             }
+            let keys: Vec<&str> = std::iter::once(routing_key)
+                .chain(&cc)
+                .chain(&bcc)
+                .map(|k| &**k)
+                .collect();
             let mut targets = Vec::new();
-            for key in std::iter::once(routing_key).chain(&cc).chain(&bcc) {
-                self.route(exchange, key, &m.message.headers, &mut targets, 0);
-            }
+            self.route(exchange, &keys, &m.message.headers, &mut targets);
             let routed = self.deliver_all(&targets, m, expires, 0, fx);
             let flow = self.flow_hint.take();
             return match routed {
@@ -1351,7 +1367,7 @@ impl State {
         } else {
             self.check_publish_exchange(exchange)?;
             let mut targets = Vec::new();
-            self.route(exchange, routing_key, &m.message.headers, &mut targets, 0);
+            self.route(exchange, &[routing_key], &m.message.headers, &mut targets);
             self.deliver_all(&targets, m, expires, 0, fx)
         };
         if let Some(q) = self.flow_hint.take() {
@@ -1424,6 +1440,10 @@ impl State {
         let mut result = Routed::Ok;
         let last = targets.len() - 1;
         let mut m = Some(m);
+        let outer = last > 0 && self.deferred_dead.is_none();
+        if outer {
+            self.deferred_dead = Some(Vec::new());
+        }
         for (i, t) in targets.iter().enumerate() {
             let copy = if i == last {
                 m.take().expect("one message per target")
@@ -1434,47 +1454,78 @@ impl State {
                 result = Routed::Refused(w);
             }
         }
+        if outer {
+            for d in self.deferred_dead.take().unwrap_or_default() {
+                self.dead_letter(&d.queue, d.dlx, d.dlrk, d.message, d.reason, d.depth, fx);
+            }
+        }
         result
     }
 
-    /// Collects the queues `exchange` routes `key`/`headers` to.
-    fn route(&self, exchange: &str, key: &str, headers: &Headers, out: &mut Vec<Arc<str>>, depth: u32) {
-        if depth > 16 {
-            return;
-        }
+    /// Collects the queues `exchange` routes a message with routing `keys`
+    /// (its routing key, then any `CC` and `BCC` keys) and `headers` to, as
+    /// RabbitMQ 3.10's `rabbit_exchange:route` does: every exchange reached
+    /// is routed once, with all the keys, whatever bindings led to it (so
+    /// cycles of exchange-to-exchange bindings end), and an exchange's
+    /// alternate exchange is tried only when none of its bindings matched.
+    fn route(&self, exchange: &str, keys: &[&str], headers: &Headers, out: &mut Vec<Arc<str>>) {
         if exchange.is_empty() {
-            if let Some(q) = self.queues.get(key) {
-                if !out.contains(&q.name) {
-                    out.push(q.name.clone());
+            for key in keys {
+                if let Some(q) = self.queues.get(*key) {
+                    if !out.contains(&q.name) {
+                        out.push(q.name.clone());
+                    }
                 }
             }
             return;
         }
-        let Some(ex) = self.exchanges.get(exchange) else { return };
-        let before = out.len();
-        let words = (ex.routes == RouteAs::Topic).then(|| split_words(key));
-        for b in &ex.binds {
-            let hit = match ex.routes {
-                RouteAs::Direct => b.key == key,
-                RouteAs::Fanout => true,
-                RouteAs::Topic => b
-                    .topic
-                    .as_ref()
-                    .is_some_and(|t| t.matches(words.as_deref().unwrap_or(&[]))),
-                RouteAs::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
-            };
-            if !hit {
-                continue;
+        // Exchanges reached and still to route (no allocation unless an
+        // exchange-to-exchange binding or alternate exchange is taken).
+        let mut seen: Vec<&str> = Vec::new();
+        let mut work: Vec<&str> = Vec::new();
+        let mut current = exchange;
+        loop {
+            if let Some(ex) = self.exchanges.get(current) {
+                let words: Vec<Vec<&str>> = if ex.routes == RouteAs::Topic {
+                    keys.iter().map(|k| split_words(k)).collect()
+                } else {
+                    Vec::new()
+                };
+                let mut matched = false;
+                for b in &ex.binds {
+                    let hit = match ex.routes {
+                        RouteAs::Direct => keys.iter().any(|k| b.key == *k),
+                        RouteAs::Fanout => true,
+                        RouteAs::Topic => b.topic.as_ref().is_some_and(|t| words.iter().any(|w| t.matches(w))),
+                        RouteAs::Headers => b.headers.as_ref().is_some_and(|h| h.matches(headers)),
+                    };
+                    if !hit {
+                        continue;
+                    }
+                    matched = true;
+                    if b.dest_is_exchange {
+                        let d: &str = &b.dest;
+                        if d != exchange && !seen.contains(&d) && self.exchanges.contains_key(d) {
+                            seen.push(d);
+                            work.push(d);
+                        }
+                    } else if self.queues.contains_key(&*b.dest) && !out.contains(&b.dest) {
+                        out.push(b.dest.clone());
+                    }
+                }
+                if !matched {
+                    if let Some(ae) = &ex.alternate {
+                        let d: &str = ae;
+                        if d != exchange && !seen.contains(&d) && self.exchanges.contains_key(d) {
+                            seen.push(d);
+                            work.push(d);
+                        }
+                    }
+                }
             }
-            if b.dest_is_exchange {
-                self.route(&b.dest, key, headers, out, depth + 1);
-            } else if self.queues.contains_key(&*b.dest) && !out.contains(&b.dest) {
-                out.push(b.dest.clone());
-            }
-        }
-        if out.len() == before {
-            if let Some(ae) = &ex.alternate {
-                self.route(ae, key, headers, out, depth + 1);
+            match work.pop() {
+                Some(next) => current = next,
+                None => return,
             }
         }
     }
@@ -1530,6 +1581,10 @@ impl State {
             (a, b) => a.or(b),
         };
         if q.ready == 0 {
+            // The TTL runs from now even for a message handed straight to a
+            // consumer: requeued later, it expires if its time is up (as on
+            // RabbitMQ, where a requeue does not reset the TTL).
+            m.expires = ttl.and_then(|t| Instant::now().checked_add(t));
             if let Some(m) = try_direct(q, &mut self.consumers, m, fx) {
                 m.expires_after(ttl, q);
             } else {
@@ -1575,13 +1630,27 @@ impl State {
             dispatch(q, &mut self.consumers, fx);
             return;
         }
-        self.expire(name, fx);
-        let Some(q) = self.queues.get_mut(name) else { return };
-        dispatch(q, &mut self.consumers, fx);
-        if q.expiring > 0 || q.cfg.ttl.is_some() {
-            // Dispatch may have exposed new heads.
-            let n = q.name.clone();
-            self.expire(&n, fx);
+        loop {
+            self.expire(name, fx);
+            let Some(q) = self.queues.get_mut(name) else { return };
+            dispatch(q, &mut self.consumers, fx);
+            if q.expiring == 0 && q.cfg.ttl.is_none() {
+                return;
+            }
+            // Dispatch stops at an expired head: expire it (and whatever
+            // expired behind it) and go on delivering, as RabbitMQ drops
+            // expired messages between deliveries.
+            let now = Instant::now();
+            let head_expired = q
+                .head_level()
+                .and_then(|l| q.levels[l].front())
+                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
+            if !head_expired {
+                // Dispatch may have exposed new heads: arm their timer.
+                let n = q.name.clone();
+                self.expire(&n, fx);
+                return;
+            }
         }
     }
 
@@ -1594,18 +1663,24 @@ impl State {
         }
         let now = Instant::now();
         let mut dead = Vec::new();
-        for l in 0..q.levels.len() {
+        // Only at the head, in delivery order (highest priority first): an
+        // expired message behind one that has not expired stays until it
+        // reaches the head, in a priority queue too (RabbitMQ's
+        // `rabbit_priority_queue:fetchwhile` stops at the first priority
+        // whose head has not expired).
+        let mut next = None;
+        'levels: for l in (0..q.levels.len()).rev() {
             while let Some(h) = q.levels[l].front() {
                 if h.expires.is_some_and(|e| e <= now) {
                     let h = q.levels[l].pop_front().expect("front exists");
                     q.took(&h);
                     dead.push(h);
                 } else {
-                    break;
+                    next = h.expires;
+                    break 'levels;
                 }
             }
         }
-        let next = q.levels.iter().filter_map(|l| l.front().and_then(|h| h.expires)).min();
         if let Some(at) = next {
             if q.timer.is_none_or(|t| at < t) {
                 q.timer = Some(at);
@@ -1664,6 +1739,17 @@ impl State {
         fx: &mut Effects,
     ) {
         let Some(dlx) = dlx else { return };
+        if let Some(deferred) = &mut self.deferred_dead {
+            deferred.push(DeadLetter {
+                queue: queue.clone(),
+                dlx: Some(dlx),
+                dlrk,
+                message: m,
+                reason,
+                depth,
+            });
+            return;
+        }
         if depth > 16 || !(dlx.is_empty() || self.exchanges.contains_key(&*dlx)) {
             return;
         }
@@ -1687,10 +1773,8 @@ impl State {
         };
         let key = dlrk.unwrap_or_else(|| rk.unwrap_or_else(|| queue.clone()));
         let mut targets = Vec::new();
-        self.route(&dlx, &key, &message.headers, &mut targets, 0);
-        for k in &extra {
-            self.route(&dlx, k, &message.headers, &mut targets, 0);
-        }
+        let keys: Vec<&str> = std::iter::once(&*key).chain(extra.iter().map(|k| &**k)).collect();
+        self.route(&dlx, &keys, &message.headers, &mut targets);
         if reason != "rejected" {
             if let Some(HeaderValue::Array(deaths)) = message.headers.get("x-death") {
                 targets.retain(|t| !is_cycle(t, deaths));
@@ -1947,6 +2031,17 @@ impl State {
             }
         }
     }
+}
+
+/// A dead letter waiting for the deliveries of the publish that caused it
+/// (see `State::deferred_dead`).
+struct DeadLetter {
+    queue: Arc<str>,
+    dlx: Option<Arc<str>>,
+    dlrk: Option<Arc<str>>,
+    message: QMsg,
+    reason: &'static str,
+    depth: u32,
 }
 
 /// What `basic.get` took: the delivery, the ready count left behind it,

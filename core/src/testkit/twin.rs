@@ -20,6 +20,21 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::cc_and_bcc_keys_route_dead_letters, DeadLettering),
         case!(twin::invalid_queue_arguments_are_refused_on_first_declare),
         case!(twin::queue_equivalence_compares_known_arguments),
+        case!(twin::default_exchange_cc_copies_keep_the_published_key),
+        case!(twin::requeued_message_past_its_ttl_expires, MessageTtl, DeadLettering),
+        case!(
+            twin::get_count_excludes_expired_messages_behind_the_taken_one,
+            MessageTtl
+        ),
+        case!(twin::consumer_gets_the_messages_behind_an_expired_one, MessageTtl),
+        case!(twin::exchanges_are_routed_once_with_every_key),
+        case!(twin::alternate_exchange_only_when_no_binding_matched),
+        case!(twin::priority_queue_expires_only_at_its_head, Priorities, MessageTtl),
+        case!(
+            twin::dead_letter_follows_the_publish_that_caused_it,
+            MessageTtl,
+            DeadLettering
+        ),
     ]
 }
 
@@ -525,4 +540,334 @@ async fn queue_equivalence_compares_known_arguments(ctx: &Ctx<'_>) -> Result<(),
         ctx.drain(&name).await?,
         vec!["kept".to_owned()],
     )
+}
+
+/// Found by the differential test (`tests/difftest.rs`): a copy the default
+/// exchange routes by a `CC` or `BCC` key is delivered with the routing key
+/// the message was published with, not with the name of the queue it
+/// reached.
+async fn default_exchange_cc_copies_keep_the_published_key(ctx: &Ctx<'_>) -> Result<(), String> {
+    let direct = ctx.queue("direct").await?;
+    let cc = ctx.queue("cc").await?;
+    let bcc = ctx.queue("bcc").await?;
+    let m = Message::new("m1")
+        .with_header("CC", keys(&[cc.as_str()]))
+        .with_header("BCC", keys(&[bcc.as_str()]));
+    ctx.publish_message(&Destination::queue(direct.as_str()), m).await?;
+    // A key that names no queue: only the CC/BCC copies are routed.
+    let m = Message::new("m2")
+        .with_header("CC", keys(&[cc.as_str()]))
+        .with_header("BCC", keys(&[bcc.as_str()]));
+    ctx.publish_message(&Destination::queue("#"), m).await?;
+    let t = ctx.transport();
+    for (q, expected) in [
+        (&direct, vec![("m1", direct.as_str())]),
+        (&cc, vec![("m1", direct.as_str()), ("m2", "#")]),
+        (&bcc, vec![("m1", direct.as_str()), ("m2", "#")]),
+    ] {
+        let mut got = Vec::new();
+        while let Some(g) = t.get(q, true).await.ctx(&format!("get from '{q}'"))? {
+            let info = &g.delivery.info;
+            got.push((
+                body(&g.delivery),
+                info.exchange.to_string(),
+                info.routing_key.to_string(),
+            ));
+        }
+        let expected: Vec<(String, String, String)> = expected
+            .into_iter()
+            .map(|(b, k)| (b.to_owned(), String::new(), k.to_owned()))
+            .collect();
+        ensure_eq(
+            &format!("(body, exchange, routing key) of the copies in '{q}'"),
+            got,
+            expected,
+        )?;
+    }
+    Ok(())
+}
+
+/// Found by the differential test: a message handed straight to a consumer
+/// still has its queue TTL running from when it was enqueued, so when it is
+/// requeued after that time it expires (dead-lettered as `expired`) instead
+/// of going back to the queue.
+async fn requeued_message_past_its_ttl_expires(ctx: &Ctx<'_>) -> Result<(), String> {
+    let dlx = ctx.exchange("dlx", ExchangeKind::Fanout).await?;
+    let dead = ctx.queue("dead").await?;
+    ctx.bind(&dead, &dlx, "").await?;
+    let q = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("src"))
+                .message_ttl(std::time::Duration::ZERO)
+                .dead_letter(dlx.as_str(), None),
+        )
+        .await?;
+    let mut sub = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    ctx.publish(&Destination::queue(q.as_str()), "m1").await?;
+    // With a TTL of 0 the message is only delivered because a consumer
+    // could take it at once.
+    let d = recv(&mut sub, WAIT).await?;
+    ensure_eq("delivered body", body(&d), "m1".to_string())?;
+    cancel(&sub).await.ctx("cancel")?;
+    d.nack(true).await.ctx("nack with requeue")?;
+    let t = ctx.transport();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let g = loop {
+        if let Some(g) = t.get(&dead, true).await.ctx("get from the dead-letter queue")? {
+            break g;
+        }
+        ensure(tokio::time::Instant::now() < deadline, || {
+            "the requeued message, past its TTL of 0, should be dead-lettered".to_string()
+        })?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    ensure_eq("dead letter body", body(&g.delivery), "m1".to_string())?;
+    let reason = g
+        .delivery
+        .message
+        .headers
+        .get_str("x-first-death-reason")
+        .map(str::to_owned);
+    ensure_eq("x-first-death-reason", reason, Some("expired".to_string()))?;
+    ensure_eq("depth of the source queue", ctx.depth(&q).await?, 0)
+}
+
+/// Found by the differential test: `basic.get` drops the expired messages
+/// that the taken one uncovers at the head before it counts what is left
+/// (RabbitMQ's `fetch` then `drop_expired_msgs`), so a message with
+/// `expiration: 0` right behind the taken one is not counted (one further
+/// back is, until it reaches the head).
+async fn get_count_excludes_expired_messages_behind_the_taken_one(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    ctx.publish_message(&dest, Message::new("m2").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    ctx.publish(&dest, "m3").await?;
+    ctx.publish_message(&dest, Message::new("m4").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    let t = ctx.transport();
+    let mut got = Vec::new();
+    while let Some(g) = t.get(&q, true).await.ctx("get")? {
+        got.push((body(&g.delivery), g.message_count));
+    }
+    ensure_eq(
+        "(body, message_count) of each get",
+        got,
+        vec![("m1".to_string(), 2), ("m3".to_string(), 0)],
+    )
+}
+
+/// Found by the differential test: a new consumer is sent what is ready,
+/// the expired messages it reaches at the head dropped on the way, not only
+/// what comes before the first of them.
+async fn consumer_gets_the_messages_behind_an_expired_one(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    ctx.publish_message(&dest, Message::new("m2").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    ctx.publish(&dest, "m3").await?;
+    for auto_ack in [true, false] {
+        let mut sub = ctx
+            .consume(&q, ConsumeOptions::default().auto_ack(auto_ack).prefetch(1))
+            .await?;
+        let mut got = Vec::new();
+        for d in take(&mut sub, if auto_ack { 2 } else { 1 }).await? {
+            got.push(body(&d));
+            if !auto_ack {
+                d.ack().await.ctx("ack")?;
+            }
+        }
+        if !auto_ack {
+            got.push(body(&recv(&mut sub, WAIT).await?));
+        }
+        let expected = if auto_ack { vec!["m1", "m3"] } else { vec!["m4", "m6"] };
+        ensure_eq(
+            &format!("bodies delivered (auto_ack {auto_ack})"),
+            got,
+            expected.into_iter().map(String::from).collect(),
+        )?;
+        expect_nothing(&mut sub, QUIET).await?;
+        cancel(&sub).await.ctx("cancel")?;
+        // The same with a manual-ack consumer of prefetch 1: the ack of the
+        // first delivery brings the one behind the expired message.
+        ctx.publish(&dest, "m4").await?;
+        ctx.publish_message(&dest, Message::new("m5").with_expiration(std::time::Duration::ZERO))
+            .await?;
+        ctx.publish(&dest, "m6").await?;
+    }
+    Ok(())
+}
+
+/// Found by the differential test: every exchange a message reaches is
+/// routed once, with all its keys (routing key and `CC`), however many
+/// bindings lead to it: cycles of exchange-to-exchange bindings end at
+/// once, and a `CC` key routes at an exchange reached through the routing
+/// key.
+async fn exchanges_are_routed_once_with_every_key(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let loop_x = ctx.exchange("loop", ExchangeKind::Fanout).await?;
+    let q = ctx.queue("q").await?;
+    ctx.bind(&q, &loop_x, "").await?;
+    for k in ["a", "b"] {
+        t.bind(&Binding::exchange(loop_x.clone(), loop_x.clone(), k))
+            .await
+            .ctx("bind the fanout exchange to itself")?;
+    }
+    let other = ctx.exchange("other", ExchangeKind::Fanout).await?;
+    for (s, d) in [(&loop_x, &other), (&other, &loop_x)] {
+        t.bind(&Binding::exchange(d.clone(), s.clone(), ""))
+            .await
+            .ctx("bind the two fanout exchanges both ways")?;
+    }
+    let started = std::time::Instant::now();
+    ctx.publish(&Destination::new(loop_x.as_str(), "k"), "m1").await?;
+    ensure(started.elapsed() < std::time::Duration::from_secs(1), || {
+        format!("publishing through a cycle of exchanges took {:?}", started.elapsed())
+    })?;
+    ensure_eq("copies through the cycle", ctx.drain(&q).await?, vec!["m1".to_string()])?;
+    // x1 is reached through the routing key "a" and routed with the CC
+    // key "b" too.
+    let x0 = ctx.exchange("x0", ExchangeKind::Direct).await?;
+    let x1 = ctx.exchange("x1", ExchangeKind::Direct).await?;
+    t.bind(&Binding::exchange(x1.clone(), x0.clone(), "a"))
+        .await
+        .ctx("bind x1 to x0 with a")?;
+    let qb = ctx.queue("qb").await?;
+    ctx.bind(&qb, &x1, "b").await?;
+    let m = Message::new("m2").with_header("CC", keys(&["b"]));
+    ctx.publish_message(&Destination::new(x0.as_str(), "a"), m).await?;
+    ensure_eq(
+        "queue bound to x1 with the CC key",
+        ctx.drain(&qb).await?,
+        vec!["m2".to_string()],
+    )
+}
+
+/// Found by the differential test: an exchange's alternate exchange takes
+/// a message only when none of the exchange's bindings matched it; a match
+/// that leads nowhere (an exchange binding to an exchange without queues,
+/// a queue already reached another way) does not count as unroutable.
+async fn alternate_exchange_only_when_no_binding_matched(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let ae = ctx.exchange("ae", ExchangeKind::Fanout).await?;
+    let caught = ctx.queue("caught").await?;
+    ctx.bind(&caught, &ae, "").await?;
+    let mut main = ExchangeSpec::direct(ctx.exchange_name("main"));
+    main.arguments.insert("alternate-exchange", ae.as_str());
+    t.declare_exchange(&main)
+        .await
+        .ctx("declare an exchange with an alternate exchange")?;
+    let empty = ctx.exchange("empty", ExchangeKind::Fanout).await?;
+    t.bind(&Binding::exchange(empty.clone(), main.name.clone(), "to-empty"))
+        .await
+        .ctx("bind an exchange without queues")?;
+    ctx.publish(&Destination::new(main.name.as_str(), "to-empty"), "m1")
+        .await?;
+    ctx.publish(&Destination::new(main.name.as_str(), "nothing"), "m2")
+        .await?;
+    ensure_eq(
+        "messages the alternate exchange took",
+        ctx.drain(&caught).await?,
+        vec!["m2".to_string()],
+    )?;
+    expect_code(
+        "mandatory publish that only reaches an exchange without queues",
+        t.publish_with(
+            &Destination::new(main.name.as_str(), "to-empty"),
+            Message::new("m3"),
+            crate::transport::PublishOptions::mandatory(),
+        )
+        .await,
+        "unroutable",
+    )?;
+    ensure_eq(
+        "nothing more in the alternate queue",
+        ctx.drain(&caught).await?,
+        Vec::<String>::new(),
+    )
+}
+
+/// Found by the differential test: in a priority queue too, a message whose
+/// TTL has run out expires only once it is at the head (the next to be
+/// delivered, highest priority first): behind a higher-priority message
+/// that does not expire it is still counted, and it goes when that message
+/// is taken.
+async fn priority_queue_expires_only_at_its_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx
+        .declare_queue(QueueSpec::new(ctx.queue_name("q")).max_priority(4))
+        .await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish_message(
+        &dest,
+        Message::new("low").with_expiration(std::time::Duration::from_millis(50)),
+    )
+    .await?;
+    ctx.publish_message(&dest, Message::new("high").with_priority(4))
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ensure_eq(
+        "depth with the expired message behind the head",
+        ctx.depth(&q).await?,
+        2,
+    )?;
+    let t = ctx.transport();
+    let g = t
+        .get(&q, true)
+        .await
+        .ctx("get")?
+        .ok_or("the queue should not be empty")?;
+    ensure_eq(
+        "(body, message_count) of the get",
+        (body(&g.delivery), g.message_count),
+        ("high".to_string(), 0),
+    )?;
+    ensure(t.get(&q, true).await.ctx("second get")?.is_none(), || {
+        "the expired message should be gone once it reached the head".to_string()
+    })
+}
+
+/// Found by the differential test: a dead letter caused by a publish (here
+/// a queue TTL of 0) is published by the queue after the original message
+/// reached every queue it was routed to, so a queue that gets both sees
+/// the original first (here the dead-letter exchange is the exchange the
+/// message was published to).
+async fn dead_letter_follows_the_publish_that_caused_it(ctx: &Ctx<'_>) -> Result<(), String> {
+    let x = ctx.exchange("x", ExchangeKind::Fanout).await?;
+    let expiring = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("expiring"))
+                .message_ttl(std::time::Duration::ZERO)
+                .dead_letter(x.as_str(), None),
+        )
+        .await?;
+    // Bound first, so that it comes first in routing order.
+    ctx.bind(&expiring, &x, "").await?;
+    let both = ctx.queue("both").await?;
+    ctx.bind(&both, &x, "").await?;
+    let mut sub = ctx
+        .consume(&both, ConsumeOptions::default().auto_ack(true).prefetch(1))
+        .await?;
+    ctx.publish(&Destination::new(x.as_str(), "k"), "m1").await?;
+    let mut got = Vec::new();
+    for d in take(&mut sub, 2).await? {
+        got.push((
+            body(&d),
+            d.message.headers.get_str("x-first-death-reason").map(str::to_owned),
+        ));
+    }
+    ensure_eq(
+        "(body, x-first-death-reason) of the deliveries from the queue bound next to the expiring one",
+        got,
+        vec![
+            ("m1".to_string(), None),
+            ("m1".to_string(), Some("expired".to_string())),
+        ],
+    )?;
+    // The dead letter routed back to the queue it expired in is dropped
+    // (a cycle): nothing more arrives.
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    Ok(())
 }
