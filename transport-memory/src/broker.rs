@@ -1262,7 +1262,9 @@ impl State {
     }
 
     /// [`publish`](Self::publish) on behalf of a connection, or of an
-    /// `x-delayed-message` exchange releasing a message.
+    /// `x-delayed-message` exchange releasing a message. Inlined: the
+    /// message (a few hundred bytes) is moved once, not once per frame.
+    #[inline(always)]
     fn publish_routed(
         &mut self,
         exchange: &Arc<str>,
