@@ -214,7 +214,10 @@ struct MsgDef {
     bcc: Vec<Key>,
     priority: Option<u8>,
     expiration: Option<Ttl>,
-    persistent: bool,
+    /// The AMQP delivery mode sent: none, 1 or 2.
+    delivery_mode: Option<u8>,
+    /// Without headers: an explicitly empty headers table instead of none.
+    empty_table: bool,
     properties: bool,
 }
 
@@ -357,7 +360,11 @@ fn gen_case(seed: u64) -> Case {
                 None
             },
             max_length_bytes: if r.chance(10) { Some(r.below(8) as u64) } else { None },
-            max_priority: if r.chance(20) { Some(1 + r.below(5) as u8) } else { None },
+            max_priority: if r.chance(20) {
+                Some(if r.chance(25) { 200 } else { 1 + r.below(5) as u8 })
+            } else {
+                None
+            },
             auto_delete: r.chance(10),
         })
         .collect();
@@ -407,7 +414,9 @@ fn gen_case(seed: u64) -> Case {
                 // not expired on time (a basic.get even returns it expired);
                 // message priority belongs to the message-model work.
                 let (priority, expiration) = if r.chance(25) {
-                    (Some(r.below(10) as u8), None)
+                    // AMQP's 0-9 mostly; above 9 as RabbitMQ allows.
+                    let p = if r.chance(20) { 10 + r.below(246) } else { r.below(10) };
+                    (Some(p as u8), None)
                 } else if r.chance(25) {
                     (None, Some(gen_ttl(&mut r)))
                 } else {
@@ -432,7 +441,8 @@ fn gen_case(seed: u64) -> Case {
                     },
                     priority,
                     expiration,
-                    persistent: r.chance(50),
+                    delivery_mode: [None, Some(1), Some(2), Some(2)][r.below(4)],
+                    empty_table: r.chance(20),
                     properties: r.chance(30),
                 };
                 Op::Publish {
@@ -612,7 +622,11 @@ impl Names {
         binding
     }
     fn message(&self, m: &MsgDef) -> Message {
-        let mut msg = Message::new(format!("m{}", m.id)).persistent(m.persistent);
+        let mut msg = Message::new(format!("m{}", m.id));
+        msg.properties.delivery_mode = m.delivery_mode;
+        if m.empty_table {
+            msg.headers = Headers::empty_table();
+        }
         for (k, v) in &m.headers {
             msg = msg.with_header(*k, v.value());
         }
@@ -638,6 +652,7 @@ impl Names {
                 .with_app_id("difftest")
                 .with_timestamp(1_700_000_000)
                 .with_reply_to(self.q(0));
+            msg.properties.cluster_id = Some("difftest".into());
         }
         msg
     }
