@@ -49,16 +49,21 @@ fn subject(dest: &Destination) -> Subject<'_> {
 
 async fn pool_channel<C: AmqpClient>(live: &Live<C>, confirms: bool) -> std::result::Result<Arc<Chan<C>>, ClientError> {
     let i = NEXT.fetch_add(1, Ordering::Relaxed) % live.pool.len();
-    let mut slot = live.pool[i].lock().await;
-    if let Some(ch) = slot.as_ref().filter(|c| c.is_open()) {
-        return Ok(ch.clone());
+    let slot = &live.pool[i];
+    if let Some(ch) = slot.open_channel() {
+        return Ok(ch);
+    }
+    let _opening = slot.opening.lock().await;
+    // Another caller may have opened it meanwhile.
+    if let Some(ch) = slot.open_channel() {
+        return Ok(ch);
     }
     let ch = live.conn.open_channel().await?;
     if confirms {
         ch.confirm_select().await?;
     }
     let ch = Arc::new(ch);
-    *slot = Some(ch.clone());
+    *slot.current.lock() = Some(ch.clone());
     Ok(ch)
 }
 
@@ -158,10 +163,18 @@ pub(crate) async fn publish<C: AmqpClient>(
                 }
             },
         };
-        let sent = tokio::time::timeout_at(deadline, ch.publish(dest, message, options.mandatory)).await;
-        let confirm = match sent {
+        // One timer over the publish and its confirm: a second one would
+        // cost as much as the rest of the bookkeeping of a publish.
+        let sent = tokio::time::timeout_at(deadline, async {
+            match ch.publish(dest, message, options.mandatory).await {
+                Ok(confirm) => Ok(confirm.await),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        let outcome = match sent {
             Err(_) => return Err(timed_out(dest, &live, started)),
-            Ok(Ok(c)) => c,
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => match after_failure(e, dest, message) {
                 Next::Fail(e) => return Err(e),
                 Next::Retry => {
@@ -170,7 +183,7 @@ pub(crate) async fn publish<C: AmqpClient>(
                 }
             },
         };
-        match resolve(settle(confirm, deadline, dest, &live, started).await, dest, message) {
+        match resolve(classify(outcome, deadline, dest), dest, message) {
             Ok(()) => return Ok(()),
             Err(Some(e)) => return Err(e),
             Err(None) => {
@@ -178,20 +191,6 @@ pub(crate) async fn publish<C: AmqpClient>(
                 continue;
             }
         }
-    }
-}
-
-/// Waits for one confirm: `Err(None)` when the publish must be sent again.
-async fn settle<C: AmqpClient>(
-    confirm: Confirm,
-    deadline: Instant,
-    dest: &Destination,
-    live: &Live<C>,
-    started: Instant,
-) -> std::result::Result<(), Option<Error>> {
-    match tokio::time::timeout_at(deadline, confirm).await {
-        Err(_) => Err(Some(timed_out(dest, live, started))),
-        Ok(outcome) => classify(outcome, deadline, dest),
     }
 }
 
@@ -244,7 +243,7 @@ fn classify(outcome: ConfirmOutcome, deadline: Instant, dest: &Destination) -> s
     }
 }
 
-/// Decides a channel close reported by [`settle`] with the message at hand:
+/// Decides a channel close reported by [`classify`] with the message at hand:
 /// `Err(None)` means send it again.
 fn resolve(
     outcome: std::result::Result<(), Option<Error>>,
