@@ -65,6 +65,8 @@ type Chan<C> = <<C as AmqpClient>::Connection as AmqpConnection>::Channel;
 pub(crate) struct Slot<C: AmqpClient> {
     pub current: parking_lot::Mutex<Option<Arc<Chan<C>>>>,
     pub opening: tokio::sync::Mutex<()>,
+    /// Single publishes sent or about to be sent on it, not yet settled.
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl<C: AmqpClient> Default for Slot<C> {
@@ -72,6 +74,7 @@ impl<C: AmqpClient> Default for Slot<C> {
         Slot {
             current: parking_lot::Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
+            in_flight: Default::default(),
         }
     }
 }
