@@ -12,7 +12,8 @@
 //! - consuming 100,000 with prefetch 100 and manual ack (raw: one awaited
 //!   `basic_ack` per message; switchyard: `Delivery::ack`, coalesced);
 //! - 2,000 sequential RPC round trips over direct reply-to (p50/p99), against
-//!   the same raw amqprs echo server;
+//!   the same raw amqprs echo server (raw without confirms, and raw with
+//!   confirms as `RpcClient` publishes its requests: the same work);
 //! - `concurrent`: 20,000 persistent 256-byte messages published by 32 and
 //!   by 256 tasks, each awaiting its own confirm before the next (raw: the
 //!   tasks share one confirm channel, a lock around numbering and
@@ -234,6 +235,45 @@ async fn raw_rpc(conn: &Connection, queue: &str, n: usize) -> Vec<Duration> {
         let m = rx.recv().await.unwrap();
         assert_eq!(
             m.basic_properties.unwrap().correlation_id().map(String::as_str),
+            Some(i.to_string().as_str())
+        );
+        lat.push(start.elapsed());
+    }
+    ch.close().await.unwrap();
+    lat
+}
+
+/// The raw sequential RPC doing what `RpcClient` does: the request
+/// published in confirm mode, the call done when both its confirm and its
+/// reply are in.
+async fn raw_rpc_confirmed(conn: &Connection, queue: &str, n: usize) -> Vec<Duration> {
+    let ch = conn.open_channel(None).await.unwrap();
+    let waiters: ConfirmWaiters = Default::default();
+    ch.register_callback(Waiting(waiters.clone())).await.unwrap();
+    let mut args = BasicConsumeArguments::new("amq.rabbitmq.reply-to", "raw-rpc-confirmed");
+    args.auto_ack(true);
+    let (_, mut rx) = ch.basic_consume_rx(args).await.unwrap();
+    ch.confirm_select(ConfirmSelectArguments::default()).await.unwrap();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let (tx, confirm) = tokio::sync::oneshot::channel();
+        waiters.lock().insert(i as u64 + 1, tx);
+        let mut props = BasicProperties::default();
+        props
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string());
+        ch.basic_publish(props, vec![b'x'; 32], BasicPublishArguments::new("", queue))
+            .await
+            .unwrap();
+        let (acked, m) = tokio::join!(confirm, rx.recv());
+        assert!(acked.unwrap());
+        assert_eq!(
+            m.unwrap()
+                .basic_properties
+                .unwrap()
+                .correlation_id()
+                .map(String::as_str),
             Some(i.to_string().as_str())
         );
         lat.push(start.elapsed());
@@ -575,21 +615,36 @@ async fn main() {
     let sy_dyn: Arc<dyn Transport> = Arc::new(sy.clone());
     let client = Arc::new(RpcClient::new(sy_dyn).await.unwrap());
     let (mut r50, mut s50, mut r99, mut s99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c50, mut c99) = (Vec::new(), Vec::new());
     for run in 0..if wants("rpc") { runs } else { 0 } {
-        let r = raw_rpc(&raw, &rpcq, RPC_N).await;
-        let s = sy_rpc(&client, &rpcq, RPC_N).await;
+        // Alternate which side goes first.
+        let (r, c, s) = if run % 2 == 0 {
+            let r = raw_rpc(&raw, &rpcq, RPC_N).await;
+            let c = raw_rpc_confirmed(&raw, &rpcq, RPC_N).await;
+            (r, c, sy_rpc(&client, &rpcq, RPC_N).await)
+        } else {
+            let s = sy_rpc(&client, &rpcq, RPC_N).await;
+            let c = raw_rpc_confirmed(&raw, &rpcq, RPC_N).await;
+            (raw_rpc(&raw, &rpcq, RPC_N).await, c, s)
+        };
         r50.push(pct(&r, 0.5).as_secs_f64() * 1e6);
         r99.push(pct(&r, 0.99).as_secs_f64() * 1e6);
+        c50.push(pct(&c, 0.5).as_secs_f64() * 1e6);
+        c99.push(pct(&c, 0.99).as_secs_f64() * 1e6);
         s50.push(pct(&s, 0.5).as_secs_f64() * 1e6);
         s99.push(pct(&s, 0.99).as_secs_f64() * 1e6);
         eprintln!(
-            "rpc run {run}: raw p50 {:.0}us p99 {:.0}us, switchyard p50 {:.0}us p99 {:.0}us",
-            r50[run], r99[run], s50[run], s99[run]
+            "rpc run {run}: raw p50 {:.0}us p99 {:.0}us, raw confirmed p50 {:.0}us p99 {:.0}us, switchyard p50 \
+             {:.0}us p99 {:.0}us",
+            r50[run], r99[run], c50[run], c99[run], s50[run], s99[run]
         );
     }
     if wants("rpc") {
-        results.push(("rpc 2000 sequential p50 (us)".into(), r50, s50));
-        results.push(("rpc 2000 sequential p99 (us)".into(), r99, s99));
+        results.push(("rpc 2000 sequential p50 (us)".into(), r50, s50.clone()));
+        results.push(("rpc 2000 sequential p99 (us)".into(), r99, s99.clone()));
+        // RpcClient publishes its requests with confirms: the same work.
+        results.push(("rpc 2000 seq p50, raw confirmed (us)".into(), c50, s50));
+        results.push(("rpc 2000 seq p99, raw confirmed (us)".into(), c99, s99));
     }
     if wants("rpc1000") {
         let (mut r50, mut s50, mut r99, mut s99, mut rw, mut sw) =
