@@ -678,26 +678,35 @@ async fn main() {
 
     if wants("concurrent") {
         for tasks in [32usize, 256] {
-            let (mut r, mut s) = (Vec::new(), Vec::new());
+            let (mut r, mut s, mut rc, mut sc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..runs {
-                let (rd, sd) = if run % 2 == 0 {
-                    let rd = raw_concurrent(&raw, &q, CONCURRENT_N, tasks).await;
+                let raw_first = run % 2 == 0;
+                for raw_side in if raw_first { [true, false] } else { [false, true] } {
+                    let c0 = cpu_time();
+                    let d = if raw_side {
+                        raw_concurrent(&raw, &q, CONCURRENT_N, tasks).await
+                    } else {
+                        sy_concurrent(&sy, &q, CONCURRENT_N, tasks).await
+                    };
+                    let cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONCURRENT_N as f64;
                     purge(&raw, &q).await;
-                    (rd, sy_concurrent(&sy, &q, CONCURRENT_N, tasks).await)
-                } else {
-                    let sd = sy_concurrent(&sy, &q, CONCURRENT_N, tasks).await;
-                    purge(&raw, &q).await;
-                    (raw_concurrent(&raw, &q, CONCURRENT_N, tasks).await, sd)
-                };
-                purge(&raw, &q).await;
-                r.push(CONCURRENT_N as f64 / rd.as_secs_f64());
-                s.push(CONCURRENT_N as f64 / sd.as_secs_f64());
+                    let rate = CONCURRENT_N as f64 / d.as_secs_f64();
+                    if raw_side {
+                        r.push(rate);
+                        rc.push(cpu);
+                    } else {
+                        s.push(rate);
+                        sc.push(cpu);
+                    }
+                }
                 eprintln!(
-                    "concurrent x{tasks} run {run}: raw {:.0}, switchyard {:.0} msg/s",
-                    r[run], s[run]
+                    "concurrent x{tasks} run {run}: raw {:.0}, switchyard {:.0} msg/s (client CPU per message: raw \
+                     {:.1}us, switchyard {:.1}us)",
+                    r[run], s[run], rc[run], sc[run]
                 );
             }
             results.push((format!("publish 20k persistent from {tasks} tasks (msg/s)"), r, s));
+            results.push((format!("  client CPU per message, {tasks} tasks (us)"), rc, sc));
         }
     }
 

@@ -433,6 +433,16 @@ async fn ours_rpc_concurrent(client: &Arc<RpcClient>, q: &str, n: usize) -> (Vec
     (lat, start.elapsed())
 }
 
+/// CPU time (user + system) this process has used, from /proc (Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime (1/100 s) are the 12th and 13th fields after the ')'.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -528,6 +538,8 @@ async fn run() {
     let mut rpc_p99 = Series::default();
     let mut conc32 = Series::default();
     let mut conc256 = Series::default();
+    let mut conc32_cpu = Series::default();
+    let mut conc256_cpu = Series::default();
     let mut rpcc_p50 = Series::default();
     let mut rpcc_p99 = Series::default();
     let mut rpcc_wall = Series::default();
@@ -602,26 +614,37 @@ async fn run() {
             line += &format!(" rpc p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us,", a.0, a.1, b.0, b.1);
         }
         if wants("concurrent") {
-            for (tasks, series) in [(32, &mut conc32), (256, &mut conc256)] {
-                both(run, series, |side| {
+            for (tasks, series, cpu) in [
+                (32, &mut conc32, &mut conc32_cpu),
+                (256, &mut conc256, &mut conc256_cpu),
+            ] {
+                let ((r, rc), (o, oc)) = sides(run, |side| {
                     let (raw, ours, admin, q) = (&raw, &ours, &admin, &q);
                     async move {
                         declare(admin, q).await;
+                        let c0 = cpu_time();
                         let d = if side {
                             raw_concurrent(raw, q, CONCURRENT_N, tasks).await
                         } else {
                             ours_concurrent(ours, q, CONCURRENT_N, tasks).await
                         };
+                        let c = (cpu_time() - c0).as_secs_f64() * 1e6 / CONCURRENT_N as f64;
                         delete(admin, q).await;
-                        CONCURRENT_N as f64 / d.as_secs_f64()
+                        (CONCURRENT_N as f64 / d.as_secs_f64(), c)
                     }
                 })
                 .await;
+                series.raw.push(r);
+                series.ours.push(o);
+                cpu.raw.push(rc);
+                cpu.ours.push(oc);
             }
             let (a, b) = (last(&conc32), last(&conc256));
+            let (ac, bc) = (last(&conc32_cpu), last(&conc256_cpu));
             line += &format!(
-                " concurrent x32 {:.0} vs {:.0} msg/s, x256 {:.0} vs {:.0} msg/s,",
-                a.0, a.1, b.0, b.1
+                " concurrent x32 {:.0} vs {:.0} msg/s ({:.1} vs {:.1} us CPU/msg), x256 {:.0} vs {:.0} msg/s ({:.1} vs \
+                 {:.1} us CPU/msg),",
+                a.0, a.1, ac.0, ac.1, b.0, b.1, bc.0, bc.1
             );
         }
         if wants("rpc1000") {
@@ -736,6 +759,18 @@ async fn run() {
         &mut conc256,
         "msg/s",
         ">= 0.95x",
+    );
+    row(
+        "client CPU per message, 32 tasks",
+        &mut conc32_cpu,
+        "us",
+        "lower is better",
+    );
+    row(
+        "client CPU per message, 256 tasks",
+        &mut conc256_cpu,
+        "us",
+        "lower is better",
     );
     row("rpc p50 (1,000 concurrent)", &mut rpcc_p50, "us", "lower is better");
     row("rpc p99 (1,000 concurrent)", &mut rpcc_p99, "us", "lower is better");
