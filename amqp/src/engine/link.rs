@@ -94,6 +94,8 @@ pub(crate) struct Live<C: AmqpClient> {
     /// The client reports `connection.blocked` (else a blocked connection
     /// only shows as confirms that do not come).
     pub blocked_notifications: bool,
+    /// [`ClientCaps::publish_spill`](crate::client::ClientCaps::publish_spill).
+    pub publish_spill: usize,
     pub signals: Arc<ConnSignals>,
     /// Counts the link's connections (1 for the first).
     pub generation: u64,
@@ -218,6 +220,7 @@ impl<C: AmqpClient> Link<C> {
             conn,
             address: format!("{}:{}", params.host, params.port),
             blocked_notifications: client.caps().blocked_notifications,
+            publish_spill: client.caps().publish_spill,
             signals,
             generation,
             pool: (0..self.pool_size).map(|_| Slot::default()).collect(),
