@@ -286,6 +286,12 @@ pub struct ClientCaps {
     /// consumer then gets a connection of its own so that one queue's poison
     /// message cannot stall the others.
     pub decode_failure_drops_connection: bool,
+    /// Single publishes in flight on one pool channel before the engine
+    /// puts the next ones on another (0: always the least loaded channel).
+    /// A client whose confirms cost little per channel gains from filling
+    /// one channel (the broker's `multiple` acks cover more publishes); one
+    /// that serialises publishes on a channel gains from spreading them.
+    pub publish_spill: usize,
 }
 
 /// An AMQP 0-9-1 client library.

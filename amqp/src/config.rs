@@ -32,7 +32,11 @@ pub struct AmqpConfig {
     pub retry_delay: Duration,
     /// Publisher confirms (`RABBITMQ_ENABLE_PUBLISHER_CONFIRMS`, default on).
     pub publisher_confirms: bool,
-    /// Confirm channels in the publishing pool (default 4).
+    /// Confirm channels in the publishing pool (default 4). Single publishes
+    /// fill the first channel up to the client's
+    /// [`publish_spill`](crate::client::ClientCaps::publish_spill) in flight
+    /// before the next one takes the overflow (lapin), or go to the least
+    /// loaded channel (amqprs); batches take turns over the pool.
     pub publish_channels: usize,
     /// The prefetch a consumer gets when it asks for 0
     /// (`RABBITMQ_DEFAULT_PREFETCH_COUNT`). A consumer never runs without a

@@ -5,8 +5,10 @@
 //! server-named queue, or RabbitMQ direct reply-to where the transport has
 //! it). Each [`call`](RpcClient::call) puts that address in `reply_to`, a
 //! fresh correlation id on the request, registers a waiter under that id
-//! and publishes; one background task reads the replies and hands each to
-//! its waiter. Concurrent calls share the reply queue — unlike the seed,
+//! and publishes; each reply is handed to its waiter by the task that
+//! receives it (the transport's, where it takes a
+//! [`ReplySink`](crate::transport::ReplySink); else one background task of
+//! the client). Concurrent calls share the reply queue — unlike the seed,
 //! which declared a queue per call.
 //!
 //! A call that times out fails with [`Error::RpcTimeout`] (`rpc_timeout`)
@@ -42,7 +44,7 @@ use crate::codec::JsonCodec;
 use crate::error::{Error, Result};
 use crate::message::{new_id, Message};
 use crate::topology::Destination;
-use crate::transport::{CancelHandle, Publisher, Transport};
+use crate::transport::{CancelHandle, Publisher, ReplySink, Transport};
 
 struct Shared {
     pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
@@ -100,17 +102,22 @@ impl fmt::Debug for RpcClient {
 impl RpcClient {
     /// Opens the client's reply channel and starts reading replies.
     pub async fn new(transport: Arc<dyn Transport>) -> Result<Self> {
-        let channel = transport.open_reply_channel().await?;
-        let publisher: Arc<dyn Publisher> = match channel.publisher {
-            Some(p) => p,
-            None => Arc::new(TransportPublisher(transport.clone())),
-        };
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
             late: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
+        // Replies go straight to their waiter from the task that receives
+        // them where the transport can (no hop through the reader task);
+        // the reader gets the rest and the end of the stream.
+        let sink_shared = shared.clone();
+        let sink: ReplySink = Arc::new(move |m| deliver(&sink_shared, m));
+        let channel = transport.open_reply_channel_with(sink).await?;
+        let publisher: Arc<dyn Publisher> = match channel.publisher {
+            Some(p) => p,
+            None => Arc::new(TransportPublisher(transport.clone())),
+        };
         let mut replies = channel.replies;
         let cancel = replies.cancel_handle();
         let reader_shared = shared.clone();

@@ -789,6 +789,11 @@ impl fmt::Debug for ReplyChannel {
     }
 }
 
+/// Takes RPC replies where a transport receives them; see
+/// [`Transport::open_reply_channel_with`]. It must not block: it is called
+/// on the task that reads the reply channel.
+pub type ReplySink = Arc<dyn Fn(Message) + Send + Sync>;
+
 /// A complete transport: publisher, consumer and admin in one, as each
 /// `switchyard-*` transport crate provides.
 #[async_trait]
@@ -821,6 +826,18 @@ pub trait Transport: Publisher + Consumer + Admin {
             replies,
             publisher: None,
         })
+    }
+
+    /// Opens the reply channel like
+    /// [`open_reply_channel`](Transport::open_reply_channel), for a client
+    /// that also takes replies through `sink`. A transport may hand each
+    /// reply to `sink` on the task that receives it instead of putting it
+    /// on the `replies` stream, which saves the RPC client a task hop per
+    /// call; whatever it does not hand over (and the end of the stream, with
+    /// its error) still comes through `replies`. The default ignores `sink`.
+    async fn open_reply_channel_with(&self, sink: ReplySink) -> Result<ReplyChannel> {
+        drop(sink);
+        self.open_reply_channel().await
     }
 }
 

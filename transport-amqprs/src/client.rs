@@ -85,6 +85,9 @@ impl AmqpClient for AmqprsClient {
         ClientCaps {
             blocked_notifications: false,
             decode_failure_drops_connection: true,
+            // Numbering and sending hold a per-channel lock: spread
+            // concurrent publishers over the pool (docs/benchmarks/amqprs.md).
+            publish_spill: 0,
         }
     }
 

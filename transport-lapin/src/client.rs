@@ -93,6 +93,9 @@ impl AmqpClient for LapinClient {
         ClientCaps {
             blocked_notifications: true,
             decode_failure_drops_connection: false,
+            // Confirms are a future per publish: one channel carries a few
+            // hundred concurrent publishers best (docs/benchmarks/lapin.md).
+            publish_spill: 512,
         }
     }
 

@@ -49,6 +49,9 @@ pub(crate) struct ConsumerShared<C: AmqpClient> {
     /// A direct reply-to consumer: its channel also publishes the requests
     /// (in confirm mode).
     pub reply: bool,
+    /// Takes the deliveries of an auto-ack consumer (RPC replies) on the
+    /// pump's task instead of the stream; the end still goes to the stream.
+    pub reply_sink: Option<switchyard_core::ReplySink>,
     /// The queue is exclusive, auto-delete or server-named: forget its
     /// declaration once this consumer ends.
     pub temporary: bool,
@@ -274,14 +277,19 @@ pub(crate) async fn pump<C: AmqpClient>(
                     queue: cs.queue.clone(),
                     consumer_tag: cs.tag.clone(),
                 };
-                let delivery = match &acker {
-                    Some(a) => {
+                let delivery = match (&acker, &cs.reply_sink) {
+                    (Some(a), _) => {
                         if let Some(c) = &coalescer {
                             c.delivered(tag);
                         }
                         Delivery::new(d.message, info, a.clone())
                     }
-                    None => Delivery::auto_acked(d.message, info),
+                    (None, Some(sink)) => {
+                        // No hop through the subscription's reader.
+                        sink(d.message);
+                        continue;
+                    }
+                    (None, None) => Delivery::auto_acked(d.message, info),
                 };
                 let _ = cs.tx.send(Item::Delivery(Ok(delivery)));
             }

@@ -10,7 +10,7 @@ use switchyard_core::{Error, Result};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::client::{AmqpClient, AmqpConnection, ClientError, ConnSignals, ConnectParams};
+use crate::client::{AmqpChannel, AmqpClient, AmqpConnection, ClientError, ConnSignals, ConnectParams};
 use crate::recovery::{ConnectionState, RecoveryConfig, StateWatch};
 
 /// A level-triggered stop signal: once fired, every wait sees it, also the
@@ -58,8 +58,33 @@ impl Role {
 }
 
 type Chan<C> = <<C as AmqpClient>::Connection as AmqpConnection>::Channel;
-/// A lazily opened channel slot.
-pub(crate) type Slot<C> = tokio::sync::Mutex<Option<Arc<Chan<C>>>>;
+/// A lazily opened channel slot. Publishes read the open channel under the
+/// plain lock (never held across an await, so concurrent publishers never
+/// queue behind each other); only (re)opening the channel takes the async
+/// one, so that one caller opens it while the others wait.
+pub(crate) struct Slot<C: AmqpClient> {
+    pub current: parking_lot::Mutex<Option<Arc<Chan<C>>>>,
+    pub opening: tokio::sync::Mutex<()>,
+    /// Single publishes sent or about to be sent on it, not yet settled.
+    pub in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl<C: AmqpClient> Default for Slot<C> {
+    fn default() -> Self {
+        Slot {
+            current: parking_lot::Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+            in_flight: Default::default(),
+        }
+    }
+}
+
+impl<C: AmqpClient> Slot<C> {
+    /// The slot's channel while it is open.
+    pub fn open_channel(&self) -> Option<Arc<Chan<C>>> {
+        self.current.lock().as_ref().filter(|c| c.is_open()).cloned()
+    }
+}
 
 /// One live connection of a link.
 pub(crate) struct Live<C: AmqpClient> {
@@ -69,6 +94,8 @@ pub(crate) struct Live<C: AmqpClient> {
     /// The client reports `connection.blocked` (else a blocked connection
     /// only shows as confirms that do not come).
     pub blocked_notifications: bool,
+    /// [`ClientCaps::publish_spill`](crate::client::ClientCaps::publish_spill).
+    pub publish_spill: usize,
     pub signals: Arc<ConnSignals>,
     /// Counts the link's connections (1 for the first).
     pub generation: u64,
@@ -193,9 +220,10 @@ impl<C: AmqpClient> Link<C> {
             conn,
             address: format!("{}:{}", params.host, params.port),
             blocked_notifications: client.caps().blocked_notifications,
+            publish_spill: client.caps().publish_spill,
             signals,
             generation,
-            pool: (0..self.pool_size).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            pool: (0..self.pool_size).map(|_| Slot::default()).collect(),
             admin_idle: parking_lot::Mutex::new(Vec::new()),
         }))
     }

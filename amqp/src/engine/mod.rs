@@ -25,7 +25,7 @@ use switchyard_core::settings::Settings;
 use switchyard_core::transport::CancelHandle;
 use switchyard_core::{
     Admin, Binding, Capabilities, ConsumeOptions, Consumer, DeleteIf, Destination, Error, ExchangeSpec, GetOk, Message,
-    PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, Result, Subscription, Transport,
+    PublishOptions, Publisher, QueueInfo, QueueSpec, ReplyChannel, ReplySink, Result, Subscription, Transport,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -263,7 +263,7 @@ impl<C: AmqpClient> AmqpTransport<C> {
         self.declare_queue(&QueueSpec::new(parking)).await?;
         let mut sub = self
             .inner
-            .consume(queue, ConsumeOptions::default().prefetch(1), false)
+            .consume(queue, ConsumeOptions::default().prefetch(1), false, None)
             .await?;
         let d = match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
             Ok(Some(Ok(d))) => d,
@@ -433,7 +433,13 @@ impl<C: AmqpClient> Inner<C> {
         Ok(())
     }
 
-    async fn consume(&self, queue: &str, mut options: ConsumeOptions, reply: bool) -> Result<Subscription> {
+    async fn consume(
+        &self,
+        queue: &str,
+        mut options: ConsumeOptions,
+        reply: bool,
+        sink: Option<switchyard_core::ReplySink>,
+    ) -> Result<Subscription> {
         if self.is_closed() {
             return Err(self.shutdown_error());
         }
@@ -464,6 +470,7 @@ impl<C: AmqpClient> Inner<C> {
             cancelled: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             reply,
+            reply_sink: sink,
             temporary,
             own: parking_lot::Mutex::new(None),
             losses: parking_lot::Mutex::new(Default::default()),
@@ -881,7 +888,7 @@ impl<C: AmqpClient> Publisher for AmqpTransport<C> {
 #[async_trait]
 impl<C: AmqpClient> Consumer for AmqpTransport<C> {
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Subscription> {
-        self.inner.consume(queue, options, false).await
+        self.inner.consume(queue, options, false, None).await
     }
     async fn get(&self, queue: &str, auto_ack: bool) -> Result<Option<GetOk>> {
         get::get(&self.inner, queue, auto_ack).await
@@ -970,9 +977,21 @@ impl<C: AmqpClient> Transport for AmqpTransport<C> {
     }
 
     async fn open_reply_channel(&self) -> Result<ReplyChannel> {
+        self.reply_channel(None).await
+    }
+
+    async fn open_reply_channel_with(&self, sink: ReplySink) -> Result<ReplyChannel> {
+        self.reply_channel(Some(sink)).await
+    }
+}
+
+impl<C: AmqpClient> AmqpTransport<C> {
+    /// The direct reply-to consumer and its publisher; replies go to `sink`
+    /// (on the consumer's task) when given.
+    async fn reply_channel(&self, sink: Option<ReplySink>) -> Result<ReplyChannel> {
         let replies = self
             .inner
-            .consume(DIRECT_REPLY_TO, ConsumeOptions::default().auto_ack(true), true)
+            .consume(DIRECT_REPLY_TO, ConsumeOptions::default().auto_ack(true), true, sink)
             .await?;
         let cs = self
             .inner
