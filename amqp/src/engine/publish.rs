@@ -177,6 +177,17 @@ pub(crate) async fn publish<C: AmqpClient>(
             Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
             Err(e) => return Err(e),
         };
+        // After a reconnect the main connection declares the topology again
+        // before it counts as connected: a publish on the publishing
+        // connection must not overtake that (the queues and bindings it
+        // routes to may not exist yet, and an unroutable message is dropped).
+        if !Arc::ptr_eq(link, &inner.main) {
+            match inner.main.wait(deadline).await {
+                Ok(_) => {}
+                Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
+                Err(e) => return Err(e),
+            }
+        }
         if let Some(reason) = live.signals.blocked_reason() {
             // Wait for the broker to unblock (bounded): nothing sent on a
             // blocked connection goes anywhere until then.
