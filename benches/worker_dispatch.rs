@@ -16,6 +16,8 @@
 //! side, and the Worker's added CPU per message (median of the per-pair
 //! differences).
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,27 +118,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn machine() -> String {
-    let sh = |cmd: &str| {
-        std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    format!(
-        "nproc {}, {}, load {}",
-        sh("nproc"),
-        sh("date -u '+%Y-%m-%d %H:%M UTC'"),
-        sh("cut -d' ' -f1-3 /proc/loadavg")
-    )
-}
-
 fn main() {
     let n = count();
     println!(
         "worker_dispatch: {n} messages per drain, {RUNS} alternating drains per side; {}",
-        machine()
+        common::machine()
     );
     let current = tokio::runtime::Builder::new_current_thread()
         .enable_all()

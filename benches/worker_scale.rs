@@ -13,6 +13,8 @@
 //! the route count (1,000), `SCALE_PER_QUEUE` the messages per queue (100);
 //! `RABBITMQ_URL` for the broker). Prints the machine (nproc, date, load).
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,22 +35,6 @@ fn rss() -> u64 {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     pages * 4096
-}
-
-fn machine() -> String {
-    let sh = |cmd: &str| {
-        std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    format!(
-        "nproc {}, {}, load {}",
-        sh("nproc"),
-        sh("date -u '+%Y-%m-%d %H:%M UTC'"),
-        sh("cut -d' ' -f1-3 /proc/loadavg")
-    )
 }
 
 async fn connect(kind: &str) -> Arc<dyn Transport> {
@@ -134,7 +120,7 @@ fn main() {
     let kinds = std::env::var("SCALE_TRANSPORTS").unwrap_or_else(|_| "memory,lapin,amqprs".into());
     println!(
         "worker_scale: {routes} routes, {per_queue} messages per queue; {}",
-        machine()
+        common::machine()
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
