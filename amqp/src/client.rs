@@ -68,13 +68,17 @@ impl ClientError {
     }
 
     /// True when the broker closed the connection because of the request
-    /// itself (a hard error that is not transient, e.g. 503 COMMAND_INVALID
-    /// for an unknown exchange type): the connection is gone, but sending
-    /// the same request on a fresh one would only close that one too, so
-    /// the engine reconnects and reports the error instead of retrying.
-    pub fn is_refusal(&self) -> bool {
+    /// `(class, method)` itself: a hard error that is not transient (e.g.
+    /// 503 COMMAND_INVALID for an unknown exchange type) whose reply names
+    /// that method, or none. The connection is gone, but sending the same
+    /// request on a fresh one would only close that one too, so the engine
+    /// reconnects and reports the error instead of retrying. A request that
+    /// merely shared the connection with the one refused is retried.
+    pub fn refuses(&self, request: (u16, u16)) -> bool {
         matches!(self, ClientError::Broker(r)
-            if r.scope == switchyard_core::CloseScope::Connection && !r.is_transient())
+            if r.scope == switchyard_core::CloseScope::Connection
+                && !r.is_transient()
+                && (r.class_id == 0 || (r.class_id, r.method_id) == request))
     }
 }
 
@@ -523,6 +527,29 @@ fn fingerprint(m: &Message) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_the_refused_request_is_not_retried() {
+        use switchyard_core::{BrokerReply, CloseScope};
+        let closed = |code: u16, class_method: (u16, u16)| {
+            ClientError::Broker(
+                BrokerReply::new(code, "COMMAND_INVALID - unknown exchange type 'x-nope'")
+                    .caused_by(class_method.0, class_method.1)
+                    .scope(CloseScope::Connection),
+            )
+        };
+        let declare = (40, 10);
+        assert!(closed(503, declare).refuses(declare));
+        assert!(closed(503, declare).is_lost());
+        assert!(
+            !closed(503, declare).refuses((50, 10)),
+            "another request on that connection is retried"
+        );
+        assert!(!closed(320, (0, 0)).refuses(declare), "a forced close is transient");
+        assert!(closed(530, (0, 0)).refuses(declare), "a reply naming no method counts");
+        let channel = ClientError::Broker(BrokerReply::new(406, "PRECONDITION_FAILED").caused_by(40, 10));
+        assert!(!channel.refuses(declare), "a channel error is not a lost connection");
+    }
     use super::*;
 
     async fn outcome(c: Confirm) -> String {

@@ -101,7 +101,7 @@ where
             }
             Err(e) if e.is_lost() || !live.is_open() => {
                 inner.main.suspect().await;
-                if e.is_refusal() || tokio::time::Instant::now() >= deadline {
+                if e.refuses(op) || tokio::time::Instant::now() >= deadline {
                     return Err(map(e, subject, op));
                 }
             }
