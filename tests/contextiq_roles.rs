@@ -10,6 +10,9 @@
 //! is left in any queue but the results, and that `/readyz` reports the
 //! surviving workers ready. Every request is counted (lost, duplicated).
 
+mod common;
+use common::rabbitmqctl;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -28,18 +31,6 @@ fn bin_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned()
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 struct Vhost(String);

@@ -15,6 +15,9 @@
 //! Every message is counted (lost, duplicated, finished-but-redelivered)
 //! and the counts are printed.
 
+mod common;
+use common::rabbitmqctl;
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -48,18 +51,6 @@ async fn connect<C: AmqpClient + Default>(url: &str, name: &str) -> Option<AmqpT
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &switchyard_core::message::new_id()[..12])
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Drains `queue` until it stays empty for `idle`; returns the bodies.

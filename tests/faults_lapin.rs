@@ -16,6 +16,9 @@
 //! When the broker is unreachable they fail if `SWITCHYARD_REQUIRE_RABBITMQ=1`,
 //! else print "skipped: RabbitMQ unreachable".
 
+mod common;
+use common::rabbitmqctl;
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,18 +52,6 @@ async fn connect() -> Option<LapinTransport> {
         Ok(t) => Some(t),
         Err(e) => switchyard_core::testkit::broker_unreachable(e),
     }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Starts the broker app again if a test stops midway with it stopped.
