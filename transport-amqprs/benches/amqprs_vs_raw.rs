@@ -24,9 +24,16 @@
 //!   correlation id to the waiting tasks, no confirms, as in the sequential
 //!   raw RPC; ours: one `RpcClient`, confirms on);
 //! - `large`: 100 transient 1 MiB messages published (pipelined, confirmed)
-//!   and consumed (prefetch 10, manual ack).
+//!   and consumed (prefetch 10, manual ack);
+//! - `worker`: 100,000 consumed through a `Worker` route (trivial handler)
+//!   with prefetch 100 and with prefetch 1,000, against raw amqprs acking
+//!   each delivery at the same prefetch.
 //!
-//! `BENCH_ONLY=publish|consume|rpc|concurrent|rpc1000|large` (comma-separated
+//! The consume rows print the CPU each side cost this process and the local
+//! broker (`beam.smp`) per message, and a reference row: raw amqprs acking
+//! `multiple` every 50 deliveries by hand, the coalescing switchyard does.
+//!
+//! `BENCH_ONLY=publish|consume|rpc|concurrent|rpc1000|large|worker` (comma-separated
 //! for several) runs those groups only.
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +52,10 @@ use async_trait::async_trait;
 use switchyard_amqprs::{AmqpConfig, AmqprsTransport};
 use switchyard_core::rpc::RpcClient;
 use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
+
+#[path = "../../benches/common/broker.rs"]
+mod broker;
+use broker::{cpu_time, worker_consume, CpuSpan};
 
 const PERSISTENT_N: usize = 50_000;
 const TRANSIENT_N: usize = 100_000;
@@ -139,6 +150,12 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize) -> Duration {
 }
 
 async fn raw_consume_prefetch(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> Duration {
+    raw_consume_acking(conn, queue, n, prefetch, 1).await
+}
+
+/// Consumes `n` acking `multiple` every `every` deliveries (and the last);
+/// `every == 1` acks each delivery on its own.
+async fn raw_consume_acking(conn: &Connection, queue: &str, n: usize, prefetch: u16, every: u64) -> Duration {
     let ch = conn.open_channel(None).await.unwrap();
     ch.basic_qos(BasicQosArguments::new(0, prefetch, false)).await.unwrap();
     let start = Instant::now();
@@ -146,10 +163,14 @@ async fn raw_consume_prefetch(conn: &Connection, queue: &str, n: usize, prefetch
         .basic_consume_rx(BasicConsumeArguments::new(queue, "raw-bench"))
         .await
         .unwrap();
-    for _ in 0..n {
+    for i in 0..n {
         let m = rx.recv().await.expect("delivery");
         let t = m.deliver.unwrap().delivery_tag();
-        ch.basic_ack(BasicAckArguments::new(t, false)).await.unwrap();
+        if every == 1 {
+            ch.basic_ack(BasicAckArguments::new(t, false)).await.unwrap();
+        } else if t % every == 0 || i + 1 == n {
+            ch.basic_ack(BasicAckArguments::new(t, true)).await.unwrap();
+        }
     }
     let d = start.elapsed();
     ch.basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
@@ -476,17 +497,6 @@ async fn sy_rpc_concurrent(client: &Arc<RpcClient>, queue: &str, n: usize) -> (V
     (lat, start.elapsed())
 }
 
-/// CPU time (user + system) this process has used, from /proc (Linux).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // stat fields 14 and 15 (utime, stime, in 1/100 s) are the 12th and 13th after the ')'.
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -571,29 +581,42 @@ async fn main() {
 
     if wants("consume") {
         let label = "consume 100k prefetch 100 manual ack (msg/s)";
-        let (mut r, mut s) = (Vec::new(), Vec::new());
+        let (mut r, mut s, mut by_hand) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..runs {
             raw_publish(&raw, &q, CONSUME_N, false).await;
-            let c0 = cpu_time();
+            let span = CpuSpan::start();
             let d = raw_consume(&raw, &q, CONSUME_N).await;
-            let raw_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONSUME_N as f64;
+            let (raw_cpu, raw_broker) = span.per_message(CONSUME_N);
             r.push(CONSUME_N as f64 / d.as_secs_f64());
             tokio::time::sleep(Duration::from_millis(300)).await;
             purge(&raw, &q).await;
             raw_publish(&raw, &q, CONSUME_N, false).await;
-            let c0 = cpu_time();
+            let span = CpuSpan::start();
             let d = sy_consume(&sy, &q, CONSUME_N).await;
-            let sy_cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONSUME_N as f64;
+            let (sy_cpu, sy_broker) = span.per_message(CONSUME_N);
             s.push(CONSUME_N as f64 / d.as_secs_f64());
             tokio::time::sleep(Duration::from_millis(300)).await;
             purge(&raw, &q).await;
+            raw_publish(&raw, &q, CONSUME_N, false).await;
+            let span = CpuSpan::start();
+            let d = raw_consume_acking(&raw, &q, CONSUME_N, 100, 50).await;
+            let (by_hand_cpu, by_hand_broker) = span.per_message(CONSUME_N);
+            by_hand.push(CONSUME_N as f64 / d.as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            purge(&raw, &q).await;
             eprintln!(
-                "{label} run {run}: raw {:.0}, switchyard {:.0} (client CPU per message: raw {raw_cpu:.1}us, \
-                 switchyard {sy_cpu:.1}us)",
-                r[run], s[run]
+                "{label} run {run}: raw {:.0}, switchyard {:.0}, raw acking multiple every 50 {:.0} (CPU per \
+                 message, client/broker: raw {raw_cpu:.1}/{raw_broker:.1}us, switchyard \
+                 {sy_cpu:.1}/{sy_broker:.1}us, by hand {by_hand_cpu:.1}/{by_hand_broker:.1}us)",
+                r[run], s[run], by_hand[run]
             );
         }
-        results.push((label.into(), r, s));
+        results.push((label.into(), r, s.clone()));
+        results.push((
+            "consume: raw acking multiple every 50 by hand vs switchyard".into(),
+            by_hand,
+            s,
+        ));
         // How close both come to what the broker can push at all.
         let mut ceiling = Vec::new();
         for _ in 0..runs {
@@ -603,12 +626,48 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             purge(&raw, &q).await;
         }
-        let sy_consume = results.last().map(|(_, _, s)| s.clone()).unwrap_or_default();
+        let sy_consume = results[results.len() - 2].2.clone();
         results.push((
             "consume: broker ceiling (raw no-ack) vs switchyard manual ack".into(),
             ceiling,
             sy_consume,
         ));
+    }
+
+    if wants("worker") {
+        let sy_dyn: Arc<dyn Transport> = Arc::new(sy.clone());
+        for prefetch in [100u16, 1000] {
+            let label = format!("worker consume 100k prefetch {prefetch} vs raw per-ack (msg/s)");
+            let (mut r, mut s) = (Vec::new(), Vec::new());
+            for run in 0..runs {
+                // Alternate which side goes first.
+                let mut cpu = [(0.0, 0.0); 2];
+                for side in [run % 2, 1 - run % 2] {
+                    raw_publish(&raw, &q, CONSUME_N, false).await;
+                    let span = CpuSpan::start();
+                    let d = if side == 0 {
+                        raw_consume_prefetch(&raw, &q, CONSUME_N, prefetch).await
+                    } else {
+                        worker_consume(sy_dyn.clone(), &q, CONSUME_N, prefetch).await
+                    };
+                    cpu[side] = span.per_message(CONSUME_N);
+                    let rate = CONSUME_N as f64 / d.as_secs_f64();
+                    if side == 0 {
+                        r.push(rate)
+                    } else {
+                        s.push(rate)
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    purge(&raw, &q).await;
+                }
+                eprintln!(
+                    "{label} run {run}: raw {:.0}, Worker {:.0} (CPU per message, client/broker: raw \
+                     {:.1}/{:.1}us, Worker {:.1}/{:.1}us)",
+                    r[run], s[run], cpu[0].0, cpu[0].1, cpu[1].0, cpu[1].1
+                );
+            }
+            results.push((label, r, s));
+        }
     }
 
     let server = tokio::spawn(echo_server(raw_connection("bench echo server").await, rpcq.clone()));

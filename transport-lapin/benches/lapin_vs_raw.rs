@@ -26,9 +26,13 @@
 //!   the wall time (raw: one reply-to consumer routing replies by
 //!   correlation id to the waiting tasks, confirms on; ours: one `RpcClient`);
 //! - `large`: 100 transient 1 MiB messages published (pipelined, confirmed)
-//!   and consumed (prefetch 10, manual ack).
+//!   and consumed (prefetch 10, manual ack);
+//! - `worker`: 100,000 consumed through a `Worker` route (trivial handler)
+//!   with prefetch 100 and with prefetch 1,000, against raw lapin acking
+//!   each delivery at the same prefetch; the CPU per message of this process
+//!   and of the local broker (`beam.smp`) is printed for both sides.
 //!
-//! `BENCH_ONLY=publish|consume|rpc|concurrent|rpc1000|large` (comma-separated
+//! `BENCH_ONLY=publish|consume|rpc|concurrent|rpc1000|large|worker` (comma-separated
 //! for several) runs those groups only.
 
 use std::collections::HashMap;
@@ -46,6 +50,10 @@ use switchyard_core::rpc::RpcClient;
 use switchyard_core::settings::Settings;
 use switchyard_core::{ConsumeOptions, Consumer, Destination, Message, Publisher, Transport};
 use switchyard_lapin::{AmqpConfig, LapinTransport};
+
+#[path = "../../benches/common/broker.rs"]
+mod broker;
+use broker::{cpu_time, worker_consume, CpuSpan};
 
 const BODY: usize = 256;
 const PERSISTENT_N: usize = 50_000;
@@ -433,16 +441,6 @@ async fn ours_rpc_concurrent(client: &Arc<RpcClient>, q: &str, n: usize) -> (Vec
     (lat, start.elapsed())
 }
 
-/// CPU time (user + system) this process has used, from /proc (Linux).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime (1/100 s) are the 12th and 13th fields after the ')'.
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((field(11) + field(12)) * 10)
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -545,6 +543,8 @@ async fn run() {
     let mut rpcc_wall = Series::default();
     let mut large_pub = Series::default();
     let mut large_con = Series::default();
+    let mut worker100 = Series::default();
+    let mut worker1000 = Series::default();
 
     for run in 1..=runs {
         let q = format!("bench.lapin.{}.{run}", std::process::id());
@@ -707,6 +707,37 @@ async fn run() {
                 a.0, a.1, b.0, b.1
             );
         }
+        if wants("worker") {
+            let ours_dyn: Arc<dyn Transport> = Arc::new(ours.clone());
+            for (prefetch, series) in [(100u16, &mut worker100), (1000, &mut worker1000)] {
+                let cpu = std::cell::Cell::new([(0.0, 0.0); 2]);
+                both(run, series, |side| {
+                    let (raw, ours_dyn, admin, q, cpu) = (&raw, &ours_dyn, &admin, &q, &cpu);
+                    async move {
+                        declare(admin, q).await;
+                        fill(raw, q, CONSUME_N).await;
+                        let span = CpuSpan::start();
+                        let d = if side {
+                            raw_consume(raw, q, CONSUME_N, prefetch).await
+                        } else {
+                            worker_consume(ours_dyn.clone(), q, CONSUME_N, prefetch).await
+                        };
+                        let mut c = cpu.get();
+                        c[usize::from(!side)] = span.per_message(CONSUME_N);
+                        cpu.set(c);
+                        delete(admin, q).await;
+                        CONSUME_N as f64 / d.as_secs_f64()
+                    }
+                })
+                .await;
+                let (w, cpu) = (last(series), cpu.get());
+                line += &format!(
+                    " Worker prefetch {prefetch} {:.0} vs {:.0} msg/s (CPU/msg client/broker {:.1}/{:.1} vs \
+                     {:.1}/{:.1} us),",
+                    w.0, w.1, cpu[0].0, cpu[0].1, cpu[1].0, cpu[1].1
+                );
+            }
+        }
         println!("{}", line.trim_end_matches(','));
     }
 
@@ -736,6 +767,18 @@ async fn run() {
         ">= 0.95x",
     );
     row("consume 100k, prefetch 100, manual ack", &mut consume, "msg/s", ">= 2x");
+    row(
+        "consume 100k through a Worker, prefetch 100, vs raw acking each",
+        &mut worker100,
+        "msg/s",
+        ">= 2x",
+    );
+    row(
+        "consume 100k through a Worker, prefetch 1,000, vs raw acking each",
+        &mut worker1000,
+        "msg/s",
+        ">= 2x",
+    );
     row(
         "rpc p50 (2,000 sequential)",
         &mut rpc_p50,
