@@ -456,11 +456,13 @@ fn publish_poison(url: &str, queue: &str) {
 }
 
 /// A message whose header amqprs cannot decode (legal AMQP) sits in one
-/// queue while another queue has ordinary work: the other route must handle
-/// all of its messages, the poisoned route must end with `decode_failed`
-/// naming its queue instead of looping forever, and `park_head` on a lapin
-/// transport moves the message out of the way without losing it. On lapin
-/// the same message is just handled.
+/// queue while three other queues have ordinary work, their consumers on the
+/// same (pooled) consumer connection on amqprs: every other route must
+/// handle all of its messages (a redelivery after the shared connection's
+/// loss is counted and printed, never a loss), the poisoned route must end
+/// with `decode_failed` naming its queue instead of looping forever, and
+/// `park_head` on a lapin transport moves the message out of the way without
+/// losing it. On lapin the same message is just handled.
 async fn poison_message<C: AmqpClient + Default>() {
     let _serial = SERIAL.lock().await;
     let url = switchyard_core::testkit::rabbitmq_url();
@@ -469,15 +471,15 @@ async fn poison_message<C: AmqpClient + Default>() {
     };
     let client = t.name();
     let poisoned = unique("sy-poison");
-    let ordinary = unique("sy-ordinary");
+    let ordinary: Vec<String> = (0..3).map(|i| unique(&format!("sy-ordinary{i}"))).collect();
     t.declare_queue(&QueueSpec::new(poisoned.as_str())).await.unwrap();
-    t.declare_queue(&QueueSpec::new(ordinary.as_str())).await.unwrap();
     publish_poison(&url, &poisoned);
     const N: usize = 20;
-    let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("o{i}"))).collect();
-    t.publish_batch(&Destination::queue(ordinary.as_str()), batch)
-        .await
-        .unwrap();
+    for (r, q) in ordinary.iter().enumerate() {
+        t.declare_queue(&QueueSpec::new(q.as_str())).await.unwrap();
+        let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("o{r}-{i}"))).collect();
+        t.publish_batch(&Destination::queue(q.as_str()), batch).await.unwrap();
+    }
 
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
     let h = handled.clone();
@@ -489,16 +491,23 @@ async fn poison_message<C: AmqpClient + Default>() {
         }
     });
     let generation_before = t.state_watch().generation();
-    let handle = Worker::new(Arc::new(t.clone()))
-        .route(poisoned.as_str(), handler.clone())
-        .route(ordinary.as_str(), handler)
-        .start()
-        .await
-        .unwrap();
+    let mut worker = Worker::new(Arc::new(t.clone())).route(poisoned.as_str(), handler.clone());
+    for q in &ordinary {
+        worker = worker.route(q.as_str(), handler.clone());
+    }
+    let handle = worker.start().await.unwrap();
     let started = Instant::now();
+    let distinct_ordinary = || {
+        handled
+            .lock()
+            .iter()
+            .filter(|b| b.starts_with('o'))
+            .collect::<HashSet<_>>()
+            .len()
+    };
     let ordinary_done = loop {
-        let n = handled.lock().iter().filter(|b| b.starts_with('o')).count();
-        if n == N || started.elapsed() > Duration::from_secs(20) {
+        let n = distinct_ordinary();
+        if n == 3 * N || started.elapsed() > Duration::from_secs(20) {
             break n;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -518,10 +527,12 @@ async fn poison_message<C: AmqpClient + Default>() {
         }
     }
     let paused_after = started.elapsed();
+    let others: Vec<_> = ordinary.iter().map(|q| handle.status(q)).collect();
     let main_reconnects = t.state_watch().generation() - generation_before;
     // The paused route's error is what shutdown reports for amqprs.
     let shutdown = handle.shutdown().await;
     assert_eq!(shutdown.is_err(), client == "amqprs", "{shutdown:?}");
+    let ordinary_total = handled.lock().iter().filter(|b| b.starts_with('o')).count();
 
     // The way out, on a client that reads such headers as bytes.
     let lapin = connect::<switchyard::lapin::LapinClient>(&url, "switchyard fault poison park")
@@ -533,17 +544,27 @@ async fn poison_message<C: AmqpClient + Default>() {
     let in_parking = lapin.queue_info(&parking).await.unwrap().message_count;
     let handled_poison = handled.lock().iter().filter(|b| *b == "poison").count();
     println!(
-        "{client} poison: {ordinary_done}/{N} ordinary handled, poisoned route {status:?} after {paused_after:?}, \
-         {main_reconnects} main-connection reconnects; poison handled {handled_poison}x, parked {parked}, \
-         {left} left in the queue, {in_parking} in {parking}, lost {}",
+        "{client} poison: {ordinary_done}/{} ordinary handled ({} redelivered after the shared connection's loss, \
+         lost {}), poisoned route {status:?} after {paused_after:?}, {main_reconnects} main-connection reconnects; \
+         poison handled {handled_poison}x, parked {parked}, {left} left in the queue, {in_parking} in {parking}, \
+         lost {}",
+        3 * N,
+        ordinary_total - ordinary_done,
+        3 * N - ordinary_done,
         1 - handled_poison.min(1) - in_parking.min(1) as usize
     );
-    for q in [&poisoned, &ordinary, &parking] {
+    for q in ordinary.iter().chain([&poisoned, &parking]) {
         let _ = lapin.delete_queue(q).await;
     }
     let _ = lapin.close().await;
     let _ = t.close().await;
-    assert_eq!(ordinary_done, N, "{client}: the ordinary queue starved");
+    assert_eq!(ordinary_done, 3 * N, "{client}: the ordinary queues starved");
+    for s in &others {
+        assert!(
+            !matches!(s, Some(switchyard::worker::ConsumerStatus::Failed { .. })),
+            "{client}: an ordinary route was paused: {s:?}"
+        );
+    }
     if client == "amqprs" {
         match &status {
             Some(switchyard::worker::ConsumerStatus::Failed { code, message }) => {
@@ -559,6 +580,81 @@ async fn poison_message<C: AmqpClient + Default>() {
         assert_eq!(handled_poison, 1, "lapin handles the message (header as bytes)");
         assert!(!parked);
     }
+}
+
+/// amqprs consumers share consumer connections, `consumers_per_connection`
+/// each: ten routes with four per connection open three connections (counted
+/// by RabbitMQ), and every route gets all of its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqprs_consumers_share_pooled_connections() {
+    let _serial = SERIAL.lock().await;
+    let url = switchyard_core::testkit::rabbitmq_url();
+    let name = unique("switchyard pool");
+    let cfg = config(&url, &name).consumers_per_connection(4);
+    let t = match AmqpTransport::<switchyard::amqprs::AmqprsClient>::connect_with(cfg).await {
+        Ok(t) => t,
+        Err(e) => {
+            switchyard_core::testkit::broker_unreachable::<()>(e);
+            return;
+        }
+    };
+    let queues: Vec<String> = (0..10).map(|i| unique(&format!("sy-pool{i}"))).collect();
+    const N: usize = 10;
+    for q in &queues {
+        t.declare_queue(&QueueSpec::new(q.as_str())).await.unwrap();
+        let batch: Vec<Message> = (0..N).map(|i| Message::new(format!("{q}-{i}"))).collect();
+        t.publish_batch(&Destination::queue(q.as_str()), batch).await.unwrap();
+    }
+    let connections = || {
+        // The connection name is in the client properties.
+        common::rabbitmqctl_output(&["list_connections", "--no-table-headers", "-q", "client_properties"])
+            .lines()
+            .filter(|l| l.contains(name.as_str()))
+            .count()
+    };
+    let before = connections();
+    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let h = handled.clone();
+    let handler = handler_fn(move |env: Envelope| {
+        let h = h.clone();
+        async move {
+            h.lock().insert(String::from_utf8_lossy(env.body()).into_owned());
+            Ok::<_, switchyard::HandlerError>(())
+        }
+    });
+    let mut worker = Worker::new(Arc::new(t.clone()));
+    for q in &queues {
+        worker = worker.route(q.as_str(), handler.clone());
+    }
+    let handle = worker.start().await.unwrap();
+    let started = Instant::now();
+    while handled.lock().len() < queues.len() * N && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // RabbitMQ lists a connection once it has been opened; give it a moment.
+    let mut consumer_connections = connections() - before;
+    for _ in 0..20 {
+        if consumer_connections >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        consumer_connections = connections() - before;
+    }
+    let got = handled.lock().len();
+    println!(
+        "pooled consumers: {} routes, {consumer_connections} consumer connections (4 per connection), {got}/{} \
+         messages handled, lost {}",
+        queues.len(),
+        queues.len() * N,
+        queues.len() * N - got
+    );
+    handle.shutdown().await.unwrap();
+    for q in &queues {
+        let _ = t.delete_queue(q).await;
+    }
+    let _ = t.close().await;
+    assert_eq!(got, queues.len() * N);
+    assert_eq!(consumer_connections, 3, "10 consumers, 4 per connection");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,14 @@ pub struct AmqpConfig {
     /// RabbitMQ's guidance): a connection blocked by a resource alarm then
     /// holds up publishes only, never acks.
     pub separate_connections: bool,
+    /// Consumers sharing one consumer connection, for clients that lose the
+    /// whole connection on a delivery they cannot decode (amqprs; default
+    /// 16, 1 gives every consumer its own). A shared connection lost while
+    /// the broker stays up puts each of its consumers on a connection of its
+    /// own, so a poison message is still traced to its queue (see the
+    /// engine's `conns` module). lapin consumers always share the main
+    /// connection.
+    pub consumers_per_connection: usize,
 }
 
 /// Shuffles `v` (Fisher–Yates over the std hasher's random seed).
@@ -132,6 +140,7 @@ impl AmqpConfig {
             coalesce_acks: true,
             ack_flush_interval: Duration::from_millis(10),
             separate_connections: true,
+            consumers_per_connection: 16,
         })
     }
 
@@ -145,6 +154,13 @@ impl AmqpConfig {
     /// Sets the connection name shown in the management UI.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connect.connection_name = name.into();
+        self
+    }
+
+    /// Sets how many consumers share one consumer connection (at least 1);
+    /// see [`AmqpConfig::consumers_per_connection`].
+    pub fn consumers_per_connection(mut self, n: usize) -> Self {
+        self.consumers_per_connection = n.max(1);
         self
     }
 

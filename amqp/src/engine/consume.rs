@@ -55,9 +55,13 @@ pub(crate) struct ConsumerShared<C: AmqpClient> {
     /// The queue is exclusive, auto-delete or server-named: forget its
     /// declaration once this consumer ends.
     pub temporary: bool,
-    /// The consumer's own connection, when the client needs consumers
-    /// isolated (see [`ClientCaps::decode_failure_drops_connection`](crate::client::ClientCaps)).
-    pub own: Mutex<Option<Arc<super::link::Live<C>>>>,
+    /// The consumer's connection apart from the main one (shared or its
+    /// own), when the client needs consumers isolated (see
+    /// [`ClientCaps::decode_failure_drops_connection`](crate::client::ClientCaps)).
+    pub own: Mutex<Option<Arc<super::conns::ConsumerConn<C>>>>,
+    /// A shared consumer connection was lost under it while the broker
+    /// stayed up: it runs on a connection of its own from then on.
+    pub quarantined: AtomicBool,
     /// When its own connection was lost while the broker stayed up.
     pub losses: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
     /// The main link's generation when the own connection was opened: a
@@ -208,7 +212,7 @@ impl<C: AmqpClient> Cancel for CancelImpl<C> {
         if let Some((ch, _)) = ch {
             ch.close().await;
         }
-        super::close_own(&self.cs).await;
+        super::conns::close_own(&self.cs).await;
         r
     }
 }

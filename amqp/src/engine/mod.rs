@@ -10,6 +10,7 @@
 //! deadline) and are sent again on the new connection until confirmed.
 
 mod admin;
+mod conns;
 mod consume;
 mod get;
 mod link;
@@ -75,6 +76,8 @@ pub(crate) struct Inner<C: AmqpClient> {
     publisher: Arc<Link<C>>,
     topology: TopologyRegistry,
     consumers: ConsumerRegistry<Arc<ConsumerShared<C>>>,
+    /// Connections of consumers kept apart from the main one.
+    conns: conns::ConsumerConns<C>,
     closed: AtomicBool,
     stop: Stop,
     me: Weak<Inner<C>>,
@@ -95,8 +98,13 @@ impl<C: AmqpClient> Drop for Inner<C> {
         } else {
             self.publisher.current.write().take()
         };
-        let owned: Vec<_> = consumers.iter().filter_map(|c| c.own.lock().take()).collect();
-        let links: Vec<Arc<Live<C>>> = [main, publisher].into_iter().flatten().chain(owned).collect();
+        let mut links: Vec<Arc<Live<C>>> = [main, publisher].into_iter().flatten().collect();
+        let owned = consumers.iter().filter_map(|c| c.own.lock().take());
+        for l in owned.map(|c| c.live.clone()).chain(self.conns.take_all()) {
+            if !links.iter().any(|k| Arc::ptr_eq(k, &l)) {
+                links.push(l);
+            }
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for c in consumers {
@@ -147,6 +155,7 @@ impl<C: AmqpClient> AmqpTransport<C> {
             publisher,
             topology: TopologyRegistry::new(),
             consumers: ConsumerRegistry::new(),
+            conns: Default::default(),
             closed: AtomicBool::new(false),
             stop: Stop::new(),
             me: me.clone(),
@@ -346,16 +355,21 @@ impl<C: AmqpClient> Inner<C> {
             return Ok(());
         }
         let live = if self.isolated(cs) {
-            let own = cs.own.lock().clone().filter(|l| l.is_open());
+            let own = cs.own.lock().clone().filter(|c| c.live.is_open());
             match own {
-                Some(l) => l,
+                Some(c) => c.live.clone(),
                 None => {
-                    let l = self.main.open(&self.client).await?;
+                    let alone = cs.quarantined.load(Ordering::Acquire);
+                    let per = self.config.consumers_per_connection;
+                    let c = self.conns.join(&self.main, &self.client, per, alone).await?;
                     cs.own_main_generation
                         .store(self.main.state.generation(), Ordering::Release);
-                    *cs.own.lock() = Some(l.clone());
-                    tokio::spawn(watch_own(self.me.clone(), cs.clone(), l.clone()));
-                    l
+                    let previous = cs.own.lock().replace(c.clone());
+                    if let Some(p) = previous {
+                        p.leave().await;
+                    }
+                    tokio::spawn(conns::watch_own(self.me.clone(), cs.clone(), c.clone()));
+                    c.live.clone()
                 }
             }
         } else {
@@ -473,6 +487,7 @@ impl<C: AmqpClient> Inner<C> {
             reply_sink: sink,
             temporary,
             own: parking_lot::Mutex::new(None),
+            quarantined: AtomicBool::new(false),
             losses: parking_lot::Mutex::new(Default::default()),
             own_main_generation: Default::default(),
         });
@@ -499,7 +514,7 @@ impl<C: AmqpClient> Inner<C> {
                     self.consumers.remove(id);
                 }
                 cs.ended.store(true, Ordering::Release);
-                close_own(&cs).await;
+                conns::close_own(&cs).await;
                 return Err(e);
             }
             break;
@@ -557,7 +572,7 @@ impl<C: AmqpClient> Inner<C> {
                 let _ = co.close().await;
             }
             cs.end(None);
-            close_own(&cs).await;
+            conns::close_own(&cs).await;
         }
         self.stop.fire();
         for link in [&self.main, &self.publisher] {
@@ -613,13 +628,6 @@ impl<C: AmqpClient> Inner<C> {
     }
 }
 
-/// Losses of a consumer's own connection, within [`POISON_WINDOW`] and
-/// while the broker stays up, after which the consumer is paused as stuck
-/// on a message its client cannot decode.
-const POISON_LOSSES: usize = 3;
-/// See [`POISON_LOSSES`].
-const POISON_WINDOW: Duration = Duration::from_secs(60);
-
 /// Restarts an exclusive consumer that the broker still attributes to a lost
 /// connection: once a second, for up to two heartbeat intervals (at least
 /// 30 s) — the time the broker takes to notice the old connection is gone —
@@ -657,138 +665,6 @@ async fn restart_exclusive<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<Consumer
         tracing::warn!(queue = %cs.queue, error = %last, "consumer could not be restarted after reconnect");
         inner.forget_consumer(&cs);
         cs.end(Some(last));
-    }
-}
-
-/// Closes `live` if it is `cs`'s own connection, and forgets it there.
-async fn release_own<C: AmqpClient>(cs: &ConsumerShared<C>, live: &Arc<Live<C>>) {
-    let mine = {
-        let mut own = cs.own.lock();
-        if own.as_ref().is_some_and(|l| Arc::ptr_eq(l, live)) {
-            own.take()
-        } else {
-            None
-        }
-    };
-    if let Some(l) = mine {
-        l.conn.close().await;
-    }
-}
-
-/// Closes whatever own connection `cs` has.
-pub(crate) async fn close_own<C: AmqpClient>(cs: &ConsumerShared<C>) {
-    let own = cs.own.lock().take();
-    if let Some(l) = own {
-        l.conn.close().await;
-    }
-}
-
-/// Watches a consumer's own connection: restarts the consumer when it
-/// drops, and pauses it when it keeps dropping while the broker stays up
-/// (a delivery the client cannot decode is redelivered each time).
-async fn watch_own<C: AmqpClient>(weak: Weak<Inner<C>>, cs: Arc<ConsumerShared<C>>, live: Arc<Live<C>>) {
-    let stop = match weak.upgrade() {
-        Some(i) => i.stop.clone(),
-        None => return,
-    };
-    let mut lost = live.signals.watch_lost();
-    let why = loop {
-        if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
-            // The consumer is over: its connection goes with it.
-            release_own(&cs, &live).await;
-            return;
-        }
-        if let Some(w) = live.signals.lost_reason() {
-            break w;
-        }
-        if !live.conn.is_open() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            break live.signals.lost_reason().unwrap_or_else(|| "connection closed".into());
-        }
-        tokio::select! {
-            _ = stop.wait() => return,
-            _ = lost.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    };
-    {
-        let mut own = cs.own.lock();
-        if own.as_ref().is_some_and(|l| Arc::ptr_eq(l, &live)) {
-            *own = None;
-        }
-    }
-    // The broker's own connection.close (an operator, a node going down) is
-    // not a message the client choked on.
-    let by_broker = live.signals.is_closed_by_broker();
-    drop(live);
-    if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) {
-        return;
-    }
-    let Some(inner) = weak.upgrade() else { return };
-    if inner.is_closed() {
-        return;
-    }
-    // Wait a moment: when the broker went away, the main link sees it too.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let main_ok = inner.main.current.read().as_ref().is_some_and(|l| l.is_open())
-        && inner.main.state.generation() == cs.own_main_generation.load(Ordering::Acquire);
-    if main_ok && !by_broker {
-        let now = Instant::now();
-        let n = {
-            let mut losses = cs.losses.lock();
-            losses.push_back(now);
-            while losses.front().is_some_and(|t| now.duration_since(*t) > POISON_WINDOW) {
-                losses.pop_front();
-            }
-            losses.len()
-        };
-        if n >= POISON_LOSSES {
-            let message = format!(
-                "queue '{}': the {} client lost this consumer's connection {n} times within {:?} while the broker \
-                 stayed up (last: {why}); a message it cannot decode (for example a header long string that is not \
-                 UTF-8) is most likely at the head of the queue and redelivered each time. The consumer is paused; \
-                 the other consumers are not affected. Move the message out of the way: a quorum queue's \
-                 delivery-limit dead-letters it, or call `park_head` on a lapin transport (it reads such headers as \
-                 bytes), then restart the consumer",
-                cs.queue,
-                inner.client.name(),
-                POISON_WINDOW
-            );
-            tracing::error!(queue = %cs.queue, cause = %why, "consumer paused: {message}");
-            inner.forget_consumer(&cs);
-            cs.end(Some(Error::decode(message)));
-            return;
-        }
-        tracing::warn!(queue = %cs.queue, losses = n, error = %why, "consumer connection lost; restarting the consumer");
-    }
-    // Restart on a fresh connection of its own (the main link's supervisor
-    // restarts it too when the broker itself went away).
-    let mut delay = Duration::from_millis(100);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait() => return,
-        }
-        if cs.cancelled.load(Ordering::Acquire) || cs.ended.load(Ordering::Acquire) || inner.is_closed() {
-            return;
-        }
-        let main = inner.main.current.read().clone();
-        let Some(main) = main.filter(|l| l.is_open()) else {
-            // The main supervisor restarts every consumer once it reconnects.
-            return;
-        };
-        match inner.start_consumer(&main, &cs).await {
-            Ok(()) => return,
-            Err(e) if e.is_transient() => {
-                tracing::debug!(queue = %cs.queue, error = %e, "consumer restart failed; retrying");
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                inner.forget_consumer(&cs);
-                cs.end(Some(e));
-                return;
-            }
-        }
     }
 }
 
