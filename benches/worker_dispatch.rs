@@ -133,7 +133,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    // BENCH_FLAVOR=current|two runs one flavour (e.g. under a profiler).
+    // BENCH_FLAVOR=current|two runs one flavour, BENCH_SIDE=worker only the
+    // Worker's drains (e.g. under a profiler).
     let only = std::env::var("BENCH_FLAVOR").unwrap_or_default();
     for (flavor, rt) in [("current-thread", &current), ("2 threads", &two)] {
         let is_current = std::ptr::eq(rt, &current);
@@ -145,6 +146,13 @@ fn main() {
             raw(n / 10).await;
             worker(n / 10).await;
             let (mut rr, mut wr, mut rc, mut wc, mut added) = (vec![], vec![], vec![], vec![], vec![]);
+            if std::env::var("BENCH_SIDE").as_deref() == Ok("worker") {
+                // Only the Worker side, for a profiler.
+                for _ in 0..RUNS {
+                    worker(n).await;
+                }
+                return;
+            }
             for _ in 0..RUNS {
                 let (rs, rcpu) = raw(n).await;
                 let (ws, wcpu) = worker(n).await;

@@ -1117,7 +1117,9 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
         if inline.run >= INLINE_YIELD_EVERY {
             // Deliveries that are always ready must not starve the runtime.
             inline.run = 0;
-            tokio::task::yield_now().await;
+            if inline.yield_due() {
+                tokio::task::yield_now().await;
+            }
         }
     };
 
