@@ -550,6 +550,10 @@ struct Run {
     /// A message was seen whose dead-lettering chained short TTLs (see
     /// [`Exec::chained_ttl`]).
     chained_ttl: bool,
+    /// A message was seen that died twice in one queue (an `x-death` count
+    /// of 2 or more, or one queue in two entries): it went round a
+    /// dead-letter cycle. Counted, and compared like any other case.
+    cycle: bool,
 }
 
 struct Names {
@@ -780,7 +784,8 @@ impl Exec<'_> {
     /// RabbitMQ's at a time that depends on how long the operations in
     /// between took (a message rejected once can go round a cycle of such
     /// queues for ever: see `twin::dead_letter_cycles_follow_the_regrouped_x_death`).
-    /// Such cases are run but not compared.
+    /// Such cases are run but not compared. Also notes whether `d` went
+    /// round a dead-letter cycle ([`Run::cycle`], only counted).
     fn chained_ttl(&mut self, d: &Delivery, queue: usize) {
         let short = |q: usize| self.case.queues.get(q).is_some_and(|q| q.ttl == Some(Ttl::Short));
         let mut timed = i64::from(short(queue));
@@ -797,6 +802,14 @@ impl Exec<'_> {
             }
         }
         self.run.chained_ttl |= timed >= 2;
+        if let Some(HeaderValue::Array(deaths)) = d.message.headers.get("x-death") {
+            let mut queues = Vec::new();
+            for t in deaths.iter().filter_map(HeaderValue::as_table) {
+                let q = t.get_str("queue");
+                self.run.cycle |= t.get_i64("count").unwrap_or(1) > 1 || queues.contains(&q);
+                queues.push(q);
+            }
+        }
     }
 
     fn obs(&mut self, line: String) {
@@ -1536,6 +1549,7 @@ async fn memory_matches_rabbitmq_on_random_cases() {
     let mut flaky = 0u64;
     let mut late = 0u64;
     let mut chained = 0u64;
+    let mut cycles = 0u64;
     let mut work: Vec<(Option<u64>, u64)> = Vec::new();
     if let Some(cs) = single {
         work.push((None, cs));
@@ -1566,6 +1580,8 @@ async fn memory_matches_rabbitmq_on_random_cases() {
         }
         if outcome.chained() {
             chained += 1;
+        } else if outcome.memory.cycle || outcome.rabbit.cycle {
+            cycles += 1;
         }
         if !outcome.diverges() {
             continue;
@@ -1607,7 +1623,7 @@ async fn memory_matches_rabbitmq_on_random_cases() {
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "difftest: {cases_run} cases ({ops_run} ops, {} runs incl. confirmations and shrinking) in {secs:.1}s ({:.0} ms/case), {} divergences, {flaky} unreproducible, {late} differing only after RabbitMQ fell behind the timing guard, {chained} not compared (chained short TTLs)",
+        "difftest: {cases_run} cases ({ops_run} ops, {} runs incl. confirmations and shrinking) in {secs:.1}s ({:.0} ms/case), {} divergences, {flaky} unreproducible, {late} differing only after RabbitMQ fell behind the timing guard, {chained} not compared (chained short TTLs); {cycles} compared cases went round a dead-letter cycle",
         h.runs,
         if cases_run > 0 { secs * 1000.0 / cases_run as f64 } else { 0.0 },
         divergences.len()
