@@ -148,7 +148,11 @@ impl AmqpClient for LapinClient {
             }
             sig.lost("connection ended");
         });
-        Ok(LapinConnection { connection, signals })
+        Ok(LapinConnection {
+            connection,
+            signals,
+            stale_ids: Default::default(),
+        })
     }
 }
 
@@ -156,6 +160,8 @@ impl AmqpClient for LapinClient {
 pub struct LapinConnection {
     connection: Connection,
     signals: Arc<ConnSignals>,
+    /// Channel ids lost to stale errors (see [`LapinConnection::open_channel`]).
+    stale_ids: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -178,11 +184,17 @@ impl AmqpConnection for LapinConnection {
             match self.connection.create_channel().await {
                 Ok(channel) => return Ok(LapinChannel { channel }),
                 Err(e) if stale_refusal(&e) => {
+                    self.stale_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(error = %e, "channel id refused with the error of an earlier channel; trying the next id");
                 }
-                Err(e) if matches!(e.kind(), lapin::ErrorKind::ChannelsLimitReached) => {
-                    // Every id is taken (by channels in use or by stale
-                    // errors): only a new connection has fresh ids.
+                Err(e)
+                    if matches!(e.kind(), lapin::ErrorKind::ChannelsLimitReached)
+                        && self.stale_ids.load(std::sync::atomic::Ordering::Relaxed) > 0 =>
+                {
+                    // Every id is taken, some by stale errors: only a new
+                    // connection has them free again. (Without stale ids
+                    // the application has channel-max channels open, and
+                    // the error is reported as it is.)
                     let why = "no channel id left on the connection (lapin keeps the ids of channels the broker closed); reconnecting";
                     tracing::warn!("{why}");
                     self.signals.lost(why);
