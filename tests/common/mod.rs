@@ -19,7 +19,8 @@ pub fn rabbitmqctl(args: &[&str]) {
 /// channel the broker closes, more than twice the channel ids of a
 /// connection (channel-max 2047) — and checks that every refusal is reported
 /// as itself and that declarations, consumers and publishes on the channels
-/// opened in between work. lapin 4.12 used to fail new channels with the
+/// opened in between work; then 2,200 consumes of the missing queue, each
+/// refused, across the reconnects their refused channels cause. lapin 4.12 used to fail new channels with the
 /// error of an earlier channel of the same id once the ids wrapped around;
 /// amqprs 2.1 never frees the id of a channel the broker closed and panicked
 /// once none was left (see docs/difftest.md, "Spurious 404s").
@@ -59,6 +60,17 @@ pub async fn refused_channels_leave_later_ones_working(t: &dyn switchyard_core::
             drop(sub);
             t.delete_queue(&q).await.expect("delete the queue");
             t.delete_exchange(&x).await.expect("delete the exchange");
+        }
+    }
+    // Refused consumes: each opens a channel the broker closes, so one of
+    // them is the request that finds no id left and has the connection
+    // replaced; it too must be refused, not restarted by the recovery and
+    // handed out as a subscription that then ends.
+    for i in 0..2200 {
+        match t.consume(&missing, ConsumeOptions::default()).await {
+            Err(e) if e.code() == "queue_not_found" => {}
+            Err(e) => panic!("refused consume {i}: expected queue_not_found, got {e}"),
+            Ok(_) => panic!("refused consume {i}: consuming the missing queue '{missing}' succeeded"),
         }
     }
 }
