@@ -7,6 +7,13 @@
 //! run one at a time (a static mutex) and need `rabbitmqctl` on the PATH.
 //! When the broker is unreachable they fail if
 //! `SWITCHYARD_REQUIRE_RABBITMQ=1`, else print "skipped: RabbitMQ unreachable".
+//!
+//! `refused_channels_leave_later_ones_working` disturbs no one: 5,000 refused
+//! operations (each a channel the broker closes) on one connection, and the
+//! channels opened after that many still work.
+
+#[allow(dead_code)] // its `rabbitmqctl` is not used here (this file has its own)
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -413,4 +420,13 @@ async fn topology_and_consumers_come_back_after_a_reconnect() {
         ["during", "after"],
         "the same subscription kept delivering after the reconnect"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_channels_leave_later_ones_working() {
+    let Some(t) = connect("switchyard fault test: refused channels").await else {
+        return;
+    };
+    common::refused_channels_leave_later_ones_working(&t).await;
+    t.close().await.expect("close");
 }

@@ -10,6 +10,9 @@
 //! - `killed_consumer_acks_no_unfinished_message`: a consumer with unfinished
 //!   handlers is shut down; exactly the unfinished (and never-delivered)
 //!   messages come back.
+//! - `refused_channels_leave_later_ones_working`: 5,000 refused operations
+//!   (each a channel the broker closes) on one connection; the channels
+//!   opened after the ids wrap around still work.
 //!
 //! The first two disturb every client of the broker: they run one at a
 //! time (a static mutex) and restart the broker app if a test fails midway.
@@ -328,4 +331,13 @@ async fn killed_consumer_acks_no_unfinished_message() {
     }
     t.delete_queue(&queue).await.unwrap();
     t.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_channels_leave_later_ones_working() {
+    let Some(t) = connect().await else {
+        return;
+    };
+    common::refused_channels_leave_later_ones_working(&t).await;
+    t.close().await.expect("close");
 }

@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -123,6 +123,7 @@ impl AmqpClient for AmqprsClient {
             closed: Mutex::new(None),
             closing: AtomicBool::new(false),
             signals,
+            broker_closed_channels: AtomicUsize::new(0),
         });
         conn.register_callback(ConnCallback(shared.clone()))
             .await
@@ -149,6 +150,11 @@ impl AmqpClient for AmqprsClient {
     }
 }
 
+/// Ids kept free for the channels a connection has open when the leaked
+/// ids of broker-closed channels make it reconnect (see
+/// `ConnShared::broker_closed_channels`).
+const LEAK_MARGIN: usize = 256;
+
 /// What a connection shares with its callback and its channels.
 struct ConnShared {
     /// The broker's `connection.close`.
@@ -156,6 +162,11 @@ struct ConnShared {
     /// We are closing it.
     closing: AtomicBool,
     signals: Arc<ConnSignals>,
+    /// Channels the broker closed. amqprs 2.1 frees a channel's id only when
+    /// the client closes it, so each of these keeps its id taken for the
+    /// connection's life; it panics (in its connection task) once no id is
+    /// left. [`AmqprsConnection::open_channel`] replaces the connection first.
+    broker_closed_channels: AtomicUsize,
 }
 
 impl ConnShared {
@@ -241,6 +252,24 @@ impl AmqpConnection for AmqprsConnection {
     async fn open_channel(&self) -> Result<AmqprsChannel> {
         if !self.conn.is_open() {
             return Err(self.error(amqprs::error::Error::ChannelOpenError("connection closed".into())));
+        }
+        // Ids of channels the broker closed are never freed by amqprs (see
+        // `ConnShared::broker_closed_channels`): well before they fill the
+        // id space (channel-max, 2047 on RabbitMQ) the connection is given
+        // up, and the engine reconnects with every id free again.
+        let leaked = self.shared.broker_closed_channels.load(Ordering::Acquire);
+        let channel_max = match self.conn.channel_max() {
+            0 => usize::from(u16::MAX),
+            m => usize::from(m),
+        };
+        if leaked + LEAK_MARGIN >= channel_max {
+            let why = format!(
+                "{leaked} channels closed by the broker keep their ids taken in amqprs (channel-max {channel_max}); reconnecting"
+            );
+            tracing::warn!("{why}");
+            self.shared.signals.lost(&why);
+            self.close().await;
+            return Err(ClientError::Closed(why));
         }
         let conn = self.conn.clone();
         let state = Arc::new(ChanShared::default());
@@ -358,6 +387,7 @@ impl ChannelCallback for ChanCallback {
             .caused_by(close.class_id(), close.method_id())
             .scope(CloseScope::Channel);
         tracing::debug!(code = reply.code, text = %reply.text, "the broker closed a channel");
+        self.conn.broker_closed_channels.fetch_add(1, Ordering::AcqRel);
         *self.chan.closed.lock() = Some(reply.clone());
         self.chan.confirms.fail_all(ClientError::Broker(reply));
         // Ok: amqprs then answers close-ok and ends the channel.

@@ -41,6 +41,14 @@ pub(crate) fn client_error(e: lapin::Error) -> ClientError {
     }
 }
 
+/// True when `e`, from opening a channel, is a channel-level broker error:
+/// the stale error of an earlier channel with the same id (see
+/// [`LapinConnection::open_channel`]), never a refusal of the open itself.
+fn stale_refusal(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+}
+
 fn kind(k: &ExchangeKind) -> lapin::ExchangeKind {
     match k {
         ExchangeKind::Direct => lapin::ExchangeKind::Direct,
@@ -140,7 +148,11 @@ impl AmqpClient for LapinClient {
             }
             sig.lost("connection ended");
         });
-        Ok(LapinConnection { connection, signals })
+        Ok(LapinConnection {
+            connection,
+            signals,
+            stale_ids: Default::default(),
+        })
     }
 }
 
@@ -148,6 +160,8 @@ impl AmqpClient for LapinClient {
 pub struct LapinConnection {
     connection: Connection,
     signals: Arc<ConnSignals>,
+    /// Channel ids lost to stale errors (see [`LapinConnection::open_channel`]).
+    stale_ids: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -155,8 +169,43 @@ impl AmqpConnection for LapinConnection {
     type Channel = LapinChannel;
 
     async fn open_channel(&self) -> Result<LapinChannel, ClientError> {
-        let channel = self.connection.create_channel().await.map_err(client_error)?;
-        Ok(LapinChannel { channel })
+        // lapin 4.12 keeps the error of every channel the broker closed
+        // (its "poison", by channel id) after the channel is gone, and fails
+        // every frame of a later channel that gets the same id with it. Ids
+        // are handed out in turn up to channel-max (2047 on RabbitMQ), so
+        // once a connection has opened that many channels, a new channel on
+        // the id of one that was refused (a 404 for a missing queue, a 406)
+        // fails its `channel.open` with that old error — and the request
+        // that needed the channel reported it as its own. A broker never
+        // refuses `channel.open` by closing the channel (only by closing the
+        // connection), so a channel-level refusal of it is such a stale
+        // error: lapin keeps that id taken, and the next id is tried.
+        for _ in 0..=u16::MAX {
+            match self.connection.create_channel().await {
+                Ok(channel) => return Ok(LapinChannel { channel }),
+                Err(e) if stale_refusal(&e) => {
+                    self.stale_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(error = %e, "channel id refused with the error of an earlier channel; trying the next id");
+                }
+                Err(e)
+                    if matches!(e.kind(), lapin::ErrorKind::ChannelsLimitReached)
+                        && self.stale_ids.load(std::sync::atomic::Ordering::Relaxed) > 0 =>
+                {
+                    // Every id is taken, some by stale errors: only a new
+                    // connection has them free again. (Without stale ids
+                    // the application has channel-max channels open, and
+                    // the error is reported as it is.)
+                    let why = "no channel id left on the connection (lapin keeps the ids of channels the broker closed); reconnecting";
+                    tracing::warn!("{why}");
+                    self.signals.lost(why);
+                    let close = self.connection.close(200, "reconnecting: no channel id left".into());
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
+                    return Err(ClientError::Closed(why.into()));
+                }
+                Err(e) => return Err(client_error(e)),
+            }
+        }
+        Err(ClientError::Other("no channel could be opened".into()))
     }
 
     fn is_open(&self) -> bool {

@@ -334,7 +334,81 @@ def cancel():
     ch.close()
 
 
-STEPS = {"errors": errors, "args": args_probe, "cc": cc_bcc, "maxlen": maxlen_requeue, "cancel": cancel}
+def deaths(props):
+    """x-death as (queue, reason, count) triples, names without the run prefix."""
+    cut = len(n(""))
+    return [(d["queue"][cut:], d["reason"], int(d["count"])) for d in (props.headers or {}).get("x-death", [])]
+
+
+def seconds(t):
+    return int(t.timestamp()) if hasattr(t, "timestamp") else int(t)
+
+
+def dead_letter_cycles():
+    ch = conn.channel()
+    # A chain q1 -> q2 -> q3 -> q4 -> end through TTLs of 0: the order of
+    # x-death after each death.
+    end = q(ch, n("dl-end"))
+    prev = end
+    for i in (4, 3, 2, 1):
+        prev = q(ch, n(f"dl-q{i}"), {"x-message-ttl": 0, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": prev})
+    ch.basic_publish("", prev, b"chain")
+    time.sleep(0.3)
+    m, p, b = ch.basic_get(end, auto_ack=True)
+    fact("x-death after expiring in q1, q2, q3, q4 in turn", deaths(p))
+    # One entry counted twice: is its time kept or updated?
+    loop = q(ch, n("dl-loop"), {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": n("dl-loop")})
+    ch.basic_publish("", loop, b"loop")
+    times = []
+    for _ in range(3):
+        m, p, b = ch.basic_get(loop, auto_ack=False)
+        if p.headers:
+            times.append(seconds(p.headers["x-death"][0]["time"]))
+        ch.basic_reject(m.delivery_tag, requeue=False)
+        time.sleep(1.2)
+    fact("x-death time of one entry, rejected again 1.2 s later (seconds between)", times[-1] - times[0])
+    ch.basic_get(loop, auto_ack=True)
+    # Client-set x-first-death-reason without x-death, and an x-death that
+    # is not an array.
+    own = q(ch, n("dl-own"), {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": end})
+    for hs in ({"x-first-death-reason": "mine"}, {"x-death": "not an array"}):
+        ch.basic_publish("", own, b"own", pika.BasicProperties(headers=hs))
+        m, p, b = ch.basic_get(own, auto_ack=False)
+        ch.basic_reject(m.delivery_tag, requeue=False)
+        time.sleep(0.1)
+        m, p, b = ch.basic_get(end, auto_ack=True)
+        h = p.headers
+        fact(f"dead-lettered with {hs}", (h.get("x-first-death-reason"), deaths(p)))
+    # Two queues dead-lettering into a fanout exchange bound to both: A
+    # (TTL 300 ms) and B (TTL 0). The dead letter from B reaches A; once
+    # rejected from A it keeps going round.
+    for wait in (0.1, 0.45, 0.75, 1.05):
+        e = x(ch, n(f"dl-fan{wait}"), "fanout")
+        qa = q(ch, n(f"dl-A{wait}"), {"x-message-ttl": 300, "x-dead-letter-exchange": e})
+        qb = q(ch, n(f"dl-B{wait}"), {"x-message-ttl": 0, "x-dead-letter-exchange": e})
+        ch.queue_bind(qa, e)
+        ch.queue_bind(qb, e)
+        ch.basic_publish(e, "k", b"m")
+        time.sleep(0.05)
+        ch.basic_get(qa, auto_ack=True)
+        m, p, b = ch.basic_get(qa, auto_ack=False)
+        if wait == 0.1:
+            fact("A and B: the dead letter from B in A", deaths(p))
+        ch.basic_reject(m.delivery_tag, requeue=False)
+        time.sleep(wait)
+        fact(f"A and B: A {wait} s after rejecting it", [deaths(p) for _, _, _, p in get_all_props(ch, qa)])
+    ch.close()
+
+
+def get_all_props(ch, queue):
+    out = []
+    while True:
+        m, p, b = ch.basic_get(queue, auto_ack=True)
+        if m is None:
+            return out
+        out.append((b.decode(), m.routing_key, m.redelivered, p))
+
+STEPS = {"errors": errors, "args": args_probe, "cc": cc_bcc, "maxlen": maxlen_requeue, "cancel": cancel, "dlx": dead_letter_cycles}
 try:
     for s in (sys.argv[1:] or STEPS):
         STEPS[s]()

@@ -2199,18 +2199,32 @@ fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
     }
 }
 
-/// Adds RabbitMQ 3.10's dead-letter headers to `message`.
+/// Adds RabbitMQ 3.10's dead-letter headers to `message` (its
+/// `rabbit_dead_letter:make_msg`, probed with
+/// `transport-memory/scripts/probe-twin.py dlx`):
+///
+/// * without an `x-death` header, the `x-first-death-*` headers are set
+///   (replacing any the client put there) and `x-death` is one new entry;
+/// * with an `x-death` array, its entries are first regrouped as RabbitMQ
+///   does (one per queue and reason, and — as a side effect of how 3.10
+///   regroups — **in reverse order** when there are two or more), then the
+///   entry for this queue and reason gets its `count` incremented (its
+///   `time` and other fields kept) or a new entry is made, and that entry
+///   goes first. So dead-lettered through q1, q2, q3, q4 in turn a message
+///   carries `[q4, q2, q1, q3]`, not `[q4, q3, q2, q1]`;
+/// * an `x-death` that is not an array is replaced by the one new entry.
 fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys: Vec<String>, reason: &str) {
     let original_expiration = message.properties.expiration.take();
     let h = &mut message.headers;
-    if !h.contains_key("x-first-death-reason") {
-        h.insert("x-first-death-reason", reason);
-        h.insert("x-first-death-queue", queue);
-        h.insert("x-first-death-exchange", exchange);
-    }
     let mut deaths = match h.remove("x-death") {
-        Some(HeaderValue::Array(a)) => a,
-        _ => Vec::new(),
+        None => {
+            h.insert("x-first-death-reason", reason);
+            h.insert("x-first-death-queue", queue);
+            h.insert("x-first-death-exchange", exchange);
+            Vec::new()
+        }
+        Some(HeaderValue::Array(a)) => regroup_deaths(a),
+        Some(_) => Vec::new(),
     };
     let same = deaths.iter().position(|d| {
         d.as_table()
@@ -2222,7 +2236,6 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys
             if let HeaderValue::Table(t) = &mut d {
                 let n = t.get_i64("count").unwrap_or(0);
                 t.insert("count", HeaderValue::I64(n + 1));
-                t.insert("time", HeaderValue::Timestamp(unix_now()));
             }
             d
         }
@@ -2245,6 +2258,41 @@ fn record_death(message: &mut Message, queue: &str, exchange: &str, routing_keys
     };
     deaths.insert(0, entry);
     h.insert("x-death", HeaderValue::Array(deaths));
+}
+
+/// RabbitMQ 3.10's regrouping of an existing `x-death` array before a new
+/// death is recorded (`group_by_queue_and_reason`, meant for messages from
+/// before per-queue-and-reason counts): of two or more entries, the first
+/// for each (queue, reason) is kept, given a `count` of the number of
+/// entries for that pair if it has none, and the kept entries come out in
+/// **reverse** order. One entry or none is left as it is. (An element that
+/// is not a table crashes RabbitMQ's queue process here; it is kept as an
+/// entry of its own.)
+fn regroup_deaths(deaths: Vec<HeaderValue>) -> Vec<HeaderValue> {
+    if deaths.len() < 2 {
+        return deaths;
+    }
+    let key = |d: &HeaderValue| {
+        d.as_table()
+            .map(|t| (t.get("queue").cloned(), t.get("reason").cloned()))
+    };
+    let keys: Vec<_> = deaths.iter().map(key).collect();
+    let mut out = Vec::with_capacity(deaths.len());
+    for (i, mut d) in deaths.into_iter().enumerate() {
+        let k = &keys[i];
+        if k.is_some() && keys[..i].contains(k) {
+            continue;
+        }
+        if let HeaderValue::Table(t) = &mut d {
+            if !t.contains_key("count") {
+                let n = keys.iter().filter(|o| *o == k).count();
+                t.insert("count", HeaderValue::I64(n as i64));
+            }
+        }
+        out.push(d);
+    }
+    out.reverse();
+    out
 }
 
 /// How an exchange of `spec`'s kind routes, and whether it holds messages
@@ -2356,19 +2404,23 @@ pub(crate) fn amqp_type(v: &HeaderValue) -> &'static str {
     }
 }
 
-/// RabbitMQ's cycle rule: dead-lettering to `queue` cycles if `queue`
-/// appears in the (updated) death history with no rejection since.
+/// RabbitMQ 3.10's cycle rule (`rabbit_dead_letter:is_cycle`), applied to
+/// every queue a dead letter not caused by a rejection routes to, with the
+/// dead letter's updated `x-death` (see [`record_death`] for its order):
+/// dead-lettering to `queue` cycles when an entry for `queue` is in the
+/// list and neither it nor any entry before it is a `rejected` one (an
+/// element that is not a table counts as a rejection: a client put it
+/// there). Such a cycle is "fully automatic" and the copy is dropped.
 fn is_cycle(queue: &str, deaths: &[HeaderValue]) -> bool {
-    for d in deaths {
-        let Some(t) = d.as_table() else { return false };
-        if t.get_str("reason") == Some("rejected") {
-            return false;
-        }
-        if t.get_str("queue") == Some(queue) {
-            return true;
-        }
-    }
-    false
+    let Some(at) = deaths
+        .iter()
+        .position(|d| d.as_table().is_some_and(|t| t.get_str("queue") == Some(queue)))
+    else {
+        return false;
+    };
+    deaths[..=at]
+        .iter()
+        .all(|d| d.as_table().is_some_and(|t| t.get_str("reason") != Some("rejected")))
 }
 
 #[cfg(test)]
@@ -2502,5 +2554,111 @@ mod tests {
             assert_eq!(Arc::as_ptr(&reused.message), slot);
             assert_eq!(&reused.message.body[..], b"new");
         });
+    }
+
+    /// `(queue, reason, count)` of each `x-death` entry, in order.
+    fn deaths(m: &Message) -> Vec<(String, String, i64)> {
+        let Some(HeaderValue::Array(a)) = m.headers.get("x-death") else {
+            return Vec::new();
+        };
+        a.iter()
+            .map(|d| {
+                let t = d.as_table().unwrap();
+                (
+                    t.get_str("queue").unwrap().to_owned(),
+                    t.get_str("reason").unwrap().to_owned(),
+                    t.get_i64("count").unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn die(m: &mut Message, queue: &str, reason: &str) {
+        record_death(m, queue, "", vec![queue.to_owned()], reason);
+    }
+
+    fn death(queue: &str, reason: &str, count: i64) -> (String, String, i64) {
+        (queue.to_owned(), reason.to_owned(), count)
+    }
+
+    #[test]
+    fn x_death_is_regrouped_in_reverse_before_each_death() {
+        let mut m = Message::new("m");
+        for q in ["q1", "q2", "q3", "q4"] {
+            die(&mut m, q, "expired");
+        }
+        let e = |q| death(q, "expired", 1);
+        assert_eq!(deaths(&m), vec![e("q4"), e("q2"), e("q1"), e("q3")]);
+        assert_eq!(m.headers.get_str("x-first-death-queue"), Some("q1"));
+        // An existing entry is counted, keeps its time, and goes first.
+        let Some(HeaderValue::Array(mut a)) = m.headers.remove("x-death") else {
+            panic!()
+        };
+        let HeaderValue::Table(q2) = &mut a[1] else { panic!() };
+        q2.insert("time", HeaderValue::Timestamp(1));
+        m.headers.insert("x-death", HeaderValue::Array(a));
+        die(&mut m, "q2", "expired");
+        assert_eq!(deaths(&m), vec![death("q2", "expired", 2), e("q3"), e("q1"), e("q4")]);
+        let Some(HeaderValue::Array(a)) = m.headers.get("x-death") else {
+            panic!()
+        };
+        assert_eq!(a[0].as_table().unwrap().get("time"), Some(&HeaderValue::Timestamp(1)));
+    }
+
+    #[test]
+    fn client_death_headers_are_replaced_or_regrouped() {
+        // x-first-death-* without x-death: replaced.
+        let mut m = Message::new("m").with_header("x-first-death-reason", "mine");
+        die(&mut m, "q", "rejected");
+        assert_eq!(m.headers.get_str("x-first-death-reason"), Some("rejected"));
+        // An x-death that is not an array: replaced by one entry, and no
+        // x-first-death-* headers.
+        let mut m = Message::new("m").with_header("x-death", "not an array");
+        die(&mut m, "q", "rejected");
+        assert_eq!(deaths(&m), vec![death("q", "rejected", 1)]);
+        assert_eq!(m.headers.get("x-first-death-reason"), None);
+        // Entries without a count, twice for one queue and reason: the
+        // first kept with the number of entries as its count.
+        let entry = |q: &str| {
+            let mut t = Headers::new();
+            t.insert("queue", q);
+            t.insert("reason", "expired");
+            HeaderValue::Table(t)
+        };
+        let mut m =
+            Message::new("m").with_header("x-death", HeaderValue::Array(vec![entry("a"), entry("b"), entry("a")]));
+        die(&mut m, "c", "maxlen");
+        assert_eq!(
+            deaths(&m),
+            vec![
+                death("c", "maxlen", 1),
+                death("b", "expired", 1),
+                death("a", "expired", 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_automatic_only_without_a_rejection_up_to_the_queue() {
+        let mut m = Message::new("m");
+        die(&mut m, "a", "rejected");
+        die(&mut m, "b", "expired");
+        // [b expired, a rejected]
+        let Some(HeaderValue::Array(d)) = m.headers.get("x-death") else {
+            panic!()
+        };
+        assert!(is_cycle("b", d));
+        assert!(!is_cycle("a", d));
+        assert!(!is_cycle("c", d));
+        die(&mut m, "a", "expired");
+        // Regrouped [a rejected, b expired], then [a expired, a rejected, b
+        // expired]: b is behind the rejection.
+        let Some(HeaderValue::Array(d)) = m.headers.get("x-death") else {
+            panic!()
+        };
+        assert!(is_cycle("a", d));
+        assert!(!is_cycle("b", d));
+        let d = vec![HeaderValue::from("junk"), d[0].clone()];
+        assert!(!is_cycle("a", &d));
     }
 }

@@ -68,6 +68,11 @@ pub(crate) struct ConsumerShared<C: AmqpClient> {
     /// reconnect of the main link meanwhile means the broker (not a
     /// message) took the connections down.
     pub own_main_generation: std::sync::atomic::AtomicU64,
+    /// A `basic.consume` of it succeeded once. Until then the `consume`
+    /// call that registered it is still starting it and reports why it
+    /// cannot start; a recovery that fails to start it leaves it to that
+    /// call instead of ending it.
+    pub started: AtomicBool,
 }
 
 impl<C: AmqpClient> ConsumerShared<C> {

@@ -443,6 +443,7 @@ impl<C: AmqpClient> Inner<C> {
             })
         };
         *cs.channel.lock() = Some((ch.clone(), live.generation));
+        cs.started.store(true, Ordering::Release);
         tokio::spawn(consume::pump(self.me.clone(), cs.clone(), events, ch, coalescer));
         Ok(())
     }
@@ -490,6 +491,7 @@ impl<C: AmqpClient> Inner<C> {
             quarantined: AtomicBool::new(false),
             losses: parking_lot::Mutex::new(Default::default()),
             own_main_generation: Default::default(),
+            started: AtomicBool::new(false),
         });
         // Registered first, so that a recovery racing with this start
         // restarts it too (starts are serialised and skip a live channel).
@@ -545,6 +547,13 @@ impl<C: AmqpClient> Inner<C> {
                     // retry until it has (bounded), without holding up the rest.
                     tracing::info!(queue = %cs.queue, error = %e, "exclusive consumer still held by the lost connection; retrying");
                     tokio::spawn(restart_exclusive(self.me.clone(), cs.clone(), e));
+                }
+                Err(e) if !e.is_transient() && !cs.started.load(Ordering::Acquire) => {
+                    // Its `consume` call is still starting it (its first
+                    // start met the lost connection): that call starts it
+                    // again on this connection and reports this error
+                    // itself, as a refused consume.
+                    tracing::debug!(queue = %cs.queue, error = %e, "consumer being started could not start after reconnect; left to its consume call");
                 }
                 Err(e) if !e.is_transient() => {
                     tracing::warn!(queue = %cs.queue, error = %e, "consumer could not be restarted after reconnect");

@@ -573,6 +573,7 @@ macro_rules! conformance_tests {
                 alternate_exchange_only_when_no_binding_matched,
                 priority_queue_expires_only_at_its_head,
                 dead_letter_follows_the_publish_that_caused_it,
+                dead_letter_cycles_follow_the_regrouped_x_death,
             ],
             get: [
                 empty_queue_gives_none,
