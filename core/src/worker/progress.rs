@@ -153,7 +153,10 @@ mod tests {
     fn inline_runs_yield_once_they_have_run_long_enough() {
         let mut i = Inline::default();
         assert!(!i.yield_due(), "the first check starts the clock");
-        assert!(!i.yield_due(), "not yet: a yield would hand the loop to another thread for nothing");
+        assert!(
+            !i.yield_due(),
+            "not yet: a yield would hand the loop to another thread for nothing"
+        );
         std::thread::sleep(INLINE_YIELD_AFTER + Duration::from_micros(50));
         assert!(i.yield_due());
         assert!(!i.yield_due(), "the clock restarts at a yield");
