@@ -244,6 +244,8 @@ enum Op {
         queue: usize,
         prefetch: u16,
         auto_ack: bool,
+        /// The consumer priority (`x-priority`), if any.
+        priority: Option<i32>,
     },
     Recv {
         consumer: usize,
@@ -456,19 +458,22 @@ fn gen_case(seed: u64) -> Case {
                 queue: r.below(n_q),
                 auto_ack: r.chance(40),
             },
-            // One consumer per queue at a time: with several, RabbitMQ's
-            // choice after a consumer's prefetch window reopens (it goes to
-            // the back of the line) is consumer-rotation behaviour that the
-            // memory broker does not copy yet; see docs/difftest.md.
-            48..=54 if (0..n_q).any(|q| !consumed.contains(&Some(q))) => {
-                let free: Vec<usize> = (0..n_q).filter(|q| !consumed.contains(&Some(*q))).collect();
-                let queue = r.pick(&free);
+            // Several consumers on one queue too (a queue that already has
+            // one is picked half of the time), some with a consumer priority.
+            48..=54 => {
+                let busy: Vec<usize> = (0..n_q).filter(|q| consumed.contains(&Some(*q))).collect();
+                let queue = if !busy.is_empty() && r.chance(50) {
+                    r.pick(&busy)
+                } else {
+                    r.below(n_q)
+                };
                 consumers += 1;
                 consumed.push(Some(queue));
                 Op::Consume {
                     queue,
                     prefetch: r.pick(&[0u16, 1, 1, 2, 3]),
                     auto_ack: r.chance(30),
+                    priority: if r.chance(20) { Some(r.pick(&[-1, 1, 2])) } else { None },
                 }
             }
             55..=66 if consumers > 0 => Op::Recv {
@@ -752,8 +757,6 @@ fn delivery_line(d: &Delivery) -> String {
 /// One consumer of a case: its subscription while it runs.
 struct Sub {
     sub: Subscription,
-    /// The queue (index) it consumes.
-    queue: usize,
     auto_ack: bool,
     /// The stream has ended (cancelled by the broker or after a cancel).
     ended: bool,
@@ -941,19 +944,16 @@ impl Exec<'_> {
                 queue,
                 prefetch,
                 auto_ack,
+                priority,
             } => {
-                if self.subs.iter().flatten().any(|s| s.queue == *queue && !s.cancelled) {
-                    // Only shrinking makes these (see `gen_case`).
-                    self.subs.push(None);
-                    self.obs(format!("#{i} {op:?} => skipped: the queue has a consumer"));
-                    return;
+                let mut options = ConsumeOptions::default().prefetch(*prefetch).auto_ack(*auto_ack);
+                if let Some(p) = priority {
+                    options = options.priority(*p);
                 }
-                let options = ConsumeOptions::default().prefetch(*prefetch).auto_ack(*auto_ack);
                 let r = self.t.consume(&self.names.q(*queue), options).await;
                 let line = result_line(&r, |_| "ok".into());
                 self.subs.push(r.ok().map(|sub| Sub {
                     sub,
-                    queue: *queue,
                     auto_ack: *auto_ack,
                     ended: false,
                     cancelled: false,
@@ -1448,6 +1448,13 @@ fn candidates(case: &Case) -> Vec<Case> {
                 }
                 out.push(c);
             }
+        }
+        if let Op::Consume { priority: Some(_), .. } = op {
+            let mut c = case.clone();
+            if let Op::Consume { priority, .. } = &mut c.ops[i] {
+                *priority = None;
+            }
+            out.push(c);
         }
     }
     out

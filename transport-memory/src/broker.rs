@@ -389,12 +389,16 @@ pub(crate) struct Queue {
     ready: usize,
     ready_bytes: u64,
     expiring: usize,
-    /// `(consumer id, priority)`, by decreasing priority.
+    /// `(consumer id, priority)`, by decreasing priority, and within a
+    /// priority in RabbitMQ's round-robin order: the consumer served next
+    /// first. A consumer that is served moves behind the others of its
+    /// priority; a blocked one ([`ConsumerEntry::blocked`]) is skipped,
+    /// and moves behind the others when its window reopens (as
+    /// `rabbit_queue_consumers` takes a blocked consumer out of its
+    /// priority queue and puts it back at the tail).
     consumers: Vec<(u64, i64)>,
-    rr: usize,
-    /// Consumers of different priorities have been attached (until the
-    /// queue has none).
-    prioritized: bool,
+    /// How many of `consumers` are blocked.
+    blocked: usize,
     had_consumer: bool,
     exclusive_consumer: bool,
     timer: Option<Instant>,
@@ -539,6 +543,10 @@ pub(crate) struct ConsumerEntry {
     prefetch: u32,
     auto_ack: bool,
     active: bool,
+    /// Found with a full prefetch window when its turn came: skipped until
+    /// a settlement reopens the window, then served after the consumers of
+    /// its priority that were not blocked (see [`Queue::consumers`]).
+    blocked: bool,
     outbox: Arc<Outbox>,
     next_tag: u64,
     /// Unsettled deliveries, tags `front_tag..next_tag` in order (`None`:
@@ -643,6 +651,7 @@ impl ConsumerEntry {
             prefetch: prefetch as u32,
             auto_ack,
             active: true,
+            blocked: false,
             outbox,
             next_tag: 1,
             unacked: VecDeque::new(),
@@ -1099,8 +1108,7 @@ impl State {
             ready_bytes: 0,
             expiring: 0,
             consumers: Vec::new(),
-            rr: 0,
-            prioritized: false,
+            blocked: 0,
             had_consumer: false,
             exclusive_consumer: false,
             timer: None,
@@ -1833,10 +1841,6 @@ impl State {
             .position(|&(_, p)| p < priority)
             .unwrap_or(q.consumers.len());
         q.consumers.insert(at, (cid, priority));
-        if at <= q.rr && at < q.consumers.len() - 1 {
-            q.rr += 1;
-        }
-        q.prioritized |= priority != q.consumers[0].1 || priority != q.consumers[q.consumers.len() - 1].1;
         q.had_consumer = true;
         q.lease_until = None;
         q.exclusive_consumer = exclusive;
@@ -1902,14 +1906,9 @@ impl State {
         if let Some(i) = q.consumers.iter().position(|&(c, _)| c == cid) {
             q.consumers.remove(i);
             q.exclusive_consumer = false;
-            if q.rr > i {
-                q.rr -= 1;
-            }
-            if q.rr >= q.consumers.len() {
-                q.rr = 0;
-            }
-            if q.consumers.is_empty() {
-                q.prioritized = false;
+            if let Some(c) = self.consumers.get_mut(&cid).filter(|c| c.blocked) {
+                c.blocked = false;
+                q.blocked -= 1;
             }
         }
         if q.consumers.is_empty() && q.had_consumer && q.spec.auto_delete {
@@ -1984,6 +1983,7 @@ impl State {
                 }
             }
         }
+        self.unblock(cid);
         self.after_change(&queue, fx);
         Ok(())
     }
@@ -1996,7 +1996,27 @@ impl State {
         c.outbox.starved.store(false, Ordering::SeqCst);
         c.reconcile(pool);
         let queue = c.queue.clone();
+        self.unblock(cid);
         self.after_change(&queue, fx);
+    }
+
+    /// A settlement reopened consumer `cid`'s window: if it was blocked, it
+    /// goes behind the other consumers of its priority (RabbitMQ's
+    /// `rabbit_queue_consumers:unblock`, at the time of the ack).
+    fn unblock(&mut self, cid: u64) {
+        let Consumers { map, pool } = &mut self.consumers;
+        let Some(c) = map.get_mut(&cid) else { return };
+        if !c.blocked || !c.has_capacity(pool) {
+            return;
+        }
+        c.blocked = false;
+        let Some(q) = self.queues.get_mut(&*c.queue).filter(|q| q.uid == c.queue_uid) else {
+            return;
+        };
+        q.blocked -= 1;
+        if let Some(i) = q.consumers.iter().position(|&(x, _)| x == cid) {
+            to_back(q, i);
+        }
     }
 
     /// Puts an unacked message back at its original position, redelivered
@@ -2079,7 +2099,12 @@ fn try_direct(q: &mut Queue, consumers: &mut Consumers, m: QMsg, fx: &mut Effect
     }
 }
 
-/// The next consumer (round-robin) with capacity.
+/// The consumer the next message goes to, as RabbitMQ 3.10's
+/// `rabbit_queue_consumers:deliver` picks it: the first of
+/// [`Queue::consumers`] (highest priority, then round-robin order) that is
+/// not blocked. One found with a full window on its turn is blocked
+/// (skipped until its window reopens); the one chosen moves behind the
+/// others of its priority.
 #[inline]
 fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
     let Consumers { map: consumers, pool } = consumers;
@@ -2094,40 +2119,62 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
             .is_some_and(|c| c.has_capacity(pool))
             .then_some(cid);
     }
-    if q.prioritized {
-        return pick_by_priority(q, consumers, pool);
+    if q.blocked > 0 {
+        unblock_reopened(q, consumers, pool);
     }
-    for k in 0..n {
-        let i = (q.rr + k) % n;
+    for i in 0..n {
         let cid = q.consumers[i].0;
-        if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
-            q.rr = (i + 1) % n;
+        let Some(c) = consumers.get_mut(&cid) else { continue };
+        if c.blocked {
+            continue;
+        }
+        if c.has_capacity(pool) {
+            to_back(q, i);
             return Some(cid);
+        }
+        if c.active {
+            c.blocked = true;
+            q.blocked += 1;
         }
     }
     None
 }
 
-/// [`pick_consumer`] with consumer priorities: the highest priority with a
-/// consumer that has capacity wins; within it, round-robin (the chosen
-/// consumer moves behind the others of its priority).
+/// Unblocks the blocked consumers whose window was reopened by acks the
+/// broker has not seen yet (lock-free in-order acks of a consumer with a
+/// lazy refill; others are unblocked by [`State::unblock`] when settled),
+/// in their order in the list.
 #[cold]
-fn pick_by_priority(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, pool: &mut Vec<Arc<Message>>) -> Option<u64> {
-    let n = q.consumers.len();
-    let mut start = 0;
-    while start < n {
-        let p = q.consumers[start].1;
-        let end = start + q.consumers[start..].iter().take_while(|c| c.1 == p).count();
-        for i in start..end {
-            let cid = q.consumers[i].0;
-            if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
-                q.consumers[i..end].rotate_left(1);
-                return Some(cid);
-            }
+fn unblock_reopened(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, pool: &mut Vec<Arc<Message>>) {
+    let mut i = 0;
+    while i < q.consumers.len() && q.blocked > 0 {
+        let cid = q.consumers[i].0;
+        let reopened = consumers
+            .get_mut(&cid)
+            .is_some_and(|c| c.blocked && c.has_capacity(pool));
+        if !reopened {
+            i += 1;
+            continue;
         }
-        start = end;
+        if let Some(c) = consumers.get_mut(&cid) {
+            c.blocked = false;
+        }
+        q.blocked -= 1;
+        to_back(q, i);
+        if q.consumers[i].0 == cid {
+            i += 1;
+        }
     }
-    None
+}
+
+/// Moves `q.consumers[i]` behind the other consumers of its priority.
+#[inline]
+fn to_back(q: &mut Queue, i: usize) {
+    let p = q.consumers[i].1;
+    let end = i + q.consumers[i..].iter().take_while(|c| c.1 == p).count();
+    if end - i > 1 {
+        q.consumers[i..end].rotate_left(1);
+    }
 }
 
 /// Delivers `m` to consumer `c`.

@@ -35,6 +35,9 @@ pub(crate) fn cases() -> Vec<Case> {
             MessageTtl,
             DeadLettering
         ),
+        case!(twin::blocked_consumer_rejoins_the_round_robin_at_the_back),
+        case!(twin::new_consumer_joins_the_round_robin_at_the_back),
+        case!(twin::blocked_consumer_rejoins_behind_its_priority, ConsumerPriorities),
     ]
 }
 
@@ -869,5 +872,186 @@ async fn dead_letter_follows_the_publish_that_caused_it(ctx: &Ctx<'_>) -> Result
     // (a cycle): nothing more arrives.
     expect_nothing(&mut sub, QUIET).await?;
     cancel(&sub).await.ctx("cancel")?;
+    Ok(())
+}
+
+/// Publishes `bodies` to `q`, then takes from each consumer the number of
+/// deliveries given with it (each within [`WAIT`]) and whatever else
+/// arrives within [`QUIET`]; returns what each got (bodies), to compare
+/// with the expected shares, every delivery still unsettled in `held`.
+async fn share(
+    ctx: &Ctx<'_>,
+    q: &str,
+    bodies: &[&str],
+    subs: &mut [(&str, &mut crate::transport::Subscription, usize)],
+    held: &mut Vec<crate::transport::Delivery>,
+) -> Result<Vec<(String, Vec<String>)>, String> {
+    ctx.publish_all(&Destination::queue(q), bodies).await?;
+    let mut out: Vec<(String, Vec<String>)> = subs.iter().map(|(n, _, _)| (n.to_string(), Vec::new())).collect();
+    for (i, (name, sub, n)) in subs.iter_mut().enumerate() {
+        for k in 0..*n + 1 {
+            let within = if k < *n { WAIT } else { QUIET };
+            match tokio::time::timeout(within, sub.next()).await {
+                Ok(Some(Ok(d))) => {
+                    out[i].1.push(body(&d));
+                    held.push(d);
+                }
+                Ok(Some(Err(e))) => return Err(format!("consumer {name}: {e}")),
+                Ok(None) => return Err(format!("consumer {name} ended")),
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The expected shares of [`share`], for comparison.
+fn shares(v: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    v.iter()
+        .map(|(n, b)| (n.to_string(), b.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: a consumer whose turn comes while its prefetch window is full
+/// is taken out of the round-robin (RabbitMQ's `rabbit_queue_consumers`
+/// blocks it), and when an ack reopens its window it rejoins at the back,
+/// behind the consumers that kept their turn. The memory broker kept its
+/// place, so it was served first again right after its ack. (What happens
+/// after the ack does not depend on when RabbitMQ processes it: the next
+/// two messages go to C and B either way.)
+async fn blocked_consumer_rejoins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let mut a = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let mut b = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut c = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut held = Vec::new();
+    // m1 A, m2 B, m3 C; A's turn with its window full: blocked, m4 to B.
+    let first = share(
+        ctx,
+        &q,
+        &["m1", "m2", "m3", "m4"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 2), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "A (prefetch 1), B and C (prefetch 10) attached in that order, 4 messages",
+        first,
+        shares(&[("A", &["m1"]), ("B", &["m2", "m4"]), ("C", &["m3"])]),
+    )?;
+    // A's ack reopens its window: it goes behind C and B.
+    held.remove(0).ack().await.ctx("ack A's m1")?;
+    let second = share(
+        ctx,
+        &q,
+        &["m5", "m6"],
+        &mut [("A", &mut a, 0), ("B", &mut b, 1), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after A's ack, the next two messages (A rejoined behind C and B)",
+        second,
+        shares(&[("A", &[]), ("B", &["m6"]), ("C", &["m5"])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
+    Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: a new consumer joins the round-robin at the back, behind the
+/// consumers in the order they are served next (the memory broker put it
+/// at the end of its list of consumers, which is not the back once the
+/// round-robin has moved on).
+async fn new_consumer_joins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let opts = || ConsumeOptions::default().prefetch(10);
+    let mut a = ctx.consume(&q, opts()).await?;
+    let mut b = ctx.consume(&q, opts()).await?;
+    let mut held = Vec::new();
+    let first = share(ctx, &q, &["m1"], &mut [("A", &mut a, 1), ("B", &mut b, 0)], &mut held).await?;
+    ensure_eq(
+        "A and B attached in that order, one message",
+        first,
+        shares(&[("A", &["m1"]), ("B", &[])]),
+    )?;
+    // The round-robin order is now B, A; C joins behind A.
+    let mut c = ctx.consume(&q, opts()).await?;
+    let second = share(
+        ctx,
+        &q,
+        &["m2", "m3", "m4", "m5"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 2), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after C attached, four messages (order B, A, C)",
+        second,
+        shares(&[("A", &["m3"]), ("B", &["m2", "m5"]), ("C", &["m4"])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
+    Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: among consumers of the same priority too, one blocked by its
+/// prefetch window rejoins behind the others of its priority when an ack
+/// reopens it; consumers of a lower priority get nothing while one of a
+/// higher priority can take the message.
+async fn blocked_consumer_rejoins_behind_its_priority(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let mut a = ctx
+        .consume(&q, ConsumeOptions::default().prefetch(1).priority(1))
+        .await?;
+    let mut b = ctx
+        .consume(&q, ConsumeOptions::default().prefetch(10).priority(1))
+        .await?;
+    let mut c = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut held = Vec::new();
+    let first = share(
+        ctx,
+        &q,
+        &["m1", "m2", "m3", "m4"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 3), ("C", &mut c, 0)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "A (x-priority 1, prefetch 1), B (x-priority 1), C (priority 0), 4 messages",
+        first,
+        shares(&[("A", &["m1"]), ("B", &["m2", "m3", "m4"]), ("C", &[])]),
+    )?;
+    held.remove(0).ack().await.ctx("ack A's m1")?;
+    let second = share(
+        ctx,
+        &q,
+        &["m5"],
+        &mut [("A", &mut a, 0), ("B", &mut b, 1), ("C", &mut c, 0)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after A's ack, the next message (A rejoined behind B)",
+        second,
+        shares(&[("A", &[]), ("B", &["m5"]), ("C", &[])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
     Ok(())
 }
