@@ -132,11 +132,19 @@ impl Broker {
     }
 
     /// Runs `f` under the lock, then wakes consumers and arms TTL timers.
+    /// First routes the delayed messages that fell due, in case no timer
+    /// did (a publish made outside a tokio runtime arms none): one
+    /// comparison with the earliest due time, only while messages are held.
     #[inline(always)]
     pub(crate) fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Effects) -> R) -> R {
         let mut fx = Effects::default();
         let r = {
             let mut st = self.state.lock();
+            if let Some(due) = st.delayed_due {
+                if due <= Instant::now() {
+                    st.release_delayed(&mut fx);
+                }
+            }
             f(&mut st, &mut fx)
         };
         self.run_effects(fx);
@@ -721,6 +729,9 @@ pub(crate) struct State {
     flow_hint: Option<Arc<str>>,
     /// Messages held by `x-delayed-message` exchanges, in no order.
     delayed: Vec<DelayedMsg>,
+    /// The earliest `due` in `delayed` (`None` when it is empty), so that
+    /// every operation can release what fell due without a timer.
+    delayed_due: Option<Instant>,
     /// How many `x-delayed-message` exchanges exist (publishes skip the
     /// check while there are none).
     delayed_exchanges: usize,
@@ -756,6 +767,7 @@ impl State {
             next_seq: 1,
             flow_hint: None,
             delayed: Vec::new(),
+            delayed_due: None,
             delayed_exchanges: 0,
             deferred_dead: None,
         };
@@ -912,6 +924,7 @@ impl State {
             if e.delayed {
                 self.delayed_exchanges -= 1;
                 self.delayed.retain(|d| &*d.exchange != name);
+                self.delayed_due = self.delayed.iter().map(|d| d.due).min();
             }
             self.remove_bindings_to(name, true);
         }
@@ -1303,6 +1316,7 @@ impl State {
                     routing_key: routing_key.clone(),
                     message,
                 });
+                self.delayed_due = Some(self.delayed_due.map_or(due, |d| d.min(due)));
                 fx.delays.push(due);
                 return Ok(None);
             }
@@ -1403,6 +1417,9 @@ impl State {
             .into_iter()
             .partition(|d| d.due <= now);
         self.delayed = held;
+        // Routing below may hold new messages (a release into another
+        // delayed exchange): they lower this again.
+        self.delayed_due = self.delayed.iter().map(|d| d.due).min();
         due.sort_by_key(|d| (d.due, d.seq));
         for d in due {
             let mut message = d.message;
