@@ -116,7 +116,8 @@ pub(crate) struct Broker {
 #[derive(Default)]
 pub(crate) struct Effects {
     wakes: Vec<Waker>,
-    timers: Vec<(Arc<str>, u64, Instant)>,
+    /// When TTL timers armed (`State::ttl_timers`) fall due.
+    timers: Vec<Instant>,
     leases: Vec<(Arc<str>, u64, Instant)>,
     /// When held delayed messages fall due.
     delays: Vec<Instant>,
@@ -132,18 +133,17 @@ impl Broker {
     }
 
     /// Runs `f` under the lock, then wakes consumers and arms TTL timers.
-    /// First routes the delayed messages that fell due, in case no timer
-    /// did (a publish made outside a tokio runtime arms none): one
-    /// comparison with the earliest due time, only while messages are held.
+    /// First runs what fell due and no timer task has run yet (TTL timers,
+    /// delayed messages): at this very instant the task may not have been
+    /// scheduled, and a publish made outside a tokio runtime arms none.
+    /// Costs one check while nothing is pending.
     #[inline(always)]
     pub(crate) fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Effects) -> R) -> R {
         let mut fx = Effects::default();
         let r = {
             let mut st = self.state.lock();
-            if let Some(due) = st.delayed_due {
-                if due <= Instant::now() {
-                    st.release_delayed(&mut fx);
-                }
+            if st.delayed_due.is_some() || !st.ttl_timers.is_empty() {
+                st.run_due(&mut fx);
             }
             f(&mut st, &mut fx)
         };
@@ -184,12 +184,14 @@ impl Broker {
                 }
             });
         }
-        for (queue, uid, at) in fx.timers {
+        for at in fx.timers {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
                 tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
-                    b.with(|st, fx| st.timer_fired(&queue, uid, at, fx));
+                    // `with` runs the TTL timers that are due (this one
+                    // unless it was replaced by an earlier one).
+                    b.with(|_, _| ());
                 }
             });
         }
@@ -732,6 +734,10 @@ pub(crate) struct State {
     /// The earliest `due` in `delayed` (`None` when it is empty), so that
     /// every operation can release what fell due without a timer.
     delayed_due: Option<Instant>,
+    /// The TTL timers armed (`Queue::timer`), earliest first, with the
+    /// queue's uid and name; entries of timers since replaced or run stay
+    /// until they are due, then are skipped.
+    ttl_timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64, Arc<str>)>>,
     /// How many `x-delayed-message` exchanges exist (publishes skip the
     /// check while there are none).
     delayed_exchanges: usize,
@@ -768,6 +774,7 @@ impl State {
             flow_hint: None,
             delayed: Vec::new(),
             delayed_due: None,
+            ttl_timers: std::collections::BinaryHeap::new(),
             delayed_exchanges: 0,
             deferred_dead: None,
         };
@@ -1065,7 +1072,6 @@ impl State {
             if let Some(e) = arguments::inequivalent(&spec.name, &q.spec.arguments, &spec.arguments) {
                 return Err(e);
             }
-            self.expire(&spec.name, fx);
             let q = self.queues.get_mut(spec.name.as_str()).expect("exists");
             q.touch(fx);
             return Ok(q.info());
@@ -1141,16 +1147,14 @@ impl State {
     pub(crate) fn queue_info(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<QueueInfo> {
         self.check_conn(conn)?;
         self.queue_for(conn, name, Op::QueueDeclare)?;
-        self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         q.touch(fx);
         Ok(q.info())
     }
 
-    pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
+    pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, _fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
         self.queue_for(conn, name, Op::QueuePurge)?;
-        self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         let n = q.ready as u32;
         for l in q.levels.iter_mut() {
@@ -1178,7 +1182,6 @@ impl State {
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        self.expire(name, fx);
         let q = self.queues.get(name).expect("checked");
         if if_unused && !q.consumers.is_empty() {
             return Err(reply::precondition_failed(
@@ -1206,7 +1209,6 @@ impl State {
     pub(crate) fn get(&mut self, conn: u64, queue: &str, auto_ack: bool, fx: &mut Effects) -> Result<Option<Got>> {
         self.check_conn(conn)?;
         self.queue_for(conn, queue, Op::BasicGet)?;
-        self.expire(queue, fx);
         let cid = if auto_ack { 0 } else { self.id() };
         let q = self.queues.get_mut(queue).expect("checked");
         q.touch(fx);
@@ -1406,6 +1408,28 @@ impl State {
                 routing_key: routing_key.to_string(),
                 message: why.to_owned(),
             }),
+        }
+    }
+
+    /// Runs the TTL timers and releases the delayed messages that are due,
+    /// earliest first, as their timer tasks would have.
+    fn run_due(&mut self, fx: &mut Effects) {
+        let now = Instant::now();
+        loop {
+            let ttl = self.ttl_timers.peek().map(|t| t.0 .0).filter(|&at| at <= now);
+            let delayed = self.delayed_due.filter(|&d| d <= now);
+            match (ttl, delayed) {
+                (None, None) => return,
+                (Some(t), Some(d)) if d < t => self.release_delayed(fx),
+                (None, Some(_)) => self.release_delayed(fx),
+                (Some(_), _) => {
+                    let std::cmp::Reverse((_, uid, name)) = self.ttl_timers.pop().expect("peeked");
+                    if self.queues.get(&*name).is_some_and(|q| q.uid == uid) {
+                        self.catch_up(&name, fx);
+                        self.after_change(&name, fx);
+                    }
+                }
+            }
         }
     }
 
@@ -1628,17 +1652,29 @@ impl State {
                 return (Routed::Ok, None);
             }
         }
+        let mut dropped = false;
         if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
-            let mut dropped = Vec::new();
+            let mut heads = Vec::new();
             while q.over_limit(0, 0) {
                 match q.pop_head() {
-                    Some(h) => dropped.push(h),
+                    Some(h) => heads.push(h),
                     None => break,
                 }
             }
+            dropped = !heads.is_empty();
             let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
-            for h in dropped {
+            for h in heads {
                 self.dead_letter(&qn, dlx.clone(), dlrk.clone(), h, "maxlen", depth, fx);
+            }
+        }
+        // RabbitMQ 3.10 drops expired heads (and arms the TTL timer) after
+        // a publish only when the message is alone in the queue or a head
+        // was dropped (not when a head without expiry was dropped and the
+        // new message, alone, has none): a message that goes ahead by
+        // priority in a queue holding others gets no timer of its own.
+        if let Some(q) = self.queues.get(name) {
+            if (dropped || q.ready == 1) && !(dropped && q.ready == 1 && ttl.is_none()) {
+                self.expire(name, fx);
             }
         }
         self.after_change(name, fx);
@@ -1648,8 +1684,11 @@ impl State {
         (Routed::Ok, None)
     }
 
-    /// Dispatches ready messages to consumers with capacity, expires heads
-    /// and arms the TTL timer.
+    /// Delivers ready
+    /// messages to consumers with capacity as RabbitMQ 3.10's
+    /// `run_message_queue` does: each delivery takes the head, even an
+    /// expired one that no timer has dropped (a message that went ahead by
+    /// priority), then drops the expired heads it uncovers.
     fn after_change(&mut self, name: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.expiring == 0 {
@@ -1658,31 +1697,42 @@ impl State {
             return;
         }
         loop {
-            self.expire(name, fx);
             let Some(q) = self.queues.get_mut(name) else { return };
-            dispatch(q, &mut self.consumers, fx);
-            if q.expiring == 0 && q.cfg.ttl.is_none() {
+            if q.expiring == 0 {
+                dispatch(q, &mut self.consumers, fx);
                 return;
             }
-            // Dispatch stops at an expired head: expire it (and whatever
-            // expired behind it) and go on delivering, as RabbitMQ drops
-            // expired messages between deliveries.
-            let now = Instant::now();
-            let head_expired = q
-                .head_level()
-                .and_then(|l| q.levels[l].front())
-                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
-            if !head_expired {
-                // Dispatch may have exposed new heads: arm their timer.
-                let n = q.name.clone();
-                self.expire(&n, fx);
+            if q.ready == 0 || !deliver_head(q, &mut self.consumers, fx) {
                 return;
             }
+            self.expire(name, fx);
         }
     }
 
-    /// Removes expired messages from the heads of queue `name`,
-    /// dead-lettering them, and arms a timer for the next head to expire.
+    /// Runs the queue's TTL timer if it is due: the timer task may not have
+    /// run yet at this instant, and without a tokio runtime there is none
+    /// (expiry then happens lazily, on the next operation).
+    fn catch_up(&mut self, name: &str, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        if q.timer.is_some_and(|t| t <= Instant::now()) {
+            q.timer = None;
+            self.expire(name, fx);
+        }
+    }
+
+    /// RabbitMQ 3.10's `drop_expired_msgs`: removes expired messages from
+    /// the heads of queue `name`, dead-lettering them, and arms the TTL
+    /// timer for the head's expiry (unless one is armed earlier). RabbitMQ
+    /// calls it after every fetch (`basic.get` or a delivery), after a
+    /// requeue, when its timer fires, and on a publish only when the new
+    /// message is alone in the queue or the publish dropped a head
+    /// (`x-overflow` `drop-head`); so the memory broker calls it there too,
+    /// and at other operations only runs a timer that is due
+    /// ([`catch_up`](Self::catch_up)). A message that goes ahead by
+    /// priority, in a queue that holds others, therefore has no timer of
+    /// its own: it expires when one of those calls finds it at the head
+    /// (until then it is counted, and a `basic.get` or a consumer can
+    /// still take it).
     fn expire(&mut self, name: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.expiring == 0 {
@@ -1711,7 +1761,8 @@ impl State {
         if let Some(at) = next {
             if q.timer.is_none_or(|t| at < t) {
                 q.timer = Some(at);
-                fx.timers.push((q.name.clone(), q.uid, at));
+                fx.timers.push(at);
+                self.ttl_timers.push(std::cmp::Reverse((at, q.uid, q.name.clone())));
             }
         }
         if dead.is_empty() {
@@ -1740,17 +1791,6 @@ impl State {
         if let Some(q) = self.queues.get_mut(queue) {
             q.flow_resume_at = q.delivered + FLOW_HIGH as u64;
         }
-    }
-
-    fn timer_fired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
-        let Some(q) = self.queues.get_mut(name) else { return };
-        if q.uid != uid {
-            return;
-        }
-        if q.timer.is_some_and(|t| t <= at) {
-            q.timer = None;
-        }
-        self.after_change(name, fx);
     }
 
     /// Dead-letters `m` from queue `queue` for `reason`, as RabbitMQ 3.10 does.
@@ -1968,6 +2008,10 @@ impl State {
             for m in pending {
                 self.requeue(&queue, c.queue_uid, m, fx);
             }
+            // One requeue of them all, as when RabbitMQ's channel closes.
+            if self.queues.get(&*queue).is_some_and(|q| q.uid == c.queue_uid) {
+                self.expire(&queue, fx);
+            }
             self.after_change(&queue, fx);
         }
     }
@@ -1992,7 +2036,13 @@ impl State {
         let (queue, uid) = (c.queue.clone(), c.queue_uid);
         match how {
             Settle::Ack => recycle(&mut self.consumers.pool, m.message),
-            Settle::Requeue => self.requeue(&queue, uid, m, fx),
+            Settle::Requeue => {
+                self.requeue(&queue, uid, m, fx);
+                // As RabbitMQ's requeue_and_run: expired heads go first.
+                if self.queues.get(&*queue).is_some_and(|q| q.uid == uid) {
+                    self.expire(&queue, fx);
+                }
+            }
             Settle::Discard => {
                 if let Some(q) = self.queues.get(&*queue).filter(|q| q.uid == uid) {
                     let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
@@ -2230,37 +2280,28 @@ fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
     c.outbox.push(item, fx);
 }
 
-/// Moves ready messages to consumers with capacity; expired ones stay for
-/// [`State::expire`].
+/// Moves ready messages to consumers with capacity (for a queue where no
+/// ready message can expire; see [`State::after_change`]).
 fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
-    while q.ready > 0 {
-        if q.expiring > 0 {
-            let now = Instant::now();
-            let head_expired = q
-                .head_level()
-                .and_then(|l| q.levels[l].front())
-                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
-            if head_expired {
-                // Left for `expire`; have the next in-order acks refill, so
-                // the messages behind it are not left waiting.
-                for (cid, _) in &q.consumers {
-                    if let Some(c) = consumers.map.get(cid) {
-                        c.outbox.starved.store(true, Ordering::SeqCst);
-                    }
-                }
-                return;
-            }
-        }
-        let Some(cid) = pick_consumer(q, consumers) else { return };
-        let m = q.pop_head().expect("ready > 0");
-        let c = consumers.get_mut(&cid).expect("picked");
-        send(q, c, m, fx);
-        q.delivered += 1;
-        if q.flow_waiting && q.ready <= FLOW_LOW {
-            q.flow_waiting = false;
-            fx.drained = true;
-        }
+    while q.ready > 0 && deliver_head(q, consumers, fx) {}
+}
+
+/// Delivers the head message to the consumer [`pick_consumer`] picks;
+/// false if none can take it.
+#[inline]
+fn deliver_head(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) -> bool {
+    let Some(cid) = pick_consumer(q, consumers) else {
+        return false;
+    };
+    let m = q.pop_head().expect("ready > 0");
+    let c = consumers.get_mut(&cid).expect("picked");
+    send(q, c, m, fx);
+    q.delivered += 1;
+    if q.flow_waiting && q.ready <= FLOW_LOW {
+        q.flow_waiting = false;
+        fx.drained = true;
     }
+    true
 }
 
 /// Adds RabbitMQ 3.10's dead-letter headers to `message`.

@@ -576,6 +576,7 @@ macro_rules! conformance_tests {
                 blocked_consumer_rejoins_the_round_robin_at_the_back,
                 new_consumer_joins_the_round_robin_at_the_back,
                 blocked_consumer_rejoins_behind_its_priority,
+                message_ahead_by_priority_expires_only_when_dropped_at_the_head,
             ],
             get: [
                 empty_queue_gives_none,

@@ -38,6 +38,11 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(twin::blocked_consumer_rejoins_the_round_robin_at_the_back),
         case!(twin::new_consumer_joins_the_round_robin_at_the_back),
         case!(twin::blocked_consumer_rejoins_behind_its_priority, ConsumerPriorities),
+        case!(
+            twin::message_ahead_by_priority_expires_only_when_dropped_at_the_head,
+            Priorities,
+            MessageTtl
+        ),
     ]
 }
 
@@ -1054,4 +1059,49 @@ async fn blocked_consumer_rejoins_behind_its_priority(ctx: &Ctx<'_>) -> Result<(
     cancel(&b).await.ctx("cancel B")?;
     cancel(&c).await.ctx("cancel C")?;
     Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// messages with both a priority and a TTL: RabbitMQ drops expired heads
+/// (and arms its TTL timer for the head) after a fetch, a requeue, its
+/// timer, and a publish only when the new message is alone in the queue.
+/// A message that goes ahead by priority in a queue that holds others has
+/// no timer: past its TTL it is still counted, and a `basic.get` (or a
+/// consumer) still takes it; the memory broker used to drop it on time.
+async fn message_ahead_by_priority_expires_only_when_dropped_at_the_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let ttl = std::time::Duration::from_millis(50);
+    let mut queues = Vec::new();
+    for name in ["get", "consume"] {
+        let q = ctx
+            .declare_queue(QueueSpec::new(ctx.queue_name(name)).max_priority(5))
+            .await?;
+        let dest = Destination::queue(q.as_str());
+        ctx.publish_message(&dest, Message::new("behind")).await?;
+        ctx.publish_message(&dest, Message::new("ahead").with_priority(5).with_expiration(ttl))
+            .await?;
+        queues.push(q);
+    }
+    // Past the TTL of "ahead" (a sleep long enough for nothing to happen).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (get_q, consume_q) = (&queues[0], &queues[1]);
+    ensure_eq("depth past the TTL of the message ahead", ctx.depth(get_q).await?, 2)?;
+    let mut got = Vec::new();
+    while let Some(g) = t.get(get_q, true).await.ctx("get")? {
+        got.push((body(&g.delivery), g.message_count));
+    }
+    ensure_eq(
+        "(body, message_count) of each get: the expired message ahead is still taken",
+        got,
+        vec![("ahead".to_string(), 1), ("behind".to_string(), 0)],
+    )?;
+    let mut sub = ctx.consume(consume_q, ConsumeOptions::default().auto_ack(true)).await?;
+    let bodies = take_bodies(&mut sub, 2).await?;
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    ensure_eq(
+        "deliveries to a consumer attached past the TTL of the message ahead",
+        bodies,
+        vec!["ahead".to_string(), "behind".to_string()],
+    )
 }
