@@ -411,6 +411,8 @@ pub(crate) struct Queue {
     blocked: usize,
     had_consumer: bool,
     exclusive_consumer: bool,
+    /// The TTL timer (RabbitMQ's `ttl_timer_expiry`): when it runs
+    /// [`State::expire`]; armed only by `expire` itself, for the head.
     timer: Option<Instant>,
     delivered: u64,
     flow_waiting: bool,
