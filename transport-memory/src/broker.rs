@@ -1425,13 +1425,48 @@ impl State {
                 (Some(t), Some(d)) if d < t => self.release_delayed(fx),
                 (None, Some(_)) => self.release_delayed(fx),
                 (Some(_), _) => {
-                    let std::cmp::Reverse((_, uid, name)) = self.ttl_timers.pop().expect("peeked");
-                    if self.queues.get(&*name).is_some_and(|q| q.uid == uid) {
-                        self.catch_up(&name, fx);
-                        self.after_change(&name, fx);
+                    // Every queue's timer that is due runs before the dead
+                    // letters they cause reach any queue: on RabbitMQ each
+                    // queue runs its own timer (at a millisecond's
+                    // precision), and a dead letter is a publish that
+                    // arrives after. (Under a paused clock the timer tasks
+                    // wake at each instant, so these are the timers of one
+                    // instant.)
+                    let outer = self.hold_dead_letters();
+                    while let Some(std::cmp::Reverse((at, uid, name))) = self.ttl_timers.peek().cloned() {
+                        if at > now {
+                            break;
+                        }
+                        self.ttl_timers.pop();
+                        if self.queues.get(&*name).is_some_and(|q| q.uid == uid) {
+                            self.catch_up(&name, fx);
+                            self.after_change(&name, fx);
+                        }
+                    }
+                    if outer {
+                        self.route_held_dead_letters(fx);
                     }
                 }
             }
+        }
+    }
+
+    /// Holds back the dead letters caused from here on (see
+    /// `deferred_dead`); true if the caller is the one to route them
+    /// ([`route_held_dead_letters`](Self::route_held_dead_letters)), false if
+    /// they were held already.
+    fn hold_dead_letters(&mut self) -> bool {
+        if self.deferred_dead.is_some() {
+            return false;
+        }
+        self.deferred_dead = Some(Vec::new());
+        true
+    }
+
+    /// Routes the dead letters held since [`hold_dead_letters`](Self::hold_dead_letters).
+    fn route_held_dead_letters(&mut self, fx: &mut Effects) {
+        for d in self.deferred_dead.take().unwrap_or_default() {
+            self.dead_letter(&d.queue, d.dlx, d.dlrk, d.message, d.reason, d.depth, fx);
         }
     }
 
@@ -2007,6 +2042,7 @@ impl State {
         let pending: Vec<QMsg> = c.unacked.drain(..).flatten().collect();
         if !pending.is_empty() {
             let queue = c.queue.clone();
+            let outer = self.hold_dead_letters();
             for m in pending {
                 self.requeue(&queue, c.queue_uid, m, fx);
             }
@@ -2015,6 +2051,9 @@ impl State {
                 self.expire(&queue, fx);
             }
             self.after_change(&queue, fx);
+            if outer {
+                self.route_held_dead_letters(fx);
+            }
         }
     }
 
@@ -2036,6 +2075,11 @@ impl State {
             });
         };
         let (queue, uid) = (c.queue.clone(), c.queue_uid);
+        // The dead letters this causes (a reject, the heads a requeue drops
+        // or uncovers expired) are routed once the queue has delivered what
+        // the settlement lets it: on RabbitMQ they are publishes the queue
+        // makes, which reach queues (itself included) after that.
+        let outer = self.hold_dead_letters();
         match how {
             Settle::Ack => recycle(&mut self.consumers.pool, m.message),
             Settle::Requeue => {
@@ -2054,6 +2098,9 @@ impl State {
         }
         self.unblock(cid);
         self.after_change(&queue, fx);
+        if outer {
+            self.route_held_dead_letters(fx);
+        }
         Ok(())
     }
 

@@ -577,6 +577,8 @@ macro_rules! conformance_tests {
                 new_consumer_joins_the_round_robin_at_the_back,
                 blocked_consumer_rejoins_behind_its_priority,
                 message_ahead_by_priority_expires_only_when_dropped_at_the_head,
+                reject_dead_letters_after_the_queue_delivers,
+                simultaneous_expiries_run_before_their_dead_letters,
             ],
             get: [
                 empty_queue_gives_none,

@@ -43,6 +43,12 @@ pub(crate) fn cases() -> Vec<Case> {
             Priorities,
             MessageTtl
         ),
+        case!(twin::reject_dead_letters_after_the_queue_delivers, DeadLettering),
+        case!(
+            twin::simultaneous_expiries_run_before_their_dead_letters,
+            MessageTtl,
+            DeadLettering
+        ),
     ]
 }
 
@@ -1103,5 +1109,114 @@ async fn message_ahead_by_priority_expires_only_when_dropped_at_the_head(ctx: &C
         "deliveries to a consumer attached past the TTL of the message ahead",
         bodies,
         vec!["ahead".to_string(), "behind".to_string()],
+    )
+}
+
+/// Found by the differential test: a message rejected without requeue is
+/// dead-lettered after its queue has delivered what the reject lets it
+/// (the consumer's window reopens): on RabbitMQ the dead letter is a
+/// publish the queue makes, which reaches queues, itself included, after
+/// that. Here the dead letter comes back to the same queue, whose max
+/// length (drop-head) would have dropped the message the consumer gets
+/// next if the dead letter had arrived first.
+async fn reject_dead_letters_after_the_queue_delivers(ctx: &Ctx<'_>) -> Result<(), String> {
+    let name = ctx.queue_name("q");
+    let q = ctx
+        .declare_queue(
+            QueueSpec::new(name.clone())
+                .dead_letter("", Some(name.as_str()))
+                .max_length(2, crate::topology::Overflow::DropHead),
+        )
+        .await?;
+    let mut sub = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    let m1 = take(&mut sub, 1).await?.remove(0);
+    ctx.publish_all(&dest, &["m2", "m3"]).await?;
+    ctx.wait_depth(&q, 2).await?;
+    m1.reject(false).await.ctx("reject m1 without requeue")?;
+    // Held unacked (the window stays full) until the queue has been read.
+    let next = take(&mut sub, 1).await?.remove(0);
+    cancel(&sub).await.ctx("cancel")?;
+    ensure_eq(
+        "the delivery the reject's reopened window gets (before m1's dead letter arrives)",
+        body(&next).as_str(),
+        "m2",
+    )?;
+    ctx.wait_depth(&q, 2).await?;
+    let mut left = Vec::new();
+    while let Some(g) = ctx.transport().get(&q, true).await.ctx("get")? {
+        left.push((
+            body(&g.delivery),
+            g.delivery
+                .message
+                .headers
+                .get_str("x-first-death-reason")
+                .map(str::to_owned),
+        ));
+    }
+    next.ack().await.ctx("ack m2")?;
+    ensure_eq(
+        "(body, x-first-death-reason) left in the queue",
+        left,
+        vec![
+            ("m3".to_string(), None),
+            ("m1".to_string(), Some("rejected".to_string())),
+        ],
+    )
+}
+
+/// Found by the differential test: the same message, fanned out to two
+/// queues with the same TTL, expires in both at once; each queue runs its
+/// own timer before the dead letter of the other arrives. Here the dead
+/// letter of one goes to the other, which is full (max length 1,
+/// reject-publish) until its own copy expires: it takes the dead letter.
+async fn simultaneous_expiries_run_before_their_dead_letters(ctx: &Ctx<'_>) -> Result<(), String> {
+    let ttl = std::time::Duration::from_millis(200);
+    let x = ctx.exchange("x", ExchangeKind::Fanout).await?;
+    let dst = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("dst"))
+                .message_ttl(ttl)
+                .max_length(1, crate::topology::Overflow::RejectPublish),
+        )
+        .await?;
+    let src = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("src"))
+                .message_ttl(ttl)
+                .dead_letter("", Some(dst.as_str())),
+        )
+        .await?;
+    ctx.bind(&src, &x, "").await?;
+    ctx.bind(&dst, &x, "").await?;
+    ctx.publish(&Destination::new(x.as_str(), "k"), "m").await?;
+    ensure(
+        eventually(WAIT, || async { ctx.depth(&src).await == Ok(0) }).await,
+        || "the message did not expire in the source queue".to_string(),
+    )?;
+    // The dead letter arrives just after.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let g = loop {
+        if let Some(g) = ctx.transport().get(&dst, true).await.ctx("get")? {
+            break g;
+        }
+        ensure(tokio::time::Instant::now() < deadline, || {
+            "the full queue's copy expired and the dead letter of the other copy should have taken its place"
+                .to_string()
+        })?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    ensure_eq(
+        "(body, x-first-death-queue) in the queue that was full",
+        (
+            body(&g.delivery),
+            g.delivery
+                .message
+                .headers
+                .get_str("x-first-death-queue")
+                .map(str::to_owned),
+        ),
+        ("m".to_string(), Some(src.clone())),
     )
 }
