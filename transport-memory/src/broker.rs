@@ -1721,11 +1721,10 @@ impl State {
         (Routed::Ok, None)
     }
 
-    /// Delivers ready
-    /// messages to consumers with capacity as RabbitMQ 3.10's
-    /// `run_message_queue` does: each delivery takes the head, even an
-    /// expired one that no timer has dropped (a message that went ahead by
-    /// priority), then drops the expired heads it uncovers.
+    /// Delivers ready messages to consumers with capacity as RabbitMQ
+    /// 3.10's `run_message_queue` does: each delivery takes the head, even
+    /// an expired one that no timer has dropped (a message that went ahead
+    /// by priority), then drops the expired heads it uncovers.
     fn after_change(&mut self, name: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.expiring == 0 {
