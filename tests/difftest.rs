@@ -44,8 +44,12 @@ const DEFAULT_CASES: u64 = 40;
 const SHORT_TTL: Duration = Duration::from_millis(300);
 /// A TTL that never expires during a case.
 const LONG_TTL: Duration = Duration::from_secs(60);
-/// What the `Wait` op sleeps: every short TTL has run out by then.
-const WAIT_OP: Duration = Duration::from_millis(500);
+/// What the `Wait` op sleeps: every short TTL has run out by then, and so
+/// has the short TTL of a queue that a message expiring during the wait is
+/// dead-lettered to (two short TTLs in a row; with 500 ms that second
+/// expiry could come up to 100 ms after the wait, inside
+/// [`TIMING_GUARD`]).
+const WAIT_OP: Duration = Duration::from_millis(650);
 /// In a case with short TTLs, an operation that RabbitMQ starts later than
 /// this after the case began or the last `Wait` ended may see a short TTL
 /// run out that the memory broker (on a paused clock, where operations take
