@@ -60,6 +60,8 @@ unreproducible=0
 late=0
 chained=0
 cycles=0
+crowded=0
+prio_ttl=0
 for ((j = 0; j < jobs; j++)); do
     status=0
     wait "${pids[$j]}" || status=$?
@@ -84,6 +86,11 @@ for ((j = 0; j < jobs; j++)); do
     late=$((late + l))
     chained=$((chained + y))
     cycles=$((cycles + k))
+    coverage=$(grep -E '^difftest: coverage:' "$log" | tail -1 || true)
+    if [[ -n $coverage ]]; then
+        crowded=$((crowded + $(sed -E 's/^difftest: coverage: ([0-9]+) cases.*/\1/' <<<"$coverage")))
+        prio_ttl=$((prio_ttl + $(sed -E 's/.* ([0-9]+) with a message.*/\1/' <<<"$coverage")))
+    fi
     if ((d > 0)); then
         sed -n '/DIVERGENCE, minimal case/,/^difftest: [0-9]* cases/p' "$log"
     fi
@@ -97,6 +104,7 @@ elapsed=$(($(date +%s) - start))
 echo
 echo "difftest: $cases of $total cases run in ${elapsed}s by $jobs processes (seeds: ${seeds[*]}; cases: ${counts[*]})"
 echo "difftest: $divergences divergences, $unreproducible unreproducible (timing) differences, $late cases differing only after RabbitMQ fell behind the timing guard, $chained not compared (chained short TTLs); $cycles compared cases went round a dead-letter cycle"
+echo "difftest: coverage: $crowded cases with several consumers on a queue at once, $prio_ttl with a message that has both a priority and a TTL"
 echo "difftest: logs in $logs"
 if ((divergences > 0 || failed != 0 || cases != total)); then
     exit 1

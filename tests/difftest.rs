@@ -44,8 +44,12 @@ const DEFAULT_CASES: u64 = 40;
 const SHORT_TTL: Duration = Duration::from_millis(300);
 /// A TTL that never expires during a case.
 const LONG_TTL: Duration = Duration::from_secs(60);
-/// What the `Wait` op sleeps: every short TTL has run out by then.
-const WAIT_OP: Duration = Duration::from_millis(500);
+/// What the `Wait` op sleeps: every short TTL has run out by then, and so
+/// has the short TTL of a queue that a message expiring during the wait is
+/// dead-lettered to (two short TTLs in a row; with 500 ms that second
+/// expiry could come up to 100 ms after the wait, inside
+/// [`TIMING_GUARD`]).
+const WAIT_OP: Duration = Duration::from_millis(650);
 /// In a case with short TTLs, an operation that RabbitMQ starts later than
 /// this after the case began or the last `Wait` ended may see a short TTL
 /// run out that the memory broker (on a paused clock, where operations take
@@ -244,6 +248,8 @@ enum Op {
         queue: usize,
         prefetch: u16,
         auto_ack: bool,
+        /// The consumer priority (`x-priority`), if any.
+        priority: Option<i32>,
     },
     Recv {
         consumer: usize,
@@ -401,27 +407,33 @@ fn gen_case(seed: u64) -> Case {
     let mut consumed: Vec<Option<usize>> = Vec::new();
     let mut msg_id = 0u32;
     let has_short_ttl = queues.iter().any(|q| q.ttl == Some(Ttl::Short));
+    // A quarter of the cases crowd their queues with consumers: more
+    // consumes (taken from gets), on queues that have one already.
+    let crowd = r.chance(25);
     for _ in 0..n_ops {
-        let w = r.below(100);
+        let w = match r.below(100) {
+            w @ 35..=44 if crowd => 48 + w % 7,
+            w => w,
+        };
         let op = match w {
             0..=34 => {
                 msg_id += 1;
-                let to = gen_target(&mut r, n_ex);
-                let key = gen_key(&mut r, n_q);
-                // Not both a priority and a TTL: RabbitMQ 3.10 arms the TTL
-                // timer on publish only when the new message is alone in
-                // the queue, so a message that jumps ahead by priority is
-                // not expired on time (a basic.get even returns it expired);
-                // message priority belongs to the message-model work.
-                let (priority, expiration) = if r.chance(25) {
+                let (to, key) = if crowd && r.chance(50) {
+                    (Target::Default, Key::Queue(r.below(n_q)))
+                } else {
+                    (gen_target(&mut r, n_ex), gen_key(&mut r, n_q))
+                };
+                // A priority, a TTL, both or neither (a message that goes
+                // ahead by priority has no TTL timer on RabbitMQ 3.10: it
+                // expires only when found at the head).
+                let priority = if r.chance(25) {
                     // AMQP's 0-9 mostly; above 9 as RabbitMQ allows.
                     let p = if r.chance(20) { 10 + r.below(246) } else { r.below(10) };
-                    (Some(p as u8), None)
-                } else if r.chance(25) {
-                    (None, Some(gen_ttl(&mut r)))
+                    Some(p as u8)
                 } else {
-                    (None, None)
+                    None
                 };
+                let expiration = if r.chance(25) { Some(gen_ttl(&mut r)) } else { None };
                 let msg = MsgDef {
                     id: msg_id,
                     headers: if r.chance(40) {
@@ -456,19 +468,22 @@ fn gen_case(seed: u64) -> Case {
                 queue: r.below(n_q),
                 auto_ack: r.chance(40),
             },
-            // One consumer per queue at a time: with several, RabbitMQ's
-            // choice after a consumer's prefetch window reopens (it goes to
-            // the back of the line) is consumer-rotation behaviour that the
-            // memory broker does not copy yet; see docs/difftest.md.
-            48..=54 if (0..n_q).any(|q| !consumed.contains(&Some(q))) => {
-                let free: Vec<usize> = (0..n_q).filter(|q| !consumed.contains(&Some(*q))).collect();
-                let queue = r.pick(&free);
+            // Several consumers on one queue too (a queue that already has
+            // one is picked half of the time), some with a consumer priority.
+            48..=54 => {
+                let busy: Vec<usize> = (0..n_q).filter(|q| consumed.contains(&Some(*q))).collect();
+                let queue = if !busy.is_empty() && r.chance(if crowd { 85 } else { 50 }) {
+                    r.pick(&busy)
+                } else {
+                    r.below(n_q)
+                };
                 consumers += 1;
                 consumed.push(Some(queue));
                 Op::Consume {
                     queue,
                     prefetch: r.pick(&[0u16, 1, 1, 2, 3]),
                     auto_ack: r.chance(30),
+                    priority: if r.chance(20) { Some(r.pick(&[-1, 1, 2])) } else { None },
                 }
             }
             55..=66 if consumers > 0 => Op::Recv {
@@ -960,14 +975,12 @@ impl Exec<'_> {
                 queue,
                 prefetch,
                 auto_ack,
+                priority,
             } => {
-                if self.subs.iter().flatten().any(|s| s.queue == *queue && !s.cancelled) {
-                    // Only shrinking makes these (see `gen_case`).
-                    self.subs.push(None);
-                    self.obs(format!("#{i} {op:?} => skipped: the queue has a consumer"));
-                    return;
+                let mut options = ConsumeOptions::default().prefetch(*prefetch).auto_ack(*auto_ack);
+                if let Some(p) = priority {
+                    options = options.priority(*p);
                 }
-                let options = ConsumeOptions::default().prefetch(*prefetch).auto_ack(*auto_ack);
                 let r = self.t.consume(&self.names.q(*queue), options).await;
                 let line = result_line(&r, |_| "ok".into());
                 self.subs.push(r.ok().map(|sub| Sub {
@@ -1100,10 +1113,21 @@ impl Exec<'_> {
             }
         }
         self.pause().await;
+        let c = self.case;
+        let order_matters = c.queues.iter().any(|q| q.ttl.is_some() || q.max_length.is_some())
+            || c.ops
+                .iter()
+                .any(|o| matches!(o, Op::Publish { msg, .. } if msg.expiration.is_some()));
         for d in std::mem::take(&mut self.held) {
             self.start();
             let body = String::from_utf8_lossy(&d.message.body).into_owned();
             let r = d.nack(true).await;
+            if order_matters {
+                // Requeues through different channels: let RabbitMQ take
+                // them in this order (a requeue drops the expired heads, a
+                // max length drops heads).
+                self.pause().await;
+            }
             let line = format!("final requeue {body}: {}", result_line(&r, |_| "ok".into()));
             self.obs(line);
         }
@@ -1157,6 +1181,31 @@ impl Exec<'_> {
             let _ = self.t.delete_exchange(&self.names.ex(x)).await;
         }
     }
+}
+
+/// What a case exercises that used to be left out: several consumers on
+/// one queue at the same time, and a message with both a priority and a
+/// TTL (counted for the summary).
+fn coverage(case: &Case) -> (bool, bool) {
+    let mut live: Vec<Option<usize>> = Vec::new();
+    let mut crowded = false;
+    let mut ahead = false;
+    for op in &case.ops {
+        match op {
+            Op::Consume { queue, .. } => {
+                crowded |= live.contains(&Some(*queue));
+                live.push(Some(*queue));
+            }
+            Op::Cancel { consumer } => {
+                if let Some(c) = live.get_mut(*consumer) {
+                    *c = None;
+                }
+            }
+            Op::Publish { msg, .. } => ahead |= msg.priority.is_some() && msg.expiration.is_some(),
+            _ => {}
+        }
+    }
+    (crowded, ahead)
 }
 
 /// Runs `case` on `t` with names under `prefix`.
@@ -1470,6 +1519,13 @@ fn candidates(case: &Case) -> Vec<Case> {
                 out.push(c);
             }
         }
+        if let Op::Consume { priority: Some(_), .. } = op {
+            let mut c = case.clone();
+            if let Op::Consume { priority, .. } = &mut c.ops[i] {
+                *priority = None;
+            }
+            out.push(c);
+        }
     }
     out
 }
@@ -1544,6 +1600,7 @@ async fn memory_matches_rabbitmq_on_random_cases() {
     let verbose = std::env::var("DIFFTEST_VERBOSE").as_deref() == Ok("1");
     let started = Instant::now();
     let mut cases_run = 0u64;
+    let (mut crowded_cases, mut prio_ttl_cases) = (0u64, 0u64);
     let mut ops_run = 0u64;
     let mut divergences: Vec<String> = Vec::new();
     let mut flaky = 0u64;
@@ -1564,6 +1621,9 @@ async fn memory_matches_rabbitmq_on_random_cases() {
         let case = gen_case(cs);
         cases_run += 1;
         ops_run += case.ops.len() as u64;
+        let (crowded, ahead) = coverage(&case);
+        crowded_cases += u64::from(crowded);
+        prio_ttl_cases += u64::from(ahead);
         if cases_run % 250 == 0 {
             eprintln!(
                 "difftest: {cases_run} cases so far, {} divergences, {:.0}s",
@@ -1622,6 +1682,10 @@ async fn memory_matches_rabbitmq_on_random_cases() {
         divergences.push(report);
     }
     let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "difftest: coverage: {crowded_cases} cases with several consumers on a queue at once, {prio_ttl_cases} with \
+         a message that has both a priority and a TTL"
+    );
     eprintln!(
         "difftest: {cases_run} cases ({ops_run} ops, {} runs incl. confirmations and shrinking) in {secs:.1}s ({:.0} ms/case), {} divergences, {flaky} unreproducible, {late} differing only after RabbitMQ fell behind the timing guard, {chained} not compared (chained short TTLs); {cycles} compared cases went round a dead-letter cycle",
         h.runs,

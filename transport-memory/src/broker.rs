@@ -116,7 +116,8 @@ pub(crate) struct Broker {
 #[derive(Default)]
 pub(crate) struct Effects {
     wakes: Vec<Waker>,
-    timers: Vec<(Arc<str>, u64, Instant)>,
+    /// When TTL timers armed (`State::ttl_timers`) fall due.
+    timers: Vec<Instant>,
     leases: Vec<(Arc<str>, u64, Instant)>,
     /// When held delayed messages fall due.
     delays: Vec<Instant>,
@@ -132,11 +133,18 @@ impl Broker {
     }
 
     /// Runs `f` under the lock, then wakes consumers and arms TTL timers.
+    /// First runs what fell due and no timer task has run yet (TTL timers,
+    /// delayed messages): at this very instant the task may not have been
+    /// scheduled, and a publish made outside a tokio runtime arms none.
+    /// Costs one check while nothing is pending.
     #[inline(always)]
     pub(crate) fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut State, &mut Effects) -> R) -> R {
         let mut fx = Effects::default();
         let r = {
             let mut st = self.state.lock();
+            if st.delayed_due.is_some() || !st.ttl_timers.is_empty() {
+                st.run_due(&mut fx);
+            }
             f(&mut st, &mut fx)
         };
         self.run_effects(fx);
@@ -176,12 +184,14 @@ impl Broker {
                 }
             });
         }
-        for (queue, uid, at) in fx.timers {
+        for at in fx.timers {
             let weak: Weak<Broker> = Arc::downgrade(self);
             handle.spawn(async move {
                 tokio::time::sleep_until(at).await;
                 if let Some(b) = weak.upgrade() {
-                    b.with(|st, fx| st.timer_fired(&queue, uid, at, fx));
+                    // `with` runs the TTL timers that are due (this one
+                    // unless it was replaced by an earlier one).
+                    b.with(|_, _| ());
                 }
             });
         }
@@ -389,14 +399,20 @@ pub(crate) struct Queue {
     ready: usize,
     ready_bytes: u64,
     expiring: usize,
-    /// `(consumer id, priority)`, by decreasing priority.
+    /// `(consumer id, priority)`, by decreasing priority, and within a
+    /// priority in RabbitMQ's round-robin order: the consumer served next
+    /// first. A consumer that is served moves behind the others of its
+    /// priority; a blocked one ([`ConsumerEntry::blocked`]) is skipped,
+    /// and moves behind the others when its window reopens (as
+    /// `rabbit_queue_consumers` takes a blocked consumer out of its
+    /// priority queue and puts it back at the tail).
     consumers: Vec<(u64, i64)>,
-    rr: usize,
-    /// Consumers of different priorities have been attached (until the
-    /// queue has none).
-    prioritized: bool,
+    /// How many of `consumers` are blocked.
+    blocked: usize,
     had_consumer: bool,
     exclusive_consumer: bool,
+    /// The TTL timer (RabbitMQ's `ttl_timer_expiry`): when it runs
+    /// [`State::expire`]; armed only by `expire` itself, for the head.
     timer: Option<Instant>,
     delivered: u64,
     flow_waiting: bool,
@@ -539,6 +555,10 @@ pub(crate) struct ConsumerEntry {
     prefetch: u32,
     auto_ack: bool,
     active: bool,
+    /// Found with a full prefetch window when its turn came: skipped until
+    /// a settlement reopens the window, then served after the consumers of
+    /// its priority that were not blocked (see [`Queue::consumers`]).
+    blocked: bool,
     outbox: Arc<Outbox>,
     next_tag: u64,
     /// Unsettled deliveries, tags `front_tag..next_tag` in order (`None`:
@@ -643,6 +663,7 @@ impl ConsumerEntry {
             prefetch: prefetch as u32,
             auto_ack,
             active: true,
+            blocked: false,
             outbox,
             next_tag: 1,
             unacked: VecDeque::new(),
@@ -712,6 +733,13 @@ pub(crate) struct State {
     flow_hint: Option<Arc<str>>,
     /// Messages held by `x-delayed-message` exchanges, in no order.
     delayed: Vec<DelayedMsg>,
+    /// The earliest `due` in `delayed` (`None` when it is empty), so that
+    /// every operation can release what fell due without a timer.
+    delayed_due: Option<Instant>,
+    /// The TTL timers armed (`Queue::timer`), earliest first, with the
+    /// queue's uid and name; entries of timers since replaced or run stay
+    /// until they are due, then are skipped.
+    ttl_timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64, Arc<str>)>>,
     /// How many `x-delayed-message` exchanges exist (publishes skip the
     /// check while there are none).
     delayed_exchanges: usize,
@@ -747,6 +775,8 @@ impl State {
             next_seq: 1,
             flow_hint: None,
             delayed: Vec::new(),
+            delayed_due: None,
+            ttl_timers: std::collections::BinaryHeap::new(),
             delayed_exchanges: 0,
             deferred_dead: None,
         };
@@ -903,6 +933,7 @@ impl State {
             if e.delayed {
                 self.delayed_exchanges -= 1;
                 self.delayed.retain(|d| &*d.exchange != name);
+                self.delayed_due = self.delayed.iter().map(|d| d.due).min();
             }
             self.remove_bindings_to(name, true);
         }
@@ -1043,7 +1074,6 @@ impl State {
             if let Some(e) = arguments::inequivalent(&spec.name, &q.spec.arguments, &spec.arguments) {
                 return Err(e);
             }
-            self.expire(&spec.name, fx);
             let q = self.queues.get_mut(spec.name.as_str()).expect("exists");
             q.touch(fx);
             return Ok(q.info());
@@ -1099,8 +1129,7 @@ impl State {
             ready_bytes: 0,
             expiring: 0,
             consumers: Vec::new(),
-            rr: 0,
-            prioritized: false,
+            blocked: 0,
             had_consumer: false,
             exclusive_consumer: false,
             timer: None,
@@ -1120,16 +1149,14 @@ impl State {
     pub(crate) fn queue_info(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<QueueInfo> {
         self.check_conn(conn)?;
         self.queue_for(conn, name, Op::QueueDeclare)?;
-        self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         q.touch(fx);
         Ok(q.info())
     }
 
-    pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, fx: &mut Effects) -> Result<u32> {
+    pub(crate) fn purge_queue(&mut self, conn: u64, name: &str, _fx: &mut Effects) -> Result<u32> {
         self.check_conn(conn)?;
         self.queue_for(conn, name, Op::QueuePurge)?;
-        self.expire(name, fx);
         let q = self.queues.get_mut(name).expect("checked");
         let n = q.ready as u32;
         for l in q.levels.iter_mut() {
@@ -1157,7 +1184,6 @@ impl State {
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        self.expire(name, fx);
         let q = self.queues.get(name).expect("checked");
         if if_unused && !q.consumers.is_empty() {
             return Err(reply::precondition_failed(
@@ -1185,7 +1211,6 @@ impl State {
     pub(crate) fn get(&mut self, conn: u64, queue: &str, auto_ack: bool, fx: &mut Effects) -> Result<Option<Got>> {
         self.check_conn(conn)?;
         self.queue_for(conn, queue, Op::BasicGet)?;
-        self.expire(queue, fx);
         let cid = if auto_ack { 0 } else { self.id() };
         let q = self.queues.get_mut(queue).expect("checked");
         q.touch(fx);
@@ -1295,6 +1320,7 @@ impl State {
                     routing_key: routing_key.clone(),
                     message,
                 });
+                self.delayed_due = Some(self.delayed_due.map_or(due, |d| d.min(due)));
                 fx.delays.push(due);
                 return Ok(None);
             }
@@ -1387,6 +1413,63 @@ impl State {
         }
     }
 
+    /// Runs the TTL timers and releases the delayed messages that are due,
+    /// earliest first, as their timer tasks would have.
+    fn run_due(&mut self, fx: &mut Effects) {
+        let now = Instant::now();
+        loop {
+            let ttl = self.ttl_timers.peek().map(|t| t.0 .0).filter(|&at| at <= now);
+            let delayed = self.delayed_due.filter(|&d| d <= now);
+            match (ttl, delayed) {
+                (None, None) => return,
+                (Some(t), Some(d)) if d < t => self.release_delayed(fx),
+                (None, Some(_)) => self.release_delayed(fx),
+                (Some(_), _) => {
+                    // Every queue's timer that is due runs before the dead
+                    // letters they cause reach any queue: on RabbitMQ each
+                    // queue runs its own timer (at a millisecond's
+                    // precision), and a dead letter is a publish that
+                    // arrives after. (Under a paused clock the timer tasks
+                    // wake at each instant, so these are the timers of one
+                    // instant.)
+                    let outer = self.hold_dead_letters();
+                    while let Some(std::cmp::Reverse((at, uid, name))) = self.ttl_timers.peek().cloned() {
+                        if at > now {
+                            break;
+                        }
+                        self.ttl_timers.pop();
+                        if self.queues.get(&*name).is_some_and(|q| q.uid == uid) {
+                            self.catch_up(&name, fx);
+                            self.after_change(&name, fx);
+                        }
+                    }
+                    if outer {
+                        self.route_held_dead_letters(fx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds back the dead letters caused from here on (see
+    /// `deferred_dead`); true if the caller is the one to route them
+    /// ([`route_held_dead_letters`](Self::route_held_dead_letters)), false if
+    /// they were held already.
+    fn hold_dead_letters(&mut self) -> bool {
+        if self.deferred_dead.is_some() {
+            return false;
+        }
+        self.deferred_dead = Some(Vec::new());
+        true
+    }
+
+    /// Routes the dead letters held since [`hold_dead_letters`](Self::hold_dead_letters).
+    fn route_held_dead_letters(&mut self, fx: &mut Effects) {
+        for d in self.deferred_dead.take().unwrap_or_default() {
+            self.dead_letter(&d.queue, d.dlx, d.dlrk, d.message, d.reason, d.depth, fx);
+        }
+    }
+
     /// Routes the held delayed messages that are due, in due order (then
     /// publish order), and arms a timer for the next one.
     pub(crate) fn release_delayed(&mut self, fx: &mut Effects) {
@@ -1395,6 +1478,9 @@ impl State {
             .into_iter()
             .partition(|d| d.due <= now);
         self.delayed = held;
+        // Routing below may hold new messages (a release into another
+        // delayed exchange): they lower this again.
+        self.delayed_due = self.delayed.iter().map(|d| d.due).min();
         due.sort_by_key(|d| (d.due, d.seq));
         for d in due {
             let mut message = d.message;
@@ -1603,17 +1689,29 @@ impl State {
                 return (Routed::Ok, None);
             }
         }
+        let mut dropped = false;
         if q.cfg.overflow == Overflow::DropHead && q.over_limit(0, 0) {
-            let mut dropped = Vec::new();
+            let mut heads = Vec::new();
             while q.over_limit(0, 0) {
                 match q.pop_head() {
-                    Some(h) => dropped.push(h),
+                    Some(h) => heads.push(h),
                     None => break,
                 }
             }
+            dropped = !heads.is_empty();
             let (dlx, dlrk, qn) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone(), q.name.clone());
-            for h in dropped {
+            for h in heads {
                 self.dead_letter(&qn, dlx.clone(), dlrk.clone(), h, "maxlen", depth, fx);
+            }
+        }
+        // RabbitMQ 3.10 drops expired heads (and arms the TTL timer) after
+        // a publish only when the message is alone in the queue or a head
+        // was dropped (not when a head without expiry was dropped and the
+        // new message, alone, has none): a message that goes ahead by
+        // priority in a queue holding others gets no timer of its own.
+        if let Some(q) = self.queues.get(name) {
+            if (dropped || q.ready == 1) && !(dropped && q.ready == 1 && ttl.is_none()) {
+                self.expire(name, fx);
             }
         }
         self.after_change(name, fx);
@@ -1623,8 +1721,10 @@ impl State {
         (Routed::Ok, None)
     }
 
-    /// Dispatches ready messages to consumers with capacity, expires heads
-    /// and arms the TTL timer.
+    /// Delivers ready messages to consumers with capacity as RabbitMQ
+    /// 3.10's `run_message_queue` does: each delivery takes the head, even
+    /// an expired one that no timer has dropped (a message that went ahead
+    /// by priority), then drops the expired heads it uncovers.
     fn after_change(&mut self, name: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.expiring == 0 {
@@ -1633,31 +1733,42 @@ impl State {
             return;
         }
         loop {
-            self.expire(name, fx);
             let Some(q) = self.queues.get_mut(name) else { return };
-            dispatch(q, &mut self.consumers, fx);
-            if q.expiring == 0 && q.cfg.ttl.is_none() {
+            if q.expiring == 0 {
+                dispatch(q, &mut self.consumers, fx);
                 return;
             }
-            // Dispatch stops at an expired head: expire it (and whatever
-            // expired behind it) and go on delivering, as RabbitMQ drops
-            // expired messages between deliveries.
-            let now = Instant::now();
-            let head_expired = q
-                .head_level()
-                .and_then(|l| q.levels[l].front())
-                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
-            if !head_expired {
-                // Dispatch may have exposed new heads: arm their timer.
-                let n = q.name.clone();
-                self.expire(&n, fx);
+            if q.ready == 0 || !deliver_head(q, &mut self.consumers, fx) {
                 return;
             }
+            self.expire(name, fx);
         }
     }
 
-    /// Removes expired messages from the heads of queue `name`,
-    /// dead-lettering them, and arms a timer for the next head to expire.
+    /// Runs the queue's TTL timer if it is due: the timer task may not have
+    /// run yet at this instant, and without a tokio runtime there is none
+    /// (expiry then happens lazily, on the next operation).
+    fn catch_up(&mut self, name: &str, fx: &mut Effects) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        if q.timer.is_some_and(|t| t <= Instant::now()) {
+            q.timer = None;
+            self.expire(name, fx);
+        }
+    }
+
+    /// RabbitMQ 3.10's `drop_expired_msgs`: removes expired messages from
+    /// the heads of queue `name`, dead-lettering them, and arms the TTL
+    /// timer for the head's expiry (unless one is armed earlier). RabbitMQ
+    /// calls it after every fetch (`basic.get` or a delivery), after a
+    /// requeue, when its timer fires, and on a publish only when the new
+    /// message is alone in the queue or the publish dropped a head
+    /// (`x-overflow` `drop-head`); so the memory broker calls it there too,
+    /// and at other operations only runs a timer that is due
+    /// ([`catch_up`](Self::catch_up)). A message that goes ahead by
+    /// priority, in a queue that holds others, therefore has no timer of
+    /// its own: it expires when one of those calls finds it at the head
+    /// (until then it is counted, and a `basic.get` or a consumer can
+    /// still take it).
     fn expire(&mut self, name: &str, fx: &mut Effects) {
         let Some(q) = self.queues.get_mut(name) else { return };
         if q.expiring == 0 {
@@ -1686,7 +1797,8 @@ impl State {
         if let Some(at) = next {
             if q.timer.is_none_or(|t| at < t) {
                 q.timer = Some(at);
-                fx.timers.push((q.name.clone(), q.uid, at));
+                fx.timers.push(at);
+                self.ttl_timers.push(std::cmp::Reverse((at, q.uid, q.name.clone())));
             }
         }
         if dead.is_empty() {
@@ -1715,17 +1827,6 @@ impl State {
         if let Some(q) = self.queues.get_mut(queue) {
             q.flow_resume_at = q.delivered + FLOW_HIGH as u64;
         }
-    }
-
-    fn timer_fired(&mut self, name: &str, uid: u64, at: Instant, fx: &mut Effects) {
-        let Some(q) = self.queues.get_mut(name) else { return };
-        if q.uid != uid {
-            return;
-        }
-        if q.timer.is_some_and(|t| t <= at) {
-            q.timer = None;
-        }
-        self.after_change(name, fx);
     }
 
     /// Dead-letters `m` from queue `queue` for `reason`, as RabbitMQ 3.10 does.
@@ -1833,10 +1934,6 @@ impl State {
             .position(|&(_, p)| p < priority)
             .unwrap_or(q.consumers.len());
         q.consumers.insert(at, (cid, priority));
-        if at <= q.rr && at < q.consumers.len() - 1 {
-            q.rr += 1;
-        }
-        q.prioritized |= priority != q.consumers[0].1 || priority != q.consumers[q.consumers.len() - 1].1;
         q.had_consumer = true;
         q.lease_until = None;
         q.exclusive_consumer = exclusive;
@@ -1902,14 +1999,9 @@ impl State {
         if let Some(i) = q.consumers.iter().position(|&(c, _)| c == cid) {
             q.consumers.remove(i);
             q.exclusive_consumer = false;
-            if q.rr > i {
-                q.rr -= 1;
-            }
-            if q.rr >= q.consumers.len() {
-                q.rr = 0;
-            }
-            if q.consumers.is_empty() {
-                q.prioritized = false;
+            if let Some(c) = self.consumers.get_mut(&cid).filter(|c| c.blocked) {
+                c.blocked = false;
+                q.blocked -= 1;
             }
         }
         if q.consumers.is_empty() && q.had_consumer && q.spec.auto_delete {
@@ -1949,10 +2041,18 @@ impl State {
         let pending: Vec<QMsg> = c.unacked.drain(..).flatten().collect();
         if !pending.is_empty() {
             let queue = c.queue.clone();
+            let outer = self.hold_dead_letters();
             for m in pending {
                 self.requeue(&queue, c.queue_uid, m, fx);
             }
+            // One requeue of them all, as when RabbitMQ's channel closes.
+            if self.queues.get(&*queue).is_some_and(|q| q.uid == c.queue_uid) {
+                self.expire(&queue, fx);
+            }
             self.after_change(&queue, fx);
+            if outer {
+                self.route_held_dead_letters(fx);
+            }
         }
     }
 
@@ -1974,9 +2074,20 @@ impl State {
             });
         };
         let (queue, uid) = (c.queue.clone(), c.queue_uid);
+        // The dead letters this causes (a reject, the heads a requeue drops
+        // or uncovers expired) are routed once the queue has delivered what
+        // the settlement lets it: on RabbitMQ they are publishes the queue
+        // makes, which reach queues (itself included) after that.
+        let outer = self.hold_dead_letters();
         match how {
             Settle::Ack => recycle(&mut self.consumers.pool, m.message),
-            Settle::Requeue => self.requeue(&queue, uid, m, fx),
+            Settle::Requeue => {
+                self.requeue(&queue, uid, m, fx);
+                // As RabbitMQ's requeue_and_run: expired heads go first.
+                if self.queues.get(&*queue).is_some_and(|q| q.uid == uid) {
+                    self.expire(&queue, fx);
+                }
+            }
             Settle::Discard => {
                 if let Some(q) = self.queues.get(&*queue).filter(|q| q.uid == uid) {
                     let (dlx, dlrk) = (q.cfg.dlx.clone(), q.cfg.dlrk.clone());
@@ -1984,7 +2095,11 @@ impl State {
                 }
             }
         }
+        self.unblock(cid);
         self.after_change(&queue, fx);
+        if outer {
+            self.route_held_dead_letters(fx);
+        }
         Ok(())
     }
 
@@ -1996,7 +2111,27 @@ impl State {
         c.outbox.starved.store(false, Ordering::SeqCst);
         c.reconcile(pool);
         let queue = c.queue.clone();
+        self.unblock(cid);
         self.after_change(&queue, fx);
+    }
+
+    /// A settlement reopened consumer `cid`'s window: if it was blocked, it
+    /// goes behind the other consumers of its priority (RabbitMQ's
+    /// `rabbit_queue_consumers:unblock`, at the time of the ack).
+    fn unblock(&mut self, cid: u64) {
+        let Consumers { map, pool } = &mut self.consumers;
+        let Some(c) = map.get_mut(&cid) else { return };
+        if !c.blocked || !c.has_capacity(pool) {
+            return;
+        }
+        c.blocked = false;
+        let Some(q) = self.queues.get_mut(&*c.queue).filter(|q| q.uid == c.queue_uid) else {
+            return;
+        };
+        q.blocked -= 1;
+        if let Some(i) = q.consumers.iter().position(|&(x, _)| x == cid) {
+            to_back(q, i);
+        }
     }
 
     /// Puts an unacked message back at its original position, redelivered
@@ -2079,7 +2214,12 @@ fn try_direct(q: &mut Queue, consumers: &mut Consumers, m: QMsg, fx: &mut Effect
     }
 }
 
-/// The next consumer (round-robin) with capacity.
+/// The consumer the next message goes to, as RabbitMQ 3.10's
+/// `rabbit_queue_consumers:deliver` picks it: the first of
+/// [`Queue::consumers`] (highest priority, then round-robin order) that is
+/// not blocked. One found with a full window on its turn is blocked
+/// (skipped until its window reopens); the one chosen moves behind the
+/// others of its priority.
 #[inline]
 fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
     let Consumers { map: consumers, pool } = consumers;
@@ -2094,40 +2234,62 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
             .is_some_and(|c| c.has_capacity(pool))
             .then_some(cid);
     }
-    if q.prioritized {
-        return pick_by_priority(q, consumers, pool);
+    if q.blocked > 0 {
+        unblock_reopened(q, consumers, pool);
     }
-    for k in 0..n {
-        let i = (q.rr + k) % n;
+    for i in 0..n {
         let cid = q.consumers[i].0;
-        if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
-            q.rr = (i + 1) % n;
+        let Some(c) = consumers.get_mut(&cid) else { continue };
+        if c.blocked {
+            continue;
+        }
+        if c.has_capacity(pool) {
+            to_back(q, i);
             return Some(cid);
+        }
+        if c.active {
+            c.blocked = true;
+            q.blocked += 1;
         }
     }
     None
 }
 
-/// [`pick_consumer`] with consumer priorities: the highest priority with a
-/// consumer that has capacity wins; within it, round-robin (the chosen
-/// consumer moves behind the others of its priority).
+/// Unblocks the blocked consumers whose window was reopened by acks the
+/// broker has not seen yet (lock-free in-order acks of a consumer with a
+/// lazy refill; others are unblocked by [`State::unblock`] when settled),
+/// in their order in the list.
 #[cold]
-fn pick_by_priority(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, pool: &mut Vec<Arc<Message>>) -> Option<u64> {
-    let n = q.consumers.len();
-    let mut start = 0;
-    while start < n {
-        let p = q.consumers[start].1;
-        let end = start + q.consumers[start..].iter().take_while(|c| c.1 == p).count();
-        for i in start..end {
-            let cid = q.consumers[i].0;
-            if consumers.get_mut(&cid).is_some_and(|c| c.has_capacity(pool)) {
-                q.consumers[i..end].rotate_left(1);
-                return Some(cid);
-            }
+fn unblock_reopened(q: &mut Queue, consumers: &mut IdMap<ConsumerEntry>, pool: &mut Vec<Arc<Message>>) {
+    let mut i = 0;
+    while i < q.consumers.len() && q.blocked > 0 {
+        let cid = q.consumers[i].0;
+        let reopened = consumers
+            .get_mut(&cid)
+            .is_some_and(|c| c.blocked && c.has_capacity(pool));
+        if !reopened {
+            i += 1;
+            continue;
         }
-        start = end;
+        if let Some(c) = consumers.get_mut(&cid) {
+            c.blocked = false;
+        }
+        q.blocked -= 1;
+        to_back(q, i);
+        if q.consumers[i].0 == cid {
+            i += 1;
+        }
     }
-    None
+}
+
+/// Moves `q.consumers[i]` behind the other consumers of its priority.
+#[inline]
+fn to_back(q: &mut Queue, i: usize) {
+    let p = q.consumers[i].1;
+    let end = i + q.consumers[i..].iter().take_while(|c| c.1 == p).count();
+    if end - i > 1 {
+        q.consumers[i..end].rotate_left(1);
+    }
 }
 
 /// Delivers `m` to consumer `c`.
@@ -2166,37 +2328,28 @@ fn send(q: &Queue, c: &mut ConsumerEntry, m: QMsg, fx: &mut Effects) {
     c.outbox.push(item, fx);
 }
 
-/// Moves ready messages to consumers with capacity; expired ones stay for
-/// [`State::expire`].
+/// Moves ready messages to consumers with capacity (for a queue where no
+/// ready message can expire; see [`State::after_change`]).
 fn dispatch(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) {
-    while q.ready > 0 {
-        if q.expiring > 0 {
-            let now = Instant::now();
-            let head_expired = q
-                .head_level()
-                .and_then(|l| q.levels[l].front())
-                .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
-            if head_expired {
-                // Left for `expire`; have the next in-order acks refill, so
-                // the messages behind it are not left waiting.
-                for (cid, _) in &q.consumers {
-                    if let Some(c) = consumers.map.get(cid) {
-                        c.outbox.starved.store(true, Ordering::SeqCst);
-                    }
-                }
-                return;
-            }
-        }
-        let Some(cid) = pick_consumer(q, consumers) else { return };
-        let m = q.pop_head().expect("ready > 0");
-        let c = consumers.get_mut(&cid).expect("picked");
-        send(q, c, m, fx);
-        q.delivered += 1;
-        if q.flow_waiting && q.ready <= FLOW_LOW {
-            q.flow_waiting = false;
-            fx.drained = true;
-        }
+    while q.ready > 0 && deliver_head(q, consumers, fx) {}
+}
+
+/// Delivers the head message to the consumer [`pick_consumer`] picks;
+/// false if none can take it.
+#[inline]
+fn deliver_head(q: &mut Queue, consumers: &mut Consumers, fx: &mut Effects) -> bool {
+    let Some(cid) = pick_consumer(q, consumers) else {
+        return false;
+    };
+    let m = q.pop_head().expect("ready > 0");
+    let c = consumers.get_mut(&cid).expect("picked");
+    send(q, c, m, fx);
+    q.delivered += 1;
+    if q.flow_waiting && q.ready <= FLOW_LOW {
+        q.flow_waiting = false;
+        fx.drained = true;
     }
+    true
 }
 
 /// Adds RabbitMQ 3.10's dead-letter headers to `message` (its

@@ -77,7 +77,8 @@
 //!   gives up after 2 ms without deliveries, so a slow or stalled consumer
 //!   never holds publishers back, and a queue without consumers never does;
 //! - no persistence (durable is recorded, not written), no streams, no
-//!   `user_id` check; `x-expires` and TTL timers need a tokio runtime.
+//!   `user_id` check; `x-expires` needs a tokio runtime (without one, TTL
+//!   expiry and `x-delayed-message` holds fall due on the next operation).
 //!
 //! ```
 //! use switchyard_core::{Admin, ConsumeOptions, Consumer, Destination, Message, Publisher, QueueSpec};

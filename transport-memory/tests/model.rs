@@ -198,3 +198,58 @@ async fn equal_priorities_share_round_robin_below_a_full_higher_one() {
     let (x, y) = (body(&mut a).await, body(&mut b).await);
     assert_eq!((x.as_str(), y.as_str()), ("m8", "m9"));
 }
+
+/// Runs `f` to completion on this thread, parking it while `f` waits: an
+/// executor with no tokio runtime, so the broker arms no timer.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Published outside a tokio runtime, a delayed message has no timer to
+/// release it: the first broker operation after its delay routes it (as
+/// TTL expiry happens lazily without a runtime).
+#[test]
+fn a_delay_published_outside_a_runtime_is_released_by_a_later_operation() {
+    assert!(tokio::runtime::Handle::try_current().is_err(), "no runtime here");
+    let t = MemoryBroker::new().connect();
+    block_on(t.declare_exchange(&ExchangeSpec::delayed("d", ExchangeKind::Direct))).unwrap();
+    block_on(t.declare_queue(&QueueSpec::new("q"))).unwrap();
+    block_on(t.bind(&Binding::queue("q", "d", "k"))).unwrap();
+    let delay = Duration::from_millis(100);
+    let published = std::time::Instant::now();
+    block_on(t.publish(&Destination::new("d", "k"), Message::new("later").with_delay(delay))).unwrap();
+    let early = block_on(t.get("q", true)).unwrap();
+    if published.elapsed() < delay {
+        assert!(early.is_none(), "released before its delay");
+    }
+    // Poll with later operations (the delay runs on the real clock here:
+    // there is no runtime whose clock a test could pause).
+    let deadline = published + Duration::from_secs(10);
+    let got = loop {
+        if let Some(g) = block_on(t.get("q", true)).unwrap() {
+            break g;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still held 10 s after its 100 ms delay: nothing released it"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(published.elapsed() >= delay, "released after {:?}", published.elapsed());
+    assert_eq!(&got.delivery.message.body[..], b"later");
+    assert_eq!(got.delivery.message.headers.get_i64("x-delay"), Some(-100));
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use switchyard_core::testkit::{factory_fn, run_suite, TransportFactory};
-use switchyard_core::{Admin, Binding, ExchangeSpec, QueueSpec, Transport};
+use switchyard_core::{Admin, Binding, Consumer, Destination, ExchangeSpec, Message, Publisher, QueueSpec, Transport};
 use switchyard_memory::MemoryBroker;
 
 fn factory() -> impl TransportFactory {
@@ -246,4 +246,38 @@ async fn requeue_into_a_full_queue_applies_the_overflow_policy() {
             assert_eq!(death.get_str("reason"), Some("maxlen"));
         }
     }
+}
+
+/// RabbitMQ 3.10's TTL timer, in virtual time (as probed on 3.10.8): a
+/// message alone in the queue gets the timer and expires on time; one that
+/// goes ahead by priority of a message already there gets none, and is
+/// dropped only when a fetch, a requeue or a due timer finds it at the head.
+#[tokio::test(start_paused = true)]
+async fn a_message_ahead_by_priority_waits_for_a_drop_at_the_head() {
+    use std::time::Duration;
+    let t = MemoryBroker::new().connect();
+    t.declare_queue(&QueueSpec::new("p").max_priority(5)).await.unwrap();
+    let dest = Destination::queue("p");
+    let ttl = Duration::from_millis(100);
+    let depth = || async { t.queue_info("p").await.unwrap().message_count };
+    t.publish(&dest, Message::new("alone").with_priority(5).with_expiration(ttl))
+        .await
+        .unwrap();
+    t.publish(&dest, Message::new("behind")).await.unwrap();
+    tokio::time::sleep(2 * ttl).await;
+    assert_eq!(depth().await, 1, "alone in the queue when published: expired on time");
+    t.publish(&dest, Message::new("ahead").with_priority(5).with_expiration(ttl))
+        .await
+        .unwrap();
+    tokio::time::sleep(2 * ttl).await;
+    assert_eq!(depth().await, 2, "ahead of another message: no timer, still counted");
+    // A get still takes it; settled with a requeue, it is dropped at once
+    // (a requeue drops the expired heads).
+    let g = t.get("p", false).await.unwrap().expect("a message");
+    assert_eq!(&g.delivery.message.body[..], b"ahead");
+    assert_eq!(g.message_count, 1);
+    g.delivery.nack(true).await.unwrap();
+    assert_eq!(depth().await, 1, "requeued past its TTL: dropped");
+    let g = t.get("p", true).await.unwrap().expect("a message");
+    assert_eq!(&g.delivery.message.body[..], b"behind");
 }

@@ -64,7 +64,7 @@
 //! | `features` | priorities, confirms, mandatory, missing exchange/queue, properties and header types |
 //! | `get` | `basic.get`: empty queue, order and remaining count, ack/nack/reject, auto-ack, dropped or cut-off deliveries, missing/locked queues, auto-delete queues |
 //! | `delete` | conditional deletes: queue `if-unused`/`if-empty`, exchange `if-unused`, their 406 answers |
-//! | `twin` | reply codes of refusals (403/404/405/406 with class and method), queue argument validation and equivalence, `CC`/`BCC`, max length on requeue, cancel |
+//! | `twin` | reply codes of refusals (403/404/405/406 with class and method), queue argument validation and equivalence, `CC`/`BCC`, max length on requeue, cancel, the consumer served next (round-robin, prefetch, priorities) |
 //! | `model` | the message model as the wire carries it (priorities 0–255, absent vs empty properties, `cluster_id`), `x-delayed-message` and `x-consistent-hash` exchanges, consumer priorities, stream offsets |
 //! | `runtime` | Worker, RPC, graceful shutdown |
 //!
@@ -574,6 +574,12 @@ macro_rules! conformance_tests {
                 priority_queue_expires_only_at_its_head,
                 dead_letter_follows_the_publish_that_caused_it,
                 dead_letter_cycles_follow_the_regrouped_x_death,
+                blocked_consumer_rejoins_the_round_robin_at_the_back,
+                new_consumer_joins_the_round_robin_at_the_back,
+                blocked_consumer_rejoins_behind_its_priority,
+                message_ahead_by_priority_expires_only_when_dropped_at_the_head,
+                reject_dead_letters_after_the_queue_delivers,
+                simultaneous_expiries_run_before_their_dead_letters,
             ],
             get: [
                 empty_queue_gives_none,

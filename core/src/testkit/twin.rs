@@ -40,6 +40,20 @@ pub(crate) fn cases() -> Vec<Case> {
             MessageTtl,
             DeadLettering
         ),
+        case!(twin::blocked_consumer_rejoins_the_round_robin_at_the_back),
+        case!(twin::new_consumer_joins_the_round_robin_at_the_back),
+        case!(twin::blocked_consumer_rejoins_behind_its_priority, ConsumerPriorities),
+        case!(
+            twin::message_ahead_by_priority_expires_only_when_dropped_at_the_head,
+            Priorities,
+            MessageTtl
+        ),
+        case!(twin::reject_dead_letters_after_the_queue_delivers, DeadLettering),
+        case!(
+            twin::simultaneous_expiries_run_before_their_dead_letters,
+            MessageTtl,
+            DeadLettering
+        ),
     ]
 }
 
@@ -1037,4 +1051,339 @@ async fn dead_letter_cycles_follow_the_regrouped_x_death(ctx: &Ctx<'_>) -> Resul
     ensure(k <= 1, || format!("{k} rounds in 450 ms (one every 300 ms)"))?;
     ensure_eq("what else A holds", get_all(ctx, &a).await?.len(), 0)?;
     ensure_eq("depth of B", ctx.depth(&b).await?, 0)
+}
+
+/// Publishes `bodies` to `q`, then takes from each consumer the number of
+/// deliveries given with it (each within [`WAIT`]) and whatever else
+/// arrives within [`QUIET`]; returns what each got (bodies), to compare
+/// with the expected shares, every delivery still unsettled in `held`.
+async fn share(
+    ctx: &Ctx<'_>,
+    q: &str,
+    bodies: &[&str],
+    subs: &mut [(&str, &mut crate::transport::Subscription, usize)],
+    held: &mut Vec<crate::transport::Delivery>,
+) -> Result<Vec<(String, Vec<String>)>, String> {
+    ctx.publish_all(&Destination::queue(q), bodies).await?;
+    let mut out: Vec<(String, Vec<String>)> = subs.iter().map(|(n, _, _)| (n.to_string(), Vec::new())).collect();
+    for (i, (name, sub, n)) in subs.iter_mut().enumerate() {
+        for k in 0..*n + 1 {
+            let within = if k < *n { WAIT } else { QUIET };
+            match tokio::time::timeout(within, sub.next()).await {
+                Ok(Some(Ok(d))) => {
+                    out[i].1.push(body(&d));
+                    held.push(d);
+                }
+                Ok(Some(Err(e))) => return Err(format!("consumer {name}: {e}")),
+                Ok(None) => return Err(format!("consumer {name} ended")),
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The expected shares of [`share`], for comparison.
+fn shares(v: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    v.iter()
+        .map(|(n, b)| (n.to_string(), b.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: a consumer whose turn comes while its prefetch window is full
+/// is taken out of the round-robin (RabbitMQ's `rabbit_queue_consumers`
+/// blocks it), and when an ack reopens its window it rejoins at the back,
+/// behind the consumers that kept their turn. The memory broker kept its
+/// place, so it was served first again right after its ack. (What happens
+/// after the ack does not depend on when RabbitMQ processes it: the next
+/// two messages go to C and B either way.)
+async fn blocked_consumer_rejoins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let mut a = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let mut b = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut c = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut held = Vec::new();
+    // m1 A, m2 B, m3 C; A's turn with its window full: blocked, m4 to B.
+    let first = share(
+        ctx,
+        &q,
+        &["m1", "m2", "m3", "m4"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 2), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "A (prefetch 1), B and C (prefetch 10) attached in that order, 4 messages",
+        first,
+        shares(&[("A", &["m1"]), ("B", &["m2", "m4"]), ("C", &["m3"])]),
+    )?;
+    // A's ack reopens its window: it goes behind C and B.
+    held.remove(0).ack().await.ctx("ack A's m1")?;
+    let second = share(
+        ctx,
+        &q,
+        &["m5", "m6"],
+        &mut [("A", &mut a, 0), ("B", &mut b, 1), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after A's ack, the next two messages (A rejoined behind C and B)",
+        second,
+        shares(&[("A", &[]), ("B", &["m6"]), ("C", &["m5"])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
+    Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: a new consumer joins the round-robin at the back, behind the
+/// consumers in the order they are served next (the memory broker put it
+/// at the end of its list of consumers, which is not the back once the
+/// round-robin has moved on).
+async fn new_consumer_joins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let opts = || ConsumeOptions::default().prefetch(10);
+    let mut a = ctx.consume(&q, opts()).await?;
+    let mut b = ctx.consume(&q, opts()).await?;
+    let mut held = Vec::new();
+    let first = share(ctx, &q, &["m1"], &mut [("A", &mut a, 1), ("B", &mut b, 0)], &mut held).await?;
+    ensure_eq(
+        "A and B attached in that order, one message",
+        first,
+        shares(&[("A", &["m1"]), ("B", &[])]),
+    )?;
+    // The round-robin order is now B, A; C joins behind A.
+    let mut c = ctx.consume(&q, opts()).await?;
+    let second = share(
+        ctx,
+        &q,
+        &["m2", "m3", "m4", "m5"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 2), ("C", &mut c, 1)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after C attached, four messages (order B, A, C)",
+        second,
+        shares(&[("A", &["m3"]), ("B", &["m2", "m5"]), ("C", &["m4"])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
+    Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// several consumers on one queue: among consumers of the same priority too, one blocked by its
+/// prefetch window rejoins behind the others of its priority when an ack
+/// reopens it; consumers of a lower priority get nothing while one of a
+/// higher priority can take the message.
+async fn blocked_consumer_rejoins_behind_its_priority(ctx: &Ctx<'_>) -> Result<(), String> {
+    let q = ctx.queue("q").await?;
+    let mut a = ctx
+        .consume(&q, ConsumeOptions::default().prefetch(1).priority(1))
+        .await?;
+    let mut b = ctx
+        .consume(&q, ConsumeOptions::default().prefetch(10).priority(1))
+        .await?;
+    let mut c = ctx.consume(&q, ConsumeOptions::default().prefetch(10)).await?;
+    let mut held = Vec::new();
+    let first = share(
+        ctx,
+        &q,
+        &["m1", "m2", "m3", "m4"],
+        &mut [("A", &mut a, 1), ("B", &mut b, 3), ("C", &mut c, 0)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "A (x-priority 1, prefetch 1), B (x-priority 1), C (priority 0), 4 messages",
+        first,
+        shares(&[("A", &["m1"]), ("B", &["m2", "m3", "m4"]), ("C", &[])]),
+    )?;
+    held.remove(0).ack().await.ctx("ack A's m1")?;
+    let second = share(
+        ctx,
+        &q,
+        &["m5"],
+        &mut [("A", &mut a, 0), ("B", &mut b, 1), ("C", &mut c, 0)],
+        &mut held,
+    )
+    .await?;
+    ensure_eq(
+        "after A's ack, the next message (A rejoined behind B)",
+        second,
+        shares(&[("A", &[]), ("B", &["m5"]), ("C", &[])]),
+    )?;
+    for d in held {
+        d.ack().await.ctx("ack")?;
+    }
+    cancel(&a).await.ctx("cancel A")?;
+    cancel(&b).await.ctx("cancel B")?;
+    cancel(&c).await.ctx("cancel C")?;
+    Ok(())
+}
+
+/// Probed on RabbitMQ 3.10.8 when the differential test began to generate
+/// messages with both a priority and a TTL: RabbitMQ drops expired heads
+/// (and arms its TTL timer for the head) after a fetch, a requeue, its
+/// timer, and a publish only when the new message is alone in the queue.
+/// A message that goes ahead by priority in a queue that holds others has
+/// no timer: past its TTL it is still counted, and a `basic.get` (or a
+/// consumer) still takes it; the memory broker used to drop it on time.
+async fn message_ahead_by_priority_expires_only_when_dropped_at_the_head(ctx: &Ctx<'_>) -> Result<(), String> {
+    let t = ctx.transport();
+    let ttl = std::time::Duration::from_millis(50);
+    let mut queues = Vec::new();
+    for name in ["get", "consume"] {
+        let q = ctx
+            .declare_queue(QueueSpec::new(ctx.queue_name(name)).max_priority(5))
+            .await?;
+        let dest = Destination::queue(q.as_str());
+        ctx.publish_message(&dest, Message::new("behind")).await?;
+        ctx.publish_message(&dest, Message::new("ahead").with_priority(5).with_expiration(ttl))
+            .await?;
+        queues.push(q);
+    }
+    // Past the TTL of "ahead" (a sleep long enough for nothing to happen).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (get_q, consume_q) = (&queues[0], &queues[1]);
+    ensure_eq("depth past the TTL of the message ahead", ctx.depth(get_q).await?, 2)?;
+    let mut got = Vec::new();
+    while let Some(g) = t.get(get_q, true).await.ctx("get")? {
+        got.push((body(&g.delivery), g.message_count));
+    }
+    ensure_eq(
+        "(body, message_count) of each get: the expired message ahead is still taken",
+        got,
+        vec![("ahead".to_string(), 1), ("behind".to_string(), 0)],
+    )?;
+    let mut sub = ctx.consume(consume_q, ConsumeOptions::default().auto_ack(true)).await?;
+    let bodies = take_bodies(&mut sub, 2).await?;
+    expect_nothing(&mut sub, QUIET).await?;
+    cancel(&sub).await.ctx("cancel")?;
+    ensure_eq(
+        "deliveries to a consumer attached past the TTL of the message ahead",
+        bodies,
+        vec!["ahead".to_string(), "behind".to_string()],
+    )
+}
+
+/// Found by the differential test: a message rejected without requeue is
+/// dead-lettered after its queue has delivered what the reject lets it
+/// (the consumer's window reopens): on RabbitMQ the dead letter is a
+/// publish the queue makes, which reaches queues, itself included, after
+/// that. Here the dead letter comes back to the same queue, whose max
+/// length (drop-head) would have dropped the message the consumer gets
+/// next if the dead letter had arrived first.
+async fn reject_dead_letters_after_the_queue_delivers(ctx: &Ctx<'_>) -> Result<(), String> {
+    let name = ctx.queue_name("q");
+    let q = ctx
+        .declare_queue(
+            QueueSpec::new(name.clone())
+                .dead_letter("", Some(name.as_str()))
+                .max_length(2, crate::topology::Overflow::DropHead),
+        )
+        .await?;
+    let mut sub = ctx.consume(&q, ConsumeOptions::default().prefetch(1)).await?;
+    let dest = Destination::queue(q.as_str());
+    ctx.publish(&dest, "m1").await?;
+    let m1 = take(&mut sub, 1).await?.remove(0);
+    ctx.publish_all(&dest, &["m2", "m3"]).await?;
+    ctx.wait_depth(&q, 2).await?;
+    m1.reject(false).await.ctx("reject m1 without requeue")?;
+    // Held unacked (the window stays full) until the queue has been read.
+    let next = take(&mut sub, 1).await?.remove(0);
+    cancel(&sub).await.ctx("cancel")?;
+    ensure_eq(
+        "the delivery the reject's reopened window gets (before m1's dead letter arrives)",
+        body(&next).as_str(),
+        "m2",
+    )?;
+    ctx.wait_depth(&q, 2).await?;
+    let mut left = Vec::new();
+    while let Some(g) = ctx.transport().get(&q, true).await.ctx("get")? {
+        left.push((
+            body(&g.delivery),
+            g.delivery
+                .message
+                .headers
+                .get_str("x-first-death-reason")
+                .map(str::to_owned),
+        ));
+    }
+    next.ack().await.ctx("ack m2")?;
+    ensure_eq(
+        "(body, x-first-death-reason) left in the queue",
+        left,
+        vec![
+            ("m3".to_string(), None),
+            ("m1".to_string(), Some("rejected".to_string())),
+        ],
+    )
+}
+
+/// Found by the differential test: the same message, fanned out to two
+/// queues with the same TTL, expires in both at once; each queue runs its
+/// own timer before the dead letter of the other arrives. Here the dead
+/// letter of one goes to the other, which is full (max length 1,
+/// reject-publish) until its own copy expires: it takes the dead letter.
+async fn simultaneous_expiries_run_before_their_dead_letters(ctx: &Ctx<'_>) -> Result<(), String> {
+    let ttl = std::time::Duration::from_millis(200);
+    let x = ctx.exchange("x", ExchangeKind::Fanout).await?;
+    let dst = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("dst"))
+                .message_ttl(ttl)
+                .max_length(1, crate::topology::Overflow::RejectPublish),
+        )
+        .await?;
+    let src = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("src"))
+                .message_ttl(ttl)
+                .dead_letter("", Some(dst.as_str())),
+        )
+        .await?;
+    ctx.bind(&src, &x, "").await?;
+    ctx.bind(&dst, &x, "").await?;
+    ctx.publish(&Destination::new(x.as_str(), "k"), "m").await?;
+    ensure(
+        eventually(WAIT, || async { ctx.depth(&src).await == Ok(0) }).await,
+        || "the message did not expire in the source queue".to_string(),
+    )?;
+    // The dead letter arrives just after.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let g = loop {
+        if let Some(g) = ctx.transport().get(&dst, true).await.ctx("get")? {
+            break g;
+        }
+        ensure(tokio::time::Instant::now() < deadline, || {
+            "the full queue's copy expired and the dead letter of the other copy should have taken its place"
+                .to_string()
+        })?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    ensure_eq(
+        "(body, x-first-death-queue) in the queue that was full",
+        (
+            body(&g.delivery),
+            g.delivery
+                .message
+                .headers
+                .get_str("x-first-death-queue")
+                .map(str::to_owned),
+        ),
+        ("m".to_string(), Some(src.clone())),
+    )
 }
