@@ -281,3 +281,46 @@ async fn a_message_ahead_by_priority_waits_for_a_drop_at_the_head() {
     let g = t.get("p", true).await.unwrap().expect("a message");
     assert_eq!(&g.delivery.message.body[..], b"behind");
 }
+
+/// The exact tie behind `twin::dead_letter_takes_the_place_of_an_expired_copy`,
+/// which only the memory broker's clock can make exact: one message fanned
+/// out to two queues with the same TTL expires in both at the same instant;
+/// the queue that is full (max length 1, reject-publish) runs its own timer
+/// before the other's dead letter arrives, so it takes that dead letter
+/// (what RabbitMQ does when both timers fire in the same millisecond, as they
+/// usually do; there it is a race).
+#[tokio::test(start_paused = true)]
+async fn simultaneous_expiries_run_before_their_dead_letters() {
+    use std::time::Duration;
+    use switchyard_core::topology::Overflow;
+    let t = MemoryBroker::new().connect();
+    let ttl = Duration::from_millis(200);
+    t.declare_exchange(&ExchangeSpec::fanout("x")).await.unwrap();
+    t.declare_queue(
+        &QueueSpec::new("dst")
+            .message_ttl(ttl)
+            .max_length(1, Overflow::RejectPublish),
+    )
+    .await
+    .unwrap();
+    t.declare_queue(&QueueSpec::new("src").message_ttl(ttl).dead_letter("", Some("dst")))
+        .await
+        .unwrap();
+    t.bind(&Binding::queue("src", "x", "")).await.unwrap();
+    t.bind(&Binding::queue("dst", "x", "")).await.unwrap();
+    t.publish(&Destination::new("x", "k"), Message::new("m")).await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(1)).await;
+    let g = t
+        .get("dst", true)
+        .await
+        .unwrap()
+        .expect("the dead letter took the expired copy's place");
+    assert_eq!(
+        (
+            g.delivery.message.body.as_ref(),
+            g.delivery.message.headers.get_str("x-first-death-queue")
+        ),
+        (&b"m"[..], Some("src"))
+    );
+    assert!(t.get("src", true).await.unwrap().is_none());
+}

@@ -579,7 +579,7 @@ macro_rules! conformance_tests {
                 blocked_consumer_rejoins_behind_its_priority,
                 message_ahead_by_priority_expires_only_when_dropped_at_the_head,
                 reject_dead_letters_after_the_queue_delivers,
-                simultaneous_expiries_run_before_their_dead_letters,
+                dead_letter_takes_the_place_of_an_expired_copy,
             ],
             get: [
                 empty_queue_gives_none,
