@@ -1133,13 +1133,8 @@ async fn blocked_consumer_rejoins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> 
         second,
         shares(&[("A", &[]), ("B", &["m6"]), ("C", &["m5"])]),
     )?;
-    for d in held {
-        d.ack().await.ctx("ack")?;
-    }
-    cancel(&a).await.ctx("cancel A")?;
-    cancel(&b).await.ctx("cancel B")?;
-    cancel(&c).await.ctx("cancel C")?;
-    Ok(())
+    let done = ack_all_and_cancel(held, &[&a, &b, &c]);
+    done.await
 }
 
 /// Probed on RabbitMQ 3.10.8 when the differential test began to generate
@@ -1174,13 +1169,8 @@ async fn new_consumer_joins_the_round_robin_at_the_back(ctx: &Ctx<'_>) -> Result
         second,
         shares(&[("A", &["m3"]), ("B", &["m2", "m5"]), ("C", &["m4"])]),
     )?;
-    for d in held {
-        d.ack().await.ctx("ack")?;
-    }
-    cancel(&a).await.ctx("cancel A")?;
-    cancel(&b).await.ctx("cancel B")?;
-    cancel(&c).await.ctx("cancel C")?;
-    Ok(())
+    let done = ack_all_and_cancel(held, &[&a, &b, &c]);
+    done.await
 }
 
 /// Probed on RabbitMQ 3.10.8 when the differential test began to generate
@@ -1225,13 +1215,8 @@ async fn blocked_consumer_rejoins_behind_its_priority(ctx: &Ctx<'_>) -> Result<(
         second,
         shares(&[("A", &[]), ("B", &["m5"]), ("C", &[])]),
     )?;
-    for d in held {
-        d.ack().await.ctx("ack")?;
-    }
-    cancel(&a).await.ctx("cancel A")?;
-    cancel(&b).await.ctx("cancel B")?;
-    cancel(&c).await.ctx("cancel C")?;
-    Ok(())
+    let done = ack_all_and_cancel(held, &[&a, &b, &c]);
+    done.await
 }
 
 /// Probed on RabbitMQ 3.10.8 when the differential test began to generate
@@ -1391,4 +1376,22 @@ async fn dead_letter_takes_the_place_of_an_expired_copy(ctx: &Ctx<'_>) -> Result
         ),
         ("m".to_string(), Some(src.clone())),
     )
+}
+
+/// Acks what a consumer-order scenario still holds, then cancels its
+/// consumers.
+fn ack_all_and_cancel(
+    held: Vec<crate::Delivery>,
+    subs: &[&crate::Subscription],
+) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+    let cancels: Vec<_> = subs.iter().map(|s| cancel(s)).collect();
+    async move {
+        for d in held {
+            d.ack().await.ctx("ack")?;
+        }
+        for (i, c) in cancels.into_iter().enumerate() {
+            c.await.ctx(&format!("cancel consumer {i}"))?;
+        }
+        Ok(())
+    }
 }
