@@ -108,7 +108,7 @@ async fn reply_carries_the_request_correlation_id() {
         .await
         .unwrap();
     let cid = reply.properties.correlation_id.clone().unwrap();
-    assert_eq!(cid, "mine", "the client keeps the caller's correlation id");
+    assert_eq!(&*cid, "mine", "the client keeps the caller's correlation id");
     assert_eq!(&reply.body[..], cid.as_bytes());
     // A reply that does not decode is a decode error for call_json.
     let e = client

@@ -54,7 +54,7 @@ pub fn facts(m: &Message) -> DeadLetterFacts {
         },
     };
     DeadLetterFacts {
-        message_id: m.properties.message_id.clone(),
+        message_id: m.properties.message_id.as_deref().map(str::to_owned),
         reason,
         origin: original_destination(m).map(|d| d.to_string()),
         queue: h
@@ -117,7 +117,10 @@ pub async fn requeue(deliveries: Vec<Delivery>) -> CliResult<()> {
 fn selected(s: &Select, index: usize, m: &Message, f: &DeadLetterFacts) -> bool {
     s.all
         || s.indexes.contains(&index)
-        || m.properties.message_id.as_ref().is_some_and(|id| s.ids.contains(id))
+        || m.properties
+            .message_id
+            .as_deref()
+            .is_some_and(|id| s.ids.iter().any(|s| s == id))
         || s.reason.as_ref().is_some_and(|r| f.reason.contains(r.as_str()))
 }
 

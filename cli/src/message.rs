@@ -84,7 +84,7 @@ pub fn apply(args: &MessageArgs, mut message: Message) -> CliResult<Message> {
         message = message.with_reply_to(v.clone());
     }
     message.properties.content_type = Some(match &args.content_type {
-        Some(c) => c.clone(),
+        Some(c) => c.as_str().into(),
         None if serde_json::from_slice::<Value>(&message.body).is_ok() => "application/json".into(),
         None => "text/plain".into(),
     });
@@ -170,20 +170,20 @@ pub fn properties_json(m: &Message) -> Value {
             o.insert(k.into(), v);
         }
     };
-    put("content_type", p.content_type.as_ref().map(|v| json!(v)));
-    put("content_encoding", p.content_encoding.as_ref().map(|v| json!(v)));
-    put("correlation_id", p.correlation_id.as_ref().map(|v| json!(v)));
-    put("reply_to", p.reply_to.as_ref().map(|v| json!(v)));
-    put("message_id", p.message_id.as_ref().map(|v| json!(v)));
+    put("content_type", p.content_type.as_deref().map(|v| json!(v)));
+    put("content_encoding", p.content_encoding.as_deref().map(|v| json!(v)));
+    put("correlation_id", p.correlation_id.as_deref().map(|v| json!(v)));
+    put("reply_to", p.reply_to.as_deref().map(|v| json!(v)));
+    put("message_id", p.message_id.as_deref().map(|v| json!(v)));
     put("timestamp", p.timestamp.map(|v| json!(v)));
     put("priority", p.priority.map(|v| json!(v)));
     put("expiration_ms", p.expiration.map(|v| json!(v.as_millis() as u64)));
     put("delivery_mode", p.delivery_mode.map(|v| json!(v)));
     put("persistent", Some(json!(p.is_persistent())));
-    put("type", p.kind.as_ref().map(|v| json!(v)));
-    put("app_id", p.app_id.as_ref().map(|v| json!(v)));
-    put("user_id", p.user_id.as_ref().map(|v| json!(v)));
-    put("cluster_id", p.cluster_id.as_ref().map(|v| json!(v)));
+    put("type", p.kind.as_deref().map(|v| json!(v)));
+    put("app_id", p.app_id.as_deref().map(|v| json!(v)));
+    put("user_id", p.user_id.as_deref().map(|v| json!(v)));
+    put("cluster_id", p.cluster_id.as_deref().map(|v| json!(v)));
     Value::Object(o)
 }
 

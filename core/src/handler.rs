@@ -816,7 +816,7 @@ mod tests {
 
     fn env(body: &str, ct: Option<&str>) -> Envelope {
         let mut m = Message::new(body.to_owned()).with_correlation_id("c-1");
-        m.properties.content_type = ct.map(str::to_owned);
+        m.properties.content_type = ct.map(Into::into);
         Envelope::for_test(m, "q")
     }
 

@@ -41,5 +41,5 @@ pub use topology::{
 };
 pub use transport::{
     Acker, Admin, Capabilities, ConsumeOptions, Consumer, DeleteIf, Delivery, DeliveryInfo, GetOk, PublishOptions,
-    Publisher, PublisherExt, ReplyChannel, ReplySink, StreamOffset, Subscription, Transport,
+    Publisher, PublisherExt, ReplyChannel, ReplySink, Settlement, StreamOffset, Subscription, Transport,
 };

@@ -1,6 +1,7 @@
 //! The message model: body, AMQP basic properties and typed headers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -281,15 +282,15 @@ impl<'a> IntoIterator for &'a Headers {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Properties {
     /// MIME type of the body, e.g. `application/json`.
-    pub content_type: Option<String>,
+    pub content_type: Option<Arc<str>>,
     /// Encoding applied to the body, e.g. `gzip` or `zstd`.
-    pub content_encoding: Option<String>,
+    pub content_encoding: Option<Arc<str>>,
     /// Correlates a reply (or a chain of messages) with its request.
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Arc<str>>,
     /// Where a reply should be sent (a queue name, or `amq.rabbitmq.reply-to`).
-    pub reply_to: Option<String>,
+    pub reply_to: Option<Arc<str>>,
     /// Application-assigned unique id of this message.
-    pub message_id: Option<String>,
+    pub message_id: Option<Arc<str>>,
     /// Creation time, seconds since the Unix epoch.
     pub timestamp: Option<u64>,
     /// Priority 0–255, honoured by queues with `x-max-priority`: a queue
@@ -303,14 +304,14 @@ pub struct Properties {
     /// queues; the default), 1 transient; `None` when the wire carried none.
     pub delivery_mode: Option<u8>,
     /// Application message type name (AMQP `type`).
-    pub kind: Option<String>,
+    pub kind: Option<Arc<str>>,
     /// Creating application's id.
-    pub app_id: Option<String>,
+    pub app_id: Option<Arc<str>>,
     /// Authenticated user id (RabbitMQ validates it against the connection's user).
-    pub user_id: Option<String>,
+    pub user_id: Option<Arc<str>>,
     /// AMQP `cluster-id` (deprecated by AMQP 0-9-1 but carried by RabbitMQ
     /// and both clients; kept so that a message is relayed as received).
-    pub cluster_id: Option<String>,
+    pub cluster_id: Option<Arc<str>>,
 }
 
 impl Properties {
@@ -389,31 +390,31 @@ impl Message {
     }
 
     /// Sets the content type.
-    pub fn with_content_type(mut self, v: impl Into<String>) -> Self {
+    pub fn with_content_type(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.content_type = Some(v.into());
         self
     }
 
     /// Sets the content encoding.
-    pub fn with_content_encoding(mut self, v: impl Into<String>) -> Self {
+    pub fn with_content_encoding(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.content_encoding = Some(v.into());
         self
     }
 
     /// Sets the correlation id.
-    pub fn with_correlation_id(mut self, v: impl Into<String>) -> Self {
+    pub fn with_correlation_id(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.correlation_id = Some(v.into());
         self
     }
 
     /// Sets the reply-to address.
-    pub fn with_reply_to(mut self, v: impl Into<String>) -> Self {
+    pub fn with_reply_to(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.reply_to = Some(v.into());
         self
     }
 
     /// Sets the message id.
-    pub fn with_message_id(mut self, v: impl Into<String>) -> Self {
+    pub fn with_message_id(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.message_id = Some(v.into());
         self
     }
@@ -438,13 +439,13 @@ impl Message {
     }
 
     /// Sets the message type name.
-    pub fn with_kind(mut self, v: impl Into<String>) -> Self {
+    pub fn with_kind(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.kind = Some(v.into());
         self
     }
 
     /// Sets the application id.
-    pub fn with_app_id(mut self, v: impl Into<String>) -> Self {
+    pub fn with_app_id(mut self, v: impl Into<Arc<str>>) -> Self {
         self.properties.app_id = Some(v.into());
         self
     }

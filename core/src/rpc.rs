@@ -47,7 +47,7 @@ use crate::topology::Destination;
 use crate::transport::{CancelHandle, Publisher, ReplySink, Transport};
 
 struct Shared {
-    pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    pending: Mutex<HashMap<Arc<str>, oneshot::Sender<Message>>>,
     /// Why the reply stream ended, once it has.
     closed: Mutex<Option<String>>,
     late: AtomicU64,
@@ -67,7 +67,7 @@ impl Shared {
 /// publish error, or the call's future being dropped).
 struct WaiterGuard<'a> {
     shared: &'a Shared,
-    id: String,
+    id: Arc<str>,
 }
 
 impl Drop for WaiterGuard<'_> {
@@ -84,7 +84,7 @@ pub struct RpcClient {
     _transport: Arc<dyn Transport>,
     shared: Arc<Shared>,
     publisher: Arc<dyn Publisher>,
-    reply_to: String,
+    reply_to: Arc<str>,
     cancel: CancelHandle,
     reader: JoinHandle<()>,
 }
@@ -121,7 +121,7 @@ impl RpcClient {
         let mut replies = channel.replies;
         let cancel = replies.cancel_handle();
         let reader_shared = shared.clone();
-        let reply_to = channel.reply_to;
+        let reply_to: Arc<str> = channel.reply_to.into();
         let queue = reply_to.clone();
         let reader = tokio::spawn(async move {
             let shared = reader_shared;
@@ -207,7 +207,7 @@ impl RpcClient {
         }
         let id = match message.properties.correlation_id.take() {
             Some(id) if !id.is_empty() => id,
-            _ => new_id(),
+            _ => new_id().into(),
         };
         let (tx, rx) = oneshot::channel();
         {
@@ -215,7 +215,7 @@ impl RpcClient {
             if pending.contains_key(&id) {
                 return Err(Error::InvalidConfig {
                     variable: "correlation_id".into(),
-                    value: id,
+                    value: id.to_string(),
                     reason: "a call of this RPC client with this correlation id is still waiting for its reply; \
                              correlation ids must be unique among calls in flight"
                         .into(),
@@ -386,7 +386,7 @@ mod tests {
             .unwrap();
         assert_eq!(&reply.body[..], b"42");
         let cid = reply.properties.correlation_id.unwrap();
-        assert_eq!(cid, "mine", "the client keeps the caller's correlation id");
+        assert_eq!(&*cid, "mine", "the client keeps the caller's correlation id");
         assert_eq!(client.pending_calls(), 0);
         assert_eq!(client.late_replies(), 0);
         assert_eq!(client.replies_received(), 21);

@@ -6,6 +6,7 @@
 //! feature.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -312,6 +313,35 @@ pub trait Acker: Send + Sync {
     async fn reject(&self, tag: u64, requeue: bool) -> Result<()> {
         self.nack(tag, requeue).await
     }
+    /// Settles `tag` at once when that needs no waiting, and returns the
+    /// result; `None` when settling must wait (a frame to send, a flush),
+    /// and then the settlement is left undone for the async method.
+    ///
+    /// [`Delivery`] and [`Settler`] try this first, so a transport that can
+    /// settle synchronously (the memory broker always can; a coalescing
+    /// acker usually can) settles without allocating a future. The default
+    /// returns `None`.
+    fn settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
+        let _ = (tag, how);
+        None
+    }
+}
+
+/// How a delivery is settled (see [`Acker::settle_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// `basic.ack`.
+    Ack,
+    /// `basic.nack`, requeued or not.
+    Nack {
+        /// Back to the queue (else dead-lettered or dropped).
+        requeue: bool,
+    },
+    /// `basic.reject`, requeued or not.
+    Reject {
+        /// Back to the queue (else dead-lettered or dropped).
+        requeue: bool,
+    },
 }
 
 /// A message received by a consumer, with the means to settle it.
@@ -363,26 +393,30 @@ impl Delivery {
     }
 
     /// Acknowledges the delivery (no-op for auto-ack deliveries).
-    pub async fn ack(self) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.ack(self.info.delivery_tag).await,
-            None => Ok(()),
-        }
+    ///
+    /// The message is dropped when this is called: the returned future
+    /// holds only what settling needs (as a [`Settler`] does), not the
+    /// message, so it stays small whatever the message's size.
+    pub fn ack(self) -> impl Future<Output = Result<()>> + Send + 'static {
+        self.settler().ack()
     }
 
     /// Negatively acknowledges the delivery (no-op for auto-ack deliveries).
-    pub async fn nack(self, requeue: bool) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.nack(self.info.delivery_tag, requeue).await,
-            None => Ok(()),
-        }
+    /// Like [`ack`](Delivery::ack), the future does not hold the message.
+    pub fn nack(self, requeue: bool) -> impl Future<Output = Result<()>> + Send + 'static {
+        self.settler().nack(requeue)
     }
 
-    /// Rejects the delivery (no-op for auto-ack deliveries).
-    pub async fn reject(self, requeue: bool) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.reject(self.info.delivery_tag, requeue).await,
-            None => Ok(()),
+    /// Rejects the delivery (no-op for auto-ack deliveries). Like
+    /// [`ack`](Delivery::ack), the future does not hold the message.
+    pub fn reject(self, requeue: bool) -> impl Future<Output = Result<()>> + Send + 'static {
+        self.settler().reject(requeue)
+    }
+
+    fn settler(self) -> Settler {
+        Settler {
+            tag: self.info.delivery_tag,
+            acker: self.acker,
         }
     }
 
@@ -420,23 +454,27 @@ impl Settler {
     }
     /// Acknowledges.
     pub async fn ack(self) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.ack(self.tag).await,
-            None => Ok(()),
-        }
+        self.settle(Settlement::Ack).await
     }
     /// Negatively acknowledges.
     pub async fn nack(self, requeue: bool) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.nack(self.tag, requeue).await,
-            None => Ok(()),
-        }
+        self.settle(Settlement::Nack { requeue }).await
     }
     /// Rejects.
     pub async fn reject(self, requeue: bool) -> Result<()> {
-        match &self.acker {
-            Some(a) => a.reject(self.tag, requeue).await,
-            None => Ok(()),
+        self.settle(Settlement::Reject { requeue }).await
+    }
+    /// Settles as `how` says: at once when the transport can
+    /// ([`Acker::settle_now`]), else through its async method.
+    pub async fn settle(self, how: Settlement) -> Result<()> {
+        let Some(a) = &self.acker else { return Ok(()) };
+        if let Some(done) = a.settle_now(self.tag, how) {
+            return done;
+        }
+        match how {
+            Settlement::Ack => a.ack(self.tag).await,
+            Settlement::Nack { requeue } => a.nack(self.tag, requeue).await,
+            Settlement::Reject { requeue } => a.reject(self.tag, requeue).await,
         }
     }
 }
@@ -546,8 +584,9 @@ impl Subscription {
         r
     }
     /// The next delivery; `None` once the consumer has ended.
-    pub async fn next(&mut self) -> Option<Result<Delivery>> {
-        std::future::poll_fn(|cx| self.stream.as_mut().poll_next(cx)).await
+    #[allow(clippy::should_implement_trait)] // async, like `StreamExt::next`
+    pub fn next(&mut self) -> impl Future<Output = Option<Result<Delivery>>> + Send + '_ {
+        std::future::poll_fn(|cx| self.stream.as_mut().poll_next(cx))
     }
 }
 
@@ -929,5 +968,95 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(*p.sent.lock(), vec![Bytes::from("a")]);
+    }
+
+    /// Records which path each settlement took.
+    #[derive(Default)]
+    struct PathAcker {
+        now: bool,
+        calls: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Acker for PathAcker {
+        async fn ack(&self, tag: u64) -> Result<()> {
+            self.calls.lock().push(format!("async ack {tag}"));
+            Ok(())
+        }
+        async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
+            self.calls.lock().push(format!("async nack {tag} {requeue}"));
+            Ok(())
+        }
+        fn settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
+            if !self.now {
+                return None;
+            }
+            self.calls.lock().push(format!("now {how:?} {tag}"));
+            Some(Ok(()))
+        }
+    }
+
+    fn delivery(tag: u64, acker: Arc<PathAcker>) -> Delivery {
+        let info = DeliveryInfo {
+            delivery_tag: tag,
+            redelivered: false,
+            exchange: Arc::from(""),
+            routing_key: Arc::from("q"),
+            queue: Arc::from("q"),
+            consumer_tag: Arc::from("c"),
+        };
+        Delivery::new(Message::new("x"), info, acker)
+    }
+
+    #[tokio::test]
+    async fn settlements_take_the_synchronous_path_when_the_acker_offers_it() {
+        let sync = Arc::new(PathAcker {
+            now: true,
+            ..Default::default()
+        });
+        delivery(1, sync.clone()).ack().await.unwrap();
+        delivery(2, sync.clone()).nack(true).await.unwrap();
+        delivery(3, sync.clone()).reject(false).await.unwrap();
+        assert_eq!(
+            *sync.calls.lock(),
+            [
+                "now Ack 1",
+                "now Nack { requeue: true } 2",
+                "now Reject { requeue: false } 3"
+            ]
+        );
+        let wire = Arc::new(PathAcker::default());
+        delivery(1, wire.clone()).ack().await.unwrap();
+        delivery(2, wire.clone()).nack(false).await.unwrap();
+        // `reject` defaults to `nack`.
+        delivery(3, wire.clone()).reject(true).await.unwrap();
+        assert_eq!(
+            *wire.calls.lock(),
+            ["async ack 1", "async nack 2 false", "async nack 3 true"]
+        );
+    }
+
+    #[test]
+    fn settling_futures_do_not_hold_the_message() {
+        let acker = Arc::new(PathAcker::default());
+        let mut d = delivery(1, acker);
+        d.message.body = Bytes::from(vec![0u8; 1 << 20]);
+        let body = d.message.body.clone();
+        let fut = d.ack();
+        // The message was dropped when `ack` was called: only our clone of
+        // the body is left, and the future is a few words, not a message.
+        assert!(body.is_unique(), "the ack future still holds the body");
+        assert!(std::mem::size_of_val(&fut) < std::mem::size_of::<Message>());
+    }
+
+    #[test]
+    fn a_message_fits_in_a_cache_friendly_size() {
+        // Moved several times per publish and per delivery: keep it within
+        // four cache lines (it was 320 bytes with `String` properties).
+        assert!(
+            std::mem::size_of::<Message>() <= 256,
+            "{}",
+            std::mem::size_of::<Message>()
+        );
     }
 }

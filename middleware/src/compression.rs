@@ -348,7 +348,7 @@ where
                         .map_err(|e| Error::encode(format!("compression task failed: {e}")))??;
                     if compressed.len() < req.message.body.len() {
                         req.message.body = compressed;
-                        req.message.properties.content_encoding = Some(enc.as_str().to_owned());
+                        req.message.properties.content_encoding = Some(enc.as_str().into());
                     }
                     inner.call(req).await
                 }));
@@ -369,7 +369,7 @@ where
                 match enc.compress(&m.body, self.cfg.level) {
                     Ok(c) if c.len() < m.body.len() => {
                         m.body = c;
-                        m.properties.content_encoding = Some(enc.as_str().to_owned());
+                        m.properties.content_encoding = Some(enc.as_str().into());
                     }
                     Ok(_) => {}
                     Err(e) => return Either::Left(futures_util::future::ready(Err(e))),

@@ -148,11 +148,11 @@ where
 fn set_ids(req: &mut PublishRequest) {
     let p = &mut req.message.properties;
     if p.message_id.is_none() {
-        p.message_id = Some(new_id());
+        p.message_id = Some(new_id().into());
     }
     if p.correlation_id.is_none() {
         p.correlation_id = match current() {
-            Some(c) => Some(c.to_string()),
+            Some(c) => Some(c),
             None => p.message_id.clone(),
         };
     }
@@ -181,7 +181,7 @@ mod tests {
         .unwrap();
         let sent = rec.sent.lock();
         let a = &sent[0].1.properties;
-        assert_eq!(a.message_id.as_ref().map(String::len), Some(32));
+        assert_eq!(a.message_id.as_deref().map(str::len), Some(32));
         assert_eq!(
             a.correlation_id, a.message_id,
             "a new chain is correlated by its first message id"

@@ -486,7 +486,7 @@ async fn correlation_and_trace_context_cross_from_consumed_to_published_messages
     assert!(first.properties.message_id.is_some());
     assert_ne!(
         first.properties.message_id.as_deref(),
-        Some(cid.as_str()),
+        Some(&*cid),
         "a new message, same chain"
     );
     let ctx = TraceContext::extract(&first.headers).expect("traceparent injected");

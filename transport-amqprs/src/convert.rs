@@ -18,6 +18,7 @@
 //! string (property values, header keys, names) is checked here first and
 //! rejected with [`ClientError::Encode`] naming the field.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use amqprs::{BasicProperties, ByteArray, DecimalValue, FieldArray, FieldTable, FieldValue, LongStr, ShortStr};
@@ -200,11 +201,11 @@ pub fn to_basic_properties(p: &Properties, headers: &Headers) -> Result<BasicPro
 /// Converts amqprs basic properties into switchyard properties and headers.
 pub fn from_basic_properties(b: &BasicProperties) -> (Properties, Headers) {
     let props = Properties {
-        content_type: b.content_type().cloned(),
-        content_encoding: b.content_encoding().cloned(),
-        correlation_id: b.correlation_id().cloned(),
-        reply_to: b.reply_to().cloned(),
-        message_id: b.message_id().cloned(),
+        content_type: b.content_type().map(|v| Arc::from(v.as_str())),
+        content_encoding: b.content_encoding().map(|v| Arc::from(v.as_str())),
+        correlation_id: b.correlation_id().map(|v| Arc::from(v.as_str())),
+        reply_to: b.reply_to().map(|v| Arc::from(v.as_str())),
+        message_id: b.message_id().map(|v| Arc::from(v.as_str())),
         timestamp: b.timestamp(),
         priority: b.priority(),
         expiration: b
@@ -212,10 +213,10 @@ pub fn from_basic_properties(b: &BasicProperties) -> (Properties, Headers) {
             .and_then(|e| e.trim().parse::<u64>().ok())
             .map(Duration::from_millis),
         delivery_mode: b.delivery_mode(),
-        kind: b.message_type().cloned(),
-        app_id: b.app_id().cloned(),
-        user_id: b.user_id().cloned(),
-        cluster_id: b.cluster_id().cloned(),
+        kind: b.message_type().map(|v| Arc::from(v.as_str())),
+        app_id: b.app_id().map(|v| Arc::from(v.as_str())),
+        user_id: b.user_id().map(|v| Arc::from(v.as_str())),
+        cluster_id: b.cluster_id().map(|v| Arc::from(v.as_str())),
     };
     let headers = b
         .headers()
@@ -343,7 +344,7 @@ mod tests {
     #[test]
     fn over_long_short_strings_are_errors_not_panics() {
         let p = Properties {
-            message_id: Some("x".repeat(256)),
+            message_id: Some("x".repeat(256).into()),
             ..Default::default()
         };
         let e = to_basic_properties(&p, &Headers::new()).unwrap_err();

@@ -171,7 +171,7 @@ pub(crate) fn to_properties(m: &Message) -> Result<BasicProperties> {
 
 /// A message from a received body and its basic properties.
 pub(crate) fn from_delivery(body: Vec<u8>, bp: &BasicProperties) -> Message {
-    let s = |v: &Option<ShortString>| v.as_ref().map(|x| x.as_str().to_owned());
+    let s = |v: &Option<ShortString>| v.as_ref().map(|x| std::sync::Arc::from(x.as_str()));
     let properties = Properties {
         content_type: s(bp.content_type()),
         content_encoding: s(bp.content_encoding()),

@@ -674,8 +674,11 @@ impl ConsumerEntry {
     }
 }
 
-/// Most message allocations kept for reuse.
-const POOL_MAX: usize = 1024;
+/// Most message allocations kept for reuse: enough for the swing of a
+/// flow-controlled queue (a publisher parked at [`FLOW_HIGH`] while its
+/// consumers drain the queue, then refilling it), so that a steady flow
+/// allocates nothing; at most about 1 MiB kept per broker.
+const POOL_MAX: usize = 2 * FLOW_HIGH;
 
 /// The consumers, and a pool of message allocations: a settled message's
 /// `Arc` is emptied and reused by the next publish, so that a steady flow

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use futures_core::Stream;
 use switchyard_core::transport::{Cancel, CancelHandle, DeliveryStream};
-use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Message, Result, Subscription};
+use switchyard_core::{Acker, Delivery, DeliveryInfo, Error, Message, Result, Settlement, Subscription};
 
 use crate::broker::{Broker, End, OutItem, Outbox, Settle};
 
@@ -35,11 +35,9 @@ impl Channel {
         let cid = self.cid;
         self.broker.with(|st, fx| st.settle(cid, tag, how, fx))
     }
-}
 
-#[async_trait]
-impl Acker for Channel {
-    async fn ack(&self, tag: u64) -> Result<()> {
+    /// Acknowledges `tag`; in order, without the broker lock (see [`Outbox`]).
+    fn ack_sync(&self, tag: u64) -> Result<()> {
         let o = &self.outbox;
         if o.fast_ack(tag) {
             if o.lazy {
@@ -64,8 +62,25 @@ impl Acker for Channel {
         }
         self.settle(tag, Settle::Ack)
     }
+}
+
+/// Every settlement is synchronous (under the broker lock at most), so
+/// [`Acker::settle_now`] always settles and no future is allocated.
+#[async_trait]
+impl Acker for Channel {
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.ack_sync(tag)
+    }
     async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
         self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
+    }
+    fn settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
+        Some(match how {
+            Settlement::Ack => self.ack_sync(tag),
+            Settlement::Nack { requeue } | Settlement::Reject { requeue } => {
+                self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
+            }
+        })
     }
 }
 

@@ -373,7 +373,7 @@ struct ReplyPublisher {
 impl Publisher for ReplyPublisher {
     async fn publish_with(&self, dest: &Destination, mut message: Message, options: PublishOptions) -> Result<()> {
         if message.properties.reply_to.as_deref() == Some(REPLY_TO) {
-            message.properties.reply_to = Some(self.address.to_string());
+            message.properties.reply_to = Some(self.address.clone());
         }
         let conn = self.conn;
         self.broker

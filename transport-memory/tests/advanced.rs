@@ -654,7 +654,7 @@ async fn direct_reply_to_round_trip() {
     assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
     server
         .publish(
-            &Destination::queue(reply_to.as_str()),
+            &Destination::queue(&*reply_to),
             Message::new("pong").with_correlation_id("c1"),
         )
         .await
@@ -666,7 +666,7 @@ async fn direct_reply_to_round_trip() {
     drop(rc);
     let e = server
         .publish_with(
-            &Destination::queue(reply_to.as_str()),
+            &Destination::queue(&*reply_to),
             Message::new("late"),
             switchyard_core::PublishOptions::mandatory(),
         )

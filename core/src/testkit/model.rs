@@ -85,14 +85,14 @@ async fn absent_and_empty_properties_stay_apart(ctx: &Ctx<'_>) -> Result<(), Str
     let mut cluster = Message::new("cluster").with_header("k", "v");
     cluster.properties.cluster_id = Some("cluster-7".into());
     let got = round_trip(ctx, vec![bare.clone(), empty_table.clone(), cluster.clone()]).await?;
-    let seen: Vec<(Option<u8>, bool, usize, Option<String>)> = got
+    let seen: Vec<(Option<u8>, bool, usize, Option<&str>)> = got
         .iter()
         .map(|m| {
             (
                 m.properties.delivery_mode,
                 m.headers.has_table(),
                 m.headers.len(),
-                m.properties.cluster_id.clone(),
+                m.properties.cluster_id.as_deref(),
             )
         })
         .collect();
@@ -103,7 +103,7 @@ async fn absent_and_empty_properties_stay_apart(ctx: &Ctx<'_>) -> Result<(), Str
         vec![
             (None, false, 0, None),
             (Some(1), true, 0, None),
-            (Some(2), true, 1, Some("cluster-7".to_owned())),
+            (Some(2), true, 1, Some("cluster-7")),
         ],
     )?;
     ensure(!got[0].properties.is_persistent(), || {

@@ -216,7 +216,12 @@ async fn rpc_round_trip_keeps_correlation_id(ctx: &Ctx<'_>) -> Result<(), String
     let dest = Destination::queue(q.as_str());
     for _ in 0..3 {
         let reply = client.call(&dest, Message::new("ping"), WAIT).await.ctx("rpc call")?;
-        let cid = reply.properties.correlation_id.clone().unwrap_or_default();
+        let cid = reply
+            .properties
+            .correlation_id
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned();
         ensure(!cid.is_empty(), || "reply has no correlation id".into())?;
         ensure_eq(
             "reply correlation id = request correlation id",

@@ -1379,7 +1379,7 @@ impl PanicMemory {
 /// handler panics, so the delivery path pays nothing for it.
 #[derive(Debug, Clone, Default)]
 struct PanicId {
-    message_id: Option<String>,
+    message_id: Option<std::sync::Arc<str>>,
     body: bytes::Bytes,
 }
 
@@ -1509,7 +1509,7 @@ async fn settle(
                 if let Some(cid) = correlation_id {
                     reply.properties.correlation_id = Some(cid);
                 }
-                let dest = Destination::queue(rt.as_str());
+                let dest = Destination::queue(&*rt);
                 let published = match &cx.reply_publisher {
                     Some(p) => p.publish(&dest, reply).await,
                     None => cx.transport.publish(&dest, reply).await,
