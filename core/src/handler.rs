@@ -761,6 +761,62 @@ pub fn handler_fn<F, Args>(f: F) -> HandlerFn<F, Args> {
     HandlerFn { f, _args: PhantomData }
 }
 
+pin_project_lite::pin_project! {
+    /// The future of a [`HandlerFn`]: the function's own future, whose
+    /// output becomes an [`Outcome`] (or the extraction error, when an
+    /// argument could not be taken from the envelope). Not boxed: a `Worker`
+    /// boxes the handler's future once, where it erases the handler's type.
+    pub struct HandlerFnFuture<Fut> {
+        #[pin]
+        state: FnState<Fut>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = FnStateProj]
+    enum FnState<Fut> {
+        Failed { error: Option<HandlerError> },
+        Running { #[pin] fut: Fut },
+    }
+}
+
+impl<Fut> HandlerFnFuture<Fut> {
+    fn failed(error: HandlerError) -> Self {
+        HandlerFnFuture {
+            state: FnState::Failed { error: Some(error) },
+        }
+    }
+
+    fn running(fut: Fut) -> Self {
+        HandlerFnFuture {
+            state: FnState::Running { fut },
+        }
+    }
+}
+
+impl<Fut> fmt::Debug for HandlerFnFuture<Fut> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFnFuture")
+    }
+}
+
+impl<Fut, R> Future for HandlerFnFuture<Fut>
+where
+    Fut: Future<Output = R>,
+    R: IntoOutcome,
+{
+    type Output = Result<Outcome, HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            FnStateProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("HandlerFnFuture polled after completion")))
+            }
+            FnStateProj::Running { fut } => fut.poll(cx).map(IntoOutcome::into_outcome),
+        }
+    }
+}
+
 macro_rules! impl_handler_fn {
     ($($a:ident),*) => {
         impl<F, Fut, R, $($a,)*> Service<Envelope> for HandlerFn<F, ($($a,)*)>
@@ -772,22 +828,21 @@ macro_rules! impl_handler_fn {
         {
             type Response = Outcome;
             type Error = HandlerError;
-            type Future = HandlerFuture;
+            type Future = HandlerFnFuture<Fut>;
 
             fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
                 Poll::Ready(Ok(()))
             }
 
             #[allow(non_snake_case, unused_variables)]
-            fn call(&mut self, env: Envelope) -> HandlerFuture {
+            fn call(&mut self, env: Envelope) -> HandlerFnFuture<Fut> {
                 $(
                     let $a = match $a::from_envelope(&env) {
                         Ok(v) => v,
-                        Err(e) => return Box::pin(std::future::ready(Err(e))),
+                        Err(e) => return HandlerFnFuture::failed(e),
                     };
                 )*
-                let fut = (self.f)($($a),*);
-                Box::pin(async move { fut.await.into_outcome() })
+                HandlerFnFuture::running((self.f)($($a),*))
             }
         }
     };
