@@ -62,7 +62,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use switchyard_core::transport::Acker;
+use switchyard_core::transport::{Acker, Settlement};
 use switchyard_core::{Error, Result};
 
 /// The wire operations of one channel, implemented by a transport over its
@@ -391,33 +391,58 @@ impl AckCoalescer {
         }
     }
 
+    /// Records the ack of `tag` of `epoch`. Returns whether a flush is due
+    /// now (`Some(singles)`: see [`flush_inner`](Self::flush_inner)). With
+    /// `unless_flush`, an ack that would make a flush due is not recorded
+    /// (the caller takes the path that can wait for the flush).
+    fn record_ack(&self, epoch: u64, tag: u64, unless_flush: bool) -> Result<Option<bool>> {
+        let mut s = self.inner.state.lock();
+        self.check(&s, epoch, tag)?;
+        // `tag` is tracked (unsettled), so recording it keeps the count of
+        // tracked tags, and the first tracked tag is settled afterwards if it
+        // is `tag` or already was.
+        let window_full = self.inner.config.window > 0 && s.tags.len() >= self.inner.config.window;
+        let first_is_settled = s
+            .tags
+            .first_key_value()
+            .is_some_and(|(&k, &v)| k == tag || v == TagState::Acked);
+        let flush = if window_full {
+            // The broker sends nothing more: ack everything settled.
+            Some(true)
+        } else if first_is_settled && s.pending_acks + 1 >= self.inner.config.batch {
+            // A batch is ready: the contiguous prefix goes now, settled
+            // deliveries behind an unfinished one wait for the timer.
+            Some(false)
+        } else {
+            None
+        };
+        if unless_flush && flush.is_some() {
+            return Ok(flush);
+        }
+        s.tags.insert(tag, TagState::Acked);
+        s.pending_acks += 1;
+        if s.pending_acks == 1 {
+            self.inner.wake.notify_one();
+        }
+        Ok(flush)
+    }
+
     /// Settles `tag` of `epoch` with an ack; flushes if a trigger is reached.
     async fn settle_ack(&self, epoch: u64, tag: u64) -> Result<()> {
-        let flush_now = {
-            let mut s = self.inner.state.lock();
-            self.check(&s, epoch, tag)?;
-            s.tags.insert(tag, TagState::Acked);
-            s.pending_acks += 1;
-            let window_full = self.inner.config.window > 0 && s.tags.len() >= self.inner.config.window;
-            let first_is_settled = s.tags.first_key_value().map(|(_, v)| *v) == Some(TagState::Acked);
-            if s.pending_acks == 1 {
-                self.inner.wake.notify_one();
-            }
-            if window_full {
-                // The broker sends nothing more: ack everything settled.
-                Some(true)
-            } else if first_is_settled && s.pending_acks >= self.inner.config.batch {
-                // A batch is ready: the contiguous prefix goes now, settled
-                // deliveries behind an unfinished one wait for the timer.
-                Some(false)
-            } else {
-                None
-            }
-        };
-        if let Some(singles) = flush_now {
+        if let Some(singles) = self.record_ack(epoch, tag, false)? {
             self.flush_inner(singles).await?;
         }
         Ok(())
+    }
+
+    /// The ack of `tag` of `epoch` when no flush is due (the common case):
+    /// recorded at once; `None` (nothing recorded) when one is.
+    fn try_ack_now(&self, epoch: u64, tag: u64) -> Option<Result<()>> {
+        match self.record_ack(epoch, tag, true) {
+            Ok(None) => Some(Ok(())),
+            Ok(Some(_)) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Settles `tag` with a nack (or reject): flushes acks below it, then
@@ -469,6 +494,17 @@ impl Acker for EpochAcker {
     }
     async fn reject(&self, tag: u64, requeue: bool) -> Result<()> {
         self.get(tag)?.settle_negative(self.epoch, tag, requeue, true).await
+    }
+    /// An ack that makes no flush due is only recorded: settled at once,
+    /// without a future. Nacks and rejects go on the wire, so they wait.
+    fn settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
+        if how != Settlement::Ack {
+            return None;
+        }
+        match self.get(tag) {
+            Ok(c) => c.try_ack_now(self.epoch, tag),
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
@@ -579,6 +615,48 @@ mod tests {
             vec![Op::Ack(1, false), Op::Ack(3, false)],
             "window full: 3 is acked alone, 2 (unfinished) is not"
         );
+    }
+
+    #[tokio::test]
+    async fn acks_settle_at_once_until_a_flush_is_due() {
+        let (c, rec) = setup(
+            CoalesceConfig::for_prefetch(0)
+                .batch(3)
+                .interval(Duration::from_secs(3600)),
+        );
+        for t in 1..=10 {
+            c.delivered(t);
+        }
+        let a = c.acker();
+        assert!(matches!(a.settle_now(2, Settlement::Ack), Some(Ok(()))));
+        assert!(matches!(a.settle_now(1, Settlement::Ack), Some(Ok(()))));
+        assert_eq!(c.pending_acks(), 2);
+        assert!(rec.0.lock().is_empty());
+        // The third makes a batch due: nothing recorded, left to the async path.
+        assert!(a.settle_now(3, Settlement::Ack).is_none());
+        assert_eq!(c.pending_acks(), 2);
+        a.ack(3).await.unwrap();
+        assert_eq!(*rec.0.lock(), vec![Op::Ack(3, true)]);
+        // Behind an unfinished tag no batch is due, whatever the count.
+        for t in 5..=8 {
+            assert!(matches!(a.settle_now(t, Settlement::Ack), Some(Ok(()))), "tag {t}");
+        }
+        // Nacks go on the wire; a settled tag is an error at once.
+        assert!(a.settle_now(4, Settlement::Nack { requeue: true }).is_none());
+        assert!(matches!(a.settle_now(3, Settlement::Ack), Some(Err(_))));
+
+        // A full window: the ack is left to the async path, which flushes.
+        let (c, rec) = setup(CoalesceConfig {
+            batch: 100,
+            window: 2,
+            interval: Duration::from_secs(3600),
+        });
+        c.delivered(1);
+        c.delivered(2);
+        let a = c.acker();
+        assert!(a.settle_now(1, Settlement::Ack).is_none());
+        a.ack(1).await.unwrap();
+        assert_eq!(*rec.0.lock(), vec![Op::Ack(1, false)]);
     }
 
     #[tokio::test]
