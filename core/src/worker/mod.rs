@@ -70,7 +70,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -88,11 +88,13 @@ use crate::settings::{Settings, DEFAULT_PREFETCH};
 use crate::topology::Destination;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryInfo, Publisher, Settler, Subscription, Transport};
 use progress::{Inline, Progress, INLINE_YIELD_EVERY};
+use slots::{Slot, Slots};
 
 mod batch;
 #[cfg(test)]
 pub(crate) mod fake;
 mod progress;
+mod slots;
 #[cfg(test)]
 mod tests;
 
@@ -1044,8 +1046,10 @@ impl RouteCtx {
 /// The consume loop of one route, then its graceful stop.
 async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHandler) -> Result<()> {
     let stop = cx.state.stop.clone();
-    let permits = Arc::new(Semaphore::new(cx.concurrency));
-    let abort = CancellationToken::new();
+    let slots = Slots::new(cx.concurrency);
+    // Shared by every delivery's handling (an `Arc` clone per delivery is
+    // one atomic add; a token's own clone takes its tree's lock).
+    let abort = Arc::new(CancellationToken::new());
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut stream_open = true;
     let mut inline = Inline::default();
@@ -1064,14 +1068,14 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
             break Ok(());
         }
         let mut waited = false;
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let permit = match slots.try_take() {
+            Some(p) => p,
+            None => {
                 waited = true;
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break Ok(()),
-                    p = permits.clone().acquire_owned() => p.expect("the permit semaphore is never closed"),
+                    p = slots.take() => p,
                 }
             }
         };
@@ -1301,15 +1305,16 @@ async fn poll_once(cx: &RouteCtx, mut task: DeliveryTask) -> Option<DeliveryTask
 fn dispatch(
     cx: &Arc<RouteCtx>,
     delivery: Delivery,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Slot,
     svc: &mut BoxHandler,
-    abort: &CancellationToken,
+    abort: &Arc<CancellationToken>,
 ) -> DeliveryTask {
     let (message, info, settler) = delivery.into_parts();
-    let env = Envelope::new(message, info.clone());
+    let env = Envelope::new(message, info);
+    // The delivery's facts are read from here after the handler ran.
     let carried = Carried(env.clone());
     // Handler logs carry the queue and delivery tag.
-    let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = info.delivery_tag);
+    let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = carried.info().delivery_tag);
     let call = span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(env))));
     let counters = cx.counters();
     let now = counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1340,18 +1345,18 @@ fn dispatch(
                     // other outcomes in every delivery's task.
                     Ok(Outcome::Ack) => {
                         if settler.needs_settlement() {
-                            settle_action(&cx, &info, settler, Action::Ack, "handled").await;
+                            settle_action(&cx, carried.info(), settler, Action::Ack, "handled").await;
                         }
                     }
-                    other => Box::pin(settle(&cx, &info, settler, other, carried)).await,
+                    other => Box::pin(settle(&cx, settler, other, carried)).await,
                 }
             }
             None => {
                 // Shutdown deadline passed: the handler was dropped unfinished.
                 if settler.needs_settlement() {
-                    settle_action(&cx, &info, settler, Action::Requeue, "aborted at shutdown").await;
+                    settle_action(&cx, carried.info(), settler, Action::Requeue, "aborted at shutdown").await;
                 } else {
-                    tracing::warn!(queue = %cx.queue, delivery_tag = info.delivery_tag,
+                    tracing::warn!(queue = %cx.queue, delivery_tag = carried.info().delivery_tag,
                         "auto-ack handler aborted at shutdown; the message is lost");
                 }
             }
@@ -1454,6 +1459,10 @@ impl Carried {
         self.0.message()
     }
 
+    fn info(&self) -> &DeliveryInfo {
+        self.0.info()
+    }
+
     /// Sets what `m` lacks: the correlation id and the trace context.
     fn stamp(&self, mut m: crate::message::Message) -> crate::message::Message {
         let from = self.message();
@@ -1505,13 +1514,8 @@ async fn publish_outbox(
 }
 
 /// Settles one delivery from its handler's result (the module's table).
-async fn settle(
-    cx: &RouteCtx,
-    info: &DeliveryInfo,
-    settler: Settler,
-    result: std::result::Result<Outcome, HandlerError>,
-    carried: Carried,
-) {
+async fn settle(cx: &RouteCtx, settler: Settler, result: std::result::Result<Outcome, HandlerError>, carried: Carried) {
+    let info = carried.info();
     let tag = info.delivery_tag;
     let result = match result {
         Ok(Outcome::Publish(outbox)) => {
