@@ -464,6 +464,16 @@ impl Settler {
     pub async fn reject(self, requeue: bool) -> Result<()> {
         self.settle(Settlement::Reject { requeue }).await
     }
+    /// Settles now if that needs no waiting ([`Acker::settle_now`]);
+    /// `None` when it must wait, and then nothing was settled. Nothing to
+    /// settle (auto-ack) is `Some(Ok(()))`.
+    pub(crate) fn settle_now(&self, how: Settlement) -> Option<Result<()>> {
+        match &self.acker {
+            Some(a) => a.settle_now(self.tag, how),
+            None => Some(Ok(())),
+        }
+    }
+
     /// Settles as `how` says: at once when the transport can
     /// ([`Acker::settle_now`]), else through its async method.
     pub async fn settle(self, how: Settlement) -> Result<()> {

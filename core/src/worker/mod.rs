@@ -1133,16 +1133,37 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
         } else {
             unstamped += 1;
         }
-        let task = dispatch(&cx, delivery, permit, &mut svc, &abort);
+        let mut handling = start(&cx, delivery, permit, &mut svc);
         if !inline.next_inline() {
-            tasks.spawn(task);
+            tasks.spawn(handling.into_task(&abort, None));
             continue;
         }
         // One inline poll in eight is timed (a clock read costs about as
         // much as the rest of a trivial handler's bookkeeping).
         let started = (inline.run % 8 == 0).then(std::time::Instant::now);
-        if let Some(waiting) = poll_once(&cx, task).await {
-            tasks.spawn(waiting);
+        // The handler's first poll, here: most finish on it, and an ack the
+        // transport settles at once finishes the delivery without a task.
+        let first = std::future::poll_fn(|ctx| std::task::Poll::Ready(handling.poll_first(ctx))).await;
+        match first {
+            // Waiting: the task polls it again, on its own.
+            None => {
+                tasks.spawn(handling.into_task(&abort, None));
+            }
+            Some(result) => {
+                let acked = matches!(result, Ok(Outcome::Ack));
+                let done = acked
+                    && std::panic::catch_unwind(AssertUnwindSafe(|| handling.finish_acked_now())).unwrap_or_else(
+                        |_| {
+                            tracing::error!(queue = %cx.queue, "settling a delivery panicked");
+                            true
+                        },
+                    );
+                if !done {
+                    if let Some(waiting) = poll_once(&cx, handling.into_task(&abort, Some(result))).await {
+                        tasks.spawn(waiting);
+                    }
+                }
+            }
         }
         if let Some(started) = started {
             inline.record(started.elapsed());
@@ -1300,18 +1321,26 @@ async fn poll_once(cx: &RouteCtx, mut task: DeliveryTask) -> Option<DeliveryTask
     }
 }
 
-/// Calls the handler for one delivery and returns the rest of its
-/// handling (await the outcome, settle, count) as a task.
-fn dispatch(
-    cx: &Arc<RouteCtx>,
-    delivery: Delivery,
+/// The result of polling a handler's future (or of its panic).
+type HandlerResult = std::result::Result<Outcome, HandlerError>;
+
+/// A delivery handed to its handler: the handler's future (or the panic of
+/// the call that should have made it), and what settles and counts the
+/// delivery once the handler is done.
+struct Handling {
+    cx: Arc<RouteCtx>,
+    call: std::thread::Result<<BoxHandler as Service<Envelope>>::Future>,
+    settler: Settler,
+    /// The delivery's message and facts, read after the handler ran.
+    carried: Carried,
     permit: Slot,
-    svc: &mut BoxHandler,
-    abort: &Arc<CancellationToken>,
-) -> DeliveryTask {
+    span: tracing::Span,
+}
+
+/// Calls the handler for one delivery.
+fn start(cx: &Arc<RouteCtx>, delivery: Delivery, permit: Slot, svc: &mut BoxHandler) -> Handling {
     let (message, info, settler) = delivery.into_parts();
     let env = Envelope::new(message, info);
-    // The delivery's facts are read from here after the handler ran.
     let carried = Carried(env.clone());
     // Handler logs carry the queue and delivery tag.
     let span = tracing::debug_span!("handle", queue = %cx.queue, delivery_tag = carried.info().delivery_tag);
@@ -1320,56 +1349,116 @@ fn dispatch(
     let now = counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
     cx.state.bump();
-    let cx = cx.clone();
-    let abort = abort.clone();
-    let task = async move {
-        let _permit = permit;
-        let result = match call {
-            Err(p) => Some(Err(HandlerError::panic(panic_message(&*p)))),
-            Ok(fut) => {
-                tokio::select! {
-                    biased;
-                    r = AssertUnwindSafe(fut).catch_unwind() => Some(match r {
-                        Ok(r) => r,
-                        Err(p) => Err(HandlerError::panic(panic_message(&*p))),
-                    }),
-                    _ = abort.cancelled() => None,
-                }
-            }
+    Handling {
+        cx: cx.clone(),
+        call,
+        settler,
+        carried,
+        permit,
+        span,
+    }
+}
+
+impl Handling {
+    /// Polls the handler once, here; its result if it finished (a panic is
+    /// a failure). Not to be called again once it returned a result.
+    fn poll_first(&mut self, ctx: &mut std::task::Context<'_>) -> Option<HandlerResult> {
+        let fut = match &mut self.call {
+            Ok(fut) => fut,
+            Err(p) => return Some(Err(HandlerError::panic(panic_message(&**p)))),
         };
-        match result {
-            Some(result) => {
-                inc(&cx.counters().handled);
-                match result {
-                    // The common case, without the (large) future of the
-                    // other outcomes in every delivery's task.
-                    Ok(Outcome::Ack) => {
-                        if settler.needs_settlement() {
-                            settle_action(&cx, carried.info(), settler, Action::Ack, "handled").await;
-                        }
-                    }
-                    other => Box::pin(settle(&cx, settler, other, carried)).await,
-                }
-            }
-            None => {
-                // Shutdown deadline passed: the handler was dropped unfinished.
-                if settler.needs_settlement() {
-                    settle_action(&cx, carried.info(), settler, Action::Requeue, "aborted at shutdown").await;
-                } else {
-                    tracing::warn!(queue = %cx.queue, delivery_tag = carried.info().delivery_tag,
-                        "auto-ack handler aborted at shutdown; the message is lost");
-                }
-            }
+        let polled = self
+            .span
+            .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(ctx))));
+        match polled {
+            Ok(std::task::Poll::Ready(r)) => Some(r),
+            Ok(std::task::Poll::Pending) => None,
+            Err(p) => Some(Err(HandlerError::panic(panic_message(&*p)))),
+        }
+    }
+
+    /// After the handler acked: finishes the handling now if the transport
+    /// settles without waiting (the common case: no task, no future), and
+    /// then the handling is only to be dropped; false (nothing done) if
+    /// settling must wait.
+    fn finish_acked_now(&self) -> bool {
+        let settled = match self.settler.settle_now(crate::transport::Settlement::Ack) {
+            Some(r) => r,
+            None => return false,
+        };
+        let cx = &self.cx;
+        inc(&cx.counters().handled);
+        if self.settler.needs_settlement() {
+            self.span
+                .in_scope(|| record_settlement(cx, self.carried.info().delivery_tag, settled, Action::Ack, "handled"));
         }
         cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
         cx.state.completed_one(1);
-    };
-    // A disabled span (no subscriber wants it) costs an enter and exit on
-    // every poll for nothing.
-    if span.is_disabled() {
-        Box::pin(task)
-    } else {
-        Box::pin(task.instrument(span))
+        true
+    }
+
+    /// The rest of the handling (await the handler unless `first` is its
+    /// result, settle, count) as a task.
+    fn into_task(self, abort: &Arc<CancellationToken>, first: Option<HandlerResult>) -> DeliveryTask {
+        let Handling {
+            cx,
+            call,
+            settler,
+            carried,
+            permit,
+            span,
+        } = self;
+        let abort = abort.clone();
+        let task = async move {
+            let _permit = permit;
+            let result = match (first, call) {
+                (Some(r), _) => Some(r),
+                (None, Err(p)) => Some(Err(HandlerError::panic(panic_message(&*p)))),
+                (None, Ok(fut)) => {
+                    tokio::select! {
+                        biased;
+                        r = AssertUnwindSafe(fut).catch_unwind() => Some(match r {
+                            Ok(r) => r,
+                            Err(p) => Err(HandlerError::panic(panic_message(&*p))),
+                        }),
+                        _ = abort.cancelled() => None,
+                    }
+                }
+            };
+            match result {
+                Some(result) => {
+                    inc(&cx.counters().handled);
+                    match result {
+                        // The common case, without the (large) future of the
+                        // other outcomes in every delivery's task.
+                        Ok(Outcome::Ack) => {
+                            if settler.needs_settlement() {
+                                settle_action(&cx, carried.info(), settler, Action::Ack, "handled").await;
+                            }
+                        }
+                        other => Box::pin(settle(&cx, settler, other, carried)).await,
+                    }
+                }
+                None => {
+                    // Shutdown deadline passed: the handler was dropped unfinished.
+                    if settler.needs_settlement() {
+                        settle_action(&cx, carried.info(), settler, Action::Requeue, "aborted at shutdown").await;
+                    } else {
+                        tracing::warn!(queue = %cx.queue, delivery_tag = carried.info().delivery_tag,
+                            "auto-ack handler aborted at shutdown; the message is lost");
+                    }
+                }
+            }
+            cx.counters().in_flight.fetch_sub(1, Ordering::Relaxed);
+            cx.state.completed_one(1);
+        };
+        // A disabled span (no subscriber wants it) costs an enter and exit on
+        // every poll for nothing.
+        if span.is_disabled() {
+            Box::pin(task)
+        } else {
+            Box::pin(task.instrument(span))
+        }
     }
 }
 
@@ -1600,11 +1689,20 @@ async fn settle(cx: &RouteCtx, settler: Settler, result: std::result::Result<Out
 }
 
 async fn settle_action(cx: &RouteCtx, info: &DeliveryInfo, settler: Settler, action: Action, why: &str) {
-    let tag = info.delivery_tag;
-    let (r, counter, outcome) = match action {
-        Action::Ack => (settler.ack().await, &cx.counters().acked, "ack"),
-        Action::Requeue => (settler.nack(true).await, &cx.counters().requeued, "requeue"),
-        Action::Reject => (settler.reject(false).await, &cx.counters().rejected, "reject"),
+    let r = match action {
+        Action::Ack => settler.ack().await,
+        Action::Requeue => settler.nack(true).await,
+        Action::Reject => settler.reject(false).await,
+    };
+    record_settlement(cx, info.delivery_tag, r, action, why);
+}
+
+/// Counts and logs how settling delivery `tag` as `action` went.
+fn record_settlement(cx: &RouteCtx, tag: u64, r: Result<()>, action: Action, why: &str) {
+    let (counter, outcome) = match action {
+        Action::Ack => (&cx.counters().acked, "ack"),
+        Action::Requeue => (&cx.counters().requeued, "requeue"),
+        Action::Reject => (&cx.counters().rejected, "reject"),
     };
     match r {
         Ok(()) => {
