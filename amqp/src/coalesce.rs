@@ -544,6 +544,20 @@ mod tests {
         (AckCoalescer::new(rec.clone(), config, "q"), rec)
     }
 
+    /// Acks flushed in batches of 3 (no timer), tags 1..=10 delivered.
+    fn batch_of_three_with_ten_delivered() -> (AckCoalescer, Arc<Recorder>, Arc<dyn Acker>) {
+        let (c, rec) = setup(
+            CoalesceConfig::for_prefetch(0)
+                .batch(3)
+                .interval(Duration::from_secs(3600)),
+        );
+        for t in 1..=10 {
+            c.delivered(t);
+        }
+        let a = c.acker();
+        (c, rec, a)
+    }
+
     fn slow() -> CoalesceConfig {
         CoalesceConfig::for_prefetch(0)
             .batch(1000)
@@ -579,15 +593,7 @@ mod tests {
 
     #[tokio::test]
     async fn batch_threshold_and_full_window_flush_at_once() {
-        let (c, rec) = setup(
-            CoalesceConfig::for_prefetch(0)
-                .batch(3)
-                .interval(Duration::from_secs(3600)),
-        );
-        for t in 1..=10 {
-            c.delivered(t);
-        }
-        let a = c.acker();
+        let (_c, rec, a) = batch_of_three_with_ten_delivered();
         for t in 1..=3 {
             a.ack(t).await.unwrap();
         }
@@ -619,15 +625,7 @@ mod tests {
 
     #[tokio::test]
     async fn acks_settle_at_once_until_a_flush_is_due() {
-        let (c, rec) = setup(
-            CoalesceConfig::for_prefetch(0)
-                .batch(3)
-                .interval(Duration::from_secs(3600)),
-        );
-        for t in 1..=10 {
-            c.delivered(t);
-        }
-        let a = c.acker();
+        let (c, rec, a) = batch_of_three_with_ten_delivered();
         assert!(matches!(a.settle_now(2, Settlement::Ack), Some(Ok(()))));
         assert!(matches!(a.settle_now(1, Settlement::Ack), Some(Ok(()))));
         assert_eq!(c.pending_acks(), 2);

@@ -1053,8 +1053,9 @@ async fn consume_loop(cx: Arc<RouteCtx>, mut sub: Subscription, mut svc: BoxHand
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut stream_open = true;
     let mut inline = Inline::default();
-    // Back-to-back deliveries since the arrival time was last recorded.
-    let mut unstamped = 0u32;
+    // Back-to-back deliveries since the arrival time was last recorded (the
+    // first delivery is always recorded, waiting or not).
+    let mut unstamped = STAMP_EVERY;
 
     let ended: Result<()> = loop {
         while let Some(r) = tasks.try_join_next() {

@@ -184,6 +184,26 @@ fn route_config_defaults() {
 }
 
 #[tokio::test]
+async fn deliveries_waiting_at_start_count_as_the_last_delivery() {
+    let fake = Fake::new();
+    fake.add_queue("early");
+    publish(&fake, "early", 3).await;
+    let handle = Worker::new(transport(&fake))
+        .route("early", handler_fn(|| async {}))
+        .start()
+        .await
+        .unwrap();
+    handle.wait_handled("early", 3, Duration::from_secs(5)).await.unwrap();
+    let r = &handle.routes()[0];
+    assert!(
+        r.last_delivery_age.is_some_and(|a| a < Duration::from_secs(5)),
+        "{:?}",
+        r.last_delivery_age
+    );
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn routes_report_last_delivery_and_idle_time() {
     let fake = Fake::new();
     fake.add_queue("seen");
