@@ -7,7 +7,7 @@
 //! fresh correlation id on the request, registers a waiter under that id
 //! and publishes; each reply is handed to its waiter by the task that
 //! receives it (the transport's, where it takes a
-//! [`ReplySink`](crate::transport::ReplySink); else one background task of
+//! [`ReplySink`]; else one background task of
 //! the client). Concurrent calls share the reply queue — unlike the seed,
 //! which declared a queue per call.
 //!

@@ -6,7 +6,12 @@
 //!    (`tower::Service::poll_ready`) **before** taking the next delivery, so a
 //!    slow or overloaded handler holds messages in the broker, not in memory;
 //! 2. splits the delivery into an [`Envelope`] (what the handler sees) and a
-//!    [`Settler`] (kept by the Worker), runs the handler on its own task, and
+//!    [`Settler`] (kept by the Worker), and runs the handler: its first poll
+//!    happens on the consumer's loop, and a handler that finishes there with
+//!    `Ok` and an ack the transport settles at once costs no task; anything
+//!    else goes on on a task of its own (a handler whose first polls are slow
+//!    sends the following deliveries straight to tasks, so CPU-bound
+//!    handlers run in parallel), and
 //! 3. settles from the handler's result:
 //!
 //! | handler result | what the Worker does |
