@@ -2237,6 +2237,25 @@ fn pick_consumer(q: &mut Queue, consumers: &mut Consumers) -> Option<u64> {
             .is_some_and(|c| c.has_capacity(pool))
             .then_some(cid);
     }
+    if n == 1 {
+        // The loop below for one consumer, without its second look-up: a
+        // blocked consumer whose window reopened is unblocked, one found
+        // full is blocked.
+        let cid = q.consumers[0].0;
+        let c = consumers.get_mut(&cid)?;
+        if c.has_capacity(pool) {
+            if c.blocked {
+                c.blocked = false;
+                q.blocked -= 1;
+            }
+            return Some(cid);
+        }
+        if c.active && !c.blocked {
+            c.blocked = true;
+            q.blocked += 1;
+        }
+        return None;
+    }
     if q.blocked > 0 {
         unblock_reopened(q, consumers, pool);
     }
