@@ -36,6 +36,11 @@ impl Channel {
         self.broker.with(|st, fx| st.settle(cid, tag, how, fx))
     }
 
+    /// Negatively acknowledges `tag` (a reject is the same here).
+    fn nack_sync(&self, tag: u64, requeue: bool) -> Result<()> {
+        self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
+    }
+
     /// Acknowledges `tag`; in order, without the broker lock (see [`Outbox`]).
     fn ack_sync(&self, tag: u64) -> Result<()> {
         let o = &self.outbox;
@@ -72,14 +77,12 @@ impl Acker for Channel {
         self.ack_sync(tag)
     }
     async fn nack(&self, tag: u64, requeue: bool) -> Result<()> {
-        self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
+        self.nack_sync(tag, requeue)
     }
     fn settle_now(&self, tag: u64, how: Settlement) -> Option<Result<()>> {
         Some(match how {
             Settlement::Ack => self.ack_sync(tag),
-            Settlement::Nack { requeue } | Settlement::Reject { requeue } => {
-                self.settle(tag, if requeue { Settle::Requeue } else { Settle::Discard })
-            }
+            Settlement::Nack { requeue } | Settlement::Reject { requeue } => self.nack_sync(tag, requeue),
         })
     }
 }
