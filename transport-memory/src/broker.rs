@@ -1226,10 +1226,17 @@ impl State {
             fx.drained = true;
         }
         // As RabbitMQ's fetch: the expired messages the taken one uncovers
-        // at the head go first, then what is left is counted.
+        // at the head go first, then what is left is counted — before their
+        // dead letters are routed: RabbitMQ's queue counts itself when it
+        // replies, and its dead letters are publishes that reach their
+        // queues (this one too, by way of another queue's overflow) after.
+        let outer = self.hold_dead_letters();
         self.expire(queue, fx);
+        let left = self.queues.get(queue).expect("checked").ready as u32;
+        if outer {
+            self.route_held_dead_letters(fx);
+        }
         let q = self.queues.get_mut(queue).expect("checked");
-        let left = q.ready as u32;
         let quorum_count = (q.cfg.quorum && m.returns > 0).then_some(m.returns);
         let (qname, uid) = (q.name.clone(), q.uid);
         let mut message = m.message.clone();

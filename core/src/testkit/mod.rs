@@ -568,6 +568,7 @@ macro_rules! conformance_tests {
                 default_exchange_cc_copies_keep_the_published_key,
                 requeued_message_past_its_ttl_expires,
                 get_count_excludes_expired_messages_behind_the_taken_one,
+                get_counts_before_its_dead_letters_come_back,
                 consumer_gets_the_messages_behind_an_expired_one,
                 exchanges_are_routed_once_with_every_key,
                 alternate_exchange_only_when_no_binding_matched,

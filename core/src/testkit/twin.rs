@@ -26,6 +26,12 @@ pub(crate) fn cases() -> Vec<Case> {
             twin::get_count_excludes_expired_messages_behind_the_taken_one,
             MessageTtl
         ),
+        case!(
+            twin::get_counts_before_its_dead_letters_come_back,
+            MessageTtl,
+            DeadLettering,
+            MaxLength
+        ),
         case!(twin::consumer_gets_the_messages_behind_an_expired_one, MessageTtl),
         case!(twin::exchanges_are_routed_once_with_every_key),
         case!(twin::alternate_exchange_only_when_no_binding_matched),
@@ -674,6 +680,57 @@ async fn get_count_excludes_expired_messages_behind_the_taken_one(ctx: &Ctx<'_>)
         "(body, message_count) of each get",
         got,
         vec![("m1".to_string(), 2), ("m3".to_string(), 0)],
+    )
+}
+
+/// Found by the differential test (`DIFFTEST_CASE=2372097352038385005`):
+/// `basic.get` counts the queue when it replies, before the dead letters
+/// its fetch caused are routed, even when one of them comes straight back.
+/// Here the taken message uncovers an expired one, whose dead letter
+/// overflows a second queue, whose dead letter (by its routing key) returns
+/// to the first: the get reports 0 left, and the returned message is got
+/// next.
+async fn get_counts_before_its_dead_letters_come_back(ctx: &Ctx<'_>) -> Result<(), String> {
+    let first = ctx.queue_name("first");
+    let full = ctx
+        .declare_queue(
+            QueueSpec::new(ctx.queue_name("full"))
+                .max_length(1, crate::topology::Overflow::DropHead)
+                .dead_letter("", None),
+        )
+        .await?;
+    let first = ctx
+        .declare_queue(QueueSpec::new(first).dead_letter("", Some(full.as_str())))
+        .await?;
+    let x = ctx.exchange("x", ExchangeKind::Fanout).await?;
+    ctx.bind(&full, &x, "").await?;
+    let to_first = Destination::queue(first.as_str());
+    ctx.publish(&to_first, "m1").await?;
+    ctx.publish_message(&to_first, Message::new("m2").with_expiration(std::time::Duration::ZERO))
+        .await?;
+    // Into `full` by the fanout exchange, with `first` as its routing key:
+    // pushed out by m2's dead letter, it is dead-lettered to `first`.
+    ctx.publish(&Destination::new(x.as_str(), first.as_str()), "m3").await?;
+    let t = ctx.transport();
+    let g = t.get(&first, true).await.ctx("first get")?.ok_or("first: empty")?;
+    ensure_eq(
+        "(body, message_count) of the first get",
+        (body(&g.delivery), g.message_count),
+        ("m1".to_string(), 0),
+    )?;
+    let back = get_n(ctx, &first, 1).await?;
+    ensure_eq(
+        "the message back in the first queue, with its death",
+        (String::from_utf8_lossy(&back[0].body).into_owned(), deaths(&back[0])),
+        ("m3".to_string(), vec![(full.to_string(), "maxlen".to_string(), 1)]),
+    )?;
+    let rest = get_all(ctx, &full).await?;
+    ensure_eq(
+        "what the full queue holds",
+        rest.iter()
+            .map(|m| (String::from_utf8_lossy(&m.body).into_owned(), deaths(m)))
+            .collect::<Vec<_>>(),
+        vec![("m2".to_string(), vec![(first.to_string(), "expired".to_string(), 1)])],
     )
 }
 
