@@ -738,34 +738,38 @@ async fn main() {
     if wants("concurrent") {
         for tasks in [32usize, 256] {
             let (mut r, mut s, mut rc, mut sc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut rb, mut sb) = (Vec::new(), Vec::new());
             for run in 0..runs {
                 let raw_first = run % 2 == 0;
                 for raw_side in if raw_first { [true, false] } else { [false, true] } {
-                    let c0 = cpu_time();
+                    let span = CpuSpan::start();
                     let d = if raw_side {
                         raw_concurrent(&raw, &q, CONCURRENT_N, tasks).await
                     } else {
                         sy_concurrent(&sy, &q, CONCURRENT_N, tasks).await
                     };
-                    let cpu = (cpu_time() - c0).as_secs_f64() * 1e6 / CONCURRENT_N as f64;
+                    let (cpu, broker) = span.per_message(CONCURRENT_N);
                     purge(&raw, &q).await;
                     let rate = CONCURRENT_N as f64 / d.as_secs_f64();
                     if raw_side {
                         r.push(rate);
                         rc.push(cpu);
+                        rb.push(broker);
                     } else {
                         s.push(rate);
                         sc.push(cpu);
+                        sb.push(broker);
                     }
                 }
                 eprintln!(
-                    "concurrent x{tasks} run {run}: raw {:.0}, switchyard {:.0} msg/s (client CPU per message: raw \
-                     {:.1}us, switchyard {:.1}us)",
-                    r[run], s[run], rc[run], sc[run]
+                    "concurrent x{tasks} run {run}: raw {:.0}, switchyard {:.0} msg/s (CPU per message, client: raw \
+                     {:.1}us, switchyard {:.1}us; broker: raw {:.1}us, switchyard {:.1}us)",
+                    r[run], s[run], rc[run], sc[run], rb[run], sb[run]
                 );
             }
             results.push((format!("publish 20k persistent from {tasks} tasks (msg/s)"), r, s));
             results.push((format!("  client CPU per message, {tasks} tasks (us)"), rc, sc));
+            results.push((format!("  broker CPU per message, {tasks} tasks (us)"), rb, sb));
         }
     }
 
