@@ -376,23 +376,33 @@ impl AmqpChannel for LapinChannel {
             .map_err(client_error)
     }
 
-    async fn publish(&self, dest: &Destination, message: &Message, mandatory: bool) -> Result<Confirm, ClientError> {
-        let props = convert::to_properties(message).map_err(encode)?;
-        let confirm = self
-            .channel
-            .basic_publish(
-                convert::short_name("exchange name", dest.exchange()).map_err(encode)?,
-                convert::short_name("routing key", dest.routing_key()).map_err(encode)?,
-                BasicPublishOptions {
-                    mandatory,
-                    immediate: false,
-                },
-                &message.body,
-                props,
-            )
-            .await
-            .map_err(client_error)?;
-        Ok(Box::pin(async move { confirm_outcome(confirm.await) }))
+    // Not `async fn`: `#[async_trait]` would box it, and this method of
+    // `AmqpChannel` returns its future unboxed.
+    #[allow(clippy::manual_async_fn)]
+    fn publish(
+        &self,
+        dest: &Destination,
+        message: &Message,
+        mandatory: bool,
+    ) -> impl std::future::Future<Output = Result<Confirm, ClientError>> + Send {
+        async move {
+            let props = convert::to_properties(message).map_err(encode)?;
+            let confirm = self
+                .channel
+                .basic_publish(
+                    convert::short_name("exchange name", dest.exchange()).map_err(encode)?,
+                    convert::short_name("routing key", dest.routing_key()).map_err(encode)?,
+                    BasicPublishOptions {
+                        mandatory,
+                        immediate: false,
+                    },
+                    &message.body,
+                    props,
+                )
+                .await
+                .map_err(client_error)?;
+            Ok(Confirm::boxed(async move { confirm_outcome(confirm.await) }))
+        }
     }
 
     async fn consume(

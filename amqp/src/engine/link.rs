@@ -239,13 +239,18 @@ impl<C: AmqpClient> Link<C> {
         });
     }
 
+    /// The live connection when it is open and connected now (what
+    /// [`wait`](Self::wait) returns at once).
+    pub fn ready(&self) -> Option<Arc<Live<C>>> {
+        let l = self.current.read().clone()?;
+        (l.is_open() && self.state.get().is_connected()).then_some(l)
+    }
+
     /// The live connection, waiting (bounded by `deadline`) through an outage.
     pub async fn wait(&self, deadline: Instant) -> Result<Arc<Live<C>>> {
         loop {
-            if let Some(l) = self.current.read().clone() {
-                if l.is_open() && self.state.get().is_connected() {
-                    return Ok(l);
-                }
+            if let Some(l) = self.ready() {
+                return Ok(l);
             }
             if self.state.get().is_closed() {
                 return Err(self.state.wait_connected(deadline).await.unwrap_err());

@@ -765,6 +765,20 @@ impl<C: AmqpClient> Publisher for AmqpTransport<C> {
         publish::publish(&self.inner, &publish::Via::Pool, dest, &message, options).await
     }
 
+    // Not the default, which would box the future of `publish_with` inside
+    // its own: one allocation and one copy of a large future less per
+    // publish (docs/benchmarks/amqprs.md).
+    async fn publish(&self, dest: &Destination, message: Message) -> Result<()> {
+        publish::publish(
+            &self.inner,
+            &publish::Via::Pool,
+            dest,
+            &message,
+            PublishOptions::default(),
+        )
+        .await
+    }
+
     async fn publish_batch(&self, dest: &Destination, messages: Vec<Message>) -> Result<()> {
         publish::publish_batch(&self.inner, dest, messages).await
     }

@@ -133,6 +133,18 @@ async fn channel<'a, C: AmqpClient>(
     }
 }
 
+/// The channel for one publish when it is open already (no wait).
+fn open_channel<'a, C: AmqpClient>(via: &Via<C>, live: &'a Live<C>) -> Option<(Arc<Chan<C>>, Option<InFlight<'a>>)> {
+    match via {
+        Via::Pool => {
+            let i = fill_first(live);
+            let ch = live.pool[i].open_channel()?;
+            Some((ch, Some(InFlight::enter(&live.pool[i].in_flight))))
+        }
+        Via::Reply(cs) => cs.live_channel().map(|ch| (ch, None)),
+    }
+}
+
 /// What to do after a publish or its confirm failed with `e`.
 enum Next {
     Retry,
@@ -172,16 +184,20 @@ pub(crate) async fn publish<C: AmqpClient>(
         if inner.is_closed() {
             return Err(inner.shutdown_error());
         }
-        let live = match link.wait(deadline).await {
-            Ok(l) => l,
-            Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
-            Err(e) => return Err(e),
+        // (`ready` first: no future to build when the link is up.)
+        let live = match link.ready() {
+            Some(l) => l,
+            None => match link.wait(deadline).await {
+                Ok(l) => l,
+                Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
+                Err(e) => return Err(e),
+            },
         };
         // After a reconnect the main connection declares the topology again
         // before it counts as connected: a publish on the publishing
         // connection must not overtake that (the queues and bindings it
         // routes to may not exist yet, and an unroutable message is dropped).
-        if !Arc::ptr_eq(link, &inner.main) {
+        if !Arc::ptr_eq(link, &inner.main) && inner.main.ready().is_none() {
             match inner.main.wait(deadline).await {
                 Ok(_) => {}
                 Err(Error::ConnectionClosed { message, .. }) => return Err(deadline_error(dest, &message)),
@@ -205,8 +221,12 @@ pub(crate) async fn publish<C: AmqpClient>(
         }
         // Bounded too: a connection the broker stopped reading (a resource
         // alarm the client was not told about) must not hold a publish past
-        // its deadline.
-        let (ch, _in_flight) = match tokio::time::timeout_at(deadline, channel(inner, via, &live)).await {
+        // its deadline. (An open channel is taken without that timer.)
+        let opened = match open_channel(via, &live) {
+            Some(c) => Ok(Ok(c)),
+            None => tokio::time::timeout_at(deadline, channel(inner, via, &live)).await,
+        };
+        let (ch, _in_flight) = match opened {
             Err(_) => return Err(timed_out(dest, &live, started)),
             Ok(Ok(c)) => c,
             Ok(Err(e)) => match after_failure(e, dest, message) {
