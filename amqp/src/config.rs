@@ -35,8 +35,8 @@ pub struct AmqpConfig {
     /// Confirm channels in the publishing pool (default 4). Single publishes
     /// fill the first channel up to the client's
     /// [`publish_spill`](crate::client::ClientCaps::publish_spill) in flight
-    /// before the next one takes the overflow (lapin), or go to the least
-    /// loaded channel (amqprs); batches take turns over the pool.
+    /// before the next one takes the overflow (512 on lapin and amqprs);
+    /// batches take turns over the pool.
     pub publish_channels: usize,
     /// The prefetch a consumer gets when it asks for 0
     /// (`RABBITMQ_DEFAULT_PREFETCH_COUNT`). A consumer never runs without a
