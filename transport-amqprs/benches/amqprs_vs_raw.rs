@@ -29,9 +29,10 @@
 //!   with prefetch 100 and with prefetch 1,000, against raw amqprs acking
 //!   each delivery at the same prefetch.
 //!
-//! The consume rows print the CPU each side cost this process and the local
-//! broker (`beam.smp`) per message, and a reference row: raw amqprs acking
-//! `multiple` every 50 deliveries by hand, the coalescing switchyard does.
+//! The consume and concurrent rows print the CPU each side cost this process
+//! and the local broker (`beam.smp`) per message; consume has a reference
+//! row: raw amqprs acking `multiple` every 50 deliveries by hand, the
+//! coalescing switchyard does.
 //!
 //! `BENCH_ONLY=publish|consume|rpc|concurrent|rpc1000|large|worker` (comma-separated
 //! for several) runs those groups only.
