@@ -977,7 +977,16 @@ impl Exec<'_> {
                 auto_ack,
                 priority,
             } => {
-                let mut options = ConsumeOptions::default().prefetch(*prefetch).auto_ack(*auto_ack);
+                // A manual-ack consumer asking for 0 gets the default prefetch
+                // on the RabbitMQ transports (they never consume unbounded),
+                // unlimited on the memory transport (documented on
+                // `ConsumeOptions::prefetch`): both sides ask for the default.
+                let prefetch = if *prefetch == 0 && !*auto_ack {
+                    switchyard_core::settings::DEFAULT_PREFETCH
+                } else {
+                    *prefetch
+                };
+                let mut options = ConsumeOptions::default().prefetch(prefetch).auto_ack(*auto_ack);
                 if let Some(p) = priority {
                     options = options.priority(*p);
                 }

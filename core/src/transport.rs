@@ -151,8 +151,11 @@ impl<P: Publisher + ?Sized> PublisherExt for P {}
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumeOptions {
     /// Most unacknowledged deliveries the broker sends this consumer (QoS
-    /// prefetch). `0` means unlimited; transports that can only work with a
-    /// bound (amqprs) treat 0 as their default.
+    /// prefetch). `0` means unlimited on the memory transport; the RabbitMQ
+    /// transports never consume unbounded (the broker would push a whole
+    /// queue into the client's memory) and give such a consumer their
+    /// default prefetch (`RABBITMQ_DEFAULT_PREFETCH_COUNT`, 10). Auto-ack
+    /// consumers are not bounded by a prefetch on any transport.
     pub prefetch: u16,
     /// The broker considers each delivery acknowledged when sent.
     pub auto_ack: bool,
