@@ -52,8 +52,11 @@ pub struct BatchConfig {
     /// batch smaller than `size` is handed to the handler.
     pub max_wait: Duration,
     /// Broker prefetch; `None`: the batch size. A prefetch below the batch
-    /// size (other than 0, unlimited) is refused when the Worker starts: the
-    /// broker would never send a full batch.
+    /// size (other than 0) is refused when the Worker starts: the broker
+    /// would never send a full batch. 0 is unlimited on the memory
+    /// transport only: the RabbitMQ transports give such a consumer their
+    /// default prefetch (see [`ConsumeOptions`](crate::ConsumeOptions)), so
+    /// leave it `None` for batches larger than that.
     pub prefetch: Option<u16>,
     /// Exclusive consumer.
     pub exclusive: bool,
@@ -72,7 +75,8 @@ impl BatchConfig {
             consumer_tag: String::new(),
         }
     }
-    /// Sets the prefetch (must be ≥ the batch size, or 0 for unlimited).
+    /// Sets the prefetch (must be ≥ the batch size, or 0: unlimited on the
+    /// memory transport only, see the `prefetch` field).
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = Some(n);
         self

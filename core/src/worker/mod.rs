@@ -120,7 +120,9 @@ const STAMP_EVERY: u32 = 8;
 /// How one queue is consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
-    /// Broker prefetch (most unacknowledged deliveries); 0 = unlimited.
+    /// Broker prefetch (most unacknowledged deliveries); 0 = unlimited on
+    /// the memory transport, the default prefetch on the RabbitMQ
+    /// transports (see [`ConsumeOptions`](crate::ConsumeOptions)).
     /// Default: 10 (the settings' default prefetch count).
     pub prefetch: u16,
     /// Most handlers running at once for this queue. `None`: equal to the
