@@ -122,7 +122,7 @@ const STAMP_EVERY: u32 = 8;
 pub struct RouteConfig {
     /// Broker prefetch (most unacknowledged deliveries); 0 = unlimited on
     /// the memory transport, the default prefetch on the RabbitMQ
-    /// transports (see [`ConsumeOptions`](crate::ConsumeOptions)).
+    /// transports (see [`ConsumeOptions`]).
     /// Default: 10 (the settings' default prefetch count).
     pub prefetch: u16,
     /// Most handlers running at once for this queue. `None`: equal to the
