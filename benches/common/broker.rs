@@ -15,17 +15,20 @@ pub fn cpu_time() -> Duration {
     proc_cpu("self")
 }
 
-/// CPU time the local RabbitMQ (`beam.smp`) has used; zero when it does not
-/// run on this machine. With it, a row shows what each side costs the broker.
-pub fn broker_cpu() -> Duration {
-    let pid = std::fs::read_dir("/proc").ok().and_then(|d| {
-        d.flatten().find_map(|e| {
+/// CPU time the local RabbitMQ (`beam.smp`) has used; `None` when it does
+/// not run on this machine. With it, a row shows what each side costs the
+/// broker. Of several `beam.smp` processes (a `rabbitmqctl` also runs one)
+/// the one with the most CPU time is the broker.
+pub fn broker_cpu() -> Option<Duration> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let comm = std::fs::read_to_string(format!("/proc/{name}/comm")).ok()?;
-            (comm.trim() == "beam.smp").then_some(name)
+            (comm.trim() == "beam.smp").then(|| proc_cpu(&name))
         })
-    });
-    pid.map(|p| proc_cpu(&p)).unwrap_or_default()
+        .max()
 }
 
 fn proc_cpu(pid: &str) -> Duration {
@@ -40,7 +43,7 @@ fn proc_cpu(pid: &str) -> Duration {
 /// Client and broker CPU per message over a span, in µs.
 pub struct CpuSpan {
     client: Duration,
-    broker: Duration,
+    broker: Option<Duration>,
 }
 
 impl CpuSpan {
@@ -52,10 +55,15 @@ impl CpuSpan {
         }
     }
 
-    /// `(client, broker)` CPU per message since `start`, in µs.
+    /// `(client, broker)` CPU per message since `start`, in µs; the
+    /// broker's is NaN when it could not be read at both ends.
     pub fn per_message(&self, n: usize) -> (f64, f64) {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-        (us(cpu_time() - self.client), us(broker_cpu() - self.broker))
+        let broker = match (self.broker, broker_cpu()) {
+            (Some(a), Some(b)) if b >= a => us(b - a),
+            _ => f64::NAN,
+        };
+        (us(cpu_time().saturating_sub(self.client)), broker)
     }
 }
 
